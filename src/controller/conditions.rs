@@ -1,0 +1,124 @@
+//! Status conditions: the reasons are an enum, and `lastTransitionTime` moves only when
+//! a condition's status flips, so a steady fleet's status never changes.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+pub const NODEPOOL_READY: &str = "NodePoolReady";
+
+/// Every reason sdfleet writes into a condition. The README's troubleshooting section
+/// has one entry per variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// All pods are ready.
+    AllReplicasReady,
+    /// `replicas: 0`: nothing runs, by request.
+    ScaledToZero,
+    /// Pods exist but not all are ready yet (nodes launching, images pulling, models loading).
+    WaitingForPods,
+    /// The Deployment is rolling out or scaling.
+    RollingOut,
+    /// The rollout is complete.
+    RolloutComplete,
+    /// A CRD, CSIDriver or IngressClass the fleet needs is not installed.
+    MissingDependency,
+    /// The spec cannot be built (only for specs the schema could not catch).
+    InvalidSpec,
+    /// Applying a child failed (RBAC, webhook, conflict); retried with backoff.
+    ApplyFailed,
+    /// Nothing is wrong.
+    AsExpected,
+    /// The NodePool reports Ready.
+    NodePoolReady,
+    /// The NodePool reports not Ready (e.g. its node class is not ready).
+    NodePoolNotReady,
+    /// The NodePool has no status yet (Karpenter not running, or not yet reconciled).
+    NodePoolPending,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AllReplicasReady => "AllReplicasReady",
+            Reason::ScaledToZero => "ScaledToZero",
+            Reason::WaitingForPods => "WaitingForPods",
+            Reason::RollingOut => "RollingOut",
+            Reason::RolloutComplete => "RolloutComplete",
+            Reason::MissingDependency => "MissingDependency",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::ApplyFailed => "ApplyFailed",
+            Reason::AsExpected => "AsExpected",
+            Reason::NodePoolReady => "NodePoolReady",
+            Reason::NodePoolNotReady => "NodePoolNotReady",
+            Reason::NodePoolPending => "NodePoolPending",
+        }
+    }
+}
+
+/// A condition as computed this reconcile, before its transition time is settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Observed {
+    pub fn new(type_: &'static str, status: bool, reason: Reason, message: impl Into<String>) -> Observed {
+        Observed { type_, status, reason, message: message.into() }
+    }
+}
+
+/// The conditions to write: `observed`, keeping each previous `lastTransitionTime`
+/// whose status did not flip. `now` is used only for flips and new conditions.
+pub fn merge(previous: &[Condition], observed: &[Observed], generation: Option<i64>, now: &Time) -> Vec<Condition> {
+    observed
+        .iter()
+        .map(|o| {
+            let status = if o.status { "True" } else { "False" }.to_string();
+            let last = previous
+                .iter()
+                .find(|p| p.type_ == o.type_ && p.status == status)
+                .map(|p| p.last_transition_time.clone())
+                .unwrap_or_else(|| now.clone());
+            Condition {
+                type_: o.type_.to_string(),
+                status,
+                reason: o.reason.as_str().to_string(),
+                message: o.message.clone(),
+                last_transition_time: last,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn time(s: &str) -> Time {
+        serde_json::from_value(serde_json::json!(s)).unwrap()
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_flips() {
+        let t0 = time("2026-01-01T00:00:00Z");
+        let t1 = time("2026-01-01T00:05:00Z");
+        let first = merge(&[], &[Observed::new(READY, false, Reason::WaitingForPods, "0/1")], Some(1), &t0);
+        assert_eq!(first[0].last_transition_time, t0);
+
+        // Same status, new message: time kept.
+        let same = merge(&first, &[Observed::new(READY, false, Reason::WaitingForPods, "0/2")], Some(2), &t1);
+        assert_eq!(same[0].last_transition_time, t0);
+        assert_eq!(same[0].message, "0/2");
+
+        let flipped = merge(&same, &[Observed::new(READY, true, Reason::AllReplicasReady, "2/2")], Some(2), &t1);
+        assert_eq!(flipped[0].last_transition_time, t1);
+        assert_eq!(flipped[0].status, "True");
+        assert_eq!(flipped[0].reason, "AllReplicasReady");
+    }
+}

@@ -1,0 +1,393 @@
+//! `ComfyUIDeployment`: one GPU fleet of ComfyUI servers. The doc comments here become
+//! the CRD's descriptions (`kubectl explain cud.spec.gpu`); the schema and CEL rules
+//! reject bad specs at `kubectl apply`, before the controller ever sees them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A GPU fleet of ComfyUI servers on Karpenter-provisioned nodes.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sdfleet.io",
+    version = "v1alpha1",
+    kind = "ComfyUIDeployment",
+    namespaced,
+    shortname = "cud",
+    category = "sdfleet",
+    status = "ComfyUIDeploymentStatus",
+    derive = "PartialEq",
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 50").message("metadata.name must be a DNS label (lowercase letters, digits and '-', starting with a letter) of at most 50 characters"),
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"Ready Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"GPU Types","type":"string","jsonPath":".spec.gpu.instanceTypes"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ComfyUIDeploymentSpec {
+    /// The ComfyUI container image, e.g. `123456789012.dkr.ecr.us-west-2.amazonaws.com/comfyui:latest`.
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// The container entrypoint; default: the image's. Set it when the image's
+    /// entrypoint is not ComfyUI's `main.py` (e.g. `[python3, main.py]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+
+    /// Number of ComfyUI pods. Exposed through the scale subresource: point an HPA or
+    /// KEDA at this resource, never at the Deployment it owns.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The port ComfyUI listens on (`--port`).
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// Extra ComfyUI arguments, after `--listen 0.0.0.0 --port <port>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+
+    /// Extra environment variables of the ComfyUI container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+
+    /// CPU and memory of the ComfyUI container. GPUs come from `gpu.count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ContainerResources>,
+
+    /// A ModelSet in the same namespace whose models are synced onto the fleet's nodes
+    /// and mounted read-only at `/app/ComfyUI/models`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub model_set: Option<String>,
+
+    /// GPUs per pod, the instance types and capacity types Karpenter may launch, and
+    /// the fleet's cap.
+    #[serde(default)]
+    pub gpu: GpuSpec,
+
+    /// How the fleet's nodes are launched (the Karpenter EC2NodeClass).
+    pub node_class: NodeClassSpec,
+
+    /// When Karpenter removes the fleet's nodes.
+    #[serde(default)]
+    pub disruption: DisruptionSpec,
+
+    /// S3 buckets mounted into the pods with the mountpoint-s3 CSI driver.
+    #[serde(default)]
+    pub storage: StorageSpec,
+
+    /// How the fleet is exposed (an ALB Ingress by default).
+    #[serde(default)]
+    pub ingress: IngressSpec,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+fn default_port() -> i32 {
+    8188
+}
+
+/// CPU and memory requests and limits, as Kubernetes quantities.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerResources {
+    /// e.g. `{cpu: "4", memory: 16Gi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, isQuantity(self[k]))").message("requests must be quantities such as 4 or 16Gi"))]
+    #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
+    pub requests: BTreeMap<String, String>,
+    /// e.g. `{memory: 30Gi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(k, isQuantity(self[k]))").message("limits must be quantities such as 4 or 16Gi"))]
+    #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// GPUs per pod, where they come from, and how many the fleet may hold.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.limit >= self.count").message("gpu.limit must be at least gpu.count"))]
+pub struct GpuSpec {
+    /// GPUs per pod (`nvidia.com/gpu`).
+    #[serde(default = "default_gpu_count")]
+    #[schemars(range(min = 1, max = 8))]
+    pub count: i32,
+    /// EC2 instance types Karpenter may launch, e.g. `[g5.2xlarge, g4dn.2xlarge]`.
+    #[serde(default = "default_instance_types")]
+    #[schemars(length(min = 1, max = 50))]
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^[a-z][a-z0-9-]*\\\\.[a-z0-9-]+$'))").message("instanceTypes must be EC2 instance types such as g5.2xlarge"))]
+    pub instance_types: Vec<String>,
+    /// Capacity types Karpenter may use; it prefers spot when both are listed.
+    #[serde(default = "default_capacity_types")]
+    #[schemars(length(min = 1, max = 3))]
+    pub capacity_types: Vec<CapacityType>,
+    /// The most GPUs the fleet's NodePool may hold at once (its `nvidia.com/gpu` limit).
+    #[serde(default = "default_gpu_limit")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub limit: i32,
+}
+
+impl Default for GpuSpec {
+    fn default() -> Self {
+        GpuSpec {
+            count: default_gpu_count(),
+            instance_types: default_instance_types(),
+            capacity_types: default_capacity_types(),
+            limit: default_gpu_limit(),
+        }
+    }
+}
+
+fn default_gpu_count() -> i32 {
+    1
+}
+fn default_instance_types() -> Vec<String> {
+    vec!["g5.2xlarge".into(), "g4dn.2xlarge".into()]
+}
+fn default_capacity_types() -> Vec<CapacityType> {
+    vec![CapacityType::Spot, CapacityType::OnDemand]
+}
+fn default_gpu_limit() -> i32 {
+    8
+}
+
+/// A Karpenter capacity type.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapacityType {
+    Spot,
+    OnDemand,
+    Reserved,
+}
+
+impl CapacityType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapacityType::Spot => "spot",
+            CapacityType::OnDemand => "on-demand",
+            CapacityType::Reserved => "reserved",
+        }
+    }
+}
+
+/// The EC2NodeClass of the fleet's nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.role) && self.role != '') != (has(self.instanceProfile) && self.instanceProfile != '')").message("exactly one of nodeClass.role and nodeClass.instanceProfile must be set"))]
+pub struct NodeClassSpec {
+    /// The AMI alias, `family@version`: `al2023@latest` (default), `bottlerocket@latest`, ...
+    /// The models directory is on the NVMe instance store only with AL2023.
+    #[serde(default = "default_ami_alias")]
+    #[schemars(regex(pattern = r"^(al2023|al2|bottlerocket|windows2019|windows2022|windows2025)@(latest|v?[0-9][0-9a-z.\-]*)$"))]
+    pub ami_alias: String,
+    /// The IAM role of the nodes (Karpenter makes the instance profile). Exactly one of
+    /// role and instanceProfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// An existing IAM instance profile for the nodes. Exactly one of role and instanceProfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
+    /// Tags that select the nodes' subnets. Default: `karpenter.sh/discovery: <cluster name>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subnet_selector_tags: BTreeMap<String, String>,
+    /// Tags that select the nodes' security groups. Default: `karpenter.sh/discovery: <cluster name>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub security_group_selector_tags: BTreeMap<String, String>,
+    /// Size of the gp3 root volume, e.g. `100Gi`. Models live on the instance store, not here.
+    #[serde(default = "default_root_volume_size")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('20Gi'))").message("rootVolumeSize must be a quantity larger than 20Gi, such as 100Gi"))]
+    pub root_volume_size: String,
+}
+
+impl NodeClassSpec {
+    /// The role, treating an empty string as unset.
+    pub fn role(&self) -> Option<&str> {
+        self.role.as_deref().filter(|r| !r.is_empty())
+    }
+    /// The instance profile, treating an empty string as unset.
+    pub fn instance_profile(&self) -> Option<&str> {
+        self.instance_profile.as_deref().filter(|r| !r.is_empty())
+    }
+}
+
+fn default_ami_alias() -> String {
+    "al2023@latest".into()
+}
+fn default_root_volume_size() -> String {
+    "100Gi".into()
+}
+
+/// When Karpenter removes the fleet's nodes. GPU pools consolidate only when empty:
+/// utilisation-based consolidation does not see GPU use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionSpec {
+    /// How long a node stays after its last ComfyUI pod left, e.g. `10m`.
+    #[serde(default = "default_consolidate_after")]
+    #[schemars(regex(pattern = r"^(([0-9]+(s|m|h))+|Never)$"))]
+    pub consolidate_after: String,
+    /// The most a node may live before it is replaced, e.g. `720h`, or `Never`.
+    #[serde(default = "default_expire_after")]
+    #[schemars(regex(pattern = r"^(([0-9]+(s|m|h))+|Never)$"))]
+    pub expire_after: String,
+}
+
+impl Default for DisruptionSpec {
+    fn default() -> Self {
+        DisruptionSpec { consolidate_after: default_consolidate_after(), expire_after: default_expire_after() }
+    }
+}
+
+fn default_consolidate_after() -> String {
+    "10m".into()
+}
+fn default_expire_after() -> String {
+    "720h".into()
+}
+
+/// S3 buckets mounted into the ComfyUI pods (mountpoint-s3, static provisioning).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Where generated images go, mounted at `/app/ComfyUI/output`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<S3Location>,
+    /// Optional input images, mounted at `/app/ComfyUI/input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<S3Location>,
+}
+
+/// A bucket and a prefix in it. The operator never deletes S3 data.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Location {
+    /// The bucket name (3-63 lowercase letters, digits, dots and hyphens).
+    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"))]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("bucket must not contain '..'"))]
+    pub bucket: String,
+    /// A key prefix ending in `/`, e.g. `sdxl/`; empty for the whole bucket.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("prefix must not start with '/' or contain '..'"))]
+    #[x_kube(validation = Rule::new("self == '' || self.endsWith('/')").message("prefix must end with '/' (mountpoint-s3 mounts a directory)"))]
+    pub prefix: String,
+    /// The bucket's region; default: the controller's `--region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]$"))]
+    pub region: Option<String>,
+}
+
+/// How the fleet is exposed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressSpec {
+    /// Create an Ingress. With `false` any Ingress created before is removed.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The IngressClass; `alb` is the AWS Load Balancer Controller's.
+    #[serde(default = "default_ingress_class")]
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: String,
+    /// `internal` (default) or `internet-facing`. ComfyUI has no authentication of its own.
+    #[serde(default)]
+    pub scheme: IngressScheme,
+    /// Host name to match; empty matches every host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(\*\.)?[a-z0-9]([a-z0-9.\-]*[a-z0-9])?$"))]
+    pub host: Option<String>,
+    /// An ACM certificate ARN. When set the ALB listens on 443 with TLS and redirects 80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-z\-]*:acm:[a-z0-9\-]+:[0-9]{12}:certificate/.+$"))]
+    pub certificate_arn: Option<String>,
+    /// The ALB idle timeout. ComfyUI's `/ws` websocket drops at the ALB default of 60 s.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(range(min = 1, max = 4000))]
+    pub idle_timeout_seconds: i32,
+    /// Extra Ingress annotations, merged last (they win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for IngressSpec {
+    fn default() -> Self {
+        IngressSpec {
+            enabled: true,
+            class_name: default_ingress_class(),
+            scheme: IngressScheme::default(),
+            host: None,
+            certificate_arn: None,
+            idle_timeout_seconds: default_idle_timeout(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_ingress_class() -> String {
+    "alb".into()
+}
+fn default_idle_timeout() -> i32 {
+    4000
+}
+
+/// The ALB scheme.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum IngressScheme {
+    #[default]
+    Internal,
+    InternetFacing,
+}
+
+impl IngressScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressScheme::Internal => "internal",
+            IngressScheme::InternetFacing => "internet-facing",
+        }
+    }
+}
+
+/// What the controller observed. Written only when it changes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ComfyUIDeploymentStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods of the fleet's Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods, for the scale subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The fleet's Karpenter NodePool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_pool: Option<String>,
+    /// The fleet's node class (EC2NodeClass or KWOKNodeClass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_class: Option<String>,
+    /// The URL of the load balancer, once the Ingress has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Ready, Progressing, Degraded and NodePoolReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

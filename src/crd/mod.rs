@@ -1,0 +1,23 @@
+//! The custom resources of sdfleet (API group `sdfleet.io`, version `v1alpha1`).
+
+pub mod comfyui;
+
+use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+pub use comfyui::ComfyUIDeployment;
+
+/// Every CRD of sdfleet, in the order `sdfleet crds` prints them.
+pub fn all() -> Vec<CustomResourceDefinition> {
+    vec![ComfyUIDeployment::crd()]
+}
+
+/// The CRDs as one multi-document YAML stream (what `crds/` and the chart hold).
+pub fn to_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    let mut out = String::new();
+    for crd in all() {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,7 @@
+//! sdfleet: a Kubernetes operator that runs GPU ComfyUI fleets on Amazon EKS.
+
+pub mod cloud;
+pub mod controller;
+pub mod crd;
+pub mod render;
+pub mod telemetry;

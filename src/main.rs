@@ -1,0 +1,134 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sdfleet::cloud::{Cloud, ClusterSettings};
+use sdfleet::crd::ComfyUIDeployment;
+use sdfleet::render::{RenderContext, build};
+
+/// sdfleet: GPU ComfyUI fleets on Amazon EKS, from two custom resources.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller: reconcile ComfyUIDeployments into GPU fleets.
+    Controller(ControllerArgs),
+    /// Print the CRD YAML (what `crds/` and the Helm chart hold).
+    Crds,
+    /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
+    /// would apply them. Needs no cluster.
+    Render {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "aws")]
+        cloud: Cloud,
+        #[arg(long, default_value = "my-cluster")]
+        cluster_name: String,
+        #[arg(long, default_value = "us-west-2")]
+        region: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// The EKS cluster name: the default subnet and security-group discovery tag.
+    #[arg(long, env = "SDFLEET_CLUSTER_NAME")]
+    cluster_name: String,
+    /// Where nodes come from: `aws` writes EC2NodeClasses, `kwok` KWOKNodeClasses (testbed, demo).
+    #[arg(long, value_enum, default_value = "aws", env = "SDFLEET_CLOUD")]
+    cloud: Cloud,
+    /// The default region of S3 buckets.
+    #[arg(long, env = "AWS_REGION")]
+    region: String,
+    /// Watch only this namespace (default: all).
+    #[arg(long, env = "SDFLEET_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Controller(args) => return run_controller(args),
+        other => other,
+    };
+    match run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Controller(_) => return Err("the controller runs from main".into()),
+        Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
+        Command::Render { file, cloud, cluster_name, region } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let cluster = ClusterSettings { cluster_name, region };
+            let ctx = RenderContext { cluster: &cluster, node_class: cloud.provider() };
+            for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text)? {
+                if doc.get("kind").and_then(|k| k.as_str()) != Some("ComfyUIDeployment") {
+                    continue;
+                }
+                let mut cud: ComfyUIDeployment = serde_json::from_value(doc)?;
+                if cud.metadata.namespace.is_none() {
+                    cud.metadata.namespace = Some("default".into());
+                }
+                for child in build(&cud, &ctx)? {
+                    println!("---\n{}", serde_saphyr::to_string(&child.manifest)?.trim_end());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_controller(args: ControllerArgs) -> ExitCode {
+    sdfleet::telemetry::init_logging(args.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a Kubernetes client");
+                return ExitCode::FAILURE;
+            }
+        };
+        let settings = sdfleet::controller::Settings {
+            cloud: args.cloud,
+            cluster: ClusterSettings { cluster_name: args.cluster_name, region: args.region },
+            namespace: args.namespace,
+        };
+        let metrics = std::sync::Arc::new(sdfleet::telemetry::Metrics::default());
+        let health = std::sync::Arc::new(sdfleet::telemetry::Health {
+            metrics: metrics.clone(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        });
+        let server = tokio::spawn(sdfleet::telemetry::serve(args.metrics_addr, health.clone()));
+        tracing::info!(cloud = ?settings.cloud, namespace = ?settings.namespace, "starting controller");
+        let ctx = std::sync::Arc::new(sdfleet::controller::Context::new(client, settings, metrics));
+        health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        sdfleet::controller::run(ctx).await;
+        server.abort();
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,173 @@
+//! The ComfyUI Deployment: GPU pods pinned to the fleet's NodePool, with the models
+//! directory from the node's instance store (read-only), S3 volumes, probes on
+//! `/system_stats` and a restrictive security context.
+
+use serde_json::{Value, json};
+
+use super::RenderError;
+use super::names::{FleetNames, GPU_RESOURCE, NODEPOOL_LABEL};
+use super::storage::S3Volume;
+use crate::crd::comfyui::ComfyUIDeploymentSpec;
+
+/// Where models live on a node: the RAID0 of its NVMe instance-store disks that
+/// Karpenter builds on AL2023 (`instanceStorePolicy: RAID0`).
+pub const MODELS_HOST_ROOT: &str = "/mnt/k8s-disks/0/sdfleet/models";
+pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
+pub const CONTAINER_NAME: &str = "comfyui";
+
+pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, volumes: &[S3Volume]) -> Result<Value, RenderError> {
+    let mut args = vec!["--listen".to_string(), "0.0.0.0".to_string(), "--port".to_string(), spec.port.to_string()];
+    args.extend(spec.args.iter().cloned());
+
+    let mut requests = serde_json::Map::new();
+    let mut limits = serde_json::Map::new();
+    if let Some(r) = &spec.resources {
+        for (k, v) in &r.requests {
+            requests.insert(k.clone(), json!(v));
+        }
+        for (k, v) in &r.limits {
+            limits.insert(k.clone(), json!(v));
+        }
+    }
+    if requests.contains_key(GPU_RESOURCE) || limits.contains_key(GPU_RESOURCE) {
+        return Err(RenderError::InvalidSpec {
+            field: "spec.resources".into(),
+            message: "set GPUs with gpu.count, not resources".into(),
+        });
+    }
+    // Extended resources must have requests equal to limits.
+    requests.insert(GPU_RESOURCE.into(), json!(spec.gpu.count.to_string()));
+    limits.insert(GPU_RESOURCE.into(), json!(spec.gpu.count.to_string()));
+
+    let mut mounts = Vec::new();
+    let mut pod_volumes = Vec::new();
+    if let Some(model_set) = &spec.model_set {
+        mounts.push(json!({"name": "models", "mountPath": MODELS_MOUNT_PATH, "readOnly": true}));
+        pod_volumes.push(json!({"name": "models", "hostPath": {
+            "path": format!("{MODELS_HOST_ROOT}/{}/{model_set}", fleet.namespace),
+            "type": "DirectoryOrCreate",
+        }}));
+    }
+    for v in volumes {
+        mounts.push(json!({"name": v.purpose, "mountPath": v.mount_path}));
+        pod_volumes.push(json!({"name": v.purpose, "persistentVolumeClaim": {"claimName": fleet.volume_claim(v.purpose)}}));
+    }
+
+    let probe = |period: i32, failures: i32| {
+        json!({
+            "httpGet": {"path": "/system_stats", "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        })
+    };
+    let mut container = json!({
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "args": args,
+        "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+        "resources": {"requests": requests, "limits": limits},
+        "volumeMounts": mounts,
+        // Loading a checkpoint onto the GPU can take minutes: allow up to 15.
+        "startupProbe": probe(10, 90),
+        "readinessProbe": probe(10, 3),
+        "livenessProbe": probe(20, 6),
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    if !spec.command.is_empty() {
+        container["command"] = json!(spec.command);
+    }
+    if !spec.env.is_empty() {
+        container["env"] = json!(spec.env);
+    }
+
+    let mut pod_labels = fleet.pod_selector();
+    pod_labels.extend(fleet.owner_labels());
+    Ok(json!({
+        "replicas": spec.replicas,
+        "selector": {"matchLabels": fleet.pod_selector()},
+        // Keep serving capacity during a rollout; the NodePool limit bounds the surge.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": {
+                "nodeSelector": {NODEPOOL_LABEL: fleet.nodepool()},
+                "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+                "enableServiceLinks": false,
+                "containers": [container],
+                "volumes": pod_volumes,
+            },
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cloud::Cloud;
+    use crate::render::ChildKind;
+    use crate::render::tests::{SDXL, example, render};
+    use serde_json::json;
+
+    fn deployment(cud: &crate::crd::comfyui::ComfyUIDeployment) -> serde_json::Value {
+        render(cud, Cloud::Aws).into_iter().find(|c| c.kind == ChildKind::Deployment).unwrap().manifest
+    }
+
+    #[test]
+    fn pods_request_gpus_tolerate_the_taint_and_pin_to_the_nodepool() {
+        let mut cud = example(SDXL);
+        cud.spec.gpu.count = 2;
+        cud.spec.replicas = 3;
+        cud.spec.args = vec!["--highvram".into()];
+        let d = deployment(&cud);
+        assert_eq!(d["spec"]["replicas"], 3);
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"], json!({"karpenter.sh/nodepool": "studio-sdxl"}));
+        assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
+        let c = &pod["containers"][0];
+        assert_eq!(c["args"], json!(["--listen", "0.0.0.0", "--port", "8188", "--highvram"]));
+        assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "2");
+        assert_eq!(c["resources"]["requests"]["nvidia.com/gpu"], "2");
+        assert!(c.get("command").is_none());
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["path"], "/system_stats", "{probe}");
+        }
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    }
+
+    #[test]
+    fn models_mount_read_only_from_the_instance_store_and_outputs_from_s3() {
+        let mut cud = example(SDXL);
+        cud.spec.model_set = Some("sdxl-models".into());
+        let d = deployment(&cud);
+        let pod = &d["spec"]["template"]["spec"];
+        let mounts = &pod["containers"][0]["volumeMounts"];
+        assert_eq!(mounts[0], json!({"name": "models", "mountPath": "/app/ComfyUI/models", "readOnly": true}));
+        assert_eq!(mounts[1], json!({"name": "outputs", "mountPath": "/app/ComfyUI/output"}));
+        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/k8s-disks/0/sdfleet/models/studio/sdxl-models");
+        assert_eq!(pod["volumes"][1]["persistentVolumeClaim"]["claimName"], "sdxl-outputs");
+    }
+
+    #[test]
+    fn user_resources_are_kept_and_gpu_in_resources_is_refused() {
+        let mut cud = example(SDXL);
+        cud.spec.resources = Some(crate::crd::comfyui::ContainerResources {
+            requests: [("cpu".to_string(), "4".to_string())].into(),
+            limits: [("memory".to_string(), "30Gi".to_string())].into(),
+        });
+        let d = deployment(&cud);
+        let r = &d["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(r["requests"], json!({"cpu": "4", "nvidia.com/gpu": "1"}));
+        assert_eq!(r["limits"], json!({"memory": "30Gi", "nvidia.com/gpu": "1"}));
+
+        cud.spec.resources.as_mut().unwrap().limits.insert("nvidia.com/gpu".into(), "2".into());
+        let cluster = crate::render::tests::cluster();
+        let ctx = crate::render::RenderContext { cluster: &cluster, node_class: Cloud::Aws.provider() };
+        assert!(crate::render::build(&cud, &ctx).is_err());
+    }
+}

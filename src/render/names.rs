@@ -1,0 +1,138 @@
+//! Child names and labels: every child's name and identifying labels come from here.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "sdfleet";
+pub const OWNER_NAMESPACE_KEY: &str = "sdfleet.io/owner-namespace";
+pub const OWNER_NAME_KEY: &str = "sdfleet.io/owner-name";
+pub const FLEET_KEY: &str = "sdfleet.io/fleet";
+pub const NODEPOOL_LABEL: &str = "karpenter.sh/nodepool";
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// The longest name a cluster-scoped child gets. NodePool names are also label values
+/// (`karpenter.sh/nodepool` on nodes), which are limited to 63 characters.
+const MAX_CLUSTER_NAME: usize = 63;
+
+/// The identity of one ComfyUIDeployment, from which every child name derives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetNames {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FleetNames {
+    pub fn new(namespace: &str, name: &str) -> FleetNames {
+        FleetNames { namespace: namespace.to_string(), name: name.to_string() }
+    }
+
+    /// `<namespace>-<name>`, cut to a safe length with a hash suffix when too long.
+    pub fn cluster_scoped(&self, suffix: &str) -> String {
+        let full = if suffix.is_empty() {
+            format!("{}-{}", self.namespace, self.name)
+        } else {
+            format!("{}-{}-{}", self.namespace, self.name, suffix)
+        };
+        safe_name(&full, MAX_CLUSTER_NAME)
+    }
+
+    pub fn nodepool(&self) -> String {
+        self.cluster_scoped("")
+    }
+    pub fn node_class(&self) -> String {
+        self.cluster_scoped("")
+    }
+    pub fn deployment(&self) -> String {
+        self.name.clone()
+    }
+    pub fn service(&self) -> String {
+        self.name.clone()
+    }
+    pub fn ingress(&self) -> String {
+        self.name.clone()
+    }
+    /// The claim of an S3 volume (`outputs` or `inputs`).
+    pub fn volume_claim(&self, purpose: &str) -> String {
+        format!("{}-{purpose}", self.name)
+    }
+    /// The cluster-scoped PersistentVolume behind `volume_claim(purpose)`.
+    pub fn volume(&self, purpose: &str) -> String {
+        self.cluster_scoped(purpose)
+    }
+
+    /// Labels on every child: who manages it and which resource owns it. Cluster-scoped
+    /// children are found by these (they cannot carry an owner reference).
+    pub fn owner_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (MANAGED_BY_KEY.to_string(), MANAGED_BY.to_string()),
+            (OWNER_NAMESPACE_KEY.to_string(), self.namespace.clone()),
+            (OWNER_NAME_KEY.to_string(), self.name.clone()),
+        ])
+    }
+
+    /// The label selector string matching every child of this fleet.
+    pub fn owner_selector(&self) -> String {
+        format!(
+            "{MANAGED_BY_KEY}={MANAGED_BY},{OWNER_NAMESPACE_KEY}={},{OWNER_NAME_KEY}={}",
+            self.namespace, self.name
+        )
+    }
+
+    /// Labels of the ComfyUI pods (the Deployment's selector).
+    pub fn pod_selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_string(), "comfyui".to_string()),
+            ("app.kubernetes.io/instance".to_string(), self.name.clone()),
+        ])
+    }
+
+    /// `pod_selector` as the string the scale subresource reports.
+    pub fn pod_selector_string(&self) -> String {
+        self.pod_selector().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Cuts `name` to `max` characters, replacing the tail with an 8-hex hash of the whole
+/// name so that distinct long names stay distinct.
+pub fn safe_name(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_string();
+    }
+    let digest = hex::encode(Sha256::digest(name.as_bytes()));
+    let keep = max - 9;
+    let head = name[..keep].trim_end_matches(['-', '.']);
+    format!("{head}-{}", &digest[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_are_kept() {
+        let f = FleetNames::new("studio", "sdxl");
+        assert_eq!(f.nodepool(), "studio-sdxl");
+        assert_eq!(f.volume("outputs"), "studio-sdxl-outputs");
+        assert_eq!(f.volume_claim("outputs"), "sdxl-outputs");
+    }
+
+    #[test]
+    fn long_names_are_cut_with_a_stable_distinct_hash() {
+        let a = FleetNames::new(&"n".repeat(60), "fleet-a").nodepool();
+        let b = FleetNames::new(&"n".repeat(60), "fleet-b").nodepool();
+        assert_eq!(a.len(), 63);
+        assert_ne!(a, b);
+        assert_eq!(a, FleetNames::new(&"n".repeat(60), "fleet-a").nodepool());
+        assert!(a.chars().last().unwrap().is_ascii_alphanumeric());
+    }
+
+    #[test]
+    fn cut_never_leaves_a_trailing_separator_before_the_hash() {
+        let name = format!("{}-{}", "a".repeat(53), "b".repeat(20));
+        let cut = safe_name(&name, 63);
+        assert!(!cut.contains("--"), "{cut}");
+        assert!(cut.len() <= 63);
+    }
+}

@@ -1,0 +1,73 @@
+//! The fleet's Karpenter NodePool (karpenter.sh/v1): which GPU instances, spot or
+//! on-demand, tainted so that only GPU pods land there, capped at `gpu.limit` GPUs, and
+//! consolidated only when empty (utilisation-based consolidation does not see GPU use).
+
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+use super::names::{FLEET_KEY, FleetNames, GPU_RESOURCE};
+use crate::crd::comfyui::ComfyUIDeploymentSpec;
+
+pub const GPU_TAINT_VALUE: &str = "true";
+
+pub fn api_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"))
+}
+
+pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiResource) -> Value {
+    let capacity_types: Vec<&str> = spec.gpu.capacity_types.iter().map(|c| c.as_str()).collect();
+    json!({
+        "template": {
+            "metadata": {"labels": {
+                FLEET_KEY: fleet.nodepool(),
+                "sdfleet.io/owner-namespace": fleet.namespace,
+                "sdfleet.io/owner-name": fleet.name,
+            }},
+            "spec": {
+                "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": fleet.node_class()},
+                "requirements": [
+                    {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": spec.gpu.instance_types},
+                    {"key": "karpenter.sh/capacity-type", "operator": "In", "values": capacity_types},
+                    {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]},
+                    {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+                ],
+                "taints": [{"key": GPU_RESOURCE, "value": GPU_TAINT_VALUE, "effect": "NoSchedule"}],
+                "expireAfter": spec.disruption.expire_after,
+            },
+        },
+        "disruption": {
+            "consolidationPolicy": "WhenEmpty",
+            "consolidateAfter": spec.disruption.consolidate_after,
+        },
+        "limits": {GPU_RESOURCE: spec.gpu.limit.to_string()},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cloud::Cloud;
+    use crate::crd::comfyui::CapacityType;
+    use crate::render::tests::{SDXL, example, render};
+    use serde_json::json;
+
+    #[test]
+    fn nodepool_has_types_capacity_taint_limit_and_disruption() {
+        let mut cud = example(SDXL);
+        cud.spec.gpu.instance_types = vec!["g6.2xlarge".into()];
+        cud.spec.gpu.capacity_types = vec![CapacityType::OnDemand];
+        cud.spec.gpu.limit = 16;
+        cud.spec.disruption.consolidate_after = "5m".into();
+        let pool = &render(&cud, Cloud::Kwok)[1].manifest;
+        assert_eq!(pool["apiVersion"], "karpenter.sh/v1");
+        let spec = &pool["spec"]["template"]["spec"];
+        assert_eq!(spec["requirements"][0]["values"], json!(["g6.2xlarge"]));
+        assert_eq!(spec["requirements"][1]["values"], json!(["on-demand"]));
+        assert_eq!(spec["requirements"][2], json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}));
+        assert_eq!(spec["taints"], json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]));
+        assert_eq!(spec["expireAfter"], "720h");
+        assert_eq!(spec["nodeClassRef"], json!({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "studio-sdxl"}));
+        assert_eq!(pool["spec"]["limits"], json!({"nvidia.com/gpu": "16"}));
+        assert_eq!(pool["spec"]["disruption"], json!({"consolidationPolicy": "WhenEmpty", "consolidateAfter": "5m"}));
+        assert_eq!(pool["spec"]["template"]["metadata"]["labels"]["sdfleet.io/fleet"], "studio-sdxl");
+    }
+}

@@ -1,0 +1,122 @@
+//! S3 volumes through the mountpoint-s3 CSI driver, statically provisioned: one
+//! PersistentVolume (cluster-scoped, reclaim policy Retain) and one claim bound to it by
+//! name. Deleting either never touches the bucket: S3 data is never deleted.
+
+use serde_json::{Value, json};
+
+use super::RenderError;
+use super::names::FleetNames;
+use crate::cloud::ClusterSettings;
+use crate::crd::comfyui::{ComfyUIDeploymentSpec, S3Location};
+
+pub const CSI_DRIVER: &str = "s3.csi.aws.com";
+/// Required by the API, ignored by mountpoint-s3.
+const NOMINAL_CAPACITY: &str = "1200Gi";
+
+/// One S3 volume of the pods: what it is for, where it mounts, and its bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct S3Volume {
+    pub purpose: &'static str,
+    pub mount_path: &'static str,
+    pub bucket: String,
+    pub prefix: String,
+    pub region: String,
+}
+
+pub fn volumes(spec: &ComfyUIDeploymentSpec, cluster: &ClusterSettings) -> Result<Vec<S3Volume>, RenderError> {
+    let mut out = Vec::new();
+    let mut add = |purpose, mount_path, location: &Option<S3Location>| -> Result<(), RenderError> {
+        if let Some(l) = location {
+            // The schema forbids these; objects stored before a rule existed still get a clear error.
+            if l.prefix.starts_with('/') || l.prefix.contains("..") {
+                return Err(RenderError::InvalidSpec {
+                    field: format!("spec.storage.{purpose}.prefix"),
+                    message: format!("{:?} must not start with '/' or contain '..'", l.prefix),
+                });
+            }
+            let region = l.region.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| cluster.region.clone());
+            out.push(S3Volume { purpose, mount_path, bucket: l.bucket.clone(), prefix: l.prefix.clone(), region });
+        }
+        Ok(())
+    };
+    add("outputs", "/app/ComfyUI/output", &spec.storage.outputs)?;
+    add("inputs", "/app/ComfyUI/input", &spec.storage.inputs)?;
+    Ok(out)
+}
+
+pub fn volume_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
+    // Pass the region: IMDS region detection fails at the nodes' hop limit of 1.
+    let mut mount_options = vec!["allow-other".to_string(), format!("region {}", volume.region)];
+    if !volume.prefix.is_empty() {
+        mount_options.push(format!("prefix {}", volume.prefix));
+    }
+    json!({
+        "capacity": {"storage": NOMINAL_CAPACITY},
+        "accessModes": ["ReadWriteMany"],
+        "persistentVolumeReclaimPolicy": "Retain",
+        "storageClassName": "",
+        "mountOptions": mount_options,
+        // Pre-bound, so no other claim can take this volume.
+        "claimRef": {"namespace": fleet.namespace, "name": fleet.volume_claim(volume.purpose)},
+        "csi": {
+            "driver": CSI_DRIVER,
+            // Unique per PV across the cluster.
+            "volumeHandle": format!("sdfleet-{}", fleet.volume(volume.purpose)),
+            "volumeAttributes": {"bucketName": volume.bucket},
+        },
+    })
+}
+
+pub fn claim_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
+    json!({
+        "accessModes": ["ReadWriteMany"],
+        "storageClassName": "",
+        "resources": {"requests": {"storage": NOMINAL_CAPACITY}},
+        "volumeName": fleet.volume(volume.purpose),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cloud::Cloud;
+    use crate::crd::comfyui::S3Location;
+    use crate::render::tests::{SDXL, example, render};
+    use crate::render::{ChildKind, RenderContext, RenderError, build};
+    use serde_json::json;
+
+    #[test]
+    fn outputs_volume_is_retained_pre_bound_and_scoped_to_the_prefix() {
+        let children = render(&example(SDXL), Cloud::Aws);
+        let pv = &children.iter().find(|c| c.kind == ChildKind::PersistentVolume).unwrap().manifest["spec"];
+        assert_eq!(pv["persistentVolumeReclaimPolicy"], "Retain");
+        assert_eq!(pv["csi"]["driver"], "s3.csi.aws.com");
+        assert_eq!(pv["csi"]["volumeAttributes"]["bucketName"], "comfyui-outputs-demo");
+        assert_eq!(pv["csi"]["volumeHandle"], "sdfleet-studio-sdxl-outputs");
+        assert_eq!(pv["mountOptions"], json!(["allow-other", "region us-west-2", "prefix sdxl/"]));
+        assert_eq!(pv["claimRef"], json!({"namespace": "studio", "name": "sdxl-outputs"}));
+        let pvc = &children.iter().find(|c| c.kind == ChildKind::PersistentVolumeClaim).unwrap().manifest["spec"];
+        assert_eq!(pvc["volumeName"], "studio-sdxl-outputs");
+        assert_eq!(pvc["storageClassName"], "");
+    }
+
+    #[test]
+    fn inputs_get_their_own_volume_with_their_own_region() {
+        let mut cud = example(SDXL);
+        cud.spec.storage.inputs =
+            Some(S3Location { bucket: "in-bucket".into(), prefix: String::new(), region: Some("eu-west-1".into()) });
+        let children = render(&cud, Cloud::Aws);
+        let pvs: Vec<_> = children.iter().filter(|c| c.kind == ChildKind::PersistentVolume).collect();
+        assert_eq!(pvs.len(), 2);
+        assert_eq!(pvs[1].name, "studio-sdxl-inputs");
+        assert_eq!(pvs[1].manifest["spec"]["mountOptions"], json!(["allow-other", "region eu-west-1"]));
+    }
+
+    #[test]
+    fn an_escaping_prefix_is_an_error_not_a_volume() {
+        let mut cud = example(SDXL);
+        cud.spec.storage.outputs.as_mut().unwrap().prefix = "../other/".into();
+        let cluster = crate::render::tests::cluster();
+        let err = build(&cud, &RenderContext { cluster: &cluster, node_class: Cloud::Aws.provider() }).unwrap_err();
+        assert!(matches!(err, RenderError::InvalidSpec { ref field, .. } if field == "spec.storage.outputs.prefix"));
+    }
+}

@@ -1,0 +1,170 @@
+//! The testbed's AWS APIs (moto on loopback), driven through the AWS SDK for Rust the
+//! same way sdfleet drives them: S3, S3 event notifications to SQS, EC2 lookup by tag,
+//! and SSM SendCommand with its invocation result.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{Event, NotificationConfiguration, QueueConfiguration};
+use common::{Testbed, eventually, unique_suffix};
+
+#[tokio::test]
+async fn s3_put_and_list() {
+    let aws = Testbed::get().aws().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    let bucket = format!("tb-models-{}", unique_suffix());
+    s3.create_bucket()
+        .bucket(&bucket)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    for key in ["checkpoints/sdxl.safetensors", "loras/detail.safetensors", "vae/sdxl_vae.safetensors"] {
+        s3.put_object().bucket(&bucket).key(key).body(ByteStream::from(key.as_bytes().to_vec())).send().await.unwrap();
+    }
+    let listed = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    let mut keys: Vec<_> = listed.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect();
+    keys.sort();
+    assert_eq!(keys, ["checkpoints/sdxl.safetensors", "loras/detail.safetensors", "vae/sdxl_vae.safetensors"]);
+    let sizes: Vec<i64> = listed.contents().iter().filter_map(|o| o.size()).collect();
+    assert_eq!(sizes.iter().sum::<i64>(), (28 + 24 + 24) as i64);
+}
+
+#[tokio::test]
+async fn s3_event_notification_arrives_on_sqs() {
+    let aws = Testbed::get().aws().await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    let sqs = aws_sdk_sqs::Client::new(&aws);
+    let bucket = format!("tb-events-{}", unique_suffix());
+    s3.create_bucket()
+        .bucket(&bucket)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let queue_url = sqs.create_queue().queue_name(&bucket).send().await.unwrap().queue_url.unwrap();
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(&queue_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap();
+    let queue_arn = attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn].clone();
+    s3.put_bucket_notification_configuration()
+        .bucket(&bucket)
+        .notification_configuration(
+            NotificationConfiguration::builder()
+                .queue_configurations(
+                    QueueConfiguration::builder()
+                        .queue_arn(queue_arn)
+                        .events(Event::from("s3:ObjectCreated:*"))
+                        .events(Event::from("s3:ObjectRemoved:*"))
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let key = "loras/my lora+v2.safetensors";
+    s3.put_object().bucket(&bucket).key(key).body(ByteStream::from_static(b"weights")).send().await.unwrap();
+
+    let (event_name, raw_key) = eventually("an ObjectCreated event on SQS", Duration::from_secs(30), || async {
+        let out = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.ok()?;
+        for message in out.messages() {
+            let body: serde_json::Value = serde_json::from_str(message.body()?).ok()?;
+            // The first message after configuring a notification is s3:TestEvent.
+            for record in body["Records"].as_array().into_iter().flatten() {
+                let name = record["eventName"].as_str()?.to_string();
+                let raw = record["s3"]["object"]["key"].as_str()?.to_string();
+                return Some((name, raw));
+            }
+        }
+        None
+    })
+    .await;
+    assert!(event_name.starts_with("ObjectCreated"), "{event_name}");
+    // Keys in S3 events are URL-encoded, with '+' for spaces.
+    assert_ne!(raw_key, key);
+    let decoded = percent_encoding::percent_decode_str(&raw_key.replace('+', " ")).decode_utf8().unwrap();
+    assert_eq!(decoded, key);
+}
+
+#[tokio::test]
+async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
+    let aws = Testbed::get().aws().await;
+    let ec2 = aws_sdk_ec2::Client::new(&aws);
+    let ssm = aws_sdk_ssm::Client::new(&aws);
+    let pool = format!("tb-pool-{}", unique_suffix());
+    let image = ec2.describe_images().send().await.unwrap().images()[0].image_id().unwrap().to_string();
+    let tagged = |value: &str| {
+        TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .tags(Tag::builder().key("karpenter.sh/nodepool").value(value).build())
+            .build()
+    };
+    let ours = ec2
+        .run_instances()
+        .image_id(&image)
+        .instance_type(aws_sdk_ec2::types::InstanceType::G52xlarge)
+        .min_count(2)
+        .max_count(2)
+        .tag_specifications(tagged(&pool))
+        .send()
+        .await
+        .unwrap();
+    let mut our_ids: Vec<String> = ours.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    our_ids.sort();
+    ec2.run_instances()
+        .image_id(&image)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tagged("someone-else"))
+        .send()
+        .await
+        .unwrap();
+
+    let found = ec2
+        .describe_instances()
+        .filters(Filter::builder().name("tag:karpenter.sh/nodepool").values(&pool).build())
+        .filters(Filter::builder().name("instance-state-name").values("running").build())
+        .send()
+        .await
+        .unwrap();
+    let mut found_ids: Vec<String> = found
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    found_ids.sort();
+    assert_eq!(found_ids, our_ids);
+
+    let command = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(our_ids.clone()))
+        .parameters("commands", vec!["sdfleet sync --bucket b --dest /mnt/models".to_string()])
+        .send()
+        .await
+        .unwrap();
+    let command_id = command.command().unwrap().command_id().unwrap().to_string();
+    for id in &our_ids {
+        let invocation = ssm.get_command_invocation().command_id(&command_id).instance_id(id).send().await.unwrap();
+        assert_eq!(invocation.instance_id(), Some(id.as_str()));
+        assert_eq!(invocation.status(), Some(&aws_sdk_ssm::types::CommandInvocationStatus::Success));
+    }
+}
