@@ -75,10 +75,22 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(_) => return Err("the controller runs from main".into()),
         Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
-        Command::Render { file, cloud, cluster_name, region } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let cluster = ClusterSettings { cluster_name, region };
-            let ctx = RenderContext { cluster: &cluster, node_class: cloud.provider() };
+        Command::Render {
+            file,
+            cloud,
+            cluster_name,
+            region,
+        } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let cluster = ClusterSettings {
+                cluster_name,
+                region,
+            };
+            let ctx = RenderContext {
+                cluster: &cluster,
+                node_class: cloud.provider(),
+            };
             for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text)? {
                 if doc.get("kind").and_then(|k| k.as_str()) != Some("ComfyUIDeployment") {
                     continue;
@@ -88,7 +100,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     cud.metadata.namespace = Some("default".into());
                 }
                 for child in build(&cud, &ctx)? {
-                    println!("---\n{}", serde_saphyr::to_string(&child.manifest)?.trim_end());
+                    println!(
+                        "---\n{}",
+                        serde_saphyr::to_string(&child.manifest)?.trim_end()
+                    );
                 }
             }
         }

@@ -20,7 +20,9 @@ use prometheus_client::registry::Registry;
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -66,19 +68,47 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sdfleet");
         let reconciles = Family::<ResultLabels, Counter>::default();
-        registry.register("reconciles", "Reconciles by result (success, error)", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciles by result (success, error)",
+            reconciles.clone(),
+        );
         let errors = Family::<ReasonLabels, Counter>::default();
-        registry.register("reconcile_errors", "Reconcile errors by reason", errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by reason",
+            errors.clone(),
+        );
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register("reconcile_duration_seconds", "Time of one reconcile", reconcile_duration.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile",
+            reconcile_duration.clone(),
+        );
         let writes = Family::<WriteLabels, Counter>::default();
-        registry.register("kube_writes", "Write requests sent to the apiserver, by verb and kind", writes.clone());
+        registry.register(
+            "kube_writes",
+            "Write requests sent to the apiserver, by verb and kind",
+            writes.clone(),
+        );
         let drift_repairs = Counter::default();
-        registry.register("drift_repairs", "Children changed or deleted by hand that were put back", drift_repairs.clone());
+        registry.register(
+            "drift_repairs",
+            "Children changed or deleted by hand that were put back",
+            drift_repairs.clone(),
+        );
         let desired_replicas = Family::<FleetLabels, Gauge>::default();
-        registry.register("fleet_desired_replicas", "spec.replicas of each fleet", desired_replicas.clone());
+        registry.register(
+            "fleet_desired_replicas",
+            "spec.replicas of each fleet",
+            desired_replicas.clone(),
+        );
         let ready_replicas = Family::<FleetLabels, Gauge>::default();
-        registry.register("fleet_ready_replicas", "Ready ComfyUI pods of each fleet", ready_replicas.clone());
+        registry.register(
+            "fleet_ready_replicas",
+            "Ready ComfyUI pods of each fleet",
+            ready_replicas.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -94,7 +124,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn record_write(&self, verb: &str, kind: &str) {
-        self.writes.get_or_create(&WriteLabels { verb: verb.into(), kind: kind.into() }).inc();
+        self.writes
+            .get_or_create(&WriteLabels {
+                verb: verb.into(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
@@ -120,7 +155,13 @@ pub fn router(health: Arc<Health>) -> Router {
 }
 
 async fn metrics_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], h.metrics.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        h.metrics.encode(),
+    )
 }
 
 async fn readyz_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{ControllerProcess, Testbed, TestNamespace, eventually, install_crds};
+use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
@@ -55,7 +55,10 @@ impl Fleet {
             name: name.into(),
             cuds: Api::namespaced(client.clone(), ns),
             nodepools: Api::all_with(client.clone(), &ar("karpenter.sh", "v1", "NodePool")),
-            nodeclasses: Api::all_with(client.clone(), &ar("karpenter.kwok.sh", "v1alpha1", "KWOKNodeClass")),
+            nodeclasses: Api::all_with(
+                client.clone(),
+                &ar("karpenter.kwok.sh", "v1alpha1", "KWOKNodeClass"),
+            ),
         }
     }
 
@@ -65,7 +68,14 @@ impl Fleet {
 
     async fn apply(&self, manifest: &Value) {
         // The test is the user: its own field manager, as kubectl apply would be.
-        self.cuds.patch(&self.name, &PatchParams::apply("test-user").force(), &Patch::Apply(manifest)).await.unwrap();
+        self.cuds
+            .patch(
+                &self.name,
+                &PatchParams::apply("test-user").force(),
+                &Patch::Apply(manifest),
+            )
+            .await
+            .unwrap();
     }
 
     async fn status(&self) -> Option<ComfyUIDeploymentStatus> {
@@ -79,11 +89,22 @@ impl Fleet {
     }
 
     async fn wait_ready(&self, replicas: i32) -> ComfyUIDeploymentStatus {
-        eventually(&format!("{}/{} Ready with {replicas} ready replicas", self.ns, self.name), WAIT, || async {
-            let status = self.status().await?;
-            let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            (ready && status.ready_replicas == replicas && status.observed_generation.is_some()).then_some(status)
-        })
+        eventually(
+            &format!(
+                "{}/{} Ready with {replicas} ready replicas",
+                self.ns, self.name
+            ),
+            WAIT,
+            || async {
+                let status = self.status().await?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                (ready && status.ready_replicas == replicas && status.observed_generation.is_some())
+                    .then_some(status)
+            },
+        )
         .await
     }
 
@@ -96,24 +117,94 @@ impl Fleet {
         let lp = ListParams::default().labels(&selector);
         let mut out = BTreeSet::new();
         let c = &self.client;
-        let named = |kind: &str, names: Vec<String>| names.into_iter().map(move |n| format!("{kind}/{n}"));
+        fn named(kind: &'static str, names: Vec<String>) -> impl Iterator<Item = String> {
+            names.into_iter().map(move |n| format!("{kind}/{n}"))
+        }
         let live = |o: &DynamicObject| o.metadata.deletion_timestamp.is_none();
-        out.extend(named("NodePool", self.nodepools.list(&lp).await.unwrap().items.iter().filter(|o| live(o)).map(|o| o.name_any()).collect()));
-        out.extend(named("KWOKNodeClass", self.nodeclasses.list(&lp).await.unwrap().items.iter().filter(|o| live(o)).map(|o| o.name_any()).collect()));
-        out.extend(named("Deployment", names(Api::<Deployment>::namespaced(c.clone(), &self.ns).list(&lp).await.unwrap().items)));
-        out.extend(named("Service", names(Api::<Service>::namespaced(c.clone(), &self.ns).list(&lp).await.unwrap().items)));
-        out.extend(named("Ingress", names(Api::<Ingress>::namespaced(c.clone(), &self.ns).list(&lp).await.unwrap().items)));
+        out.extend(named(
+            "NodePool",
+            self.nodepools
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|o| live(o))
+                .map(|o| o.name_any())
+                .collect(),
+        ));
+        out.extend(named(
+            "KWOKNodeClass",
+            self.nodeclasses
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|o| live(o))
+                .map(|o| o.name_any())
+                .collect(),
+        ));
+        out.extend(named(
+            "Deployment",
+            names(
+                Api::<Deployment>::namespaced(c.clone(), &self.ns)
+                    .list(&lp)
+                    .await
+                    .unwrap()
+                    .items,
+            ),
+        ));
+        out.extend(named(
+            "Service",
+            names(
+                Api::<Service>::namespaced(c.clone(), &self.ns)
+                    .list(&lp)
+                    .await
+                    .unwrap()
+                    .items,
+            ),
+        ));
+        out.extend(named(
+            "Ingress",
+            names(
+                Api::<Ingress>::namespaced(c.clone(), &self.ns)
+                    .list(&lp)
+                    .await
+                    .unwrap()
+                    .items,
+            ),
+        ));
         out.extend(named(
             "PersistentVolumeClaim",
-            names(Api::<PersistentVolumeClaim>::namespaced(c.clone(), &self.ns).list(&lp).await.unwrap().items),
+            names(
+                Api::<PersistentVolumeClaim>::namespaced(c.clone(), &self.ns)
+                    .list(&lp)
+                    .await
+                    .unwrap()
+                    .items,
+            ),
         ));
-        out.extend(named("PersistentVolume", names(Api::<PersistentVolume>::all(c.clone()).list(&lp).await.unwrap().items)));
+        out.extend(named(
+            "PersistentVolume",
+            names(
+                Api::<PersistentVolume>::all(c.clone())
+                    .list(&lp)
+                    .await
+                    .unwrap()
+                    .items,
+            ),
+        ));
         out
     }
 }
 
 fn names<K: kube::Resource>(items: Vec<K>) -> Vec<String> {
-    items.iter().filter(|o| o.meta().deletion_timestamp.is_none()).map(|o| o.meta().name.clone().unwrap_or_default()).collect()
+    items
+        .iter()
+        .filter(|o| o.meta().deletion_timestamp.is_none())
+        .map(|o| o.meta().name.clone().unwrap_or_default())
+        .collect()
 }
 
 fn all_children(ns: &str, name: &str, with_ingress: bool, with_outputs: bool) -> BTreeSet<String> {
@@ -147,39 +238,88 @@ async fn fleet_lifecycle_create_update_drift_delete() {
     fleet.apply(&cud_manifest("sdxl", json!({}))).await;
     let status = fleet.wait_ready(1).await;
     assert_eq!(status.replicas, 1);
-    assert_eq!(status.node_pool.as_deref(), Some(fleet.pool_name().as_str()));
-    assert_eq!(status.selector.as_deref(), Some("app.kubernetes.io/instance=sdxl,app.kubernetes.io/name=comfyui"));
-    assert_eq!(fleet.children().await, all_children(&ns.name, "sdxl", true, true));
+    assert_eq!(
+        status.node_pool.as_deref(),
+        Some(fleet.pool_name().as_str())
+    );
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("app.kubernetes.io/instance=sdxl,app.kubernetes.io/name=comfyui")
+    );
+    assert_eq!(
+        fleet.children().await,
+        all_children(&ns.name, "sdxl", true, true)
+    );
     let nodes: Api<Node> = Api::all(client.clone());
-    let pool_nodes = nodes.list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={}", fleet.pool_name()))).await.unwrap();
+    let pool_nodes = nodes
+        .list(
+            &ListParams::default().labels(&format!("karpenter.sh/nodepool={}", fleet.pool_name())),
+        )
+        .await
+        .unwrap();
     assert!(!pool_nodes.items.is_empty());
     for node in &pool_nodes.items {
         let t = &node.labels()["node.kubernetes.io/instance-type"];
         assert!(["g5.2xlarge", "g4dn.2xlarge"].contains(&t.as_str()), "{t}");
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let running = pods.list(&ListParams::default().labels("app.kubernetes.io/instance=sdxl")).await.unwrap();
-    let pod = running.items.iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).expect("a running pod");
+    let running = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=sdxl"))
+        .await
+        .unwrap();
+    let pod = running
+        .items
+        .iter()
+        .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .expect("a running pod");
     let pod_node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
     assert!(pool_nodes.items.iter().any(|n| n.name_any() == pod_node));
-    let pv: PersistentVolume = Api::all(client.clone()).get(&format!("{}-sdxl-outputs", ns.name)).await.unwrap();
-    assert_eq!(pv.spec.as_ref().unwrap().persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
-    let pvc: PersistentVolumeClaim = Api::namespaced(client.clone(), &ns.name).get("sdxl-outputs").await.unwrap();
+    let pv: PersistentVolume = Api::all(client.clone())
+        .get(&format!("{}-sdxl-outputs", ns.name))
+        .await
+        .unwrap();
+    assert_eq!(
+        pv.spec
+            .as_ref()
+            .unwrap()
+            .persistent_volume_reclaim_policy
+            .as_deref(),
+        Some("Retain")
+    );
+    let pvc: PersistentVolumeClaim = Api::namespaced(client.clone(), &ns.name)
+        .get("sdxl-outputs")
+        .await
+        .unwrap();
     assert_eq!(pvc.status.unwrap().phase.as_deref(), Some("Bound"));
     let (s, _, _) = fleet.condition("NodePoolReady").await.unwrap();
     assert_eq!(s, "True");
 
     // Update: instance types reach the NodePool.
-    fleet.apply(&cud_manifest("sdxl", json!({"gpu": {"instanceTypes": ["g6.2xlarge"], "limit": 8}}))).await;
+    fleet
+        .apply(&cud_manifest(
+            "sdxl",
+            json!({"gpu": {"instanceTypes": ["g6.2xlarge"], "limit": 8}}),
+        ))
+        .await;
     eventually("the NodePool to list g6.2xlarge only", WAIT, || async {
         let pool = fleet.nodepools.get(&fleet.pool_name()).await.ok()?;
-        (pool.data["spec"]["template"]["spec"]["requirements"][0]["values"] == json!(["g6.2xlarge"])).then_some(())
+        (pool.data["spec"]["template"]["spec"]["requirements"][0]["values"]
+            == json!(["g6.2xlarge"]))
+        .then_some(())
     })
     .await;
 
     // Scale through the scale subresource, as kubectl scale and an HPA do.
-    let out = tb.kubectl().args(["-n", &ns.name, "scale", "cud/sdxl", "--replicas", "3"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tb
+        .kubectl()
+        .args(["-n", &ns.name, "scale", "cud/sdxl", "--replicas", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     eventually("the Deployment to have 3 replicas", WAIT, || async {
         (deployments.get("sdxl").await.ok()?.spec?.replicas == Some(3)).then_some(())
@@ -188,7 +328,10 @@ async fn fleet_lifecycle_create_update_drift_delete() {
     fleet.wait_ready(3).await;
 
     // Disabling ingress and removing outputs prune those children (S3 untouched: Retain).
-    let mut manifest = cud_manifest("sdxl", json!({"gpu": {"instanceTypes": ["g6.2xlarge"], "limit": 8}, "ingress": {"enabled": false}}));
+    let mut manifest = cud_manifest(
+        "sdxl",
+        json!({"gpu": {"instanceTypes": ["g6.2xlarge"], "limit": 8}, "ingress": {"enabled": false}}),
+    );
     manifest["spec"].as_object_mut().unwrap().remove("storage");
     manifest["spec"]["replicas"] = json!(3);
     fleet.apply(&manifest).await;
@@ -198,7 +341,11 @@ async fn fleet_lifecycle_create_update_drift_delete() {
     .await;
 
     // Drift: a NodePool deleted by hand comes back.
-    fleet.nodepools.delete(&fleet.pool_name(), &DeleteParams::default()).await.unwrap();
+    fleet
+        .nodepools
+        .delete(&fleet.pool_name(), &DeleteParams::default())
+        .await
+        .unwrap();
     eventually("the deleted NodePool to be recreated", WAIT, || async {
         let pool = fleet.nodepools.get_opt(&fleet.pool_name()).await.ok()??;
         pool.metadata.deletion_timestamp.is_none().then_some(())
@@ -206,11 +353,19 @@ async fn fleet_lifecycle_create_update_drift_delete() {
     .await;
 
     // Delete: every child goes, cluster-scoped ones included.
-    fleet.cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
-    eventually("the resource and all its children to be gone", WAIT, || async {
-        let gone = fleet.cuds.get_opt("sdxl").await.ok()?.is_none();
-        (gone && fleet.children().await.is_empty()).then_some(())
-    })
+    fleet
+        .cuds
+        .delete("sdxl", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the resource and all its children to be gone",
+        WAIT,
+        || async {
+            let gone = fleet.cuds.get_opt("sdxl").await.ok()?.is_none();
+            (gone && fleet.children().await.is_empty()).then_some(())
+        },
+    )
     .await;
     assert!(controller.is_running());
 }
@@ -224,27 +379,57 @@ async fn missing_dependency_is_reported_and_controller_keeps_running() {
     let mut controller = ControllerProcess::start(tb, &ns.name, &[]);
     let fleet = Fleet::new(&client, &ns.name, "nginx-fleet");
     let class = format!("missing-{}", ns.name);
-    fleet.apply(&cud_manifest("nginx-fleet", json!({"ingress": {"className": class}}))).await;
+    fleet
+        .apply(&cud_manifest(
+            "nginx-fleet",
+            json!({"ingress": {"className": class}}),
+        ))
+        .await;
 
     let (status, reason, message) = eventually("Ready=False MissingDependency", WAIT, || async {
-        fleet.condition("Ready").await.filter(|(s, r, _)| s == "False" && r == "MissingDependency")
+        fleet
+            .condition("Ready")
+            .await
+            .filter(|(s, r, _)| s == "False" && r == "MissingDependency")
     })
     .await;
     assert_eq!(status, "False");
     assert_eq!(reason, "MissingDependency");
-    assert!(message.contains(&format!("IngressClass {class}")), "{message}");
-    assert!(message.contains("AWS Load Balancer Controller"), "{message}");
+    assert!(
+        message.contains(&format!("IngressClass {class}")),
+        "{message}"
+    );
+    assert!(
+        message.contains("AWS Load Balancer Controller"),
+        "{message}"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(controller.is_running(), "the controller must not exit on a missing dependency");
+    assert!(
+        controller.is_running(),
+        "the controller must not exit on a missing dependency"
+    );
 
     // Installing the dependency lets the fleet converge (retried with backoff).
     let classes: Api<IngressClass> = Api::all(client.clone());
-    let ic: IngressClass = serde_json::from_value(json!({"metadata": {"name": class}, "spec": {"controller": "ingress.k8s.aws/alb"}})).unwrap();
+    let ic: IngressClass = serde_json::from_value(
+        json!({"metadata": {"name": class}, "spec": {"controller": "ingress.k8s.aws/alb"}}),
+    )
+    .unwrap();
     classes.create(&Default::default(), &ic).await.unwrap();
     fleet.wait_ready(1).await;
-    fleet.cuds.delete("nginx-fleet", &DeleteParams::default()).await.unwrap();
-    eventually("cleanup", WAIT, || async { fleet.children().await.is_empty().then_some(()) }).await;
-    classes.delete(&class, &DeleteParams::default()).await.unwrap();
+    fleet
+        .cuds
+        .delete("nginx-fleet", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("cleanup", WAIT, || async {
+        fleet.children().await.is_empty().then_some(())
+    })
+    .await;
+    classes
+        .delete(&class, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -257,16 +442,38 @@ async fn restart_mid_reconcile_converges_without_duplicates_or_orphans() {
     let fleet = Fleet::new(&client, &ns.name, "restart");
     fleet.apply(&cud_manifest("restart", json!({}))).await;
     // Kill as soon as the first children exist: the reconcile is mid-way.
-    eventually("the first child to be created", WAIT, || async { (!fleet.children().await.is_empty()).then_some(()) }).await;
+    eventually("the first child to be created", WAIT, || async {
+        (!fleet.children().await.is_empty()).then_some(())
+    })
+    .await;
     controller.restart_after_kill(tb);
     fleet.wait_ready(1).await;
-    assert_eq!(fleet.children().await, all_children(&ns.name, "restart", true, true));
+    assert_eq!(
+        fleet.children().await,
+        all_children(&ns.name, "restart", true, true)
+    );
     let nodes: Api<Node> = Api::all(client.clone());
-    let pool_nodes = nodes.list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={}", fleet.pool_name()))).await.unwrap();
-    assert_eq!(pool_nodes.items.len(), 1, "one pod needs exactly one GPU node");
+    let pool_nodes = nodes
+        .list(
+            &ListParams::default().labels(&format!("karpenter.sh/nodepool={}", fleet.pool_name())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pool_nodes.items.len(),
+        1,
+        "one pod needs exactly one GPU node"
+    );
 
-    fleet.cuds.delete("restart", &DeleteParams::default()).await.unwrap();
-    eventually("cleanup", WAIT, || async { fleet.children().await.is_empty().then_some(()) }).await;
+    fleet
+        .cuds
+        .delete("restart", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("cleanup", WAIT, || async {
+        fleet.children().await.is_empty().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -277,31 +484,63 @@ async fn steady_state_sends_no_writes() {
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "cud-steady").await;
     let controller = ControllerProcess::start(tb, &ns.name, &[]);
-    let fleets: Vec<Fleet> = (0..FLEETS).map(|i| Fleet::new(&client, &ns.name, &format!("f{i}"))).collect();
+    let fleets: Vec<Fleet> = (0..FLEETS)
+        .map(|i| Fleet::new(&client, &ns.name, &format!("f{i}")))
+        .collect();
     for f in &fleets {
         // Zero replicas: 20 fleets of GPU nodes are not the point here; all children still exist.
-        f.apply(&cud_manifest(&f.name, json!({"replicas": 0}))).await;
+        f.apply(&cud_manifest(&f.name, json!({"replicas": 0})))
+            .await;
     }
     for f in &fleets {
         f.wait_ready(0).await;
     }
     // Let in-flight status writes and events settle, then measure.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let before = controller.metric_sum("sdfleet_kube_writes_total").await.expect("metrics");
-    let reconciles_before = controller.metric_sum("sdfleet_reconciles_total").await.unwrap();
+    let before = controller
+        .metric_sum("sdfleet_kube_writes_total")
+        .await
+        .expect("metrics");
+    let reconciles_before = controller
+        .metric_sum("sdfleet_reconciles_total")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let after = controller.metric_sum("sdfleet_kube_writes_total").await.unwrap();
-    let reconciles_after = controller.metric_sum("sdfleet_reconciles_total").await.unwrap();
-    assert!(before > 0.0, "the controller counted its writes while converging");
-    assert_eq!(after, before, "writes during 60 s of steady state ({} reconciles)", reconciles_after - reconciles_before);
+    let after = controller
+        .metric_sum("sdfleet_kube_writes_total")
+        .await
+        .unwrap();
+    let reconciles_after = controller
+        .metric_sum("sdfleet_reconciles_total")
+        .await
+        .unwrap();
+    assert!(
+        before > 0.0,
+        "the controller counted its writes while converging"
+    );
+    assert_eq!(
+        after,
+        before,
+        "writes during 60 s of steady state ({} reconciles)",
+        reconciles_after - reconciles_before
+    );
     // Every fleet still has all its children (nothing was skipped that should exist).
     for f in fleets.iter().take(3) {
-        assert_eq!(f.children().await, all_children(&ns.name, &f.name, true, true));
+        assert_eq!(
+            f.children().await,
+            all_children(&ns.name, &f.name, true, true)
+        );
     }
     for f in &fleets {
-        f.cuds.delete(&f.name, &DeleteParams::default()).await.unwrap();
+        f.cuds
+            .delete(&f.name, &DeleteParams::default())
+            .await
+            .unwrap();
     }
     for f in &fleets {
-        eventually("cleanup", WAIT, || async { f.children().await.is_empty().then_some(()) }).await;
+        eventually("cleanup", WAIT, || async {
+            f.children().await.is_empty().then_some(())
+        })
+        .await;
     }
 }

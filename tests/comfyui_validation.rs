@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Testbed, TestNamespace, install_crds};
+use common::{TestNamespace, Testbed, install_crds};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -41,42 +41,141 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
         &ns.name,
         &kube::core::ApiResource::erase::<sdfleet::crd::ComfyUIDeployment>(&()),
     );
-    let dry = PatchParams { dry_run: true, ..PatchParams::apply("sdfleet-test").force() };
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("sdfleet-test").force()
+    };
 
-    api.patch("sdxl", &dry, &Patch::Apply(&valid())).await.expect("the valid spec is accepted");
+    api.patch("sdxl", &dry, &Patch::Apply(&valid()))
+        .await
+        .expect("the valid spec is accepted");
 
     let mut no_node_class = valid();
-    no_node_class["spec"].as_object_mut().unwrap().remove("nodeClass");
+    no_node_class["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("nodeClass");
     let mut long_name = valid();
     long_name["metadata"]["name"] = json!("a".repeat(60));
 
     // (what, object, text the error must contain)
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("empty instanceTypes", with(&["spec", "gpu", "instanceTypes"], json!([])), "spec.gpu.instanceTypes"),
-        ("malformed instance type", with(&["spec", "gpu", "instanceTypes"], json!(["g5 2xlarge"])), "spec.gpu.instanceTypes"),
-        ("unknown capacity type", with(&["spec", "gpu", "capacityTypes"], json!(["cheap"])), "spec.gpu.capacityTypes"),
-        ("gpu.count < 1", with(&["spec", "gpu", "count"], json!(0)), "spec.gpu.count"),
-        ("gpu.limit < gpu.count", with(&["spec", "gpu"], json!({"count": 4, "limit": 2})), "gpu.limit must be at least gpu.count"),
+        (
+            "empty instanceTypes",
+            with(&["spec", "gpu", "instanceTypes"], json!([])),
+            "spec.gpu.instanceTypes",
+        ),
+        (
+            "malformed instance type",
+            with(&["spec", "gpu", "instanceTypes"], json!(["g5 2xlarge"])),
+            "spec.gpu.instanceTypes",
+        ),
+        (
+            "unknown capacity type",
+            with(&["spec", "gpu", "capacityTypes"], json!(["cheap"])),
+            "spec.gpu.capacityTypes",
+        ),
+        (
+            "gpu.count < 1",
+            with(&["spec", "gpu", "count"], json!(0)),
+            "spec.gpu.count",
+        ),
+        (
+            "gpu.limit < gpu.count",
+            with(&["spec", "gpu"], json!({"count": 4, "limit": 2})),
+            "gpu.limit must be at least gpu.count",
+        ),
         (
             "role and instanceProfile",
-            with(&["spec", "nodeClass"], json!({"role": "r", "instanceProfile": "p"})),
+            with(
+                &["spec", "nodeClass"],
+                json!({"role": "r", "instanceProfile": "p"}),
+            ),
             "exactly one of nodeClass.role and nodeClass.instanceProfile",
         ),
-        ("neither role nor instanceProfile", with(&["spec", "nodeClass"], json!({})), "exactly one of nodeClass.role and nodeClass.instanceProfile"),
+        (
+            "neither role nor instanceProfile",
+            with(&["spec", "nodeClass"], json!({})),
+            "exactly one of nodeClass.role and nodeClass.instanceProfile",
+        ),
         ("no nodeClass", no_node_class, "spec.nodeClass"),
-        ("invalid bucket", with(&["spec", "storage", "outputs", "bucket"], json!("My_Bucket")), "spec.storage.outputs.bucket"),
-        ("prefix with ..", with(&["spec", "storage", "outputs", "prefix"], json!("a/../b/")), "spec.storage.outputs.prefix"),
-        ("prefix starting with /", with(&["spec", "storage", "outputs", "prefix"], json!("/abs/")), "spec.storage.outputs.prefix"),
-        ("port out of range", with(&["spec", "port"], json!(70000)), "spec.port"),
-        ("negative replicas", with(&["spec", "replicas"], json!(-1)), "spec.replicas"),
-        ("malformed quantity", with(&["spec", "nodeClass", "rootVolumeSize"], json!("lots")), "spec.nodeClass.rootVolumeSize"),
-        ("malformed resource quantity", with(&["spec", "resources"], json!({"requests": {"cpu": "four"}})), "spec.resources.requests"),
-        ("GPU in resources", with(&["spec", "resources"], json!({"limits": {"nvidia.com/gpu": "1"}})), "gpu.count"),
-        ("malformed duration", with(&["spec", "disruption", "consolidateAfter"], json!("10 minutes")), "spec.disruption.consolidateAfter"),
-        ("unknown ingress scheme", with(&["spec", "ingress", "scheme"], json!("public")), "spec.ingress.scheme"),
-        ("idle timeout too long", with(&["spec", "ingress", "idleTimeoutSeconds"], json!(5000)), "spec.ingress.idleTimeoutSeconds"),
-        ("not an ACM ARN", with(&["spec", "ingress", "certificateArn"], json!("arn:aws:iam::123:role/x")), "spec.ingress.certificateArn"),
-        ("empty image", with(&["spec", "image"], json!("")), "spec.image"),
+        (
+            "invalid bucket",
+            with(
+                &["spec", "storage", "outputs", "bucket"],
+                json!("My_Bucket"),
+            ),
+            "spec.storage.outputs.bucket",
+        ),
+        (
+            "prefix with ..",
+            with(&["spec", "storage", "outputs", "prefix"], json!("a/../b/")),
+            "spec.storage.outputs.prefix",
+        ),
+        (
+            "prefix starting with /",
+            with(&["spec", "storage", "outputs", "prefix"], json!("/abs/")),
+            "spec.storage.outputs.prefix",
+        ),
+        (
+            "port out of range",
+            with(&["spec", "port"], json!(70000)),
+            "spec.port",
+        ),
+        (
+            "negative replicas",
+            with(&["spec", "replicas"], json!(-1)),
+            "spec.replicas",
+        ),
+        (
+            "malformed quantity",
+            with(&["spec", "nodeClass", "rootVolumeSize"], json!("lots")),
+            "spec.nodeClass.rootVolumeSize",
+        ),
+        (
+            "malformed resource quantity",
+            with(&["spec", "resources"], json!({"requests": {"cpu": "four"}})),
+            "spec.resources.requests",
+        ),
+        (
+            "GPU in resources",
+            with(
+                &["spec", "resources"],
+                json!({"limits": {"nvidia.com/gpu": "1"}}),
+            ),
+            "gpu.count",
+        ),
+        (
+            "malformed duration",
+            with(
+                &["spec", "disruption", "consolidateAfter"],
+                json!("10 minutes"),
+            ),
+            "spec.disruption.consolidateAfter",
+        ),
+        (
+            "unknown ingress scheme",
+            with(&["spec", "ingress", "scheme"], json!("public")),
+            "spec.ingress.scheme",
+        ),
+        (
+            "idle timeout too long",
+            with(&["spec", "ingress", "idleTimeoutSeconds"], json!(5000)),
+            "spec.ingress.idleTimeoutSeconds",
+        ),
+        (
+            "not an ACM ARN",
+            with(
+                &["spec", "ingress", "certificateArn"],
+                json!("arn:aws:iam::123:role/x"),
+            ),
+            "spec.ingress.certificateArn",
+        ),
+        (
+            "empty image",
+            with(&["spec", "image"], json!("")),
+            "spec.image",
+        ),
         ("name too long for children", long_name, "metadata.name"),
     ];
     assert!(cases.len() >= 10);
@@ -85,7 +184,9 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
         let name = object["metadata"]["name"].as_str().unwrap();
         match api.patch(name, &dry, &Patch::Apply(object)).await {
             Ok(_) => failures.push(format!("{what}: accepted")),
-            Err(e) if !e.to_string().contains(expect) => failures.push(format!("{what}: message lacks {expect:?}: {e}")),
+            Err(e) if !e.to_string().contains(expect) => {
+                failures.push(format!("{what}: message lacks {expect:?}: {e}"))
+            }
             Err(_) => {}
         }
     }

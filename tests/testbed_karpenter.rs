@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Testbed, TestNamespace, eventually, unique_suffix};
+use common::{TestNamespace, Testbed, eventually, unique_suffix};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -33,7 +33,10 @@ async fn karpenter_provisions_gpu_node_runs_pod_and_consolidates() {
         "apiVersion": "karpenter.kwok.sh/v1alpha1", "kind": "KWOKNodeClass",
         "metadata": {"name": name}, "spec": {}
     });
-    nodeclasses.patch(&name, &ssa, &Patch::Apply(&nodeclass)).await.unwrap();
+    nodeclasses
+        .patch(&name, &ssa, &Patch::Apply(&nodeclass))
+        .await
+        .unwrap();
 
     let nodepool_ar = resource("karpenter.sh", "v1", "NodePool");
     let nodepools: Api<DynamicObject> = Api::all_with(client.clone(), &nodepool_ar);
@@ -54,7 +57,10 @@ async fn karpenter_provisions_gpu_node_runs_pod_and_consolidates() {
             "limits": {"nvidia.com/gpu": "4"},
         }
     });
-    nodepools.patch(&name, &ssa, &Patch::Apply(&nodepool)).await.unwrap();
+    nodepools
+        .patch(&name, &ssa, &Patch::Apply(&nodepool))
+        .await
+        .unwrap();
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let deployment = json!({
@@ -76,41 +82,80 @@ async fn karpenter_provisions_gpu_node_runs_pod_and_consolidates() {
             }
         }
     });
-    deployments.patch("gpu-app", &ssa, &Patch::Apply(&deployment)).await.unwrap();
+    deployments
+        .patch("gpu-app", &ssa, &Patch::Apply(&deployment))
+        .await
+        .unwrap();
 
     let nodes: Api<Node> = Api::all(client.clone());
     let by_pool = ListParams::default().labels(&format!("karpenter.sh/nodepool={name}"));
-    let node = eventually("Karpenter to create a GPU node", Duration::from_secs(120), || async {
-        nodes.list(&by_pool).await.ok()?.items.into_iter().next()
-    })
+    let node = eventually(
+        "Karpenter to create a GPU node",
+        Duration::from_secs(120),
+        || async { nodes.list(&by_pool).await.ok()?.items.into_iter().next() },
+    )
     .await;
     let node_name = node.metadata.name.clone().unwrap();
-    let instance_type = node.metadata.labels.as_ref().unwrap()["node.kubernetes.io/instance-type"].clone();
-    assert!(GPU_TYPES.contains(&instance_type.as_str()), "unexpected instance type {instance_type}");
-    let gpus = node.status.as_ref().and_then(|s| s.allocatable.as_ref()).and_then(|a| a.get("nvidia.com/gpu"));
-    assert!(gpus.is_some(), "node {node_name} has no nvidia.com/gpu allocatable");
+    let instance_type =
+        node.metadata.labels.as_ref().unwrap()["node.kubernetes.io/instance-type"].clone();
+    assert!(
+        GPU_TYPES.contains(&instance_type.as_str()),
+        "unexpected instance type {instance_type}"
+    );
+    let gpus = node
+        .status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get("nvidia.com/gpu"));
+    assert!(
+        gpus.is_some(),
+        "node {node_name} has no nvidia.com/gpu allocatable"
+    );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let pod = eventually("the GPU pod to run on the new node", Duration::from_secs(120), || async {
-        let list = pods.list(&ListParams::default().labels("app=gpu-app")).await.ok()?;
-        list.items.into_iter().find(|p| {
-            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
-    })
+    let pod = eventually(
+        "the GPU pod to run on the new node",
+        Duration::from_secs(120),
+        || async {
+            let list = pods
+                .list(&ListParams::default().labels("app=gpu-app"))
+                .await
+                .ok()?;
+            list.items
+                .into_iter()
+                .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        },
+    )
     .await;
-    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some(node_name.as_str()));
+    assert_eq!(
+        pod.spec.unwrap().node_name.as_deref(),
+        Some(node_name.as_str())
+    );
 
-    deployments.delete("gpu-app", &DeleteParams::foreground()).await.unwrap();
-    eventually("the empty node to be consolidated away", Duration::from_secs(180), || async {
-        match nodes.get_opt(&node_name).await {
-            Ok(None) => Some(()),
-            _ => None,
-        }
-    })
+    deployments
+        .delete("gpu-app", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    eventually(
+        "the empty node to be consolidated away",
+        Duration::from_secs(180),
+        || async {
+            match nodes.get_opt(&node_name).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
 
-    nodepools.delete(&name, &DeleteParams::default()).await.unwrap();
-    nodeclasses.delete(&name, &DeleteParams::default()).await.unwrap();
+    nodepools
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+    nodeclasses
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// The EC2NodeClass CRD on the testbed is Karpenter's real one: its schema and CEL rules
@@ -121,11 +166,12 @@ async fn ec2nodeclass_crd_is_the_real_one() {
     let client = tb.client().await;
     let ar = resource("karpenter.k8s.aws", "v1", "EC2NodeClass");
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
-    let dry = PatchParams { dry_run: true, ..PatchParams::apply("sdfleet-test").force() };
-    let name = format!("tb-ec2-{}", unique_suffix());
-    let object = |spec: serde_json::Value| {
-        json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass", "metadata": {"name": name}, "spec": spec})
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("sdfleet-test").force()
     };
+    let name = format!("tb-ec2-{}", unique_suffix());
+    let object = |spec: serde_json::Value| json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass", "metadata": {"name": name}, "spec": spec});
     let selector = json!([{"tags": {"karpenter.sh/discovery": "testbed"}}]);
 
     let valid = object(json!({
@@ -133,20 +179,28 @@ async fn ec2nodeclass_crd_is_the_real_one() {
         "role": "KarpenterNodeRole-testbed",
         "subnetSelectorTerms": selector, "securityGroupSelectorTerms": selector,
     }));
-    api.patch(&name, &dry, &Patch::Apply(&valid)).await.expect("valid EC2NodeClass accepted");
+    api.patch(&name, &dry, &Patch::Apply(&valid))
+        .await
+        .expect("valid EC2NodeClass accepted");
 
     let both = object(json!({
         "amiSelectorTerms": [{"alias": "al2023@latest"}],
         "role": "KarpenterNodeRole-testbed", "instanceProfile": "KarpenterNodeInstanceProfile",
         "subnetSelectorTerms": selector, "securityGroupSelectorTerms": selector,
     }));
-    let err = api.patch(&name, &dry, &Patch::Apply(&both)).await.expect_err("role + instanceProfile rejected");
+    let err = api
+        .patch(&name, &dry, &Patch::Apply(&both))
+        .await
+        .expect_err("role + instanceProfile rejected");
     assert!(err.to_string().contains("instanceProfile"), "{err}");
 
     let no_ami = object(json!({
         "role": "KarpenterNodeRole-testbed",
         "subnetSelectorTerms": selector, "securityGroupSelectorTerms": selector,
     }));
-    let err = api.patch(&name, &dry, &Patch::Apply(&no_ami)).await.expect_err("missing amiSelectorTerms rejected");
+    let err = api
+        .patch(&name, &dry, &Patch::Apply(&no_ami))
+        .await
+        .expect_err("missing amiSelectorTerms rejected");
     assert!(err.to_string().contains("amiSelectorTerms"), "{err}");
 }

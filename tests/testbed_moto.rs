@@ -14,7 +14,11 @@ use common::{Testbed, eventually, unique_suffix};
 #[tokio::test]
 async fn s3_put_and_list() {
     let aws = Testbed::get().aws().await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    );
     let bucket = format!("tb-models-{}", unique_suffix());
     s3.create_bucket()
         .bucket(&bucket)
@@ -26,13 +30,34 @@ async fn s3_put_and_list() {
         .send()
         .await
         .unwrap();
-    for key in ["checkpoints/sdxl.safetensors", "loras/detail.safetensors", "vae/sdxl_vae.safetensors"] {
-        s3.put_object().bucket(&bucket).key(key).body(ByteStream::from(key.as_bytes().to_vec())).send().await.unwrap();
+    for key in [
+        "checkpoints/sdxl.safetensors",
+        "loras/detail.safetensors",
+        "vae/sdxl_vae.safetensors",
+    ] {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(ByteStream::from(key.as_bytes().to_vec()))
+            .send()
+            .await
+            .unwrap();
     }
     let listed = s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
-    let mut keys: Vec<_> = listed.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect();
+    let mut keys: Vec<_> = listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect();
     keys.sort();
-    assert_eq!(keys, ["checkpoints/sdxl.safetensors", "loras/detail.safetensors", "vae/sdxl_vae.safetensors"]);
+    assert_eq!(
+        keys,
+        [
+            "checkpoints/sdxl.safetensors",
+            "loras/detail.safetensors",
+            "vae/sdxl_vae.safetensors"
+        ]
+    );
     let sizes: Vec<i64> = listed.contents().iter().filter_map(|o| o.size()).collect();
     assert_eq!(sizes.iter().sum::<i64>(), (28 + 24 + 24) as i64);
 }
@@ -40,7 +65,11 @@ async fn s3_put_and_list() {
 #[tokio::test]
 async fn s3_event_notification_arrives_on_sqs() {
     let aws = Testbed::get().aws().await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&aws).force_path_style(true).build());
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    );
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let bucket = format!("tb-events-{}", unique_suffix());
     s3.create_bucket()
@@ -53,7 +82,14 @@ async fn s3_event_notification_arrives_on_sqs() {
         .send()
         .await
         .unwrap();
-    let queue_url = sqs.create_queue().queue_name(&bucket).send().await.unwrap().queue_url.unwrap();
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(&bucket)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
     let attrs = sqs
         .get_queue_attributes()
         .queue_url(&queue_url)
@@ -61,7 +97,8 @@ async fn s3_event_notification_arrives_on_sqs() {
         .send()
         .await
         .unwrap();
-    let queue_arn = attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn].clone();
+    let queue_arn =
+        attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn].clone();
     s3.put_bucket_notification_configuration()
         .bucket(&bucket)
         .notification_configuration(
@@ -80,26 +117,45 @@ async fn s3_event_notification_arrives_on_sqs() {
         .await
         .unwrap();
     let key = "loras/my lora+v2.safetensors";
-    s3.put_object().bucket(&bucket).key(key).body(ByteStream::from_static(b"weights")).send().await.unwrap();
+    s3.put_object()
+        .bucket(&bucket)
+        .key(key)
+        .body(ByteStream::from_static(b"weights"))
+        .send()
+        .await
+        .unwrap();
 
-    let (event_name, raw_key) = eventually("an ObjectCreated event on SQS", Duration::from_secs(30), || async {
-        let out = sqs.receive_message().queue_url(&queue_url).max_number_of_messages(10).send().await.ok()?;
-        for message in out.messages() {
-            let body: serde_json::Value = serde_json::from_str(message.body()?).ok()?;
-            // The first message after configuring a notification is s3:TestEvent.
-            for record in body["Records"].as_array().into_iter().flatten() {
-                let name = record["eventName"].as_str()?.to_string();
-                let raw = record["s3"]["object"]["key"].as_str()?.to_string();
-                return Some((name, raw));
+    let (event_name, raw_key) = eventually(
+        "an ObjectCreated event on SQS",
+        Duration::from_secs(30),
+        || async {
+            let out = sqs
+                .receive_message()
+                .queue_url(&queue_url)
+                .max_number_of_messages(10)
+                .send()
+                .await
+                .ok()?;
+            for message in out.messages() {
+                let body: serde_json::Value = serde_json::from_str(message.body()?).ok()?;
+                // The first message after configuring a notification is s3:TestEvent.
+                for record in body["Records"].as_array().into_iter().flatten() {
+                    let name = record["eventName"].as_str()?.to_string();
+                    let raw = record["s3"]["object"]["key"].as_str()?.to_string();
+                    return Some((name, raw));
+                }
             }
-        }
-        None
-    })
+            None
+        },
+    )
     .await;
     assert!(event_name.starts_with("ObjectCreated"), "{event_name}");
     // Keys in S3 events are URL-encoded, with '+' for spaces.
     assert_ne!(raw_key, key);
-    let decoded = percent_encoding::percent_decode_str(&raw_key.replace('+', " ")).decode_utf8().unwrap();
+    let spaced = raw_key.replace('+', " ");
+    let decoded = percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .unwrap();
     assert_eq!(decoded, key);
 }
 
@@ -109,11 +165,19 @@ async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
     let ec2 = aws_sdk_ec2::Client::new(&aws);
     let ssm = aws_sdk_ssm::Client::new(&aws);
     let pool = format!("tb-pool-{}", unique_suffix());
-    let image = ec2.describe_images().send().await.unwrap().images()[0].image_id().unwrap().to_string();
+    let image = ec2.describe_images().send().await.unwrap().images()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
     let tagged = |value: &str| {
         TagSpecification::builder()
             .resource_type(ResourceType::Instance)
-            .tags(Tag::builder().key("karpenter.sh/nodepool").value(value).build())
+            .tags(
+                Tag::builder()
+                    .key("karpenter.sh/nodepool")
+                    .value(value)
+                    .build(),
+            )
             .build()
     };
     let ours = ec2
@@ -126,7 +190,11 @@ async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
         .send()
         .await
         .unwrap();
-    let mut our_ids: Vec<String> = ours.instances().iter().filter_map(|i| i.instance_id().map(str::to_string)).collect();
+    let mut our_ids: Vec<String> = ours
+        .instances()
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
     our_ids.sort();
     ec2.run_instances()
         .image_id(&image)
@@ -139,8 +207,18 @@ async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
 
     let found = ec2
         .describe_instances()
-        .filters(Filter::builder().name("tag:karpenter.sh/nodepool").values(&pool).build())
-        .filters(Filter::builder().name("instance-state-name").values("running").build())
+        .filters(
+            Filter::builder()
+                .name("tag:karpenter.sh/nodepool")
+                .values(&pool)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -157,14 +235,26 @@ async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
         .send_command()
         .document_name("AWS-RunShellScript")
         .set_instance_ids(Some(our_ids.clone()))
-        .parameters("commands", vec!["sdfleet sync --bucket b --dest /mnt/models".to_string()])
+        .parameters(
+            "commands",
+            vec!["sdfleet sync --bucket b --dest /mnt/models".to_string()],
+        )
         .send()
         .await
         .unwrap();
     let command_id = command.command().unwrap().command_id().unwrap().to_string();
     for id in &our_ids {
-        let invocation = ssm.get_command_invocation().command_id(&command_id).instance_id(id).send().await.unwrap();
+        let invocation = ssm
+            .get_command_invocation()
+            .command_id(&command_id)
+            .instance_id(id)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(invocation.instance_id(), Some(id.as_str()));
-        assert_eq!(invocation.status(), Some(&aws_sdk_ssm::types::CommandInvocationStatus::Success));
+        assert_eq!(
+            invocation.status(),
+            Some(&aws_sdk_ssm::types::CommandInvocationStatus::Success)
+        );
     }
 }

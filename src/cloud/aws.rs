@@ -13,15 +13,33 @@ pub struct Aws;
 
 impl NodeClassProvider for Aws {
     fn api_resource(&self) -> ApiResource {
-        ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.k8s.aws", "v1", "EC2NodeClass"))
+        ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "karpenter.k8s.aws",
+            "v1",
+            "EC2NodeClass",
+        ))
     }
 
-    fn spec(&self, fleet: &FleetNames, node_class: &NodeClassSpec, cluster: &ClusterSettings) -> Value {
-        let discovery = || BTreeMap::from([("karpenter.sh/discovery".to_string(), cluster.cluster_name.clone())]);
+    fn spec(
+        &self,
+        fleet: &FleetNames,
+        node_class: &NodeClassSpec,
+        cluster: &ClusterSettings,
+    ) -> Value {
+        let discovery = || {
+            BTreeMap::from([(
+                "karpenter.sh/discovery".to_string(),
+                cluster.cluster_name.clone(),
+            )])
+        };
         let subnet_tags = non_empty_or(&node_class.subnet_selector_tags, discovery);
         let security_group_tags = non_empty_or(&node_class.security_group_selector_tags, discovery);
         // Bottlerocket boots from a small OS volume; its data volume is the second device.
-        let root_device = if node_class.ami_alias.starts_with("bottlerocket@") { "/dev/xvdb" } else { "/dev/xvda" };
+        let root_device = if node_class.ami_alias.starts_with("bottlerocket@") {
+            "/dev/xvdb"
+        } else {
+            "/dev/xvda"
+        };
         let mut spec = json!({
             "amiSelectorTerms": [{"alias": node_class.ami_alias}],
             "subnetSelectorTerms": [{"tags": subnet_tags}],
@@ -65,5 +83,9 @@ fn non_empty_or(
     tags: &BTreeMap<String, String>,
     default: impl Fn() -> BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    if tags.is_empty() { default() } else { tags.clone() }
+    if tags.is_empty() {
+        default()
+    } else {
+        tags.clone()
+    }
 }

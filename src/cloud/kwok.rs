@@ -12,10 +12,19 @@ pub struct Kwok;
 
 impl NodeClassProvider for Kwok {
     fn api_resource(&self) -> ApiResource {
-        ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.kwok.sh", "v1alpha1", "KWOKNodeClass"))
+        ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "karpenter.kwok.sh",
+            "v1alpha1",
+            "KWOKNodeClass",
+        ))
     }
 
-    fn spec(&self, _fleet: &FleetNames, _node_class: &NodeClassSpec, _cluster: &ClusterSettings) -> Value {
+    fn spec(
+        &self,
+        _fleet: &FleetNames,
+        _node_class: &NodeClassSpec,
+        _cluster: &ClusterSettings,
+    ) -> Value {
         json!({})
     }
 }

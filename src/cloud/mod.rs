@@ -33,7 +33,12 @@ pub trait NodeClassProvider: Send + Sync {
     /// The node class kind (group, version, kind, plural).
     fn api_resource(&self) -> ApiResource;
     /// The node class object's `spec`.
-    fn spec(&self, fleet: &FleetNames, node_class: &NodeClassSpec, cluster: &ClusterSettings) -> Value;
+    fn spec(
+        &self,
+        fleet: &FleetNames,
+        node_class: &NodeClassSpec,
+        cluster: &ClusterSettings,
+    ) -> Value;
 }
 
 impl Cloud {

@@ -2,7 +2,9 @@
 //! already as desired (so a steady fleet costs no writes), and pruning children that
 //! carry the fleet's labels but are no longer wanted.
 
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
 use kube::core::ApiResource;
 use kube::{Client, ResourceExt};
 use serde_json::Value;
@@ -15,11 +17,23 @@ pub const FIELD_MANAGER: &str = "sdfleet";
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("applying {kind} {name}: {source}")]
-    Apply { kind: String, name: String, source: kube::Error },
+    Apply {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("reading {kind} {name}: {source}")]
-    Read { kind: String, name: String, source: kube::Error },
+    Read {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
     #[error("pruning {kind} {name}: {source}")]
-    Prune { kind: String, name: String, source: kube::Error },
+    Prune {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
 }
 
 /// What `apply` did to one child.
@@ -42,13 +56,20 @@ fn namespace_of(child: &Child) -> Option<&str> {
 }
 
 /// Applies `child` unless the live object already holds every field we set.
-pub async fn apply(client: &Client, child: &Child, metrics: &Metrics) -> Result<Applied, ApplyError> {
+pub async fn apply(
+    client: &Client,
+    child: &Child,
+    metrics: &Metrics,
+) -> Result<Applied, ApplyError> {
     let api = api_for(client, &child.api, namespace_of(child));
-    let live = api.get_opt(&child.name).await.map_err(|source| ApplyError::Read {
-        kind: child.api.kind.clone(),
-        name: child.name.clone(),
-        source,
-    })?;
+    let live = api
+        .get_opt(&child.name)
+        .await
+        .map_err(|source| ApplyError::Read {
+            kind: child.api.kind.clone(),
+            name: child.name.clone(),
+            source,
+        })?;
     if let Some(live) = &live {
         let live = serde_json::to_value(live).unwrap_or(Value::Null);
         if contains(&live, &child.manifest) {
@@ -56,10 +77,22 @@ pub async fn apply(client: &Client, child: &Child, metrics: &Metrics) -> Result<
         }
     }
     metrics.record_write("apply", &child.api.kind);
-    api.patch(&child.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child.manifest))
-        .await
-        .map_err(|source| ApplyError::Apply { kind: child.api.kind.clone(), name: child.name.clone(), source })?;
-    Ok(if live.is_some() { Applied::Updated } else { Applied::Created })
+    api.patch(
+        &child.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&child.manifest),
+    )
+    .await
+    .map_err(|source| ApplyError::Apply {
+        kind: child.api.kind.clone(),
+        name: child.name.clone(),
+        source,
+    })?;
+    Ok(if live.is_some() {
+        Applied::Updated
+    } else {
+        Applied::Created
+    })
 }
 
 /// Deletes every object of `kind` labelled with `selector` whose name is not in `keep`.
@@ -74,11 +107,14 @@ pub async fn prune(
     metrics: &Metrics,
 ) -> Result<Vec<String>, ApplyError> {
     let scoped = api_for(client, api, kind.namespaced().then_some(namespace));
-    let list = scoped.list(&ListParams::default().labels(selector)).await.map_err(|source| ApplyError::Read {
-        kind: api.kind.clone(),
-        name: selector.to_string(),
-        source,
-    })?;
+    let list = scoped
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| ApplyError::Read {
+            kind: api.kind.clone(),
+            name: selector.to_string(),
+            source,
+        })?;
     let mut pruned = Vec::new();
     for object in list.items {
         let name = object.name_any();
@@ -87,9 +123,19 @@ pub async fn prune(
         }
         metrics.record_write("delete", &api.kind);
         scoped
-            .delete(&name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() })
+            .delete(
+                &name,
+                &DeleteParams {
+                    propagation_policy: Some(PropagationPolicy::Background),
+                    ..Default::default()
+                },
+            )
             .await
-            .map_err(|source| ApplyError::Prune { kind: api.kind.clone(), name: name.clone(), source })?;
+            .map_err(|source| ApplyError::Prune {
+                kind: api.kind.clone(),
+                name: name.clone(),
+                source,
+            })?;
         pruned.push(name);
     }
     Ok(pruned)
@@ -104,7 +150,9 @@ pub fn contains(live: &Value, desired: &Value) -> bool {
             Some(lv) => contains(lv, dv),
             None => is_empty(dv),
         }),
-        (Value::Array(l), Value::Array(d)) => l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv)),
+        (Value::Array(l), Value::Array(d)) => {
+            l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv))
+        }
         (Value::Number(l), Value::Number(d)) => l.as_f64() == d.as_f64(),
         (l, d) => l == d,
     }
@@ -135,9 +183,18 @@ mod tests {
     #[test]
     fn any_difference_is_seen() {
         let desired = json!({"spec": {"replicas": 2, "list": ["a", "b"]}});
-        assert!(!contains(&json!({"spec": {"replicas": 3, "list": ["a", "b"]}}), &desired));
-        assert!(!contains(&json!({"spec": {"replicas": 2, "list": ["a"]}}), &desired));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 3, "list": ["a", "b"]}}),
+            &desired
+        ));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 2, "list": ["a"]}}),
+            &desired
+        ));
         assert!(!contains(&json!({"spec": {"list": ["a", "b"]}}), &desired));
-        assert!(contains(&json!({"spec": {"replicas": 2, "list": ["a", "b"]}}), &json!({"spec": {"volumes": []}})));
+        assert!(contains(
+            &json!({"spec": {"replicas": 2, "list": ["a", "b"]}}),
+            &json!({"spec": {"volumes": []}})
+        ));
     }
 }

@@ -8,16 +8,20 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::ResourceExt;
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizer};
-use kube::ResourceExt;
 use serde_json::json;
 
 use super::apply::{self, Applied, ApplyError};
 use super::conditions::{self, DEGRADED, NODEPOOL_READY, Observed, PROGRESSING, READY, Reason};
-use super::{Context, child_apis, cud_api_resource, object_key, object_reference, preflight, steady_requeue};
+use super::{
+    Context, child_apis, cud_api_resource, object_key, object_reference, preflight, steady_requeue,
+};
 use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::render::names::FleetNames;
@@ -67,14 +71,26 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     });
-    ctx.metrics.reconcile_duration.observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconcile_duration
+        .observe(start.elapsed().as_secs_f64());
     let label = if result.is_ok() { "success" } else { "error" };
-    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
+    ctx.metrics
+        .reconciles
+        .get_or_create(&ResultLabels {
+            result: label.into(),
+        })
+        .inc();
     result
 }
 
 pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.errors.get_or_create(&ReasonLabels { reason: error.reason().into() }).inc();
+    ctx.metrics
+        .errors
+        .get_or_create(&ReasonLabels {
+            reason: error.reason().into(),
+        })
+        .inc();
     let delay = ctx.backoff(&object_key(&obj));
     tracing::warn!(object = %object_key(&obj), %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
@@ -94,12 +110,23 @@ async fn apply_fleet(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error
     };
     let cloud = ctx.settings.cloud;
     let node_class_api = cloud.provider().api_resource();
-    let missing = preflight::missing(&ctx.client, &cud, &node_class_api, &render::nodepool::api_resource()).await?;
+    let missing = preflight::missing(
+        &ctx.client,
+        &cud,
+        &node_class_api,
+        &render::nodepool::api_resource(),
+    )
+    .await?;
     if !missing.is_empty() {
         let message = missing.join("; ");
         let observed = vec![
             Observed::new(READY, false, Reason::MissingDependency, &message),
-            Observed::new(PROGRESSING, false, Reason::MissingDependency, "waiting for dependencies"),
+            Observed::new(
+                PROGRESSING,
+                false,
+                Reason::MissingDependency,
+                "waiting for dependencies",
+            ),
             Observed::new(DEGRADED, true, Reason::MissingDependency, &message),
         ];
         write_status(ctx, obj, Some(&cud), &observed, None).await?;
@@ -107,7 +134,10 @@ async fn apply_fleet(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error
         return Err(Error::MissingDependency(message));
     }
 
-    let rctx = RenderContext { cluster: &ctx.settings.cluster, node_class: cloud.provider() };
+    let rctx = RenderContext {
+        cluster: &ctx.settings.cluster,
+        node_class: cloud.provider(),
+    };
     let children = match render::build(&cud, &rctx) {
         Ok(c) => c,
         Err(e) => {
@@ -118,7 +148,8 @@ async fn apply_fleet(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error
         }
     };
 
-    let spec_unchanged = cud.status.as_ref().and_then(|s| s.observed_generation) == cud.metadata.generation;
+    let spec_unchanged =
+        cud.status.as_ref().and_then(|s| s.observed_generation) == cud.metadata.generation;
     for child in &children {
         let applied = match apply::apply(&ctx.client, child, &ctx.metrics).await {
             Ok(a) => a,
@@ -138,27 +169,67 @@ async fn apply_fleet(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error
             if spec_unchanged && cud.status.is_some() {
                 ctx.metrics.drift_repairs.inc();
             }
-            let verb = if applied == Applied::Created { "Created" } else { "Updated" };
-            publish(ctx, obj, EventType::Normal, verb, &format!("{verb} {} {}", child.api.kind, child.name)).await;
+            let verb = if applied == Applied::Created {
+                "Created"
+            } else {
+                "Updated"
+            };
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                verb,
+                &format!("{verb} {} {}", child.api.kind, child.name),
+            )
+            .await;
         }
     }
 
     let fleet = FleetNames::new(&cud.namespace().unwrap_or_default(), &cud.name_any());
     let selector = fleet.owner_selector();
     for (kind, api) in child_apis(cloud) {
-        let keep: Vec<&str> = children.iter().filter(|c| c.kind == kind).map(|c| c.name.as_str()).collect();
-        let pruned = apply::prune(&ctx.client, &api, kind, &fleet.namespace, &selector, &keep, &ctx.metrics).await?;
+        let keep: Vec<&str> = children
+            .iter()
+            .filter(|c| c.kind == kind)
+            .map(|c| c.name.as_str())
+            .collect();
+        let pruned = apply::prune(
+            &ctx.client,
+            &api,
+            kind,
+            &fleet.namespace,
+            &selector,
+            &keep,
+            &ctx.metrics,
+        )
+        .await?;
         for name in pruned {
-            publish(ctx, obj, EventType::Normal, "Pruned", &format!("Deleted {} {name}: no longer wanted", api.kind)).await;
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                "Pruned",
+                &format!("Deleted {} {name}: no longer wanted", api.kind),
+            )
+            .await;
         }
     }
 
     let observed = observe(ctx, &cud, &fleet).await?;
     write_status(ctx, obj, Some(&cud), &observed.conditions, Some(&observed)).await?;
     ctx.reset_backoff(&key);
-    let labels = FleetLabels { namespace: fleet.namespace.clone(), name: fleet.name.clone() };
-    ctx.metrics.desired_replicas.get_or_create(&labels).set(cud.spec.replicas.into());
-    ctx.metrics.ready_replicas.get_or_create(&labels).set(observed.ready_replicas.into());
+    let labels = FleetLabels {
+        namespace: fleet.namespace.clone(),
+        name: fleet.name.clone(),
+    };
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&labels)
+        .set(cud.spec.replicas.into());
+    ctx.metrics
+        .ready_replicas
+        .get_or_create(&labels)
+        .set(observed.ready_replicas.into());
     Ok(steady_requeue())
 }
 
@@ -178,41 +249,63 @@ struct Observation {
     conditions: Vec<Observed>,
 }
 
-async fn observe(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames) -> Result<Observation, Error> {
+async fn observe(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    fleet: &FleetNames,
+) -> Result<Observation, Error> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
-    let status = deployments.get_opt(&fleet.deployment()).await?.and_then(|d| d.status).unwrap_or_default();
+    let status = deployments
+        .get_opt(&fleet.deployment())
+        .await?
+        .and_then(|d| d.status)
+        .unwrap_or_default();
     let replicas = status.replicas.unwrap_or(0);
     let ready = status.ready_replicas.unwrap_or(0);
     let updated = status.updated_replicas.unwrap_or(0);
     let want = cud.spec.replicas;
 
-    let pools: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &render::nodepool::api_resource());
+    let pools: Api<DynamicObject> =
+        Api::all_with(ctx.client.clone(), &render::nodepool::api_resource());
     let pool = pools.get_opt(&fleet.nodepool()).await?;
     let pool_ready = pool
         .as_ref()
         .and_then(|p| p.data["status"]["conditions"].as_array().cloned())
         .and_then(|cs| cs.into_iter().find(|c| c["type"] == "Ready"));
     let nodepool_condition = match pool_ready {
-        Some(c) if c["status"] == "True" => {
-            Observed::new(NODEPOOL_READY, true, Reason::NodePoolReady, format!("NodePool {} is ready", fleet.nodepool()))
-        }
+        Some(c) if c["status"] == "True" => Observed::new(
+            NODEPOOL_READY,
+            true,
+            Reason::NodePoolReady,
+            format!("NodePool {} is ready", fleet.nodepool()),
+        ),
         Some(c) => Observed::new(
             NODEPOOL_READY,
             false,
             Reason::NodePoolNotReady,
-            format!("NodePool {}: {}", fleet.nodepool(), c["message"].as_str().unwrap_or("not ready")),
+            format!(
+                "NodePool {}: {}",
+                fleet.nodepool(),
+                c["message"].as_str().unwrap_or("not ready")
+            ),
         ),
         None => Observed::new(
             NODEPOOL_READY,
             false,
             Reason::NodePoolPending,
-            format!("NodePool {} has no status yet: is Karpenter running?", fleet.nodepool()),
+            format!(
+                "NodePool {} has no status yet: is Karpenter running?",
+                fleet.nodepool()
+            ),
         ),
     };
 
     let endpoint = if cud.spec.ingress.enabled {
         let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
-        ingresses.get_opt(&fleet.ingress()).await?.and_then(|i| endpoint_of(&i, cud))
+        ingresses
+            .get_opt(&fleet.ingress())
+            .await?
+            .and_then(|i| endpoint_of(&i, cud))
     } else {
         None
     };
@@ -221,15 +314,39 @@ async fn observe(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames) -> 
     let ready_condition = if want == 0 {
         Observed::new(READY, true, Reason::ScaledToZero, "replicas is 0")
     } else if ready >= want {
-        Observed::new(READY, true, Reason::AllReplicasReady, format!("{ready}/{want} replicas ready"))
+        Observed::new(
+            READY,
+            true,
+            Reason::AllReplicasReady,
+            format!("{ready}/{want} replicas ready"),
+        )
     } else {
-        let hint = if nodepool_condition.status { "" } else { "; the NodePool is not ready" };
-        Observed::new(READY, false, Reason::WaitingForPods, format!("{ready}/{want} replicas ready{hint}"))
+        let hint = if nodepool_condition.status {
+            ""
+        } else {
+            "; the NodePool is not ready"
+        };
+        Observed::new(
+            READY,
+            false,
+            Reason::WaitingForPods,
+            format!("{ready}/{want} replicas ready{hint}"),
+        )
     };
     let progressing = if rolled_out {
-        Observed::new(PROGRESSING, false, Reason::RolloutComplete, format!("{want} replicas up to date"))
+        Observed::new(
+            PROGRESSING,
+            false,
+            Reason::RolloutComplete,
+            format!("{want} replicas up to date"),
+        )
     } else {
-        Observed::new(PROGRESSING, true, Reason::RollingOut, format!("{updated}/{want} updated, {ready}/{want} ready"))
+        Observed::new(
+            PROGRESSING,
+            true,
+            Reason::RollingOut,
+            format!("{updated}/{want} updated, {ready}/{want} ready"),
+        )
     };
     let degraded = Observed::new(DEGRADED, false, Reason::AsExpected, "all children applied");
     Ok(Observation {
@@ -241,10 +358,28 @@ async fn observe(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames) -> 
 }
 
 fn endpoint_of(ingress: &Ingress, cud: &ComfyUIDeployment) -> Option<String> {
-    let lb = ingress.status.as_ref()?.load_balancer.as_ref()?.ingress.as_ref()?.first()?;
+    let lb = ingress
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?;
     let host = lb.hostname.clone().or_else(|| lb.ip.clone())?;
-    let tls = cud.spec.ingress.certificate_arn.as_deref().is_some_and(|c| !c.is_empty());
-    let host = cud.spec.ingress.host.clone().filter(|h| !h.is_empty() && !h.starts_with('*')).unwrap_or(host);
+    let tls = cud
+        .spec
+        .ingress
+        .certificate_arn
+        .as_deref()
+        .is_some_and(|c| !c.is_empty());
+    let host = cud
+        .spec
+        .ingress
+        .host
+        .clone()
+        .filter(|h| !h.is_empty() && !h.starts_with('*'))
+        .unwrap_or(host);
     Some(format!("{}://{host}", if tls { "https" } else { "http" }))
 }
 
@@ -257,7 +392,8 @@ async fn write_status(
     observation: Option<&Observation>,
 ) -> Result<(), Error> {
     let previous: ComfyUIDeploymentStatus =
-        serde_json::from_value(obj.data.get("status").cloned().unwrap_or(json!({}))).unwrap_or_default();
+        serde_json::from_value(obj.data.get("status").cloned().unwrap_or(json!({})))
+            .unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = obj.metadata.generation;
     let mut status = previous.clone();
@@ -277,10 +413,19 @@ async fn write_status(
     if status == previous {
         return Ok(());
     }
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &obj.namespace().unwrap_or_default(), &cud_api_resource());
-    ctx.metrics.record_write("patch-status", "ComfyUIDeployment");
-    api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &obj.namespace().unwrap_or_default(),
+        &cud_api_resource(),
+    );
+    ctx.metrics
+        .record_write("patch-status", "ComfyUIDeployment");
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": status})),
+    )
+    .await?;
     Ok(())
 }
 
@@ -306,7 +451,11 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
     let fleet = FleetNames::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
     let selector = fleet.owner_selector();
     let stages: [&[ChildKind]; 5] = [
-        &[ChildKind::Ingress, ChildKind::Deployment, ChildKind::Service],
+        &[
+            ChildKind::Ingress,
+            ChildKind::Deployment,
+            ChildKind::Service,
+        ],
         &[ChildKind::PersistentVolumeClaim],
         &[ChildKind::PersistentVolume],
         &[ChildKind::NodePool],
@@ -316,7 +465,11 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
     for stage in stages {
         let mut remaining = 0;
         for (kind, ar) in apis.iter().filter(|(k, _)| stage.contains(k)) {
-            let api = apply::api_for(&ctx.client, ar, kind.namespaced().then_some(fleet.namespace.as_str()));
+            let api = apply::api_for(
+                &ctx.client,
+                ar,
+                kind.namespaced().then_some(fleet.namespace.as_str()),
+            );
             let list = match api.list(&ListParams::default().labels(&selector)).await {
                 Ok(l) => l,
                 // A CRD uninstalled before the fleet: nothing of that kind can be left.
@@ -327,7 +480,10 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
                 remaining += 1;
                 if child.metadata.deletion_timestamp.is_none() {
                     ctx.metrics.record_write("delete", &ar.kind);
-                    let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+                    let dp = DeleteParams {
+                        propagation_policy: Some(PropagationPolicy::Foreground),
+                        ..Default::default()
+                    };
                     match api.delete(&child.name_any(), &dp).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(e)) if e.code == 404 => {}

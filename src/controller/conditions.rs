@@ -67,14 +67,29 @@ pub struct Observed {
 }
 
 impl Observed {
-    pub fn new(type_: &'static str, status: bool, reason: Reason, message: impl Into<String>) -> Observed {
-        Observed { type_, status, reason, message: message.into() }
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: Reason,
+        message: impl Into<String>,
+    ) -> Observed {
+        Observed {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
 /// The conditions to write: `observed`, keeping each previous `lastTransitionTime`
 /// whose status did not flip. `now` is used only for flips and new conditions.
-pub fn merge(previous: &[Condition], observed: &[Observed], generation: Option<i64>, now: &Time) -> Vec<Condition> {
+pub fn merge(
+    previous: &[Condition],
+    observed: &[Observed],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
     observed
         .iter()
         .map(|o| {
@@ -108,15 +123,30 @@ mod tests {
     fn transition_time_moves_only_when_status_flips() {
         let t0 = time("2026-01-01T00:00:00Z");
         let t1 = time("2026-01-01T00:05:00Z");
-        let first = merge(&[], &[Observed::new(READY, false, Reason::WaitingForPods, "0/1")], Some(1), &t0);
+        let first = merge(
+            &[],
+            &[Observed::new(READY, false, Reason::WaitingForPods, "0/1")],
+            Some(1),
+            &t0,
+        );
         assert_eq!(first[0].last_transition_time, t0);
 
         // Same status, new message: time kept.
-        let same = merge(&first, &[Observed::new(READY, false, Reason::WaitingForPods, "0/2")], Some(2), &t1);
+        let same = merge(
+            &first,
+            &[Observed::new(READY, false, Reason::WaitingForPods, "0/2")],
+            Some(2),
+            &t1,
+        );
         assert_eq!(same[0].last_transition_time, t0);
         assert_eq!(same[0].message, "0/2");
 
-        let flipped = merge(&same, &[Observed::new(READY, true, Reason::AllReplicasReady, "2/2")], Some(2), &t1);
+        let flipped = merge(
+            &same,
+            &[Observed::new(READY, true, Reason::AllReplicasReady, "2/2")],
+            Some(2),
+            &t1,
+        );
         assert_eq!(flipped[0].last_transition_time, t1);
         assert_eq!(flipped[0].status, "True");
         assert_eq!(flipped[0].reason, "AllReplicasReady");

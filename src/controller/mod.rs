@@ -46,7 +46,10 @@ pub struct Context {
 
 impl Context {
     pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Context {
-        let reporter = Reporter { controller: "sdfleet".into(), instance: std::env::var("POD_NAME").ok() };
+        let reporter = Reporter {
+            controller: "sdfleet".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -65,7 +68,10 @@ impl Context {
     }
 
     pub fn reset_backoff(&self, key: &str) {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 }
 
@@ -79,10 +85,19 @@ pub fn child_apis(cloud: Cloud) -> Vec<(ChildKind, ApiResource)> {
     vec![
         (ChildKind::NodeClass, cloud.provider().api_resource()),
         (ChildKind::NodePool, nodepool::api_resource()),
-        (ChildKind::PersistentVolume, ApiResource::erase::<core::PersistentVolume>(&())),
-        (ChildKind::PersistentVolumeClaim, ApiResource::erase::<core::PersistentVolumeClaim>(&())),
+        (
+            ChildKind::PersistentVolume,
+            ApiResource::erase::<core::PersistentVolume>(&()),
+        ),
+        (
+            ChildKind::PersistentVolumeClaim,
+            ApiResource::erase::<core::PersistentVolumeClaim>(&()),
+        ),
         (ChildKind::Service, ApiResource::erase::<core::Service>(&())),
-        (ChildKind::Deployment, ApiResource::erase::<apps::Deployment>(&())),
+        (
+            ChildKind::Deployment,
+            ApiResource::erase::<apps::Deployment>(&()),
+        ),
         (ChildKind::Ingress, ApiResource::erase::<net::Ingress>(&())),
     ]
 }
@@ -107,7 +122,11 @@ pub async fn run(ctx: Arc<Context>) {
         None => Api::all_with(client.clone(), &cud_ar),
     };
     let selector = format!("{MANAGED_BY_KEY}={MANAGED_BY}");
-    let mut controller = Controller::new_with(cuds, watcher::Config::default().any_semantic(), cud_ar.clone());
+    let mut controller = Controller::new_with(
+        cuds,
+        watcher::Config::default().any_semantic(),
+        cud_ar.clone(),
+    );
     for (kind, ar) in child_apis(ctx.settings.cloud) {
         let api: Api<DynamicObject> = match (&ctx.settings.namespace, kind.namespaced()) {
             (Some(ns), true) => Api::namespaced_with(client.clone(), ns, &ar),
@@ -115,9 +134,14 @@ pub async fn run(ctx: Arc<Context>) {
         };
         let owner_ar = cud_ar.clone();
         let scope = ctx.settings.namespace.clone();
-        controller = controller.watches_with(api, ar, watcher::Config::default().labels(&selector), move |child| {
-            owner_of(&child, &owner_ar).filter(|o| scope.is_none() || o.namespace == scope)
-        });
+        controller = controller.watches_with(
+            api,
+            ar,
+            watcher::Config::default().labels(&selector),
+            move |child| {
+                owner_of(&child, &owner_ar).filter(|o| scope.is_none() || o.namespace == scope)
+            },
+        );
     }
     controller
         .shutdown_on_signal()

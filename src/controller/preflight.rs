@@ -21,8 +21,14 @@ pub async fn missing(
     let mut missing = Vec::new();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for (api, hint) in [
-        (nodepool, "install Karpenter v1 (its chart installs the NodePool CRD)"),
-        (node_class, "install Karpenter's cloud provider CRDs (EC2NodeClass with --cloud aws)"),
+        (
+            nodepool,
+            "install Karpenter v1 (its chart installs the NodePool CRD)",
+        ),
+        (
+            node_class,
+            "install Karpenter's cloud provider CRDs (EC2NodeClass with --cloud aws)",
+        ),
     ] {
         let name = format!("{}.{}", api.plural, api.group);
         if crds.get_opt(&name).await?.is_none() {

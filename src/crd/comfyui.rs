@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     shortname = "cud",
     category = "sdfleet",
+    doc = "A GPU fleet of ComfyUI servers: Karpenter NodePool and node class, Deployment, Service, Ingress and S3 volumes, reconciled by sdfleet.",
     status = "ComfyUIDeploymentStatus",
     derive = "PartialEq",
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 50").message("metadata.name must be a DNS label (lowercase letters, digits and '-', starting with a letter) of at most 50 characters"),
@@ -104,12 +105,12 @@ fn default_port() -> i32 {
 pub struct ContainerResources {
     /// e.g. `{cpu: "4", memory: 16Gi}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(k, isQuantity(self[k]))").message("requests must be quantities such as 4 or 16Gi"))]
+    #[schemars(schema_with = "quantity_map")]
     #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
     pub requests: BTreeMap<String, String>,
     /// e.g. `{memory: 30Gi}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(k, isQuantity(self[k]))").message("limits must be quantities such as 4 or 16Gi"))]
+    #[schemars(schema_with = "quantity_map")]
     #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
     pub limits: BTreeMap<String, String>,
 }
@@ -125,8 +126,7 @@ pub struct GpuSpec {
     pub count: i32,
     /// EC2 instance types Karpenter may launch, e.g. `[g5.2xlarge, g4dn.2xlarge]`.
     #[serde(default = "default_instance_types")]
-    #[schemars(length(min = 1, max = 50))]
-    #[x_kube(validation = Rule::new("self.all(t, t.matches('^[a-z][a-z0-9-]*\\\\.[a-z0-9-]+$'))").message("instanceTypes must be EC2 instance types such as g5.2xlarge"))]
+    #[schemars(schema_with = "instance_type_list")]
     pub instance_types: Vec<String>,
     /// Capacity types Karpenter may use; it prefers spot when both are listed.
     #[serde(default = "default_capacity_types")]
@@ -149,6 +149,30 @@ impl Default for GpuSpec {
     }
 }
 
+/// Kubernetes quantities by resource name (`cpu: "4"`, `memory: 16Gi`).
+fn quantity_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 16,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": 64,
+            "pattern": r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$",
+        },
+    })
+}
+
+/// EC2 instance types, at least one, no duplicates.
+fn instance_type_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 50,
+        "x-kubernetes-list-type": "set",
+        "items": {"type": "string", "maxLength": 64, "pattern": r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$"},
+    })
+}
+
 fn default_gpu_count() -> i32 {
     1
 }
@@ -163,7 +187,9 @@ fn default_gpu_limit() -> i32 {
 }
 
 /// A Karpenter capacity type.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum CapacityType {
     Spot,
@@ -189,14 +215,18 @@ pub struct NodeClassSpec {
     /// The AMI alias, `family@version`: `al2023@latest` (default), `bottlerocket@latest`, ...
     /// The models directory is on the NVMe instance store only with AL2023.
     #[serde(default = "default_ami_alias")]
-    #[schemars(regex(pattern = r"^(al2023|al2|bottlerocket|windows2019|windows2022|windows2025)@(latest|v?[0-9][0-9a-z.\-]*)$"))]
+    #[schemars(regex(
+        pattern = r"^(al2023|al2|bottlerocket|windows2019|windows2022|windows2025)@(latest|v?[0-9][0-9a-z.\-]*)$"
+    ))]
     pub ami_alias: String,
     /// The IAM role of the nodes (Karpenter makes the instance profile). Exactly one of
     /// role and instanceProfile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub role: Option<String>,
     /// An existing IAM instance profile for the nodes. Exactly one of role and instanceProfile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub instance_profile: Option<String>,
     /// Tags that select the nodes' subnets. Default: `karpenter.sh/discovery: <cluster name>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -206,6 +236,7 @@ pub struct NodeClassSpec {
     pub security_group_selector_tags: BTreeMap<String, String>,
     /// Size of the gp3 root volume, e.g. `100Gi`. Models live on the instance store, not here.
     #[serde(default = "default_root_volume_size")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('20Gi'))").message("rootVolumeSize must be a quantity larger than 20Gi, such as 100Gi"))]
     pub root_volume_size: String,
 }
@@ -245,7 +276,10 @@ pub struct DisruptionSpec {
 
 impl Default for DisruptionSpec {
     fn default() -> Self {
-        DisruptionSpec { consolidate_after: default_consolidate_after(), expire_after: default_expire_after() }
+        DisruptionSpec {
+            consolidate_after: default_consolidate_after(),
+            expire_after: default_expire_after(),
+        }
     }
 }
 
@@ -273,7 +307,10 @@ pub struct StorageSpec {
 #[serde(rename_all = "camelCase")]
 pub struct S3Location {
     /// The bucket name (3-63 lowercase letters, digits, dots and hyphens).
-    #[schemars(regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"),
+        length(min = 3, max = 63)
+    )]
     #[x_kube(validation = Rule::new("!self.contains('..')").message("bucket must not contain '..'"))]
     pub bucket: String,
     /// A key prefix ending in `/`, e.g. `sdxl/`; empty for the whole bucket.

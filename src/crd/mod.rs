@@ -2,8 +2,8 @@
 
 pub mod comfyui;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 pub use comfyui::ComfyUIDeployment;
 

@@ -15,8 +15,17 @@ pub const MODELS_HOST_ROOT: &str = "/mnt/k8s-disks/0/sdfleet/models";
 pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
 pub const CONTAINER_NAME: &str = "comfyui";
 
-pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, volumes: &[S3Volume]) -> Result<Value, RenderError> {
-    let mut args = vec!["--listen".to_string(), "0.0.0.0".to_string(), "--port".to_string(), spec.port.to_string()];
+pub fn spec(
+    fleet: &FleetNames,
+    spec: &ComfyUIDeploymentSpec,
+    volumes: &[S3Volume],
+) -> Result<Value, RenderError> {
+    let mut args = vec![
+        "--listen".to_string(),
+        "0.0.0.0".to_string(),
+        "--port".to_string(),
+        spec.port.to_string(),
+    ];
     args.extend(spec.args.iter().cloned());
 
     let mut requests = serde_json::Map::new();
@@ -113,7 +122,11 @@ mod tests {
     use serde_json::json;
 
     fn deployment(cud: &crate::crd::comfyui::ComfyUIDeployment) -> serde_json::Value {
-        render(cud, Cloud::Aws).into_iter().find(|c| c.kind == ChildKind::Deployment).unwrap().manifest
+        render(cud, Cloud::Aws)
+            .into_iter()
+            .find(|c| c.kind == ChildKind::Deployment)
+            .unwrap()
+            .manifest
     }
 
     #[test]
@@ -125,10 +138,16 @@ mod tests {
         let d = deployment(&cud);
         assert_eq!(d["spec"]["replicas"], 3);
         let pod = &d["spec"]["template"]["spec"];
-        assert_eq!(pod["nodeSelector"], json!({"karpenter.sh/nodepool": "studio-sdxl"}));
+        assert_eq!(
+            pod["nodeSelector"],
+            json!({"karpenter.sh/nodepool": "studio-sdxl"})
+        );
         assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
         let c = &pod["containers"][0];
-        assert_eq!(c["args"], json!(["--listen", "0.0.0.0", "--port", "8188", "--highvram"]));
+        assert_eq!(
+            c["args"],
+            json!(["--listen", "0.0.0.0", "--port", "8188", "--highvram"])
+        );
         assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "2");
         assert_eq!(c["resources"]["requests"]["nvidia.com/gpu"], "2");
         assert!(c.get("command").is_none());
@@ -137,7 +156,10 @@ mod tests {
         }
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
         assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
-        assert_eq!(c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(
+            c["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
     }
 
     #[test]
@@ -147,10 +169,22 @@ mod tests {
         let d = deployment(&cud);
         let pod = &d["spec"]["template"]["spec"];
         let mounts = &pod["containers"][0]["volumeMounts"];
-        assert_eq!(mounts[0], json!({"name": "models", "mountPath": "/app/ComfyUI/models", "readOnly": true}));
-        assert_eq!(mounts[1], json!({"name": "outputs", "mountPath": "/app/ComfyUI/output"}));
-        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/k8s-disks/0/sdfleet/models/studio/sdxl-models");
-        assert_eq!(pod["volumes"][1]["persistentVolumeClaim"]["claimName"], "sdxl-outputs");
+        assert_eq!(
+            mounts[0],
+            json!({"name": "models", "mountPath": "/app/ComfyUI/models", "readOnly": true})
+        );
+        assert_eq!(
+            mounts[1],
+            json!({"name": "outputs", "mountPath": "/app/ComfyUI/output"})
+        );
+        assert_eq!(
+            pod["volumes"][0]["hostPath"]["path"],
+            "/mnt/k8s-disks/0/sdfleet/models/studio/sdxl-models"
+        );
+        assert_eq!(
+            pod["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            "sdxl-outputs"
+        );
     }
 
     #[test]
@@ -163,11 +197,22 @@ mod tests {
         let d = deployment(&cud);
         let r = &d["spec"]["template"]["spec"]["containers"][0]["resources"];
         assert_eq!(r["requests"], json!({"cpu": "4", "nvidia.com/gpu": "1"}));
-        assert_eq!(r["limits"], json!({"memory": "30Gi", "nvidia.com/gpu": "1"}));
+        assert_eq!(
+            r["limits"],
+            json!({"memory": "30Gi", "nvidia.com/gpu": "1"})
+        );
 
-        cud.spec.resources.as_mut().unwrap().limits.insert("nvidia.com/gpu".into(), "2".into());
+        cud.spec
+            .resources
+            .as_mut()
+            .unwrap()
+            .limits
+            .insert("nvidia.com/gpu".into(), "2".into());
         let cluster = crate::render::tests::cluster();
-        let ctx = crate::render::RenderContext { cluster: &cluster, node_class: Cloud::Aws.provider() };
+        let ctx = crate::render::RenderContext {
+            cluster: &cluster,
+            node_class: Cloud::Aws.provider(),
+        };
         assert!(crate::render::build(&cud, &ctx).is_err());
     }
 }

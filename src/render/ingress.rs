@@ -32,7 +32,13 @@ pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
     set("healthcheck-path", "/system_stats".to_string());
     set("success-codes", "200".to_string());
     // The ALB default of 60 s drops ComfyUI's /ws websocket every minute.
-    set("load-balancer-attributes", format!("idle_timeout.timeout_seconds={}", ingress.idle_timeout_seconds));
+    set(
+        "load-balancer-attributes",
+        format!(
+            "idle_timeout.timeout_seconds={}",
+            ingress.idle_timeout_seconds
+        ),
+    );
     // A client's prompts, websocket and /view requests must reach the same ComfyUI.
     set(
         "target-group-attributes",
@@ -41,7 +47,10 @@ pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
     match ingress.certificate_arn.as_deref().filter(|c| !c.is_empty()) {
         Some(arn) => {
             set("certificate-arn", arn.to_string());
-            set("listen-ports", r#"[{"HTTP": 80}, {"HTTPS": 443}]"#.to_string());
+            set(
+                "listen-ports",
+                r#"[{"HTTP": 80}, {"HTTPS": 443}]"#.to_string(),
+            );
             set("ssl-redirect", "443".to_string());
         }
         None => set("listen-ports", r#"[{"HTTP": 80}]"#.to_string()),
@@ -61,16 +70,34 @@ mod tests {
     #[test]
     fn default_ingress_is_internal_alb_with_websocket_timeout_and_stickiness() {
         let children = render(&example(SDXL), Cloud::Aws);
-        let ing = &children.iter().find(|c| c.kind == ChildKind::Ingress).unwrap().manifest;
+        let ing = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::Ingress)
+            .unwrap()
+            .manifest;
         let a = &ing["metadata"]["annotations"];
         assert_eq!(a["alb.ingress.kubernetes.io/scheme"], "internal");
         assert_eq!(a["alb.ingress.kubernetes.io/target-type"], "ip");
-        assert_eq!(a["alb.ingress.kubernetes.io/healthcheck-path"], "/system_stats");
-        assert_eq!(a["alb.ingress.kubernetes.io/load-balancer-attributes"], "idle_timeout.timeout_seconds=4000");
-        assert!(a["alb.ingress.kubernetes.io/target-group-attributes"].as_str().unwrap().contains("stickiness.enabled=true"));
+        assert_eq!(
+            a["alb.ingress.kubernetes.io/healthcheck-path"],
+            "/system_stats"
+        );
+        assert_eq!(
+            a["alb.ingress.kubernetes.io/load-balancer-attributes"],
+            "idle_timeout.timeout_seconds=4000"
+        );
+        assert!(
+            a["alb.ingress.kubernetes.io/target-group-attributes"]
+                .as_str()
+                .unwrap()
+                .contains("stickiness.enabled=true")
+        );
         assert!(a.get("alb.ingress.kubernetes.io/certificate-arn").is_none());
         assert_eq!(ing["spec"]["ingressClassName"], "alb");
-        assert_eq!(ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"], json!({"name": "sdxl", "port": {"number": 8188}}));
+        assert_eq!(
+            ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"],
+            json!({"name": "sdxl", "port": {"number": 8188}})
+        );
         assert!(ing["spec"]["rules"][0].get("host").is_none());
     }
 
@@ -81,11 +108,22 @@ mod tests {
             certificate_arn: Some("arn:aws:acm:us-west-2:123456789012:certificate/abc".into()),
             ..IngressSpec::default()
         };
-        ingress.annotations.insert("alb.ingress.kubernetes.io/scheme".into(), "internal".into());
-        ingress.annotations.insert("alb.ingress.kubernetes.io/auth-type".into(), "cognito".into());
+        ingress
+            .annotations
+            .insert("alb.ingress.kubernetes.io/scheme".into(), "internal".into());
+        ingress.annotations.insert(
+            "alb.ingress.kubernetes.io/auth-type".into(),
+            "cognito".into(),
+        );
         let a = annotations(&ingress);
-        assert_eq!(a["alb.ingress.kubernetes.io/certificate-arn"], "arn:aws:acm:us-west-2:123456789012:certificate/abc");
-        assert_eq!(a["alb.ingress.kubernetes.io/listen-ports"], r#"[{"HTTP": 80}, {"HTTPS": 443}]"#);
+        assert_eq!(
+            a["alb.ingress.kubernetes.io/certificate-arn"],
+            "arn:aws:acm:us-west-2:123456789012:certificate/abc"
+        );
+        assert_eq!(
+            a["alb.ingress.kubernetes.io/listen-ports"],
+            r#"[{"HTTP": 80}, {"HTTPS": 443}]"#
+        );
         assert_eq!(a["alb.ingress.kubernetes.io/ssl-redirect"], "443");
         assert_eq!(a["alb.ingress.kubernetes.io/scheme"], "internal");
         assert_eq!(a["alb.ingress.kubernetes.io/auth-type"], "cognito");

@@ -30,7 +30,10 @@ pub enum ChildKind {
 
 impl ChildKind {
     pub fn namespaced(self) -> bool {
-        !matches!(self, ChildKind::NodeClass | ChildKind::NodePool | ChildKind::PersistentVolume)
+        !matches!(
+            self,
+            ChildKind::NodeClass | ChildKind::NodePool | ChildKind::PersistentVolume
+        )
     }
 }
 
@@ -45,7 +48,12 @@ pub struct Child {
 
 impl Child {
     fn new(kind: ChildKind, api: ApiResource, name: String, manifest: Value) -> Child {
-        Child { kind, api, name, manifest }
+        Child {
+            kind,
+            api,
+            name,
+            manifest,
+        }
     }
 }
 
@@ -92,7 +100,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         ChildKind::NodePool,
         pool_api.clone(),
         fleet.nodepool(),
-        manifest(&pool_api, &fleet.nodepool(), None, &fleet, None, nodepool::spec(&fleet, spec, &class_api)),
+        manifest(
+            &pool_api,
+            &fleet.nodepool(),
+            None,
+            &fleet,
+            None,
+            nodepool::spec(&fleet, spec, &class_api),
+        ),
     ));
 
     let volumes = storage::volumes(spec, ctx.cluster)?;
@@ -103,7 +118,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
             ChildKind::PersistentVolume,
             pv_api.clone(),
             pv_name.clone(),
-            manifest(&pv_api, &pv_name, None, &fleet, None, storage::volume_spec(&fleet, volume)),
+            manifest(
+                &pv_api,
+                &pv_name,
+                None,
+                &fleet,
+                None,
+                storage::volume_spec(&fleet, volume),
+            ),
         ));
         let pvc_api = ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&());
         let pvc_name = fleet.volume_claim(volume.purpose);
@@ -111,7 +133,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
             ChildKind::PersistentVolumeClaim,
             pvc_api.clone(),
             pvc_name.clone(),
-            manifest(&pvc_api, &pvc_name, Some(&namespace), &fleet, Some(&owner), storage::claim_spec(&fleet, volume)),
+            manifest(
+                &pvc_api,
+                &pvc_name,
+                Some(&namespace),
+                &fleet,
+                Some(&owner),
+                storage::claim_spec(&fleet, volume),
+            ),
         ));
     }
 
@@ -120,7 +149,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         ChildKind::Service,
         svc_api.clone(),
         fleet.service(),
-        manifest(&svc_api, &fleet.service(), Some(&namespace), &fleet, Some(&owner), service::spec(&fleet, spec)),
+        manifest(
+            &svc_api,
+            &fleet.service(),
+            Some(&namespace),
+            &fleet,
+            Some(&owner),
+            service::spec(&fleet, spec),
+        ),
     ));
 
     let deploy_api = ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
@@ -149,7 +185,12 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
             ingress::spec(&fleet, spec),
         );
         ing["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
-        children.push(Child::new(ChildKind::Ingress, ing_api, fleet.ingress(), ing));
+        children.push(Child::new(
+            ChildKind::Ingress,
+            ing_api,
+            fleet.ingress(),
+            ing,
+        ));
     }
     Ok(children)
 }
@@ -206,12 +247,22 @@ spec:
 "#;
 
     pub fn cluster() -> ClusterSettings {
-        ClusterSettings { cluster_name: "demo".into(), region: "us-west-2".into() }
+        ClusterSettings {
+            cluster_name: "demo".into(),
+            region: "us-west-2".into(),
+        }
     }
 
     pub fn render(cud: &ComfyUIDeployment, cloud: Cloud) -> Vec<Child> {
         let cluster = cluster();
-        build(cud, &RenderContext { cluster: &cluster, node_class: cloud.provider() }).unwrap()
+        build(
+            cud,
+            &RenderContext {
+                cluster: &cluster,
+                node_class: cloud.provider(),
+            },
+        )
+        .unwrap()
     }
 
     #[test]
@@ -237,7 +288,10 @@ spec:
             assert_eq!(labels["sdfleet.io/owner-name"], "sdxl");
             let owned = child.manifest["metadata"].get("ownerReferences").is_some();
             assert_eq!(owned, child.kind.namespaced(), "{:?}", child.kind);
-            assert_eq!(child.manifest["metadata"].get("namespace").is_some(), child.kind.namespaced());
+            assert_eq!(
+                child.manifest["metadata"].get("namespace").is_some(),
+                child.kind.namespaced()
+            );
         }
     }
 
@@ -247,7 +301,15 @@ spec:
         cud.spec.ingress.enabled = false;
         cud.spec.storage.outputs = None;
         let kinds: Vec<_> = render(&cud, Cloud::Kwok).iter().map(|c| c.kind).collect();
-        assert_eq!(kinds, [ChildKind::NodeClass, ChildKind::NodePool, ChildKind::Service, ChildKind::Deployment]);
+        assert_eq!(
+            kinds,
+            [
+                ChildKind::NodeClass,
+                ChildKind::NodePool,
+                ChildKind::Service,
+                ChildKind::Deployment
+            ]
+        );
     }
 
     #[test]
@@ -257,8 +319,14 @@ spec:
         let kwok = render(&cud, Cloud::Kwok);
         assert_eq!(aws[0].manifest["kind"], "EC2NodeClass");
         assert_eq!(kwok[0].manifest["kind"], "KWOKNodeClass");
-        assert_eq!(aws[1].manifest["spec"]["template"]["spec"]["nodeClassRef"]["kind"], "EC2NodeClass");
-        assert_eq!(kwok[1].manifest["spec"]["template"]["spec"]["nodeClassRef"]["group"], "karpenter.kwok.sh");
+        assert_eq!(
+            aws[1].manifest["spec"]["template"]["spec"]["nodeClassRef"]["kind"],
+            "EC2NodeClass"
+        );
+        assert_eq!(
+            kwok[1].manifest["spec"]["template"]["spec"]["nodeClassRef"]["group"],
+            "karpenter.kwok.sh"
+        );
         assert_eq!(aws[2..], kwok[2..]);
     }
 
@@ -272,8 +340,14 @@ spec:
         assert_eq!(spec["instanceStorePolicy"], "RAID0");
         assert_eq!(spec["blockDeviceMappings"][0]["ebs"]["volumeType"], "gp3");
         assert_eq!(spec["blockDeviceMappings"][0]["ebs"]["volumeSize"], "100Gi");
-        assert_eq!(spec["subnetSelectorTerms"][0]["tags"]["karpenter.sh/discovery"], "demo");
-        assert_eq!(spec["securityGroupSelectorTerms"][0]["tags"]["karpenter.sh/discovery"], "demo");
+        assert_eq!(
+            spec["subnetSelectorTerms"][0]["tags"]["karpenter.sh/discovery"],
+            "demo"
+        );
+        assert_eq!(
+            spec["securityGroupSelectorTerms"][0]["tags"]["karpenter.sh/discovery"],
+            "demo"
+        );
     }
 
     #[test]
@@ -281,10 +355,14 @@ spec:
         let mut cud = example(SDXL);
         cud.spec.node_class.role = Some(String::new());
         cud.spec.node_class.instance_profile = Some("NodeProfile".into());
-        cud.spec.node_class.subnet_selector_tags = [("tier".to_string(), "private".to_string())].into();
+        cud.spec.node_class.subnet_selector_tags =
+            [("tier".to_string(), "private".to_string())].into();
         let spec = &render(&cud, Cloud::Aws)[0].manifest["spec"];
         assert_eq!(spec["instanceProfile"], "NodeProfile");
         assert!(spec.get("role").is_none());
-        assert_eq!(spec["subnetSelectorTerms"][0]["tags"], json!({"tier": "private"}));
+        assert_eq!(
+            spec["subnetSelectorTerms"][0]["tags"],
+            json!({"tier": "private"})
+        );
     }
 }

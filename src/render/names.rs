@@ -25,7 +25,10 @@ pub struct FleetNames {
 
 impl FleetNames {
     pub fn new(namespace: &str, name: &str) -> FleetNames {
-        FleetNames { namespace: namespace.to_string(), name: name.to_string() }
+        FleetNames {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
     }
 
     /// `<namespace>-<name>`, cut to a safe length with a hash suffix when too long.
@@ -90,7 +93,11 @@ impl FleetNames {
 
     /// `pod_selector` as the string the scale subresource reports.
     pub fn pod_selector_string(&self) -> String {
-        self.pod_selector().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+        self.pod_selector()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

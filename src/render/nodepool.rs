@@ -62,12 +62,27 @@ mod tests {
         let spec = &pool["spec"]["template"]["spec"];
         assert_eq!(spec["requirements"][0]["values"], json!(["g6.2xlarge"]));
         assert_eq!(spec["requirements"][1]["values"], json!(["on-demand"]));
-        assert_eq!(spec["requirements"][2], json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}));
-        assert_eq!(spec["taints"], json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]));
+        assert_eq!(
+            spec["requirements"][2],
+            json!({"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]})
+        );
+        assert_eq!(
+            spec["taints"],
+            json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}])
+        );
         assert_eq!(spec["expireAfter"], "720h");
-        assert_eq!(spec["nodeClassRef"], json!({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "studio-sdxl"}));
+        assert_eq!(
+            spec["nodeClassRef"],
+            json!({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "studio-sdxl"})
+        );
         assert_eq!(pool["spec"]["limits"], json!({"nvidia.com/gpu": "16"}));
-        assert_eq!(pool["spec"]["disruption"], json!({"consolidationPolicy": "WhenEmpty", "consolidateAfter": "5m"}));
-        assert_eq!(pool["spec"]["template"]["metadata"]["labels"]["sdfleet.io/fleet"], "studio-sdxl");
+        assert_eq!(
+            pool["spec"]["disruption"],
+            json!({"consolidationPolicy": "WhenEmpty", "consolidateAfter": "5m"})
+        );
+        assert_eq!(
+            pool["spec"]["template"]["metadata"]["labels"]["sdfleet.io/fleet"],
+            "studio-sdxl"
+        );
     }
 }

@@ -23,7 +23,10 @@ pub struct S3Volume {
     pub region: String,
 }
 
-pub fn volumes(spec: &ComfyUIDeploymentSpec, cluster: &ClusterSettings) -> Result<Vec<S3Volume>, RenderError> {
+pub fn volumes(
+    spec: &ComfyUIDeploymentSpec,
+    cluster: &ClusterSettings,
+) -> Result<Vec<S3Volume>, RenderError> {
     let mut out = Vec::new();
     let mut add = |purpose, mount_path, location: &Option<S3Location>| -> Result<(), RenderError> {
         if let Some(l) = location {
@@ -34,8 +37,18 @@ pub fn volumes(spec: &ComfyUIDeploymentSpec, cluster: &ClusterSettings) -> Resul
                     message: format!("{:?} must not start with '/' or contain '..'", l.prefix),
                 });
             }
-            let region = l.region.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| cluster.region.clone());
-            out.push(S3Volume { purpose, mount_path, bucket: l.bucket.clone(), prefix: l.prefix.clone(), region });
+            let region = l
+                .region
+                .clone()
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| cluster.region.clone());
+            out.push(S3Volume {
+                purpose,
+                mount_path,
+                bucket: l.bucket.clone(),
+                prefix: l.prefix.clone(),
+                region,
+            });
         }
         Ok(())
     };
@@ -46,7 +59,10 @@ pub fn volumes(spec: &ComfyUIDeploymentSpec, cluster: &ClusterSettings) -> Resul
 
 pub fn volume_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
     // Pass the region: IMDS region detection fails at the nodes' hop limit of 1.
-    let mut mount_options = vec!["allow-other".to_string(), format!("region {}", volume.region)];
+    let mut mount_options = vec![
+        "allow-other".to_string(),
+        format!("region {}", volume.region),
+    ];
     if !volume.prefix.is_empty() {
         mount_options.push(format!("prefix {}", volume.prefix));
     }
@@ -87,14 +103,31 @@ mod tests {
     #[test]
     fn outputs_volume_is_retained_pre_bound_and_scoped_to_the_prefix() {
         let children = render(&example(SDXL), Cloud::Aws);
-        let pv = &children.iter().find(|c| c.kind == ChildKind::PersistentVolume).unwrap().manifest["spec"];
+        let pv = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::PersistentVolume)
+            .unwrap()
+            .manifest["spec"];
         assert_eq!(pv["persistentVolumeReclaimPolicy"], "Retain");
         assert_eq!(pv["csi"]["driver"], "s3.csi.aws.com");
-        assert_eq!(pv["csi"]["volumeAttributes"]["bucketName"], "comfyui-outputs-demo");
+        assert_eq!(
+            pv["csi"]["volumeAttributes"]["bucketName"],
+            "comfyui-outputs-demo"
+        );
         assert_eq!(pv["csi"]["volumeHandle"], "sdfleet-studio-sdxl-outputs");
-        assert_eq!(pv["mountOptions"], json!(["allow-other", "region us-west-2", "prefix sdxl/"]));
-        assert_eq!(pv["claimRef"], json!({"namespace": "studio", "name": "sdxl-outputs"}));
-        let pvc = &children.iter().find(|c| c.kind == ChildKind::PersistentVolumeClaim).unwrap().manifest["spec"];
+        assert_eq!(
+            pv["mountOptions"],
+            json!(["allow-other", "region us-west-2", "prefix sdxl/"])
+        );
+        assert_eq!(
+            pv["claimRef"],
+            json!({"namespace": "studio", "name": "sdxl-outputs"})
+        );
+        let pvc = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::PersistentVolumeClaim)
+            .unwrap()
+            .manifest["spec"];
         assert_eq!(pvc["volumeName"], "studio-sdxl-outputs");
         assert_eq!(pvc["storageClassName"], "");
     }
@@ -102,13 +135,22 @@ mod tests {
     #[test]
     fn inputs_get_their_own_volume_with_their_own_region() {
         let mut cud = example(SDXL);
-        cud.spec.storage.inputs =
-            Some(S3Location { bucket: "in-bucket".into(), prefix: String::new(), region: Some("eu-west-1".into()) });
+        cud.spec.storage.inputs = Some(S3Location {
+            bucket: "in-bucket".into(),
+            prefix: String::new(),
+            region: Some("eu-west-1".into()),
+        });
         let children = render(&cud, Cloud::Aws);
-        let pvs: Vec<_> = children.iter().filter(|c| c.kind == ChildKind::PersistentVolume).collect();
+        let pvs: Vec<_> = children
+            .iter()
+            .filter(|c| c.kind == ChildKind::PersistentVolume)
+            .collect();
         assert_eq!(pvs.len(), 2);
         assert_eq!(pvs[1].name, "studio-sdxl-inputs");
-        assert_eq!(pvs[1].manifest["spec"]["mountOptions"], json!(["allow-other", "region eu-west-1"]));
+        assert_eq!(
+            pvs[1].manifest["spec"]["mountOptions"],
+            json!(["allow-other", "region eu-west-1"])
+        );
     }
 
     #[test]
@@ -116,7 +158,16 @@ mod tests {
         let mut cud = example(SDXL);
         cud.spec.storage.outputs.as_mut().unwrap().prefix = "../other/".into();
         let cluster = crate::render::tests::cluster();
-        let err = build(&cud, &RenderContext { cluster: &cluster, node_class: Cloud::Aws.provider() }).unwrap_err();
-        assert!(matches!(err, RenderError::InvalidSpec { ref field, .. } if field == "spec.storage.outputs.prefix"));
+        let err = build(
+            &cud,
+            &RenderContext {
+                cluster: &cluster,
+                node_class: Cloud::Aws.provider(),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, RenderError::InvalidSpec { ref field, .. } if field == "spec.storage.outputs.prefix")
+        );
     }
 }

@@ -34,13 +34,18 @@ impl Testbed {
                 .status()
                 .expect("run tests/testbed/testbed up");
             assert!(status.success(), "testbed up failed");
-            let text = std::fs::read_to_string(root.join(".testbed/env")).expect("read .testbed/env");
-            Testbed { env: parse_env(&text) }
+            let text =
+                std::fs::read_to_string(root.join(".testbed/env")).expect("read .testbed/env");
+            Testbed {
+                env: parse_env(&text),
+            }
         })
     }
 
     pub fn var(&self, key: &str) -> &str {
-        self.env.get(key).unwrap_or_else(|| panic!("{key} missing from .testbed/env"))
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing from .testbed/env"))
     }
 
     pub fn kubeconfig(&self) -> &Path {
@@ -105,7 +110,10 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create test namespace");
-        TestNamespace { name, client: client.clone() }
+        TestNamespace {
+            name,
+            client: client.clone(),
+        }
     }
 }
 
@@ -128,7 +136,11 @@ pub fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{:x}{}", (nanos ^ std::process::id()) & 0xfffff, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{:x}{}",
+        (nanos ^ std::process::id()) & 0xfffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Polls `check` until it returns Some, at most `timeout` and at most `timeout / step`
@@ -156,14 +168,32 @@ where
 /// Installs sdfleet's CRDs from `crds/` (idempotent) and waits until they are served.
 pub fn install_crds(tb: &Testbed) {
     let crds = repo_root().join("crds");
-    let out = tb.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds).output().unwrap();
-    assert!(out.status.success(), "apply crds: {}", String::from_utf8_lossy(&out.stderr));
     let out = tb
         .kubectl()
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd/comfyuideployments.sdfleet.io"])
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&crds)
         .output()
         .unwrap();
-    assert!(out.status.success(), "crd not established: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "apply crds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tb
+        .kubectl()
+        .args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/comfyuideployments.sdfleet.io",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crd not established: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The real controller binary, run as a process against the testbed, watching one
@@ -179,16 +209,29 @@ pub fn sdfleet_bin() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl ControllerProcess {
     pub fn start(tb: &Testbed, namespace: &str, extra: &[&str]) -> ControllerProcess {
-        let mut args: Vec<String> =
-            ["controller", "--cloud", "kwok", "--cluster-name", "testbed", "--region", "us-west-2", "--namespace", namespace]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let mut args: Vec<String> = [
+            "controller",
+            "--cloud",
+            "kwok",
+            "--cluster-name",
+            "testbed",
+            "--region",
+            "us-west-2",
+            "--namespace",
+            namespace,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(tb, args)
     }
@@ -209,7 +252,11 @@ impl ControllerProcess {
             .stderr(log)
             .spawn()
             .expect("start sdfleet controller");
-        ControllerProcess { child, metrics_port, args }
+        ControllerProcess {
+            child,
+            metrics_port,
+            args,
+        }
     }
 
     /// Kills the process (SIGKILL, as a crash would) and starts a new one with the same flags.
@@ -251,14 +298,25 @@ impl Drop for ControllerProcess {
 /// A plain HTTP/1.0 GET on 127.0.0.1; the body on 200, None otherwise.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port)))
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
         .await
         .ok()?
         .ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then(|| body.to_string()).or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
 }
