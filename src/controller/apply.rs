@@ -72,8 +72,9 @@ pub async fn apply(
         })?;
     if let Some(live) = &live {
         let live = serde_json::to_value(live).unwrap_or(Value::Null);
-        if contains(&live, &child.manifest) {
-            return Ok(Applied::Unchanged);
+        match first_difference(&live, &child.manifest) {
+            None => return Ok(Applied::Unchanged),
+            Some(path) => tracing::info!(kind = %child.api.kind, name = %child.name, field = %path, "child differs; applying"),
         }
     }
     metrics.record_write("apply", &child.api.kind);
@@ -145,31 +146,40 @@ pub async fn prune(
 /// the same length, item by item. Quantities the apiserver normalises (`1000m` → `1`)
 /// compare unequal and cost one idempotent apply, never a wrong skip.
 pub fn contains(live: &Value, desired: &Value) -> bool {
+    first_difference(live, desired).is_none()
+}
+
+/// The path of the first field of `desired` that `live` lacks or holds differently.
+pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
     match (live, desired) {
-        (Value::Object(l), Value::Object(d)) => d.iter().all(|(k, dv)| match l.get(k) {
-            Some(lv) => contains(lv, dv),
-            None => is_empty(dv),
+        (Value::Object(l), Value::Object(d)) => d.iter().find_map(|(k, dv)| match l.get(k) {
+            Some(lv) => first_difference(lv, dv).map(|p| format!(".{k}{p}")),
+            None => (!is_empty(dv)).then(|| format!(".{k}")),
         }),
-        (Value::Array(l), Value::Array(d)) => {
-            l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv))
+        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => {
+            l.iter().zip(d).enumerate().find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|p| format!("[{i}]{p}")))
         }
-        (Value::Number(l), Value::Number(d)) => l.as_f64() == d.as_f64(),
-        (l, d) => l == d,
+        (Value::Number(l), Value::Number(d)) if l.as_f64() == d.as_f64() => None,
+        (l, d) if l == d => None,
+        _ => Some(String::new()),
     }
 }
 
-/// The apiserver drops empty maps and lists we send, so their absence is a match.
+/// The apiserver drops empty maps, lists and strings we send (a PV's
+/// `storageClassName: ""`), so their absence is a match.
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Object(m) => m.is_empty(),
         Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Null => true,
         _ => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use super::{contains, first_difference};
     use serde_json::json;
 
     #[test]

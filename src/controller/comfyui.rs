@@ -14,7 +14,6 @@ use kube::api::{
 };
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{self, Event as Finalizer};
 use serde_json::json;
 
 use super::apply::{self, Applied, ApplyError};
@@ -36,8 +35,6 @@ pub enum Error {
     Apply(#[from] ApplyError),
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(Box<finalizer::Error<Error>>),
     #[error("missing dependencies: {0}")]
     MissingDependency(String),
 }
@@ -47,7 +44,6 @@ impl Error {
         match self {
             Error::Apply(_) => "ApplyFailed",
             Error::Kube(_) => "KubeError",
-            Error::Finalizer(_) => "FinalizerFailed",
             Error::MissingDependency(_) => "MissingDependency",
         }
     }
@@ -60,17 +56,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         &obj.namespace().unwrap_or_default(),
         &cud_api_resource(),
     );
-    let result = finalizer::finalizer(&api, FINALIZER, obj, |event| async {
-        match event {
-            Finalizer::Apply(obj) => apply_fleet(&obj, &ctx).await,
-            Finalizer::Cleanup(obj) => cleanup(&obj, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    let result = reconcile_with_finalizer(&api, &obj, &ctx).await;
     ctx.metrics
         .reconcile_duration
         .observe(start.elapsed().as_secs_f64());
@@ -82,6 +68,56 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
         })
         .inc();
     result
+}
+
+/// Adds our finalizer before anything is created, and removes it only once cleanup has
+/// deleted every child. (kube's `finalizer()` helper removes it as soon as cleanup
+/// returns, which would orphan children that take several passes to delete.)
+async fn reconcile_with_finalizer(
+    api: &Api<DynamicObject>,
+    obj: &DynamicObject,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let finalizers = obj.finalizers();
+    let ours = finalizers.iter().any(|f| f == FINALIZER);
+    if obj.metadata.deletion_timestamp.is_some() {
+        if !ours {
+            return Ok(Action::await_change());
+        }
+        if !cleanup(obj, ctx).await? {
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+        set_finalizers(api, obj, json!(rest), ctx).await?;
+        return Ok(Action::await_change());
+    }
+    if !ours {
+        let mut all = finalizers.to_vec();
+        all.push(FINALIZER.to_string());
+        // The patch triggers a new reconcile with the finalizer in place.
+        set_finalizers(api, obj, json!(all), ctx).await?;
+        return Ok(Action::await_change());
+    }
+    apply_fleet(obj, ctx).await
+}
+
+/// Replaces the finalizer list, failing with a conflict if the object changed since read.
+async fn set_finalizers(
+    api: &Api<DynamicObject>,
+    obj: &DynamicObject,
+    finalizers: serde_json::Value,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    ctx.metrics.record_write("patch", "ComfyUIDeployment");
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -446,8 +482,8 @@ async fn publish(ctx: &Context, obj: &DynamicObject, type_: EventType, reason: &
 /// Deletes children in stages, one stage per pass: the workload first (its pods go
 /// before their volumes), then the claims, then the volumes, then the NodePool (so
 /// Karpenter drains its nodes), then the node class. The finalizer is removed only when
-/// nothing is left. S3 data is never touched: the volumes are Retain.
-async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
+/// nothing is left: returns true then. S3 data is never touched: the volumes are Retain.
+async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<bool, Error> {
     let fleet = FleetNames::new(&obj.namespace().unwrap_or_default(), &obj.name_any());
     let selector = fleet.owner_selector();
     let stages: [&[ChildKind]; 5] = [
@@ -493,8 +529,9 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
             }
         }
         if remaining > 0 {
-            return Ok(Action::requeue(Duration::from_secs(2)));
+            tracing::info!(object = %object_key(obj), remaining, "waiting for children to be deleted");
+            return Ok(false);
         }
     }
-    Ok(Action::await_change())
+    Ok(true)
 }
