@@ -3,5 +3,6 @@
 pub mod cloud;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod render;
 pub mod telemetry;

@@ -38,13 +38,13 @@ enum Command {
 struct ControllerArgs {
     /// The EKS cluster name: the default subnet and security-group discovery tag.
     #[arg(long, env = "SDFLEET_CLUSTER_NAME")]
-    cluster_name: String,
+    cluster_name: Option<String>,
     /// Where nodes come from: `aws` writes EC2NodeClasses, `kwok` KWOKNodeClasses (testbed, demo).
     #[arg(long, value_enum, default_value = "aws", env = "SDFLEET_CLOUD")]
     cloud: Cloud,
     /// The default region of S3 buckets.
     #[arg(long, env = "AWS_REGION")]
-    region: String,
+    region: Option<String>,
     /// Watch only this namespace (default: all).
     #[arg(long, env = "SDFLEET_NAMESPACE")]
     namespace: Option<String>,
@@ -54,6 +54,12 @@ struct ControllerArgs {
     /// Log JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Reconcile only while holding the Lease `sdfleet-controller` (run several replicas).
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the leader-election Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
 }
 
 fn main() -> ExitCode {
@@ -84,8 +90,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let cluster = ClusterSettings {
-                cluster_name,
-                region,
+                cluster_name: Some(cluster_name),
+                region: Some(region),
             };
             let ctx = RenderContext {
                 cluster: &cluster,
@@ -130,7 +136,10 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         };
         let settings = sdfleet::controller::Settings {
             cloud: args.cloud,
-            cluster: ClusterSettings { cluster_name: args.cluster_name, region: args.region },
+            cluster: ClusterSettings {
+                cluster_name: args.cluster_name.filter(|c| !c.is_empty()),
+                region: args.region.filter(|r| !r.is_empty()),
+            },
             namespace: args.namespace,
         };
         let metrics = std::sync::Arc::new(sdfleet::telemetry::Metrics::default());
@@ -140,9 +149,43 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         });
         let server = tokio::spawn(sdfleet::telemetry::serve(args.metrics_addr, health.clone()));
         tracing::info!(cloud = ?settings.cloud, namespace = ?settings.namespace, "starting controller");
-        let ctx = std::sync::Arc::new(sdfleet::controller::Context::new(client, settings, metrics));
+        let ctx = std::sync::Arc::new(sdfleet::controller::Context::new(client.clone(), settings, metrics));
         health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        sdfleet::controller::run(ctx).await;
+        if args.leader_elect {
+            let lease = match sdfleet::leader::Leader::acquire(client, &args.leader_election_namespace).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    tracing::info!("stopped before becoming leader");
+                    server.abort();
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "leader election failed");
+                    server.abort();
+                    return ExitCode::FAILURE;
+                }
+            };
+            let (lost, release) = lease.split();
+            let lost_leadership = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = lost_leadership.clone();
+            sdfleet::controller::run(ctx, async move {
+                tokio::select! {
+                    _ = sdfleet::leader::shutdown_signal() => {}
+                    _ = lost => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+                }
+            })
+            .await;
+            release.await;
+            server.abort();
+            // A leader that lost its lease exits so that it restarts as a standby.
+            return if lost_leadership.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("lost the leader lease; exiting");
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        sdfleet::controller::run(ctx, sdfleet::leader::shutdown_signal()).await;
         server.abort();
         ExitCode::SUCCESS
     })

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::{ClusterSettings, NodeClassProvider};
 use crate::crd::comfyui::NodeClassSpec;
+use crate::render::RenderError;
 use crate::render::names::{FLEET_KEY, FleetNames};
 
 pub struct Aws;
@@ -25,15 +26,17 @@ impl NodeClassProvider for Aws {
         fleet: &FleetNames,
         node_class: &NodeClassSpec,
         cluster: &ClusterSettings,
-    ) -> Value {
-        let discovery = || {
-            BTreeMap::from([(
-                "karpenter.sh/discovery".to_string(),
-                cluster.cluster_name.clone(),
-            )])
-        };
-        let subnet_tags = non_empty_or(&node_class.subnet_selector_tags, discovery);
-        let security_group_tags = non_empty_or(&node_class.security_group_selector_tags, discovery);
+    ) -> Result<Value, RenderError> {
+        let subnet_tags = selector_tags(
+            &node_class.subnet_selector_tags,
+            "subnetSelectorTags",
+            cluster,
+        )?;
+        let security_group_tags = selector_tags(
+            &node_class.security_group_selector_tags,
+            "securityGroupSelectorTags",
+            cluster,
+        )?;
         // Bottlerocket boots from a small OS volume; its data volume is the second device.
         let root_device = if node_class.ami_alias.starts_with("bottlerocket@") {
             "/dev/xvdb"
@@ -75,17 +78,27 @@ impl NodeClassProvider for Aws {
         } else if let Some(profile) = node_class.instance_profile() {
             spec["instanceProfile"] = json!(profile);
         }
-        spec
+        Ok(spec)
     }
 }
 
-fn non_empty_or(
+/// The given tags, or the Karpenter discovery tag of the controller's `--cluster-name`.
+fn selector_tags(
     tags: &BTreeMap<String, String>,
-    default: impl Fn() -> BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
-    if tags.is_empty() {
-        default()
-    } else {
-        tags.clone()
+    field: &str,
+    cluster: &ClusterSettings,
+) -> Result<BTreeMap<String, String>, RenderError> {
+    if !tags.is_empty() {
+        return Ok(tags.clone());
+    }
+    match &cluster.cluster_name {
+        Some(name) => Ok(BTreeMap::from([(
+            "karpenter.sh/discovery".to_string(),
+            name.clone(),
+        )])),
+        None => Err(RenderError::InvalidSpec {
+            field: format!("spec.nodeClass.{field}"),
+            message: "is empty and the controller has no --cluster-name to default it from".into(),
+        }),
     }
 }

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::{ClusterSettings, NodeClassProvider};
 use crate::crd::comfyui::NodeClassSpec;
+use crate::render::RenderError;
 use crate::render::names::FleetNames;
 
 pub struct Kwok;
@@ -24,7 +25,7 @@ impl NodeClassProvider for Kwok {
         _fleet: &FleetNames,
         _node_class: &NodeClassSpec,
         _cluster: &ClusterSettings,
-    ) -> Value {
-        json!({})
+    ) -> Result<Value, RenderError> {
+        Ok(json!({}))
     }
 }

@@ -12,6 +12,7 @@ use kube::core::ApiResource;
 use serde_json::Value;
 
 use crate::crd::comfyui::NodeClassSpec;
+use crate::render::RenderError;
 use crate::render::names::FleetNames;
 
 /// The `--cloud` switch of the controller and of `sdfleet render`.
@@ -24,8 +25,10 @@ pub enum Cloud {
 /// Settings of the cluster the fleet runs in, from the controller's flags.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
-    pub cluster_name: String,
-    pub region: String,
+    /// `--cluster-name`: the default Karpenter discovery tag of subnets and security groups.
+    pub cluster_name: Option<String>,
+    /// `--region`: the default region of S3 buckets.
+    pub region: Option<String>,
 }
 
 /// A Karpenter cloud provider's node class, as the fleet's NodePool sees it.
@@ -38,7 +41,7 @@ pub trait NodeClassProvider: Send + Sync {
         fleet: &FleetNames,
         node_class: &NodeClassSpec,
         cluster: &ClusterSettings,
-    ) -> Value;
+    ) -> Result<Value, RenderError>;
 }
 
 impl Cloud {

@@ -74,7 +74,9 @@ pub async fn apply(
         let live = serde_json::to_value(live).unwrap_or(Value::Null);
         match first_difference(&live, &child.manifest) {
             None => return Ok(Applied::Unchanged),
-            Some(path) => tracing::info!(kind = %child.api.kind, name = %child.name, field = %path, "child differs; applying"),
+            Some(path) => {
+                tracing::info!(kind = %child.api.kind, name = %child.name, field = %path, "child differs; applying")
+            }
         }
     }
     metrics.record_write("apply", &child.api.kind);
@@ -156,9 +158,11 @@ pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
             Some(lv) => first_difference(lv, dv).map(|p| format!(".{k}{p}")),
             None => (!is_empty(dv)).then(|| format!(".{k}")),
         }),
-        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => {
-            l.iter().zip(d).enumerate().find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|p| format!("[{i}]{p}")))
-        }
+        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => l
+            .iter()
+            .zip(d)
+            .enumerate()
+            .find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|p| format!("[{i}]{p}"))),
         (Value::Number(l), Value::Number(d)) if l.as_f64() == d.as_f64() => None,
         (l, d) if l == d => None,
         _ => Some(String::new()),
@@ -206,5 +210,17 @@ mod tests {
             &json!({"spec": {"replicas": 2, "list": ["a", "b"]}}),
             &json!({"spec": {"volumes": []}})
         ));
+        assert!(contains(
+            &json!({"spec": {}}),
+            &json!({"spec": {"storageClassName": ""}})
+        ));
+        assert!(!contains(
+            &json!({"spec": {"storageClassName": "gp3"}}),
+            &json!({"spec": {"storageClassName": ""}})
+        ));
+        assert_eq!(
+            first_difference(&json!({"a": [{"b": 1}]}), &json!({"a": [{"b": 2}]})).as_deref(),
+            Some(".a[0].b")
+        );
     }
 }

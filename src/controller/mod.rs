@@ -113,8 +113,11 @@ fn owner_of(child: &DynamicObject, cud_api: &ApiResource) -> Option<ObjectRef<Dy
     Some(ObjectRef::new_with(name, cud_api.clone()).within(namespace))
 }
 
-/// Runs the controller until SIGTERM/SIGINT. `ready` is called once watches start.
-pub async fn run(ctx: Arc<Context>) {
+/// Runs the controller until `shutdown` completes (SIGTERM, or leadership lost).
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let cud_ar = cud_api_resource();
     let cuds: Api<DynamicObject> = match &ctx.settings.namespace {
@@ -144,7 +147,7 @@ pub async fn run(ctx: Arc<Context>) {
         );
     }
     controller
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(comfyui::reconcile, comfyui::error_policy, ctx)
         .for_each(|result| async move {
             match result {

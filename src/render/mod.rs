@@ -92,7 +92,7 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
             None,
             &fleet,
             None,
-            ctx.node_class.spec(&fleet, &spec.node_class, ctx.cluster),
+            ctx.node_class.spec(&fleet, &spec.node_class, ctx.cluster)?,
         ),
     ));
     let pool_api = nodepool::api_resource();
@@ -248,8 +248,8 @@ spec:
 
     pub fn cluster() -> ClusterSettings {
         ClusterSettings {
-            cluster_name: "demo".into(),
-            region: "us-west-2".into(),
+            cluster_name: Some("demo".into()),
+            region: Some("us-west-2".into()),
         }
     }
 
@@ -364,5 +364,26 @@ spec:
             spec["subnetSelectorTerms"][0]["tags"],
             json!({"tier": "private"})
         );
+    }
+
+    #[test]
+    fn missing_controller_defaults_name_the_field_to_set() {
+        let cud = example(SDXL);
+        let bare = ClusterSettings {
+            cluster_name: None,
+            region: None,
+        };
+        let ctx = RenderContext {
+            cluster: &bare,
+            node_class: Cloud::Aws.provider(),
+        };
+        let err = build(&cud, &ctx).unwrap_err().to_string();
+        assert!(err.contains("spec.nodeClass.subnetSelectorTags"), "{err}");
+        let kwok = RenderContext {
+            cluster: &bare,
+            node_class: Cloud::Kwok.provider(),
+        };
+        let err = build(&cud, &kwok).unwrap_err().to_string();
+        assert!(err.contains("spec.storage.outputs.region"), "{err}");
     }
 }

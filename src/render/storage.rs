@@ -41,7 +41,12 @@ pub fn volumes(
                 .region
                 .clone()
                 .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| cluster.region.clone());
+                .or_else(|| cluster.region.clone())
+                .ok_or_else(|| RenderError::InvalidSpec {
+                    field: format!("spec.storage.{purpose}.region"),
+                    message: "is not set and the controller has no --region to default it from"
+                        .into(),
+                })?;
             out.push(S3Volume {
                 purpose,
                 mount_path,
