@@ -232,6 +232,98 @@ async fn fleet_lifecycle_create_update_drift_delete() {
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "cud-life").await;
     let mut controller = ControllerProcess::start(tb, &ns.name, &[]);
+    lifecycle(tb, &client, &ns, &mut controller).await;
+}
+
+/// The same scenario with the controller holding only the Helm chart's RBAC: it acts as
+/// the chart's ServiceAccount (impersonation) and elects itself leader on the chart's Lease.
+#[tokio::test]
+async fn fleet_lifecycle_under_the_charts_rbac() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let suffix = common::unique_suffix();
+    let (release, release_ns) = (format!("rbac{suffix}"), format!("sdfleet-rbac-{suffix}"));
+    let out = common::helm_install(tb, &release, &release_ns, &["--set", "replicaCount=1"]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa = format!("{release}-sdfleet");
+    let as_sa = format!("system:serviceaccount:{release_ns}:{sa}");
+    for verb in ["get", "list", "watch"] {
+        let out = tb
+            .kubectl()
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                "secrets",
+                "--all-namespaces",
+                "--as",
+                &as_sa,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "no",
+            "the chart's ServiceAccount can {verb} Secrets"
+        );
+    }
+    let out = tb
+        .kubectl()
+        .args([
+            "auth",
+            "can-i",
+            "patch",
+            "nodepools.karpenter.sh",
+            "--as",
+            &as_sa,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes");
+
+    let ns = TestNamespace::new(&client, "cud-rbac").await;
+    let kubeconfig = common::impersonating_kubeconfig(tb, &release_ns, &sa);
+    let mut controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &["--leader-elect", "--leader-election-namespace", &release_ns],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("POD_NAME", "rbac-controller"),
+        ],
+    );
+    lifecycle(tb, &client, &ns, &mut controller).await;
+    drop(controller);
+    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
+        .args([
+            "uninstall",
+            &release,
+            "--namespace",
+            &release_ns,
+            "--kubeconfig",
+        ])
+        .arg(tb.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn lifecycle(
+    tb: &Testbed,
+    client: &Client,
+    ns: &TestNamespace,
+    controller: &mut ControllerProcess,
+) {
+    let client = client.clone();
     let fleet = Fleet::new(&client, &ns.name, "sdxl");
 
     // Create: every child, a GPU node of a listed type, pods running on it, Ready.

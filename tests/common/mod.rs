@@ -202,6 +202,7 @@ pub struct ControllerProcess {
     pub child: std::process::Child,
     pub metrics_port: u16,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub fn sdfleet_bin() -> PathBuf {
@@ -218,6 +219,16 @@ pub fn free_port() -> u16 {
 
 impl ControllerProcess {
     pub fn start(tb: &Testbed, namespace: &str, extra: &[&str]) -> ControllerProcess {
+        Self::start_with_env(tb, namespace, extra, &[])
+    }
+
+    /// As `start`, with extra environment (e.g. `KUBECONFIG` of another identity, `POD_NAME`).
+    pub fn start_with_env(
+        tb: &Testbed,
+        namespace: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ControllerProcess {
         let mut args: Vec<String> = [
             "controller",
             "--cloud",
@@ -233,10 +244,14 @@ impl ControllerProcess {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(tb, args)
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(tb, args, env)
     }
 
-    fn spawn(tb: &Testbed, args: Vec<String>) -> ControllerProcess {
+    fn spawn(tb: &Testbed, args: Vec<String>, env: Vec<(String, String)>) -> ControllerProcess {
         let metrics_port = free_port();
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("sdfleet-controller-{metrics_port}.log")),
@@ -248,6 +263,7 @@ impl ControllerProcess {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .env("KUBECONFIG", tb.kubeconfig())
             .env("RUST_LOG", "info,sdfleet=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -256,6 +272,7 @@ impl ControllerProcess {
             child,
             metrics_port,
             args,
+            env,
         }
     }
 
@@ -263,7 +280,7 @@ impl ControllerProcess {
     pub fn restart_after_kill(&mut self, tb: &Testbed) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        *self = Self::spawn(tb, self.args.clone());
+        *self = Self::spawn(tb, self.args.clone(), self.env.clone());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -319,4 +336,53 @@ pub async fn http_get(port: u16, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.0 200")
         .then(|| body.to_string())
         .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+}
+
+/// Installs the Helm chart into `namespace` as release `release` (for its RBAC and
+/// objects; the controller itself runs as a local process in the tests).
+pub fn helm_install(
+    tb: &Testbed,
+    release: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
+        .args(["install", release])
+        .arg(repo_root().join("charts/sdfleet"))
+        .args([
+            "--namespace",
+            namespace,
+            "--create-namespace",
+            "--kubeconfig",
+        ])
+        .arg(tb.kubeconfig())
+        .args([
+            "--set",
+            "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok",
+        ])
+        .args(extra)
+        .output()
+        .expect("run helm")
+}
+
+/// A kubeconfig that acts as the ServiceAccount `namespace/name` (impersonation), so a
+/// process using it has exactly that account's RBAC.
+pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(tb.kubeconfig()).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_start().starts_with("client-key-data:") {
+            out.push_str(&format!(
+                "    as: system:serviceaccount:{namespace}:{name}\n"
+            ));
+            out.push_str(&format!(
+                "    as-groups: [system:serviceaccounts, \"system:serviceaccounts:{namespace}\", system:authenticated]\n"
+            ));
+        }
+    }
+    let path = std::env::temp_dir().join(format!("sdfleet-kubeconfig-{namespace}-{name}"));
+    std::fs::write(&path, out).unwrap();
+    path
 }

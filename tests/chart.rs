@@ -1,0 +1,183 @@
+//! The Helm chart: lint-clean, renders objects the apiserver accepts, rejects bad values
+//! at install with a clear message, installs into the testbed.
+
+mod common;
+
+use common::{TestNamespace, Testbed, repo_root, unique_suffix};
+
+fn helm(tb: &Testbed) -> std::process::Command {
+    let mut cmd = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"));
+    cmd.arg("--kubeconfig").arg(tb.kubeconfig());
+    cmd
+}
+
+fn chart() -> String {
+    repo_root()
+        .join("charts/sdfleet")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn helm_lint_strict_is_clean() {
+    let tb = Testbed::get();
+    let out = helm(tb)
+        .args(["lint", "--strict", &chart()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("[WARNING]") && !text.contains("[ERROR]"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn rendered_chart_passes_server_side_dry_run() {
+    let tb = Testbed::get();
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "chart-dry").await;
+    for extra in [
+        vec![],
+        vec![
+            "--set",
+            "networkPolicy.enabled=true,controller.clusterName=c,controller.region=eu-west-1,controller.watchNamespace=studio",
+        ],
+    ] {
+        let out = helm(tb)
+            .args([
+                "template",
+                "dry",
+                &chart(),
+                "--kube-version",
+                "v1.35.4",
+                "--namespace",
+                &ns.name,
+            ])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rendered = String::from_utf8(out.stdout).unwrap();
+        for kind in [
+            "kind: Deployment",
+            "kind: ClusterRole",
+            "kind: ServiceAccount",
+            "kind: Role",
+            "kind: PodDisruptionBudget",
+        ] {
+            assert!(rendered.contains(kind), "{kind} not rendered");
+        }
+        assert!(
+            !rendered.contains("secrets"),
+            "the chart must not grant access to Secrets"
+        );
+        assert!(
+            !rendered.contains("'*'")
+                && !rendered.contains("[\"*\"]")
+                && !rendered.contains("- '*'")
+        );
+        let mut apply = tb
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        apply
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rendered.as_bytes())
+            .unwrap();
+        let out = apply.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "dry-run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn bad_values_fail_at_install_with_a_clear_message() {
+    let tb = Testbed::get();
+    for (set, expect) in [
+        ("controller.cloud=gcp", "/controller/cloud"),
+        ("replicaCount=0", "/replicaCount"),
+        ("controller.region=Oregon", "/controller/region"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+    ] {
+        let out = helm(tb)
+            .args([
+                "install",
+                "bad",
+                &chart(),
+                "--dry-run",
+                "--namespace",
+                "default",
+                "--set",
+                set,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set} was accepted");
+        assert!(err.contains(expect), "{set}: {err}");
+    }
+}
+
+#[test]
+fn helm_install_into_the_testbed() {
+    let tb = Testbed::get();
+    let suffix = unique_suffix();
+    let (release, ns) = (format!("inst{suffix}"), format!("sdfleet-inst-{suffix}"));
+    let out = common::helm_install(tb, &release, &ns, &["--wait", "--timeout", "120s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tb
+        .kubectl()
+        .args([
+            "-n",
+            &ns,
+            "get",
+            "deployment",
+            &format!("{release}-sdfleet"),
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2",
+        "two controller replicas (kwok runs the pods)"
+    );
+    let out = helm(tb)
+        .args(["uninstall", &release, "--namespace", &ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = tb
+        .kubectl()
+        .args(["delete", "namespace", &ns, "--wait=false"])
+        .output();
+}
