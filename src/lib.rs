@@ -3,6 +3,7 @@
 pub mod cloud;
 pub mod controller;
 pub mod crd;
+pub mod docs;
 pub mod leader;
 pub mod render;
 pub mod telemetry;

@@ -20,6 +20,8 @@ enum Command {
     Controller(ControllerArgs),
     /// Print the CRD YAML (what `crds/` and the Helm chart hold).
     Crds,
+    /// Print the CRD reference (Markdown), generated from the CRD schemas.
+    Docs,
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
     Render {
@@ -81,6 +83,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Controller(_) => return Err("the controller runs from main".into()),
         Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
+        Command::Docs => print!("{}", sdfleet::docs::crd_reference()?),
         Command::Render {
             file,
             cloud,

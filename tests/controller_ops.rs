@@ -179,4 +179,25 @@ async fn metrics_and_health_endpoints_serve_the_documented_series() {
         })
         .await;
     }
+
+    // SIGTERM: a graceful stop with exit status 0, within a bounded wait.
+    let mut controller = controller;
+    let pid = controller.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut status = None;
+    for _ in 0..100 {
+        status = controller.child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = status.expect("the controller exits within 20 s of SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
 }
