@@ -6,4 +6,5 @@ pub mod crd;
 pub mod docs;
 pub mod leader;
 pub mod render;
+pub mod sync;
 pub mod telemetry;

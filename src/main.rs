@@ -22,6 +22,8 @@ enum Command {
     Crds,
     /// Print the CRD reference (Markdown), generated from the CRD schemas.
     Docs,
+    /// Sync an S3 prefix into a directory once (what the node agent and SSM run).
+    Sync(SyncArgs),
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
     Render {
@@ -64,10 +66,38 @@ struct ControllerArgs {
     leader_election_namespace: String,
 }
 
+#[derive(clap::Args)]
+struct SyncArgs {
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, default_value = "")]
+    prefix: String,
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// An S3-compatible endpoint (path-style addressing).
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    endpoint: Option<String>,
+    /// The directory to sync into; nothing is ever written outside it.
+    #[arg(long)]
+    dest: PathBuf,
+    /// Remove files this tool wrote whose objects are gone.
+    #[arg(long)]
+    delete: bool,
+    /// Globs over keys relative to the prefix; none = all.
+    #[arg(long)]
+    include: Vec<String>,
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Concurrent GET requests.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Controller(args) => return run_controller(args),
+        Command::Sync(args) => return run_sync(args),
         other => other,
     };
     match run(command) {
@@ -81,7 +111,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Controller(_) => return Err("the controller runs from main".into()),
+        Command::Controller(_) | Command::Sync(_) => return Err("runs from main".into()),
         Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
         Command::Docs => print!("{}", sdfleet::docs::crd_reference()?),
         Command::Render {
@@ -191,5 +221,70 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         sdfleet::controller::run(ctx, sdfleet::leader::shutdown_signal()).await;
         server.abort();
         ExitCode::SUCCESS
+    })
+}
+
+fn run_sync(args: SyncArgs) -> ExitCode {
+    use sdfleet::sync::{self, SyncOptions, catalog::Catalog, catalog::Filter, store::ObjectStore};
+    sdfleet::telemetry::init_logging(false);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let started = std::time::Instant::now();
+        let filter = match Filter::new(&args.include, &args.exclude) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&args.dest) {
+            eprintln!("error: {}: {e}", args.dest.display());
+            return ExitCode::FAILURE;
+        }
+        let store =
+            sync::store::S3Store::connect(&args.bucket, &args.prefix, args.region.as_deref(), args.endpoint.as_deref())
+                .await;
+        let objects = match store.list().await {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let catalog = Catalog::new(objects.into_iter().filter(|o| filter.accepts(&o.key)).collect());
+        let mut opts = SyncOptions::new(&args.dest);
+        opts.delete = args.delete;
+        opts.concurrency = args.concurrency;
+        match sync::sync(&store, &catalog, &opts).await {
+            Ok(report) => {
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "revision {}: {} fetched ({}, {:.1} MB/s), {} unchanged, {} deleted, {} refused, in {:.1} s",
+                    catalog.revision(),
+                    report.downloaded,
+                    sync::human(report.bytes),
+                    report.bytes as f64 / 1e6 / secs.max(1e-3),
+                    report.unchanged,
+                    report.deleted,
+                    report.refused.len(),
+                    secs
+                );
+                for r in &report.refused {
+                    eprintln!("refused: {r}");
+                }
+                // Refused keys are a failure the caller must see (SSM records the status).
+                if report.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

@@ -1,0 +1,119 @@
+//! What a sync must do: compare the catalog with the manifest of what is on disk.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{Catalog, Object};
+use super::paths::{self, UnsafeKey};
+
+/// One file sdfleet wrote: the object it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    pub size: u64,
+    pub etag: String,
+}
+
+/// Every file sdfleet wrote under DEST, by key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub entries: BTreeMap<String, ManifestEntry>,
+}
+
+const MANIFEST: &str = "manifest.json";
+
+impl Manifest {
+    /// The saved manifest, or an empty one (first sync, or an unreadable file: refetch).
+    pub async fn load(state: &Path) -> std::io::Result<Manifest> {
+        match tokio::fs::read(state.join(MANIFEST)).await {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Written to a temporary file and renamed: never half-written.
+    pub async fn save(&self, state: &Path) -> std::io::Result<()> {
+        let tmp = state.join(format!("{MANIFEST}.tmp"));
+        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        tokio::fs::write(&tmp, bytes).await?;
+        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+        tokio::fs::rename(&tmp, state.join(MANIFEST)).await
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub download: Vec<Object>,
+    /// Keys in the manifest whose objects are gone (only with delete).
+    pub delete: Vec<String>,
+    pub unchanged: usize,
+    pub refused: Vec<UnsafeKey>,
+}
+
+/// An object is fetched unless the manifest has the same size and ETag and the file on
+/// disk has that size.
+pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -> Plan {
+    let mut plan = Plan::default();
+    for object in &catalog.objects {
+        let path = match paths::destination(dest, &object.key) {
+            Ok(p) => p,
+            Err(e) => {
+                plan.refused.push(e);
+                continue;
+            }
+        };
+        let recorded = manifest.entries.get(&object.key);
+        let on_disk = std::fs::symlink_metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
+        match (recorded, on_disk) {
+            (Some(e), Some(len)) if e.size == object.size && e.etag == object.etag && len == object.size => {
+                plan.unchanged += 1
+            }
+            _ => plan.download.push(object.clone()),
+        }
+    }
+    if delete {
+        let wanted: std::collections::BTreeSet<&str> = catalog.objects.iter().map(|o| o.key.as_str()).collect();
+        plan.delete = manifest.entries.keys().filter(|k| !wanted.contains(k.as_str())).cloned().collect();
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(key: &str, size: u64, etag: &str) -> Object {
+        Object { key: key.into(), size, etag: etag.into(), last_modified: None }
+    }
+
+    #[test]
+    fn only_new_or_changed_objects_are_fetched_and_only_ours_deleted() {
+        let dest = std::env::temp_dir().join(format!("sdfleet-plan-{}", std::process::id()));
+        std::fs::create_dir_all(dest.join("vae")).unwrap();
+        std::fs::write(dest.join("vae/same"), b"1234").unwrap();
+        std::fs::write(dest.join("vae/changed"), b"1234").unwrap();
+        std::fs::write(dest.join("vae/truncated"), b"12").unwrap();
+        let mut manifest = Manifest::default();
+        for (k, etag) in [("vae/same", "a"), ("vae/changed", "a"), ("vae/truncated", "a"), ("vae/gone", "a")] {
+            manifest.entries.insert(k.into(), ManifestEntry { size: 4, etag: etag.into() });
+        }
+        let catalog = Catalog::new(vec![
+            obj("vae/same", 4, "a"),
+            obj("vae/changed", 4, "b"),
+            obj("vae/truncated", 4, "a"),
+            obj("vae/new", 9, "c"),
+            obj("../escape", 1, "d"),
+        ]);
+        let p = plan(&catalog, &manifest, &dest, true);
+        let keys: Vec<_> = p.download.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["vae/changed", "vae/new", "vae/truncated"]);
+        assert_eq!(p.unchanged, 1);
+        assert_eq!(p.delete, ["vae/gone"]);
+        assert_eq!(p.refused.len(), 1);
+        assert_eq!(p.refused[0].key(), "../escape");
+        assert!(plan(&catalog, &manifest, &dest, false).delete.is_empty());
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
+}

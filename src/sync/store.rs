@@ -1,0 +1,103 @@
+//! Object storage behind a small trait: list a prefix, read (a range of) an object.
+//! `S3Store` is the AWS SDK implementation; it also serves S3-compatible endpoints.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use super::catalog::Object;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("listing s3://{bucket}/{prefix}: {message}")]
+    List { bucket: String, prefix: String, message: String },
+    #[error("reading s3://{bucket}/{key}: {message}")]
+    Get { bucket: String, key: String, message: String },
+}
+
+pub type ByteChunks = BoxStream<'static, Result<Bytes, StoreError>>;
+
+pub trait ObjectStore: Send + Sync {
+    /// Every object under the prefix, keys relative to it.
+    fn list(&self) -> impl Future<Output = Result<Vec<Object>, StoreError>> + Send;
+    /// The object's bytes, or bytes `start..=end` of it.
+    fn get(&self, key: &str, range: Option<(u64, u64)>) -> impl Future<Output = Result<ByteChunks, StoreError>> + Send;
+}
+
+/// A bucket and prefix in S3 (or an S3-compatible store).
+#[derive(Clone)]
+pub struct S3Store {
+    pub client: aws_sdk_s3::Client,
+    pub bucket: String,
+    pub prefix: String,
+}
+
+impl S3Store {
+    /// A client for `region`, optionally at `endpoint` (path-style addressing there).
+    pub async fn connect(bucket: &str, prefix: &str, region: Option<&str>, endpoint: Option<&str>) -> S3Store {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = region.filter(|r| !r.is_empty()) {
+            loader = loader.region(aws_config::Region::new(r.to_string()));
+        }
+        if let Some(e) = endpoint.filter(|e| !e.is_empty()) {
+            loader = loader.endpoint_url(e);
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared);
+        if endpoint.is_some_and(|e| !e.is_empty()) || shared.endpoint_url().is_some() {
+            config = config.force_path_style(true);
+        }
+        S3Store { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: bucket.into(), prefix: prefix.into() }
+    }
+}
+
+impl ObjectStore for S3Store {
+    async fn list(&self) -> Result<Vec<Object>, StoreError> {
+        let err = |e: String| StoreError::List { bucket: self.bucket.clone(), prefix: self.prefix.clone(), message: e };
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&self.prefix).into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| err(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            for o in page.contents() {
+                let Some(full) = o.key() else { continue };
+                let key = full.strip_prefix(&self.prefix).unwrap_or(full);
+                // Folder markers made by consoles are not models.
+                if key.is_empty() || key.ends_with('/') {
+                    continue;
+                }
+                out.push(Object {
+                    key: key.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+                    last_modified: o.last_modified().map(|t| t.to_string()),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<ByteChunks, StoreError> {
+        let full = format!("{}{key}", self.prefix);
+        let mut req = self.client.get_object().bucket(&self.bucket).key(&full);
+        if let Some((start, end)) = range {
+            req = req.range(format!("bytes={start}-{end}"));
+        }
+        let (bucket, k) = (self.bucket.clone(), full.clone());
+        let out = req.send().await.map_err(|e| StoreError::Get {
+            bucket: bucket.clone(),
+            key: k.clone(),
+            message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        })?;
+        let stream = futures::stream::try_unfold(out.body, |mut body| async move {
+            match body.try_next().await {
+                Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .map_err(move |message| StoreError::Get { bucket: bucket.clone(), key: k.clone(), message });
+        Ok(stream.boxed())
+    }
+}
