@@ -41,13 +41,23 @@ impl Filter {
                     .literal_separator(true)
                     .build()
                     .or_else(|_| Glob::new(g))
-                    .map_err(|source| GlobError { glob: g.clone(), source })?;
+                    .map_err(|source| GlobError {
+                        glob: g.clone(),
+                        source,
+                    })?;
                 b.add(glob);
             }
-            b.build().map_err(|source| GlobError { glob: globs.join(","), source })
+            b.build().map_err(|source| GlobError {
+                glob: globs.join(","),
+                source,
+            })
         };
         Ok(Filter {
-            include: if include.is_empty() { None } else { Some(build(include)?) },
+            include: if include.is_empty() {
+                None
+            } else {
+                Some(build(include)?)
+            },
             exclude: build(exclude)?,
         })
     }
@@ -132,7 +142,12 @@ mod tests {
     use super::*;
 
     fn obj(key: &str, size: u64, etag: &str) -> Object {
-        Object { key: key.into(), size, etag: etag.into(), last_modified: None }
+        Object {
+            key: key.into(),
+            size,
+            etag: etag.into(),
+            last_modified: None,
+        }
     }
 
     #[test]
@@ -144,9 +159,16 @@ mod tests {
 
     #[test]
     fn include_and_exclude_globs() {
-        let f = Filter::new(&["checkpoints/*".into(), "loras/**".into()], &["**/*.tmp".into()]).unwrap();
+        let f = Filter::new(
+            &["checkpoints/*".into(), "loras/**".into()],
+            &["**/*.tmp".into()],
+        )
+        .unwrap();
         assert!(f.accepts("checkpoints/a.safetensors"));
-        assert!(!f.accepts("checkpoints/sub/a.safetensors"), "* stays in one segment");
+        assert!(
+            !f.accepts("checkpoints/sub/a.safetensors"),
+            "* stays in one segment"
+        );
         assert!(f.accepts("loras/style/x.safetensors"));
         assert!(!f.accepts("loras/x.tmp"));
         assert!(!f.accepts("vae/v.safetensors"));
@@ -160,18 +182,40 @@ mod tests {
         let a = Catalog::new(vec![obj("b", 2, "e2"), obj("a", 1, "e1")]);
         let b = Catalog::new(vec![obj("a", 1, "e1"), obj("b", 2, "e2")]);
         assert_eq!(a.revision(), b.revision());
-        assert_ne!(a.revision(), Catalog::new(vec![obj("a", 1, "e1"), obj("b", 2, "e3")]).revision());
-        assert_ne!(a.revision(), Catalog::new(vec![obj("a", 1, "e1")]).revision());
-        assert_ne!(a.revision(), Catalog::new(vec![obj("a", 1, "e1"), obj("b", 3, "e2")]).revision());
+        assert_ne!(
+            a.revision(),
+            Catalog::new(vec![obj("a", 1, "e1"), obj("b", 2, "e3")]).revision()
+        );
+        assert_ne!(
+            a.revision(),
+            Catalog::new(vec![obj("a", 1, "e1")]).revision()
+        );
+        assert_ne!(
+            a.revision(),
+            Catalog::new(vec![obj("a", 1, "e1"), obj("b", 3, "e2")]).revision()
+        );
     }
 
     #[test]
     fn summary_by_type() {
-        let c = Catalog::new(vec![obj("checkpoints/a", 10, "x"), obj("checkpoints/b", 5, "y"), obj("vae/v", 1, "z")]);
+        let c = Catalog::new(vec![
+            obj("checkpoints/a", 10, "x"),
+            obj("checkpoints/b", 5, "y"),
+            obj("vae/v", 1, "z"),
+        ]);
         let t = c.by_type();
-        assert_eq!(t["checkpoints"], TypeSummary { count: 2, bytes: 15 });
+        assert_eq!(
+            t["checkpoints"],
+            TypeSummary {
+                count: 2,
+                bytes: 15
+            }
+        );
         assert_eq!(t["vae"], TypeSummary { count: 1, bytes: 1 });
         assert_eq!(c.total_bytes(), 16);
-        assert_eq!(c.to_tsv(), "checkpoints/a\t10\tx\ncheckpoints/b\t5\ty\nvae/v\t1\tz\n");
+        assert_eq!(
+            c.to_tsv(),
+            "checkpoints/a\t10\tx\ncheckpoints/b\t5\ty\nvae/v\t1\tz\n"
+        );
     }
 }

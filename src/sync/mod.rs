@@ -65,21 +65,35 @@ pub struct SyncReport {
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("models need {need}, instance store has {have} free at {dest}")]
-    NoSpace { need: String, have: String, dest: String },
+    NoSpace {
+        need: String,
+        have: String,
+        dest: String,
+    },
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{key}: size is {got} bytes, S3 says {want}")]
     SizeMismatch { key: String, got: u64, want: u64 },
     #[error("{key}: MD5 {got} does not match ETag {want}")]
-    ChecksumMismatch { key: String, got: String, want: String },
+    ChecksumMismatch {
+        key: String,
+        got: String,
+        want: String,
+    },
     #[error("{key}: would be written through a symlink created during the sync")]
     Unsafe { key: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
-    move |source| SyncError::Io { path: path.display().to_string(), source }
+    move |source| SyncError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Human-readable bytes (GiB/MiB/KiB, binary).
@@ -91,11 +105,19 @@ pub fn human(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// Brings `opts.dest` to `catalog`, reading objects from `store`.
-pub async fn sync<S: ObjectStore>(store: &S, catalog: &Catalog, opts: &SyncOptions) -> Result<SyncReport, SyncError> {
+pub async fn sync<S: ObjectStore>(
+    store: &S,
+    catalog: &Catalog,
+    opts: &SyncOptions,
+) -> Result<SyncReport, SyncError> {
     let dest = &opts.dest;
     let state = dest.join(STATE_DIR);
     let tmp = state.join("tmp");
@@ -112,17 +134,33 @@ pub async fn sync<S: ObjectStore>(store: &S, catalog: &Catalog, opts: &SyncOptio
     let manifest = Arc::new(Mutex::new(manifest));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let bytes = Arc::new(AtomicU64::new(0));
-    let Plan { download, delete, unchanged, refused } = plan;
+    let Plan {
+        download,
+        delete,
+        unchanged,
+        refused,
+    } = plan;
     let downloaded = download.len();
     futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
         .try_for_each_concurrent(opts.concurrency.max(1), |object| {
-            let (permits, manifest, bytes, tmp) = (permits.clone(), manifest.clone(), bytes.clone(), tmp.clone());
+            let (permits, manifest, bytes, tmp) = (
+                permits.clone(),
+                manifest.clone(),
+                bytes.clone(),
+                tmp.clone(),
+            );
             let state = state.clone();
             async move {
                 fetch(store, &object, dest, &tmp, opts, &permits).await?;
                 bytes.fetch_add(object.size, Ordering::Relaxed);
                 let mut m = manifest.lock().await;
-                m.entries.insert(object.key.clone(), ManifestEntry { size: object.size, etag: object.etag.clone() });
+                m.entries.insert(
+                    object.key.clone(),
+                    ManifestEntry {
+                        size: object.size,
+                        etag: object.etag.clone(),
+                    },
+                );
                 // Save now and then, so a crash loses little.
                 if m.entries.len() % 64 == 0 {
                     m.save(&state).await.map_err(io(&state))?;
@@ -146,7 +184,13 @@ pub async fn sync<S: ObjectStore>(store: &S, catalog: &Catalog, opts: &SyncOptio
         m.entries.remove(key);
     }
     m.save(&state).await.map_err(io(&state))?;
-    Ok(SyncReport { downloaded, bytes: bytes.load(Ordering::Relaxed), deleted, unchanged, refused })
+    Ok(SyncReport {
+        downloaded,
+        bytes: bytes.load(Ordering::Relaxed),
+        deleted,
+        unchanged,
+        refused,
+    })
 }
 
 fn check_space(dest: &Path, plan: &Plan) -> Result<(), SyncError> {
@@ -157,14 +201,21 @@ fn check_space(dest: &Path, plan: &Plan) -> Result<(), SyncError> {
     let stat = rustix::fs::statvfs(dest).map_err(|e| io(dest)(e.into()))?;
     let have = stat.f_bavail.saturating_mul(stat.f_frsize);
     if need > have {
-        return Err(SyncError::NoSpace { need: human(need), have: human(have), dest: dest.display().to_string() });
+        return Err(SyncError::NoSpace {
+            need: human(need),
+            have: human(have),
+            dest: dest.display().to_string(),
+        });
     }
     Ok(())
 }
 
 /// The temporary file of `key`, unique per key and never at a final path.
 fn temp_path(tmp: &Path, key: &str) -> PathBuf {
-    tmp.join(format!("{}.part", &hex::encode(Sha256::digest(key.as_bytes()))[..32]))
+    tmp.join(format!(
+        "{}.part",
+        &hex::encode(Sha256::digest(key.as_bytes()))[..32]
+    ))
 }
 
 async fn fetch<S: ObjectStore>(
@@ -191,7 +242,9 @@ async fn fetch<S: ObjectStore>(
                 let file = file.clone();
                 let part = part.clone();
                 async move {
-                    let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe { key: object.key.clone() })?;
+                    let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe {
+                        key: object.key.clone(),
+                    })?;
                     let mut body = store.get(&object.key, Some((start, end))).await?;
                     let mut at = start;
                     while let Some(chunk) = body.next().await {
@@ -200,14 +253,20 @@ async fn fetch<S: ObjectStore>(
                         at += chunk.len() as u64;
                     }
                     if at != end + 1 {
-                        return Err(SyncError::SizeMismatch { key: object.key.clone(), got: at - start, want: end + 1 - start });
+                        return Err(SyncError::SizeMismatch {
+                            key: object.key.clone(),
+                            got: at - start,
+                            want: end + 1 - start,
+                        });
                     }
                     Ok(())
                 }
             })
             .await?;
     } else {
-        let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe { key: object.key.clone() })?;
+        let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe {
+            key: object.key.clone(),
+        })?;
         let mut body = store.get(&object.key, None).await?;
         let mut md5 = Md5::new();
         let mut at = 0u64;
@@ -218,30 +277,48 @@ async fn fetch<S: ObjectStore>(
             at += chunk.len() as u64;
         }
         if at != object.size {
-            return Err(SyncError::SizeMismatch { key: object.key.clone(), got: at, want: object.size });
+            return Err(SyncError::SizeMismatch {
+                key: object.key.clone(),
+                got: at,
+                want: object.size,
+            });
         }
         // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain '-').
         if is_md5_etag(&object.etag) {
             let got = hex::encode(md5.finalize());
             if got != object.etag {
-                return Err(SyncError::ChecksumMismatch { key: object.key.clone(), got, want: object.etag.clone() });
+                return Err(SyncError::ChecksumMismatch {
+                    key: object.key.clone(),
+                    got,
+                    want: object.etag.clone(),
+                });
             }
         }
     }
 
     let len = file.metadata().map_err(io(&part))?.len();
     if len != object.size {
-        return Err(SyncError::SizeMismatch { key: object.key.clone(), got: len, want: object.size });
+        return Err(SyncError::SizeMismatch {
+            key: object.key.clone(),
+            got: len,
+            want: object.size,
+        });
     }
     file.sync_all().map_err(io(&part))?;
     drop(file);
 
     // Re-check right before the rename: a symlink may have appeared since planning.
-    let target = paths::destination(dest, &object.key).map_err(|_| SyncError::Unsafe { key: object.key.clone() })?;
+    let target = paths::destination(dest, &object.key).map_err(|_| SyncError::Unsafe {
+        key: object.key.clone(),
+    })?;
     if let Some(parent) = target.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(io(parent))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io(parent))?;
     }
-    tokio::fs::rename(&part, &target).await.map_err(io(&target))?;
+    tokio::fs::rename(&part, &target)
+        .await
+        .map_err(io(&target))?;
     if let Some(parent) = target.parent()
         && let Ok(dir) = std::fs::File::open(parent)
     {

@@ -20,7 +20,9 @@ pub enum UnsafeKey {
     Absolute(String),
     #[error("key {0:?} has a '.' or '..' segment")]
     DotSegment(String),
-    #[error("key {0:?} has a segment longer than {MAX_COMPONENT} bytes or is longer than {MAX_RELATIVE} bytes")]
+    #[error(
+        "key {0:?} has a segment longer than {MAX_COMPONENT} bytes or is longer than {MAX_RELATIVE} bytes"
+    )]
     TooLong(String),
     #[error("key {0:?} would be written through the symlink {1}")]
     Symlink(String, String),
@@ -97,7 +99,10 @@ pub fn destination(dest: &Path, key: &str) -> Result<PathBuf, UnsafeKey> {
         at.push(component);
         match std::fs::symlink_metadata(&at) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(UnsafeKey::Symlink(key.to_string(), at.display().to_string()));
+                return Err(UnsafeKey::Symlink(
+                    key.to_string(),
+                    at.display().to_string(),
+                ));
             }
             Ok(_) => {}
             // Nothing here yet: nothing below can be a symlink either.
@@ -113,9 +118,18 @@ mod tests {
 
     #[test]
     fn ordinary_keys_map_below_dest() {
-        assert_eq!(relative_path("checkpoints/sdxl.safetensors").unwrap(), PathBuf::from("checkpoints/sdxl.safetensors"));
-        assert_eq!(relative_path("loras/a b+c.safetensors").unwrap(), PathBuf::from("loras/a b+c.safetensors"));
-        assert_eq!(relative_path("..hidden/x..y").unwrap(), PathBuf::from("..hidden/x..y"));
+        assert_eq!(
+            relative_path("checkpoints/sdxl.safetensors").unwrap(),
+            PathBuf::from("checkpoints/sdxl.safetensors")
+        );
+        assert_eq!(
+            relative_path("loras/a b+c.safetensors").unwrap(),
+            PathBuf::from("loras/a b+c.safetensors")
+        );
+        assert_eq!(
+            relative_path("..hidden/x..y").unwrap(),
+            PathBuf::from("..hidden/x..y")
+        );
     }
 
     #[test]
@@ -136,8 +150,14 @@ mod tests {
             assert!(format!("{err:?}").starts_with(expect), "{key:?}: {err:?}");
             assert_eq!(err.key(), key);
         }
-        assert!(matches!(relative_path(&format!("a/{}", "x".repeat(256))), Err(UnsafeKey::TooLong(_))));
-        assert!(matches!(relative_path(&"ab/".repeat(400)), Err(UnsafeKey::TooLong(_) | UnsafeKey::Empty(_))));
+        assert!(matches!(
+            relative_path(&format!("a/{}", "x".repeat(256))),
+            Err(UnsafeKey::TooLong(_))
+        ));
+        assert!(matches!(
+            relative_path(&"ab/".repeat(400)),
+            Err(UnsafeKey::TooLong(_) | UnsafeKey::Empty(_))
+        ));
     }
 
     #[test]
@@ -150,7 +170,10 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dest.join("loras")).unwrap();
         let err = destination(&dest, "loras/evil.safetensors").unwrap_err();
         assert!(matches!(err, UnsafeKey::Symlink(..)), "{err:?}");
-        assert_eq!(destination(&dest, "vae/ok.safetensors").unwrap(), dest.join("vae/ok.safetensors"));
+        assert_eq!(
+            destination(&dest, "vae/ok.safetensors").unwrap(),
+            dest.join("vae/ok.safetensors")
+        );
         std::fs::remove_dir_all(&dest).unwrap();
         std::fs::remove_dir_all(&outside).unwrap();
     }

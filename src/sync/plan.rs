@@ -65,17 +65,28 @@ pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -
             }
         };
         let recorded = manifest.entries.get(&object.key);
-        let on_disk = std::fs::symlink_metadata(&path).ok().filter(|m| m.is_file()).map(|m| m.len());
+        let on_disk = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
         match (recorded, on_disk) {
-            (Some(e), Some(len)) if e.size == object.size && e.etag == object.etag && len == object.size => {
+            (Some(e), Some(len))
+                if e.size == object.size && e.etag == object.etag && len == object.size =>
+            {
                 plan.unchanged += 1
             }
             _ => plan.download.push(object.clone()),
         }
     }
     if delete {
-        let wanted: std::collections::BTreeSet<&str> = catalog.objects.iter().map(|o| o.key.as_str()).collect();
-        plan.delete = manifest.entries.keys().filter(|k| !wanted.contains(k.as_str())).cloned().collect();
+        let wanted: std::collections::BTreeSet<&str> =
+            catalog.objects.iter().map(|o| o.key.as_str()).collect();
+        plan.delete = manifest
+            .entries
+            .keys()
+            .filter(|k| !wanted.contains(k.as_str()))
+            .cloned()
+            .collect();
     }
     plan
 }
@@ -85,7 +96,12 @@ mod tests {
     use super::*;
 
     fn obj(key: &str, size: u64, etag: &str) -> Object {
-        Object { key: key.into(), size, etag: etag.into(), last_modified: None }
+        Object {
+            key: key.into(),
+            size,
+            etag: etag.into(),
+            last_modified: None,
+        }
     }
 
     #[test]
@@ -96,8 +112,19 @@ mod tests {
         std::fs::write(dest.join("vae/changed"), b"1234").unwrap();
         std::fs::write(dest.join("vae/truncated"), b"12").unwrap();
         let mut manifest = Manifest::default();
-        for (k, etag) in [("vae/same", "a"), ("vae/changed", "a"), ("vae/truncated", "a"), ("vae/gone", "a")] {
-            manifest.entries.insert(k.into(), ManifestEntry { size: 4, etag: etag.into() });
+        for (k, etag) in [
+            ("vae/same", "a"),
+            ("vae/changed", "a"),
+            ("vae/truncated", "a"),
+            ("vae/gone", "a"),
+        ] {
+            manifest.entries.insert(
+                k.into(),
+                ManifestEntry {
+                    size: 4,
+                    etag: etag.into(),
+                },
+            );
         }
         let catalog = Catalog::new(vec![
             obj("vae/same", 4, "a"),

@@ -12,9 +12,17 @@ use super::catalog::Object;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("listing s3://{bucket}/{prefix}: {message}")]
-    List { bucket: String, prefix: String, message: String },
+    List {
+        bucket: String,
+        prefix: String,
+        message: String,
+    },
     #[error("reading s3://{bucket}/{key}: {message}")]
-    Get { bucket: String, key: String, message: String },
+    Get {
+        bucket: String,
+        key: String,
+        message: String,
+    },
 }
 
 pub type ByteChunks = BoxStream<'static, Result<Bytes, StoreError>>;
@@ -23,7 +31,11 @@ pub trait ObjectStore: Send + Sync {
     /// Every object under the prefix, keys relative to it.
     fn list(&self) -> impl Future<Output = Result<Vec<Object>, StoreError>> + Send;
     /// The object's bytes, or bytes `start..=end` of it.
-    fn get(&self, key: &str, range: Option<(u64, u64)>) -> impl Future<Output = Result<ByteChunks, StoreError>> + Send;
+    fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> impl Future<Output = Result<ByteChunks, StoreError>> + Send;
 }
 
 /// A bucket and prefix in S3 (or an S3-compatible store).
@@ -36,7 +48,12 @@ pub struct S3Store {
 
 impl S3Store {
     /// A client for `region`, optionally at `endpoint` (path-style addressing there).
-    pub async fn connect(bucket: &str, prefix: &str, region: Option<&str>, endpoint: Option<&str>) -> S3Store {
+    pub async fn connect(
+        bucket: &str,
+        prefix: &str,
+        region: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> S3Store {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(r) = region.filter(|r| !r.is_empty()) {
             loader = loader.region(aws_config::Region::new(r.to_string()));
@@ -49,17 +66,32 @@ impl S3Store {
         if endpoint.is_some_and(|e| !e.is_empty()) || shared.endpoint_url().is_some() {
             config = config.force_path_style(true);
         }
-        S3Store { client: aws_sdk_s3::Client::from_conf(config.build()), bucket: bucket.into(), prefix: prefix.into() }
+        S3Store {
+            client: aws_sdk_s3::Client::from_conf(config.build()),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
     }
 }
 
 impl ObjectStore for S3Store {
     async fn list(&self) -> Result<Vec<Object>, StoreError> {
-        let err = |e: String| StoreError::List { bucket: self.bucket.clone(), prefix: self.prefix.clone(), message: e };
-        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(&self.prefix).into_paginator().send();
+        let err = |e: String| StoreError::List {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            message: e,
+        };
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .into_paginator()
+            .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| err(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            let page =
+                page.map_err(|e| err(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
             for o in page.contents() {
                 let Some(full) = o.key() else { continue };
                 let key = full.strip_prefix(&self.prefix).unwrap_or(full);
@@ -97,7 +129,11 @@ impl ObjectStore for S3Store {
                 Err(e) => Err(e.to_string()),
             }
         })
-        .map_err(move |message| StoreError::Get { bucket: bucket.clone(), key: k.clone(), message });
+        .map_err(move |message| StoreError::Get {
+            bucket: bucket.clone(),
+            key: k.clone(),
+            message,
+        });
         Ok(stream.boxed())
     }
 }

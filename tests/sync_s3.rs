@@ -1,0 +1,263 @@
+//! `sdfleet sync` against S3 (moto on loopback): fetches only what changed, deletes on
+//! request, refuses keys that would escape DEST, and survives being killed mid-download.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::{Testbed, unique_suffix};
+
+async fn s3(tb: &Testbed) -> aws_sdk_s3::Client {
+    let aws = tb.aws().await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+async fn bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{}", unique_suffix());
+    s3.create_bucket()
+        .bucket(&name)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    name
+}
+
+async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .unwrap();
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sdfleet-{name}-{}", unique_suffix()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sync_cmd(tb: &Testbed, bucket: &str, prefix: &str, dest: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(common::sdfleet_bin());
+    cmd.args(["sync", "--bucket", bucket, "--prefix", prefix, "--dest"])
+        .arg(dest)
+        .args(extra);
+    cmd.envs(tb.env.iter().filter(|(k, _)| k.starts_with("AWS_")));
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (Output, String) {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+/// Deterministic pseudo-random bytes, so content checks are real.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[(i % 4)] ^ seed)
+        .collect()
+}
+
+#[tokio::test]
+async fn sync_fetches_only_changes_and_deletes_on_request() {
+    let tb = Testbed::get();
+    let s3 = s3(tb).await;
+    let b = bucket(&s3, "sync").await;
+    let big = pattern(40 << 20, 7); // above the 32 MiB threshold: ranged parallel GETs
+    put(&s3, &b, "models/checkpoints/big.safetensors", big.clone()).await;
+    put(&s3, &b, "models/loras/a lora.safetensors", pattern(1000, 1)).await;
+    put(&s3, &b, "models/vae/v.safetensors", pattern(3000, 2)).await;
+    put(&s3, &b, "other/ignored.bin", pattern(10, 3)).await;
+    let dest = temp_dir("sync");
+
+    let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("3 fetched"), "{text}");
+    assert_eq!(
+        std::fs::read(dest.join("checkpoints/big.safetensors")).unwrap(),
+        big
+    );
+    assert_eq!(
+        std::fs::read(dest.join("loras/a lora.safetensors")).unwrap(),
+        pattern(1000, 1)
+    );
+    assert!(!dest.join("other").exists() && !dest.join("models").exists());
+
+    let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
+    assert!(
+        out.status.success() && text.contains("0 fetched") && text.contains("3 unchanged"),
+        "{text}"
+    );
+
+    put(&s3, &b, "models/vae/v.safetensors", pattern(3000, 9)).await;
+    s3.delete_object()
+        .bucket(&b)
+        .key("models/loras/a lora.safetensors")
+        .send()
+        .await
+        .unwrap();
+    let (_, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
+    assert!(
+        text.contains("1 fetched") && text.contains("0 deleted"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(dest.join("vae/v.safetensors")).unwrap(),
+        pattern(3000, 9)
+    );
+    assert!(
+        dest.join("loras/a lora.safetensors").exists(),
+        "no --delete: kept"
+    );
+
+    // A file the user put there is never ours to delete.
+    std::fs::write(dest.join("vae/mine.safetensors"), b"user's").unwrap();
+    let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &["--delete"]));
+    assert!(out.status.success() && text.contains("1 deleted"), "{text}");
+    assert!(!dest.join("loras/a lora.safetensors").exists());
+    assert!(!dest.join("loras").exists(), "empty directories go too");
+    assert!(dest.join("vae/mine.safetensors").exists());
+
+    let (_, text) = run(&mut sync_cmd(
+        tb,
+        &b,
+        "models/",
+        &dest,
+        &["--include", "vae/*"],
+    ));
+    assert!(text.contains("0 fetched"), "{text}");
+    std::fs::remove_dir_all(&dest).unwrap();
+}
+
+#[tokio::test]
+async fn keys_that_escape_dest_are_refused_and_nothing_is_written_outside() {
+    let tb = Testbed::get();
+    let s3 = s3(tb).await;
+    let b = bucket(&s3, "escape").await;
+    let root = temp_dir("escape-root");
+    let dest = root.join("dest");
+    let outside = root.join("outside");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("loras")).unwrap();
+    let evil = [
+        "../evil.bin",
+        "checkpoints/../../evil2.bin",
+        "checkpoints\\..\\evil3.bin",
+        "loras/through-symlink.bin",
+        "/abs.bin",
+        &format!("vae/{}", "x".repeat(300)),
+    ];
+    for key in evil {
+        put(&s3, &b, key, b"evil".to_vec()).await;
+    }
+    put(&s3, &b, "checkpoints/good.safetensors", b"good".to_vec()).await;
+
+    let (out, text) = run(&mut sync_cmd(tb, &b, "", &dest, &[]));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "refused keys fail the run: {text}"
+    );
+    for key in evil {
+        // moto may normalise a leading '/'; every other key must be named.
+        if key != "/abs.bin" {
+            assert!(
+                text.contains(&format!("{key:?}")),
+                "{key} not named in: {text}"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read(dest.join("checkpoints/good.safetensors")).unwrap(),
+        b"good"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written through the symlink"
+    );
+    let mut at_root: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    at_root.sort();
+    assert_eq!(at_root, ["dest", "outside"], "written outside DEST");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[tokio::test]
+async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_completes() {
+    let tb = Testbed::get();
+    let s3 = s3(tb).await;
+    let b = bucket(&s3, "crash").await;
+    let body = pattern(96 << 20, 5);
+    put(&s3, &b, "checkpoints/huge.safetensors", body.clone()).await;
+    let dest = temp_dir("crash");
+    let final_path = dest.join("checkpoints/huge.safetensors");
+
+    let mut child = sync_cmd(tb, &b, "", &dest, &["--concurrency", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once bytes are arriving in the temporary file.
+    let tmp = dest.join(".sdfleet/tmp");
+    let mut killed = false;
+    for _ in 0..600 {
+        let written: u64 = std::fs::read_dir(&tmp)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0);
+        if written > 0 && child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.wait().unwrap();
+    assert!(
+        killed,
+        "the sync finished before it could be killed; make the object larger"
+    );
+    assert!(
+        !final_path.exists(),
+        "a partial file sits at the final path"
+    );
+
+    let (out, text) = run(&mut sync_cmd(tb, &b, "", &dest, &[]));
+    assert!(out.status.success() && text.contains("1 fetched"), "{text}");
+    assert_eq!(std::fs::read(&final_path).unwrap(), body);
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no temporary files left"
+    );
+    std::fs::remove_dir_all(&dest).unwrap();
+}
