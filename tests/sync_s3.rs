@@ -73,7 +73,7 @@ fn run(cmd: &mut Command) -> (Output, String) {
 /// Deterministic pseudo-random bytes, so content checks are real.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[(i % 4)] ^ seed)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4] ^ seed)
         .collect()
 }
 
