@@ -182,7 +182,7 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         });
         let server = tokio::spawn(sdfleet::telemetry::serve(args.metrics_addr, health.clone()));
         tracing::info!(cloud = ?settings.cloud, namespace = ?settings.namespace, "starting controller");
-        let ctx = std::sync::Arc::new(sdfleet::controller::Context::new(client.clone(), settings, metrics));
+        let ctx = sdfleet::controller::Context::new(client.clone(), settings, metrics);
         health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         if args.leader_elect {
             let lease = match sdfleet::leader::Leader::acquire(client, &args.leader_election_namespace).await {

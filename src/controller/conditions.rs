@@ -36,6 +36,24 @@ pub enum Reason {
     NodePoolNotReady,
     /// The NodePool has no status yet (Karpenter not running, or not yet reconciled).
     NodePoolPending,
+    /// ModelSet: the bucket was listed into the catalog.
+    Listed,
+    /// ModelSet: listing the bucket failed (permissions, bucket, endpoint); retried with backoff.
+    ListFailed,
+    /// ModelSet: no node has reported yet (no fleet uses it, or its nodes are launching).
+    NoNodes,
+    /// ModelSet: some nodes are still syncing the revision.
+    Syncing,
+    /// ModelSet: a node failed to sync; the message names it and why.
+    SyncFailed,
+    /// ModelSet: every node holds the revision.
+    AllNodesSynced,
+    /// ComfyUIDeployment: the fleet's ModelSet does not exist.
+    ModelSetNotFound,
+    /// ComfyUIDeployment: every node of the fleet holds the ModelSet's revision.
+    ModelsSynced,
+    /// ComfyUIDeployment: no ModelSet is referenced.
+    NoModelSet,
 }
 
 impl Reason {
@@ -53,6 +71,15 @@ impl Reason {
             Reason::NodePoolReady => "NodePoolReady",
             Reason::NodePoolNotReady => "NodePoolNotReady",
             Reason::NodePoolPending => "NodePoolPending",
+            Reason::Listed => "Listed",
+            Reason::ListFailed => "ListFailed",
+            Reason::NoNodes => "NoNodes",
+            Reason::Syncing => "Syncing",
+            Reason::SyncFailed => "SyncFailed",
+            Reason::AllNodesSynced => "AllNodesSynced",
+            Reason::ModelSetNotFound => "ModelSetNotFound",
+            Reason::ModelsSynced => "ModelsSynced",
+            Reason::NoModelSet => "NoModelSet",
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod comfyui;
 pub mod conditions;
+pub mod modelset;
 pub mod preflight;
 
 use std::collections::HashMap;
@@ -40,6 +41,8 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// SQS listeners of ModelSets (None in contexts that run no ModelSet controller).
+    pub sqs: Option<modelset::SqsWatchers>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -55,6 +58,7 @@ impl Context {
             client,
             settings,
             metrics,
+            sqs: None,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -115,6 +119,56 @@ fn owner_of(child: &DynamicObject, cud_api: &ApiResource) -> Option<ObjectRef<Dy
 
 /// Runs the controller until `shutdown` completes (SIGTERM, or leadership lost).
 pub async fn run(
+    mut ctx: Context,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (watchers, triggers) = modelset::SqsWatchers::new();
+    ctx.sqs = Some(watchers);
+    let ctx = Arc::new(ctx);
+    // One shutdown signal for both controllers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::join!(
+        run_fleets(ctx.clone(), stopped(stop_rx.clone())),
+        run_modelsets(ctx.clone(), stream_of(triggers), stopped(stop_rx)),
+    );
+}
+
+fn stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn run_modelsets(
+    ctx: Arc<Context>,
+    triggers: impl futures::Stream<Item = ObjectRef<DynamicObject>> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ar = modelset::api_resource();
+    let api: Api<DynamicObject> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &ar),
+        None => Api::all_with(ctx.client.clone(), &ar),
+    };
+    Controller::new_with(api, watcher::Config::default().any_semantic(), ar)
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(modelset::reconcile, modelset::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "ModelSet reconcile failed");
+            }
+        })
+        .await;
+}
+
+async fn run_fleets(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {

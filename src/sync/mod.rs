@@ -8,6 +8,7 @@
 //! reruns cheap and idempotent, and bounds `--delete` to files sdfleet wrote.
 
 pub mod catalog;
+pub mod events;
 pub mod paths;
 pub mod plan;
 pub mod store;

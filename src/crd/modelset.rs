@@ -1,0 +1,203 @@
+//! `ModelSet`: a catalog of models in S3, and how GPU nodes get them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::sync::catalog::TypeSummary;
+
+/// Models in S3, listed into a catalog and synced onto the nodes of the fleets that use them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sdfleet.io",
+    version = "v1alpha1",
+    kind = "ModelSet",
+    namespaced,
+    shortname = "ms",
+    category = "sdfleet",
+    doc = "A catalog of ComfyUI models in S3, synced onto the NVMe instance store of every node of the fleets that use it.",
+    status = "ModelSetStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.revision"}"#,
+    printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.objectCount"}"#,
+    printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.totalBytes"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSetSpec {
+    /// Where the models are.
+    pub source: ModelSource,
+    /// Globs over keys relative to the prefix (`checkpoints/*`, `loras/**`); empty = all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub include: Vec<String>,
+    /// Globs of keys to leave out, applied after `include`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub exclude: Vec<String>,
+    /// How changes are detected and how nodes are told.
+    #[serde(default)]
+    pub sync: SyncSpec,
+}
+
+/// The source of the models.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelSource {
+    pub s3: S3Source,
+}
+
+/// A bucket (and prefix) in S3 or an S3-compatible store.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Source {
+    /// The bucket name.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"),
+        length(min = 3, max = 63)
+    )]
+    pub bucket: String,
+    /// A key prefix, e.g. `models/`; its layout below is ComfyUI's (`checkpoints/`, `loras/`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("prefix must not start with '/' or contain '..'"))]
+    pub prefix: String,
+    /// The bucket's region; default: the controller's `--region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]$"))]
+    pub region: Option<String>,
+    /// An S3-compatible endpoint URL (path-style); empty for AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(https?://[^\s]+)?$"), length(max = 512))]
+    pub endpoint: Option<String>,
+}
+
+/// How changes are detected and how nodes are told.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncSpec {
+    /// `Agent` (default): sdfleet's node agent syncs each node and reports here.
+    /// `SSM`: the controller runs `sdfleet sync` on the instances through SSM, as the seed's Lambda did.
+    #[serde(default)]
+    pub method: SyncMethod,
+    /// How often the bucket is listed (also the fallback when SQS fails).
+    #[serde(default = "default_poll_interval")]
+    #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
+    pub poll_interval: String,
+    /// An SQS queue that receives the bucket's ObjectCreated/ObjectRemoved notifications:
+    /// the catalog then updates within seconds of a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(https?://[^\s]+)?$"), length(max = 512))]
+    pub sqs_queue_url: Option<String>,
+    /// Remove files from the nodes when their objects are removed from S3.
+    #[serde(default = "default_true")]
+    pub delete_removed: bool,
+}
+
+impl Default for SyncSpec {
+    fn default() -> Self {
+        SyncSpec {
+            method: SyncMethod::default(),
+            poll_interval: default_poll_interval(),
+            sqs_queue_url: None,
+            delete_removed: true,
+        }
+    }
+}
+
+fn default_poll_interval() -> String {
+    "60s".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncMethod {
+    #[default]
+    Agent,
+    #[serde(rename = "SSM")]
+    Ssm,
+}
+
+/// One model of the catalog.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEntry {
+    pub key: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub size: u64,
+    pub etag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+}
+
+/// Where the full catalog is when it is too large for the status.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogRef {
+    /// ConfigMaps (in order) whose `binaryData["catalog.tsv.gz"]` chunks, concatenated,
+    /// are a gzip of `key<TAB>size<TAB>etag` lines.
+    pub config_maps: Vec<String>,
+    pub format: String,
+    pub objects: u64,
+}
+
+/// One node's (or instance's) sync state.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSync {
+    /// The node name (Agent) or EC2 instance id (SSM).
+    pub node: String,
+    #[serde(default)]
+    pub revision: String,
+    pub state: NodeSyncState,
+    #[serde(default)]
+    pub bytes_done: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeSyncState {
+    Pending,
+    Syncing,
+    Synced,
+    Failed,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSetStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Digest of the catalog (keys, sizes, ETags).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub revision: String,
+    #[serde(default)]
+    pub object_count: u64,
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Count and bytes by model type (the first key segment: checkpoints, loras, vae, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_type: BTreeMap<String, TypeSummary>,
+    /// The first models of the catalog (all of them when few).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelEntry>,
+    /// The full catalog, when it is larger than `models`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_ref: Option<CatalogRef>,
+    /// Per node: written by each node's agent (or by the controller for SSM), one entry each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeSync>,
+    /// Ready: the catalog is listed. Synced: every node holds the revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
