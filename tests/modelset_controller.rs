@@ -1,0 +1,319 @@
+//! The ModelSet controller against moto: the catalog in status matches the bucket, a
+//! large catalog goes to ConfigMaps, and with SQS the revision follows puts and deletes
+//! within seconds (polling set to an hour, so only the events can explain it).
+
+mod common;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use sdfleet::crd::ModelSet;
+use sdfleet::crd::modelset::ModelSetStatus;
+use sdfleet::sync::catalog::{Catalog, Object};
+use serde_json::json;
+
+async fn clients(tb: &Testbed) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
+    let aws = tb.aws().await;
+    (
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&aws)
+                .force_path_style(true)
+                .build(),
+        ),
+        aws_sdk_sqs::Client::new(&aws),
+    )
+}
+
+async fn bucket(s3: &aws_sdk_s3::Client) -> String {
+    let name = format!("models-{}", unique_suffix());
+    s3.create_bucket()
+        .bucket(&name)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    name
+}
+
+async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, len: usize) {
+    s3.put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(vec![b'x'; len]))
+        .send()
+        .await
+        .unwrap();
+}
+
+/// The catalog as the SDK lists it, independently of the controller.
+async fn expected(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Catalog {
+    let out = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .max_keys(1000)
+        .send()
+        .await
+        .unwrap();
+    Catalog::new(
+        out.contents()
+            .iter()
+            .map(|o| Object {
+                key: o.key().unwrap().strip_prefix(prefix).unwrap().to_string(),
+                size: o.size().unwrap() as u64,
+                etag: o.e_tag().unwrap().trim_matches('"').to_string(),
+                last_modified: None,
+            })
+            .collect(),
+    )
+}
+
+fn modelset(name: &str, bucket: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec =
+        json!({"source": {"s3": {"bucket": bucket, "prefix": "models/", "region": "us-west-2"}}});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": name}, "spec": spec})
+}
+
+async fn status(api: &Api<ModelSet>, name: &str) -> Option<ModelSetStatus> {
+    api.get_opt(name).await.ok()??.status
+}
+
+#[tokio::test]
+async fn catalog_in_status_matches_the_bucket() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let (s3, _) = clients(tb).await;
+    let b = bucket(&s3).await;
+    put(&s3, &b, "models/checkpoints/sdxl.safetensors", 3000).await;
+    put(&s3, &b, "models/checkpoints/refiner.safetensors", 2000).await;
+    put(&s3, &b, "models/loras/detail.safetensors", 100).await;
+    put(&s3, &b, "models/vae/sdxl_vae.safetensors", 50).await;
+    put(&s3, &b, "models/loras/skip.tmp", 7).await;
+    put(&s3, &b, "elsewhere/x.safetensors", 1).await;
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-catalog").await;
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let ssa = PatchParams::apply("test-user").force();
+    api.patch(
+        "sdxl",
+        &ssa,
+        &Patch::Apply(modelset("sdxl", &b, json!({"exclude": ["**/*.tmp"]}))),
+    )
+    .await
+    .unwrap();
+
+    let mut want = expected(&s3, &b, "models/").await;
+    want.objects.retain(|o| !o.key.ends_with(".tmp"));
+    let s = eventually("the catalog in status", Duration::from_secs(60), || async {
+        status(&api, "sdxl")
+            .await
+            .filter(|s| !s.revision.is_empty())
+    })
+    .await;
+    assert_eq!(s.revision, want.revision());
+    assert_eq!(s.object_count, 4);
+    assert_eq!(s.total_bytes, 5150);
+    assert_eq!(s.by_type["checkpoints"].count, 2);
+    assert_eq!(s.by_type["checkpoints"].bytes, 5000);
+    assert_eq!(s.by_type["loras"].count, 1);
+    assert_eq!(
+        s.models.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+        [
+            "checkpoints/refiner.safetensors",
+            "checkpoints/sdxl.safetensors",
+            "loras/detail.safetensors",
+            "vae/sdxl_vae.safetensors"
+        ]
+    );
+    assert_eq!(s.models[0].type_, "checkpoints");
+    assert!(s.catalog_ref.is_none());
+    let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Listed")
+    );
+    let synced = s.conditions.iter().find(|c| c.type_ == "Synced").unwrap();
+    assert_eq!(synced.reason, "NoNodes");
+    api.delete("sdxl", &DeleteParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn large_catalog_goes_to_configmaps() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let (s3, _) = clients(tb).await;
+    let b = bucket(&s3).await;
+    let n = 260;
+    futures::future::join_all((0..n).map(|i| {
+        let (s3, b) = (s3.clone(), b.clone());
+        async move {
+            put(
+                &s3,
+                &b,
+                &format!("models/loras/lora_{i:05}.safetensors"),
+                i + 1,
+            )
+            .await
+        }
+    }))
+    .await;
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-large").await;
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "many",
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(modelset("many", &b, json!({}))),
+    )
+    .await
+    .unwrap();
+    let s = eventually("the catalog in status", Duration::from_secs(60), || async {
+        status(&api, "many")
+            .await
+            .filter(|s| s.object_count == n as u64)
+    })
+    .await;
+    assert_eq!(
+        s.models.len(),
+        sdfleet::controller::modelset::MODELS_IN_STATUS
+    );
+    let cref = s.catalog_ref.expect("catalogRef for a large catalog");
+    assert_eq!(cref.objects, n as u64);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let mut gz = Vec::new();
+    for name in &cref.config_maps {
+        let cm = cms.get(name).await.unwrap();
+        gz.extend_from_slice(&cm.binary_data.unwrap()["catalog.tsv.gz"].0);
+    }
+    let mut tsv = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut tsv)
+        .unwrap();
+    let want = expected(&s3, &b, "models/").await;
+    assert_eq!(tsv, want.to_tsv(), "the stored catalog is the whole bucket");
+    assert_eq!(s.revision, want.revision());
+}
+
+#[tokio::test]
+async fn sqs_events_update_the_revision_within_seconds() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let (s3, sqs) = clients(tb).await;
+    let b = bucket(&s3).await;
+    put(&s3, &b, "models/checkpoints/a.safetensors", 10).await;
+    let queue = sqs
+        .create_queue()
+        .queue_name(&b)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let arn = sqs
+        .get_queue_attributes()
+        .queue_url(&queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    s3.put_bucket_notification_configuration()
+        .bucket(&b)
+        .notification_configuration(
+            aws_sdk_s3::types::NotificationConfiguration::builder()
+                .queue_configurations(
+                    aws_sdk_s3::types::QueueConfiguration::builder()
+                        .queue_arn(arn)
+                        .events(aws_sdk_s3::types::Event::from("s3:ObjectCreated:*"))
+                        .events(aws_sdk_s3::types::Event::from("s3:ObjectRemoved:*"))
+                        .build()
+                        .unwrap(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-sqs").await;
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let spec = json!({"sync": {"pollInterval": "1h", "sqsQueueUrl": queue}});
+    api.patch(
+        "ev",
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(modelset("ev", &b, spec)),
+    )
+    .await
+    .unwrap();
+    let first = eventually("the first listing", Duration::from_secs(60), || async {
+        status(&api, "ev").await.filter(|s| s.object_count == 1)
+    })
+    .await;
+
+    put(&s3, &b, "models/loras/new lora.safetensors", 20).await;
+    let t = Instant::now();
+    let after_put = eventually(
+        "the revision to follow the put",
+        Duration::from_secs(30),
+        || async { status(&api, "ev").await.filter(|s| s.object_count == 2) },
+    )
+    .await;
+    println!("revision updated {:?} after the put", t.elapsed());
+    assert_ne!(after_put.revision, first.revision);
+
+    s3.delete_object()
+        .bucket(&b)
+        .key("models/checkpoints/a.safetensors")
+        .send()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let after_delete = eventually(
+        "the revision to follow the delete",
+        Duration::from_secs(30),
+        || async {
+            status(&api, "ev")
+                .await
+                .filter(|s| s.object_count == 1 && s.revision != after_put.revision)
+        },
+    )
+    .await;
+    println!("revision updated {:?} after the delete", t.elapsed());
+    assert_eq!(after_delete.models[0].key, "loras/new lora.safetensors");
+    // Messages are deleted once handled.
+    let left = sqs
+        .get_queue_attributes()
+        .queue_url(&queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .unwrap();
+    let left = &left.attributes().unwrap()
+        [&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages];
+    assert_eq!(left, "0");
+}
+
+/// The controller reaches moto through the standard AWS variables of the testbed.
+fn aws_env(tb: &Testbed) -> Vec<(&str, &str)> {
+    tb.env
+        .iter()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
