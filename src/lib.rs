@@ -1,5 +1,6 @@
 //! sdfleet: a Kubernetes operator that runs GPU ComfyUI fleets on Amazon EKS.
 
+pub mod agent;
 pub mod cloud;
 pub mod controller;
 pub mod crd;

@@ -24,6 +24,8 @@ enum Command {
     Docs,
     /// Sync an S3 prefix into a directory once (what the node agent and SSM run).
     Sync(SyncArgs),
+    /// Run the node agent: sync the node's ModelSets, report, lift the startup taint.
+    Agent(AgentArgs),
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
     Render {
@@ -61,9 +63,35 @@ struct ControllerArgs {
     /// Reconcile only while holding the Lease `sdfleet-controller` (run several replicas).
     #[arg(long)]
     leader_elect: bool,
+    /// Namespace of the node agents' DaemonSets (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sdfleet-system")]
+    agent_namespace: String,
+    /// Image of the node agent (this same binary).
+    #[arg(long, env = "SDFLEET_AGENT_IMAGE", default_value = concat!("sdfleet:", env!("CARGO_PKG_VERSION")))]
+    agent_image: String,
+    /// ServiceAccount of the node agents (the chart creates it).
+    #[arg(long, default_value = "sdfleet-agent")]
+    agent_service_account: String,
     /// Namespace of the leader-election Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The models directory on the node's instance store.
+    #[arg(long)]
+    models_root: PathBuf,
+    /// Seconds between passes.
+    #[arg(long, default_value_t = 30)]
+    interval_seconds: u64,
+    /// Default region of the buckets.
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    #[arg(long)]
+    log_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -98,6 +126,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Controller(args) => return run_controller(args),
         Command::Sync(args) => return run_sync(args),
+        Command::Agent(args) => return run_agent(args),
         other => other,
     };
     match run(command) {
@@ -111,7 +140,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Controller(_) | Command::Sync(_) => return Err("runs from main".into()),
+        Command::Controller(_) | Command::Sync(_) | Command::Agent(_) => return Err("runs from main".into()),
         Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
         Command::Docs => print!("{}", sdfleet::docs::crd_reference()?),
         Command::Render {
@@ -123,6 +152,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let cluster = ClusterSettings {
+                agent: Default::default(),
                 cluster_name: Some(cluster_name),
                 region: Some(region),
             };
@@ -170,6 +200,11 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         let settings = sdfleet::controller::Settings {
             cloud: args.cloud,
             cluster: ClusterSettings {
+                agent: sdfleet::cloud::AgentSettings {
+                    namespace: args.agent_namespace,
+                    image: args.agent_image,
+                    service_account: args.agent_service_account,
+                },
                 cluster_name: args.cluster_name.filter(|c| !c.is_empty()),
                 region: args.region.filter(|r| !r.is_empty()),
             },
@@ -286,5 +321,34 @@ fn run_sync(args: SyncArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    })
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    sdfleet::telemetry::init_logging(args.log_json);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match kube::Client::try_default().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a Kubernetes client");
+                return ExitCode::FAILURE;
+            }
+        };
+        let agent = sdfleet::agent::Agent {
+            client,
+            node: args.node_name,
+            root: args.models_root,
+            region: args.region.filter(|r| !r.is_empty()),
+        };
+        tracing::info!(node = %agent.node, root = %agent.root.display(), "node agent starting");
+        agent.run(std::time::Duration::from_secs(args.interval_seconds.max(1)), sdfleet::leader::shutdown_signal()).await;
+        ExitCode::SUCCESS
     })
 }

@@ -29,6 +29,8 @@ pub struct ClusterSettings {
     pub cluster_name: Option<String>,
     /// `--region`: the default region of S3 buckets.
     pub region: Option<String>,
+    /// Where the node agents of fleets with a ModelSet run, and their image.
+    pub agent: AgentSettings,
 }
 
 /// A Karpenter cloud provider's node class, as the fleet's NodePool sees it.
@@ -49,6 +51,25 @@ impl Cloud {
         match self {
             Cloud::Aws => &Aws,
             Cloud::Kwok => &Kwok,
+        }
+    }
+}
+
+/// The node agent DaemonSets: one per fleet that uses a ModelSet, in the operator's
+/// namespace (they run under the chart's `sdfleet-agent` ServiceAccount).
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    pub namespace: String,
+    pub image: String,
+    pub service_account: String,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings {
+            namespace: "sdfleet-system".into(),
+            image: concat!("sdfleet:", env!("CARGO_PKG_VERSION")).into(),
+            service_account: "sdfleet-agent".into(),
         }
     }
 }

@@ -9,7 +9,7 @@ use kube::core::ApiResource;
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
-use crate::render::{Child, ChildKind};
+use crate::render::Child;
 use crate::telemetry::Metrics;
 
 pub const FIELD_MANAGER: &str = "sdfleet";
@@ -98,18 +98,17 @@ pub async fn apply(
     })
 }
 
-/// Deletes every object of `kind` labelled with `selector` whose name is not in `keep`.
+/// Deletes every object of `api` (in `namespace`, or cluster-wide) labelled with `selector` whose name is not in `keep`.
 /// Returns the names deleted.
 pub async fn prune(
     client: &Client,
     api: &ApiResource,
-    kind: ChildKind,
-    namespace: &str,
+    namespace: Option<&str>,
     selector: &str,
     keep: &[&str],
     metrics: &Metrics,
 ) -> Result<Vec<String>, ApplyError> {
-    let scoped = api_for(client, api, kind.namespaced().then_some(namespace));
+    let scoped = api_for(client, api, namespace);
     let list = scoped
         .list(&ListParams::default().labels(selector))
         .await

@@ -7,6 +7,7 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const NODEPOOL_READY: &str = "NodePoolReady";
+pub const MODELS_READY: &str = "ModelsReady";
 
 /// Every reason sdfleet writes into a condition. The README's troubleshooting section
 /// has one entry per variant.

@@ -103,6 +103,7 @@ pub fn child_apis(cloud: Cloud) -> Vec<(ChildKind, ApiResource)> {
             ApiResource::erase::<apps::Deployment>(&()),
         ),
         (ChildKind::Ingress, ApiResource::erase::<net::Ingress>(&())),
+        (ChildKind::AgentDaemonSet, ApiResource::erase::<apps::DaemonSet>(&())),
     ]
 }
 
@@ -185,8 +186,11 @@ async fn run_fleets(
         cud_ar.clone(),
     );
     for (kind, ar) in child_apis(ctx.settings.cloud) {
-        let api: Api<DynamicObject> = match (&ctx.settings.namespace, kind.namespaced()) {
-            (Some(ns), true) => Api::namespaced_with(client.clone(), ns, &ar),
+        let api: Api<DynamicObject> = match (&ctx.settings.namespace, kind) {
+            (_, ChildKind::AgentDaemonSet) => {
+                Api::namespaced_with(client.clone(), &ctx.settings.cluster.agent.namespace, &ar)
+            }
+            (Some(ns), k) if k.namespaced() => Api::namespaced_with(client.clone(), ns, &ar),
             _ => Api::all_with(client.clone(), &ar),
         };
         let owner_ar = cud_ar.clone();
@@ -211,6 +215,17 @@ async fn run_fleets(
         })
         .await;
     tracing::info!("controller stopped");
+}
+
+impl Context {
+    /// The namespace a child of `kind` of a fleet in `fleet_namespace` lives in.
+    pub fn child_namespace<'a>(&'a self, kind: ChildKind, fleet_namespace: &'a str) -> Option<&'a str> {
+        match kind {
+            ChildKind::AgentDaemonSet => Some(self.settings.cluster.agent.namespace.as_str()),
+            k if k.namespaced() => Some(fleet_namespace),
+            _ => None,
+        }
+    }
 }
 
 pub fn object_key(obj: &DynamicObject) -> String {

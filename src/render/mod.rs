@@ -1,6 +1,7 @@
 //! Pure functions: a ComfyUIDeployment (plus the controller's settings) becomes the list
 //! of children the controller applies. No I/O here; `sdfleet render` prints exactly this.
 
+pub mod agent;
 pub mod deployment;
 pub mod ingress;
 pub mod names;
@@ -26,13 +27,18 @@ pub enum ChildKind {
     Service,
     Deployment,
     Ingress,
+    /// The node agent DaemonSet, in the operator's namespace (not the fleet's).
+    AgentDaemonSet,
 }
 
 impl ChildKind {
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            ChildKind::NodeClass | ChildKind::NodePool | ChildKind::PersistentVolume
+            ChildKind::NodeClass
+                | ChildKind::NodePool
+                | ChildKind::PersistentVolume
+                | ChildKind::AgentDaemonSet
         )
     }
 }
@@ -174,6 +180,18 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         ),
     ));
 
+    if spec.model_set.is_some() {
+        let ds_api = ApiResource::erase::<k8s_openapi::api::apps::v1::DaemonSet>(&());
+        let agent = &ctx.cluster.agent;
+        let name = fleet.agent_daemonset();
+        children.push(Child::new(
+            ChildKind::AgentDaemonSet,
+            ds_api.clone(),
+            name.clone(),
+            manifest(&ds_api, &name, Some(&agent.namespace), &fleet, None, agent::spec(&fleet, agent)),
+        ));
+    }
+
     if spec.ingress.enabled {
         let ing_api = ApiResource::erase::<k8s_openapi::api::networking::v1::Ingress>(&());
         let mut ing = manifest(
@@ -248,6 +266,7 @@ spec:
 
     pub fn cluster() -> ClusterSettings {
         ClusterSettings {
+            agent: Default::default(),
             cluster_name: Some("demo".into()),
             region: Some("us-west-2".into()),
         }
@@ -370,6 +389,7 @@ spec:
     fn missing_controller_defaults_name_the_field_to_set() {
         let cud = example(SDXL);
         let bare = ClusterSettings {
+            agent: Default::default(),
             cluster_name: None,
             region: None,
         };

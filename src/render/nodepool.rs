@@ -9,6 +9,9 @@ use super::names::{FLEET_KEY, FleetNames, GPU_RESOURCE};
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
 
 pub const GPU_TAINT_VALUE: &str = "true";
+/// Startup taint of the nodes of a fleet with a ModelSet: the node agent lifts it once
+/// the node holds the models, so ComfyUI pods never start without them.
+pub const MODELS_NOT_READY_TAINT: &str = "sdfleet.io/models-not-ready";
 
 pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"))
@@ -16,6 +19,11 @@ pub fn api_resource() -> ApiResource {
 
 pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiResource) -> Value {
     let capacity_types: Vec<&str> = spec.gpu.capacity_types.iter().map(|c| c.as_str()).collect();
+    let startup_taints = if spec.model_set.is_some() {
+        json!([{"key": MODELS_NOT_READY_TAINT, "effect": "NoSchedule"}])
+    } else {
+        json!([])
+    };
     json!({
         "template": {
             "metadata": {"labels": {
@@ -32,6 +40,7 @@ pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiRe
                     {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
                 ],
                 "taints": [{"key": GPU_RESOURCE, "value": GPU_TAINT_VALUE, "effect": "NoSchedule"}],
+                "startupTaints": startup_taints,
                 "expireAfter": spec.disruption.expire_after,
             },
         },

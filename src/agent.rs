@@ -1,0 +1,183 @@
+//! The node agent: on one node, syncs the ModelSets of the fleets whose NodePool the
+//! node belongs to, reports its own entry in each ModelSet's `status.nodes`, and lifts
+//! the node's `sdfleet.io/models-not-ready` startup taint after the first complete sync.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::crd::modelset::{ModelSet, ModelSetStatus, NodeSync, NodeSyncState};
+use crate::crd::{ComfyUIDeployment, ModelSet as ModelSetKind};
+use crate::render::names::{FleetNames, NODEPOOL_LABEL};
+use crate::render::nodepool::MODELS_NOT_READY_TAINT;
+use crate::sync::catalog::{Catalog, Filter};
+use crate::sync::store::{ObjectStore, S3Store};
+use crate::sync::{self, SyncOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+pub struct Agent {
+    pub client: Client,
+    pub node: String,
+    pub root: PathBuf,
+    pub region: Option<String>,
+}
+
+impl Agent {
+    /// Syncs, reports and lifts the taint every `interval` until `shutdown`.
+    pub async fn run(&self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(node = %self.node, error = %e, "agent pass failed; retrying");
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One pass: returns once every ModelSet of the node's fleets was visited.
+    pub async fn pass(&self) -> Result<(), AgentError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get(&self.node).await?;
+        let Some(pool) = node.labels().get(NODEPOOL_LABEL).cloned() else {
+            tracing::debug!(node = %self.node, "not a Karpenter node; nothing to sync");
+            return Ok(());
+        };
+        let cuds: Api<ComfyUIDeployment> = Api::all(self.client.clone());
+        let mut wanted: Vec<(String, String)> = cuds
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|cud| {
+                let ns = cud.namespace()?;
+                let fleet = FleetNames::new(&ns, &cud.name_any());
+                (fleet.nodepool() == pool).then(|| Some((ns, cud.spec.model_set.clone()?))).flatten()
+            })
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+
+        let mut all_synced = !wanted.is_empty();
+        for (ns, name) in wanted {
+            let api: Api<ModelSetKind> = Api::namespaced(self.client.clone(), &ns);
+            let Some(ms) = api.get_opt(&name).await? else {
+                tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not found; waiting");
+                all_synced = false;
+                continue;
+            };
+            all_synced &= self.sync_one(&api, &ms, &ns).await?;
+        }
+        if all_synced {
+            self.lift_taint(&nodes, &node).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the node to the ModelSet's catalog; true when the node holds it.
+    async fn sync_one(&self, api: &Api<ModelSet>, ms: &ModelSet, ns: &str) -> Result<bool, AgentError> {
+        let name = ms.name_any();
+        let status = ms.status.clone().unwrap_or_default();
+        let dest = self.root.join(ns).join(&name);
+        let mine = status.nodes.iter().find(|n| n.node == self.node);
+        // Already at the catalog's revision, and nothing removed locally since.
+        if let Some(entry) = mine
+            && entry.state == NodeSyncState::Synced
+            && !status.revision.is_empty()
+            && entry.revision == status.revision
+            && dest.join(sync::paths::STATE_DIR).join("manifest.json").exists()
+        {
+            return Ok(true);
+        }
+        if mine.map(|m| m.state) != Some(NodeSyncState::Syncing) {
+            self.report(api, &name, NodeSyncState::Syncing, &status.revision, 0, "").await?;
+        }
+        let spec = &ms.spec;
+        let source = &spec.source.s3;
+        let region = source.region.clone().or_else(|| self.region.clone());
+        let result = async {
+            let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
+            let store = S3Store::connect(&source.bucket, &source.prefix, region.as_deref(), source.endpoint.as_deref()).await;
+            let objects = store.list().await.map_err(|e| e.to_string())?;
+            let catalog = Catalog::new(objects.into_iter().filter(|o| filter.accepts(&o.key)).collect());
+            tokio::fs::create_dir_all(&dest).await.map_err(|e| format!("{}: {e}", dest.display()))?;
+            let mut opts = SyncOptions::new(&dest);
+            opts.delete = spec.sync.delete_removed;
+            let report = sync::sync(&store, &catalog, &opts).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((catalog, report))
+        }
+        .await;
+        match result {
+            Ok((catalog, report)) => {
+                let message = match report.refused.first() {
+                    Some(r) => format!("refused {} unsafe key(s), e.g. {r}", report.refused.len()),
+                    None => String::new(),
+                };
+                tracing::info!(
+                    node = %self.node, modelset = %format!("{ns}/{name}"), revision = %catalog.revision(),
+                    fetched = report.downloaded, deleted = report.deleted, refused = report.refused.len(), "synced"
+                );
+                self.report(api, &name, NodeSyncState::Synced, &catalog.revision(), catalog.total_bytes(), &message)
+                    .await?;
+                Ok(true)
+            }
+            Err(message) => {
+                tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync failed");
+                self.report(api, &name, NodeSyncState::Failed, &status.revision, 0, &message).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Applies this node's entry of `status.nodes` (a list map keyed by node): each
+    /// agent owns its entry under its own field manager, so none clobbers another.
+    async fn report(
+        &self,
+        api: &Api<ModelSet>,
+        name: &str,
+        state: NodeSyncState,
+        revision: &str,
+        bytes_done: u64,
+        message: &str,
+    ) -> Result<(), AgentError> {
+        let entry =
+            NodeSync { node: self.node.clone(), revision: revision.into(), state, bytes_done, message: message.into() };
+        let body = json!({
+            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": name},
+            "status": {"nodes": [entry]},
+        });
+        let manager = format!("sdfleet-agent-{}", self.node);
+        api.patch_status(name, &PatchParams::apply(&crate::render::names::safe_name(&manager, 128)).force(), &Patch::Apply(body))
+            .await?;
+        Ok(())
+    }
+
+    async fn lift_taint(&self, nodes: &Api<Node>, node: &Node) -> Result<(), AgentError> {
+        let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        if !taints.iter().any(|t| t.key == MODELS_NOT_READY_TAINT) {
+            return Ok(());
+        }
+        let rest: Vec<_> = taints.into_iter().filter(|t| t.key != MODELS_NOT_READY_TAINT).collect();
+        // resourceVersion: fail rather than overwrite a concurrent taint change.
+        let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": rest}});
+        nodes.patch(&self.node, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        tracing::info!(node = %self.node, "models are on the node; lifted {MODELS_NOT_READY_TAINT}");
+        Ok(())
+    }
+}
+
+/// The ModelSet status of a node (for the fleet's ModelsReady condition).
+pub fn node_entry<'a>(status: &'a ModelSetStatus, node: &str) -> Option<&'a NodeSync> {
+    status.nodes.iter().find(|n| n.node == node)
+}

@@ -1,0 +1,80 @@
+//! The node agent DaemonSet of a fleet that uses a ModelSet: one agent per node of the
+//! fleet's NodePool, writing the models onto the node's instance store and lifting the
+//! node's startup taint once they are there.
+
+use serde_json::{Value, json};
+
+use super::deployment::MODELS_HOST_ROOT;
+use super::names::{FleetNames, GPU_RESOURCE, NODEPOOL_LABEL};
+use super::nodepool::MODELS_NOT_READY_TAINT;
+use crate::cloud::AgentSettings;
+
+pub const AGENT_MODELS_PATH: &str = "/models";
+
+pub fn spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
+    let mut labels = fleet.owner_labels();
+    labels.insert("app.kubernetes.io/name".into(), "sdfleet-agent".into());
+    let selector = json!({"app.kubernetes.io/name": "sdfleet-agent", "sdfleet.io/owner-namespace": fleet.namespace, "sdfleet.io/owner-name": fleet.name});
+    json!({
+        "selector": {"matchLabels": selector},
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "serviceAccountName": agent.service_account,
+                "nodeSelector": {NODEPOOL_LABEL: fleet.nodepool()},
+                // It must run exactly where ComfyUI cannot yet.
+                "tolerations": [
+                    {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                    {"key": MODELS_NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"},
+                ],
+                "priorityClassName": "system-node-critical",
+                "containers": [{
+                    "name": "agent",
+                    "image": agent.image,
+                    "args": ["agent", "--node-name=$(NODE_NAME)", format!("--models-root={AGENT_MODELS_PATH}")],
+                    "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                    "volumeMounts": [{"name": "models", "mountPath": AGENT_MODELS_PATH}],
+                    "resources": {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                }],
+                "volumes": [{"name": "models", "hostPath": {"path": MODELS_HOST_ROOT, "type": "DirectoryOrCreate"}}],
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cloud::Cloud;
+    use crate::render::ChildKind;
+    use crate::render::tests::{SDXL, example, render};
+
+    #[test]
+    fn a_fleet_with_a_modelset_gets_an_agent_and_a_startup_taint() {
+        let mut cud = example(SDXL);
+        assert!(!render(&cud, Cloud::Kwok).iter().any(|c| c.kind == ChildKind::AgentDaemonSet));
+        assert_eq!(render(&cud, Cloud::Kwok)[1].manifest["spec"]["template"]["spec"]["startupTaints"], serde_json::json!([]));
+        cud.spec.model_set = Some("sdxl-models".into());
+        let children = render(&cud, Cloud::Kwok);
+        let pool = &children[1].manifest["spec"]["template"]["spec"];
+        assert_eq!(pool["startupTaints"][0]["key"], "sdfleet.io/models-not-ready");
+        let ds = children.iter().find(|c| c.kind == ChildKind::AgentDaemonSet).unwrap();
+        assert_eq!(ds.name, "sdfleet-agent-studio-sdxl");
+        assert_eq!(ds.manifest["metadata"]["namespace"], "sdfleet-system");
+        assert!(ds.manifest["metadata"].get("ownerReferences").is_none());
+        let pod = &ds.manifest["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"]["karpenter.sh/nodepool"], "studio-sdxl");
+        assert_eq!(pod["tolerations"][1]["key"], "sdfleet.io/models-not-ready");
+        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/k8s-disks/0/sdfleet/models");
+        // ComfyUI pods do not tolerate the startup taint.
+        let deploy = children.iter().find(|c| c.kind == ChildKind::Deployment).unwrap();
+        let tolerations = deploy.manifest["spec"]["template"]["spec"]["tolerations"].to_string();
+        assert!(!tolerations.contains("models-not-ready"));
+    }
+}
