@@ -63,7 +63,9 @@ impl Agent {
             .filter_map(|cud| {
                 let ns = cud.namespace()?;
                 let fleet = FleetNames::new(&ns, &cud.name_any());
-                (fleet.nodepool() == pool).then(|| Some((ns, cud.spec.model_set.clone()?))).flatten()
+                (fleet.nodepool() == pool)
+                    .then(|| Some((ns, cud.spec.model_set.clone()?)))
+                    .flatten()
             })
             .collect();
         wanted.sort();
@@ -86,7 +88,12 @@ impl Agent {
     }
 
     /// Brings the node to the ModelSet's catalog; true when the node holds it.
-    async fn sync_one(&self, api: &Api<ModelSet>, ms: &ModelSet, ns: &str) -> Result<bool, AgentError> {
+    async fn sync_one(
+        &self,
+        api: &Api<ModelSet>,
+        ms: &ModelSet,
+        ns: &str,
+    ) -> Result<bool, AgentError> {
         let name = ms.name_any();
         let status = ms.status.clone().unwrap_or_default();
         let dest = self.root.join(ns).join(&name);
@@ -96,25 +103,44 @@ impl Agent {
             && entry.state == NodeSyncState::Synced
             && !status.revision.is_empty()
             && entry.revision == status.revision
-            && dest.join(sync::paths::STATE_DIR).join("manifest.json").exists()
+            && dest
+                .join(sync::paths::STATE_DIR)
+                .join("manifest.json")
+                .exists()
         {
             return Ok(true);
         }
         if mine.map(|m| m.state) != Some(NodeSyncState::Syncing) {
-            self.report(api, &name, NodeSyncState::Syncing, &status.revision, 0, "").await?;
+            self.report(api, &name, NodeSyncState::Syncing, &status.revision, 0, "")
+                .await?;
         }
         let spec = &ms.spec;
         let source = &spec.source.s3;
         let region = source.region.clone().or_else(|| self.region.clone());
         let result = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let store = S3Store::connect(&source.bucket, &source.prefix, region.as_deref(), source.endpoint.as_deref()).await;
+            let store = S3Store::connect(
+                &source.bucket,
+                &source.prefix,
+                region.as_deref(),
+                source.endpoint.as_deref(),
+            )
+            .await;
             let objects = store.list().await.map_err(|e| e.to_string())?;
-            let catalog = Catalog::new(objects.into_iter().filter(|o| filter.accepts(&o.key)).collect());
-            tokio::fs::create_dir_all(&dest).await.map_err(|e| format!("{}: {e}", dest.display()))?;
+            let catalog = Catalog::new(
+                objects
+                    .into_iter()
+                    .filter(|o| filter.accepts(&o.key))
+                    .collect(),
+            );
+            tokio::fs::create_dir_all(&dest)
+                .await
+                .map_err(|e| format!("{}: {e}", dest.display()))?;
             let mut opts = SyncOptions::new(&dest);
             opts.delete = spec.sync.delete_removed;
-            let report = sync::sync(&store, &catalog, &opts).await.map_err(|e| e.to_string())?;
+            let report = sync::sync(&store, &catalog, &opts)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((catalog, report))
         }
         .await;
@@ -128,13 +154,28 @@ impl Agent {
                     node = %self.node, modelset = %format!("{ns}/{name}"), revision = %catalog.revision(),
                     fetched = report.downloaded, deleted = report.deleted, refused = report.refused.len(), "synced"
                 );
-                self.report(api, &name, NodeSyncState::Synced, &catalog.revision(), catalog.total_bytes(), &message)
-                    .await?;
+                self.report(
+                    api,
+                    &name,
+                    NodeSyncState::Synced,
+                    &catalog.revision(),
+                    catalog.total_bytes(),
+                    &message,
+                )
+                .await?;
                 Ok(true)
             }
             Err(message) => {
                 tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync failed");
-                self.report(api, &name, NodeSyncState::Failed, &status.revision, 0, &message).await?;
+                self.report(
+                    api,
+                    &name,
+                    NodeSyncState::Failed,
+                    &status.revision,
+                    0,
+                    &message,
+                )
+                .await?;
                 Ok(false)
             }
         }
@@ -151,27 +192,45 @@ impl Agent {
         bytes_done: u64,
         message: &str,
     ) -> Result<(), AgentError> {
-        let entry =
-            NodeSync { node: self.node.clone(), revision: revision.into(), state, bytes_done, message: message.into() };
+        let entry = NodeSync {
+            node: self.node.clone(),
+            revision: revision.into(),
+            state,
+            bytes_done,
+            message: message.into(),
+        };
         let body = json!({
             "apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": name},
             "status": {"nodes": [entry]},
         });
         let manager = format!("sdfleet-agent-{}", self.node);
-        api.patch_status(name, &PatchParams::apply(&crate::render::names::safe_name(&manager, 128)).force(), &Patch::Apply(body))
-            .await?;
+        api.patch_status(
+            name,
+            &PatchParams::apply(&crate::render::names::safe_name(&manager, 128)).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
         Ok(())
     }
 
     async fn lift_taint(&self, nodes: &Api<Node>, node: &Node) -> Result<(), AgentError> {
-        let taints = node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default();
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
         if !taints.iter().any(|t| t.key == MODELS_NOT_READY_TAINT) {
             return Ok(());
         }
-        let rest: Vec<_> = taints.into_iter().filter(|t| t.key != MODELS_NOT_READY_TAINT).collect();
+        let rest: Vec<_> = taints
+            .into_iter()
+            .filter(|t| t.key != MODELS_NOT_READY_TAINT)
+            .collect();
         // resourceVersion: fail rather than overwrite a concurrent taint change.
         let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": rest}});
-        nodes.patch(&self.node, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        nodes
+            .patch(&self.node, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
         tracing::info!(node = %self.node, "models are on the node; lifted {MODELS_NOT_READY_TAINT}");
         Ok(())
     }

@@ -140,7 +140,9 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Controller(_) | Command::Sync(_) | Command::Agent(_) => return Err("runs from main".into()),
+        Command::Controller(_) | Command::Sync(_) | Command::Agent(_) => {
+            return Err("runs from main".into());
+        }
         Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
         Command::Docs => print!("{}", sdfleet::docs::crd_reference()?),
         Command::Render {
@@ -348,7 +350,12 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             region: args.region.filter(|r| !r.is_empty()),
         };
         tracing::info!(node = %agent.node, root = %agent.root.display(), "node agent starting");
-        agent.run(std::time::Duration::from_secs(args.interval_seconds.max(1)), sdfleet::leader::shutdown_signal()).await;
+        agent
+            .run(
+                std::time::Duration::from_secs(args.interval_seconds.max(1)),
+                sdfleet::leader::shutdown_signal(),
+            )
+            .await;
         ExitCode::SUCCESS
     })
 }

@@ -17,7 +17,9 @@ use kube::runtime::events::{Event, EventType};
 use serde_json::json;
 
 use super::apply::{self, Applied, ApplyError};
-use super::conditions::{self, DEGRADED, MODELS_READY, NODEPOOL_READY, Observed, PROGRESSING, READY, Reason};
+use super::conditions::{
+    self, DEGRADED, MODELS_READY, NODEPOOL_READY, Observed, PROGRESSING, READY, Reason,
+};
 use super::{
     Context, child_apis, cud_api_resource, object_key, object_reference, preflight, steady_requeue,
 };
@@ -266,8 +268,15 @@ async fn apply_fleet(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
     // The ModelSet's per-node status is not watched: look again soon while syncing.
-    let syncing = observed.conditions.iter().any(|c| c.type_ == MODELS_READY && !c.status);
-    Ok(if syncing { Action::requeue(Duration::from_secs(5)) } else { steady_requeue() })
+    let syncing = observed
+        .conditions
+        .iter()
+        .any(|c| c.type_ == MODELS_READY && !c.status);
+    Ok(if syncing {
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        steady_requeue()
+    })
 }
 
 fn invalid(message: &str) -> Vec<Observed> {
@@ -391,14 +400,29 @@ async fn observe(
         replicas,
         ready_replicas: ready,
         endpoint,
-        conditions: vec![ready_condition, progressing, degraded, nodepool_condition, models],
+        conditions: vec![
+            ready_condition,
+            progressing,
+            degraded,
+            nodepool_condition,
+            models,
+        ],
     })
 }
 
 /// ModelsReady: every node of the fleet's NodePool reports the ModelSet's revision.
-async fn models_ready(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames) -> Result<Observed, Error> {
+async fn models_ready(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    fleet: &FleetNames,
+) -> Result<Observed, Error> {
     let Some(name) = cud.spec.model_set.as_deref() else {
-        return Ok(Observed::new(MODELS_READY, true, Reason::NoModelSet, "no ModelSet: the image's own models are used"));
+        return Ok(Observed::new(
+            MODELS_READY,
+            true,
+            Reason::NoModelSet,
+            "no ModelSet: the image's own models are used",
+        ));
     };
     let sets: Api<crate::crd::ModelSet> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
     let Some(ms) = sets.get_opt(name).await? else {
@@ -406,17 +430,29 @@ async fn models_ready(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames
             MODELS_READY,
             false,
             Reason::ModelSetNotFound,
-            format!("ModelSet {name} does not exist in namespace {}", fleet.namespace),
+            format!(
+                "ModelSet {name} does not exist in namespace {}",
+                fleet.namespace
+            ),
         ));
     };
     let status = ms.status.unwrap_or_default();
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(ctx.client.clone());
     let pool_nodes = nodes
-        .list(&ListParams::default().labels(&format!("{}={}", crate::render::names::NODEPOOL_LABEL, fleet.nodepool())))
+        .list(&ListParams::default().labels(&format!(
+            "{}={}",
+            crate::render::names::NODEPOOL_LABEL,
+            fleet.nodepool()
+        )))
         .await?
         .items;
     if pool_nodes.is_empty() {
-        return Ok(Observed::new(MODELS_READY, false, Reason::NoNodes, "the fleet has no nodes yet"));
+        return Ok(Observed::new(
+            MODELS_READY,
+            false,
+            Reason::NoNodes,
+            "the fleet has no nodes yet",
+        ));
     }
     let mut synced = 0;
     for node in &pool_nodes {
@@ -429,7 +465,10 @@ async fn models_ready(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames
                     format!("node {}: {}", e.node, e.message),
                 ));
             }
-            Some(e) if e.state == crate::crd::modelset::NodeSyncState::Synced && e.revision == status.revision => {
+            Some(e)
+                if e.state == crate::crd::modelset::NodeSyncState::Synced
+                    && e.revision == status.revision =>
+            {
                 synced += 1
             }
             _ => {}
@@ -437,9 +476,19 @@ async fn models_ready(ctx: &Context, cud: &ComfyUIDeployment, fleet: &FleetNames
     }
     let total = pool_nodes.len();
     Ok(if synced == total {
-        Observed::new(MODELS_READY, true, Reason::ModelsSynced, format!("{synced}/{total} nodes at {}", status.revision))
+        Observed::new(
+            MODELS_READY,
+            true,
+            Reason::ModelsSynced,
+            format!("{synced}/{total} nodes at {}", status.revision),
+        )
     } else {
-        Observed::new(MODELS_READY, false, Reason::Syncing, format!("{synced}/{total} nodes at {}", status.revision))
+        Observed::new(
+            MODELS_READY,
+            false,
+            Reason::Syncing,
+            format!("{synced}/{total} nodes at {}", status.revision),
+        )
     })
 }
 

@@ -103,7 +103,10 @@ pub fn child_apis(cloud: Cloud) -> Vec<(ChildKind, ApiResource)> {
             ApiResource::erase::<apps::Deployment>(&()),
         ),
         (ChildKind::Ingress, ApiResource::erase::<net::Ingress>(&())),
-        (ChildKind::AgentDaemonSet, ApiResource::erase::<apps::DaemonSet>(&())),
+        (
+            ChildKind::AgentDaemonSet,
+            ApiResource::erase::<apps::DaemonSet>(&()),
+        ),
     ]
 }
 
@@ -219,7 +222,11 @@ async fn run_fleets(
 
 impl Context {
     /// The namespace a child of `kind` of a fleet in `fleet_namespace` lives in.
-    pub fn child_namespace<'a>(&'a self, kind: ChildKind, fleet_namespace: &'a str) -> Option<&'a str> {
+    pub fn child_namespace<'a>(
+        &'a self,
+        kind: ChildKind,
+        fleet_namespace: &'a str,
+    ) -> Option<&'a str> {
         match kind {
             ChildKind::AgentDaemonSet => Some(self.settings.cluster.agent.namespace.as_str()),
             k if k.namespaced() => Some(fleet_namespace),

@@ -58,22 +58,41 @@ mod tests {
     #[test]
     fn a_fleet_with_a_modelset_gets_an_agent_and_a_startup_taint() {
         let mut cud = example(SDXL);
-        assert!(!render(&cud, Cloud::Kwok).iter().any(|c| c.kind == ChildKind::AgentDaemonSet));
-        assert_eq!(render(&cud, Cloud::Kwok)[1].manifest["spec"]["template"]["spec"]["startupTaints"], serde_json::json!([]));
+        assert!(
+            !render(&cud, Cloud::Kwok)
+                .iter()
+                .any(|c| c.kind == ChildKind::AgentDaemonSet)
+        );
+        assert_eq!(
+            render(&cud, Cloud::Kwok)[1].manifest["spec"]["template"]["spec"]["startupTaints"],
+            serde_json::json!([])
+        );
         cud.spec.model_set = Some("sdxl-models".into());
         let children = render(&cud, Cloud::Kwok);
         let pool = &children[1].manifest["spec"]["template"]["spec"];
-        assert_eq!(pool["startupTaints"][0]["key"], "sdfleet.io/models-not-ready");
-        let ds = children.iter().find(|c| c.kind == ChildKind::AgentDaemonSet).unwrap();
+        assert_eq!(
+            pool["startupTaints"][0]["key"],
+            "sdfleet.io/models-not-ready"
+        );
+        let ds = children
+            .iter()
+            .find(|c| c.kind == ChildKind::AgentDaemonSet)
+            .unwrap();
         assert_eq!(ds.name, "sdfleet-agent-studio-sdxl");
         assert_eq!(ds.manifest["metadata"]["namespace"], "sdfleet-system");
         assert!(ds.manifest["metadata"].get("ownerReferences").is_none());
         let pod = &ds.manifest["spec"]["template"]["spec"];
         assert_eq!(pod["nodeSelector"]["karpenter.sh/nodepool"], "studio-sdxl");
         assert_eq!(pod["tolerations"][1]["key"], "sdfleet.io/models-not-ready");
-        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/mnt/k8s-disks/0/sdfleet/models");
+        assert_eq!(
+            pod["volumes"][0]["hostPath"]["path"],
+            "/mnt/k8s-disks/0/sdfleet/models"
+        );
         // ComfyUI pods do not tolerate the startup taint.
-        let deploy = children.iter().find(|c| c.kind == ChildKind::Deployment).unwrap();
+        let deploy = children
+            .iter()
+            .find(|c| c.kind == ChildKind::Deployment)
+            .unwrap();
         let tolerations = deploy.manifest["spec"]["template"]["spec"]["tolerations"].to_string();
         assert!(!tolerations.contains("models-not-ready"));
     }

@@ -188,7 +188,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
             ChildKind::AgentDaemonSet,
             ds_api.clone(),
             name.clone(),
-            manifest(&ds_api, &name, Some(&agent.namespace), &fleet, None, agent::spec(&fleet, agent)),
+            manifest(
+                &ds_api,
+                &name,
+                Some(&agent.namespace),
+                &fleet,
+                None,
+                agent::spec(&fleet, agent),
+            ),
         ));
     }
 

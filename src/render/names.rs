@@ -58,7 +58,10 @@ impl FleetNames {
     }
     /// The node agent DaemonSet (in the operator's namespace).
     pub fn agent_daemonset(&self) -> String {
-        safe_name(&format!("sdfleet-agent-{}-{}", self.namespace, self.name), MAX_CLUSTER_NAME)
+        safe_name(
+            &format!("sdfleet-agent-{}-{}", self.namespace, self.name),
+            MAX_CLUSTER_NAME,
+        )
     }
     /// The claim of an S3 volume (`outputs` or `inputs`).
     pub fn volume_claim(&self, purpose: &str) -> String {

@@ -1,0 +1,208 @@
+//! The node agent, run as a local process for a testbed (kwok) GPU node: ComfyUI pods
+//! wait on the node's startup taint until the agent has synced the fleet's ModelSet,
+//! reported Synced and lifted the taint; later puts and deletes reach the directory.
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_s3::primitives::ByteStream;
+use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use sdfleet::crd::modelset::NodeSyncState;
+use sdfleet::crd::{ComfyUIDeployment, ModelSet};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn aws_env(tb: &Testbed) -> Vec<(&str, &str)> {
+    tb.env
+        .iter()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+fn has_taint(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "sdfleet.io/models-not-ready"))
+}
+
+#[tokio::test]
+async fn agent_syncs_reports_and_lifts_the_startup_taint() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let aws = tb.aws().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = format!("agent-{}", unique_suffix());
+    s3.create_bucket()
+        .bucket(&bucket)
+        .create_bucket_configuration(
+            aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let put = |key: &'static str, body: &'static [u8]| {
+        let (s3, bucket) = (s3.clone(), bucket.clone());
+        async move {
+            s3.put_object()
+                .bucket(&bucket)
+                .key(key)
+                .body(ByteStream::from_static(body))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    put("checkpoints/sdxl.safetensors", b"checkpoint weights").await;
+    put("vae/sdxl_vae.safetensors", b"vae weights").await;
+
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "agent").await;
+    let _controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &["--agent-namespace", &ns.name],
+        &aws_env(tb),
+    );
+    let ssa = PatchParams::apply("test-user").force();
+    let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "sdxl-models"},
+        "spec": {"source": {"s3": {"bucket": bucket, "region": "us-west-2"}}, "sync": {"pollInterval": "2s"}}});
+    sets.patch("sdxl-models", &ssa, &Patch::Apply(ms))
+        .await
+        .unwrap();
+    let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "sdxl"},
+        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "nodeClass": {"role": "r"},
+                 "gpu": {"instanceTypes": ["g5.2xlarge"]}, "ingress": {"enabled": false},
+                 "disruption": {"consolidateAfter": "5s"}}});
+    cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();
+
+    // The GPU node comes up with the startup taint, and the ComfyUI pod waits.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pool = format!("{}-sdxl", ns.name);
+    let node = eventually("a GPU node with the startup taint", WAIT, || async {
+        let list = nodes
+            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
+            .await
+            .ok()?;
+        list.items.into_iter().find(has_taint)
+    })
+    .await;
+    let node_name = node.name_any();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let comfy = ListParams::default().labels("app.kubernetes.io/instance=sdxl");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for p in pods.list(&comfy).await.unwrap() {
+        assert_eq!(
+            p.status.and_then(|s| s.phase).as_deref(),
+            Some("Pending"),
+            "a ComfyUI pod ran before its models"
+        );
+    }
+
+    let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
+            .unwrap();
+    let mut agent = std::process::Command::new(common::sdfleet_bin())
+        .args([
+            "agent",
+            "--node-name",
+            &node_name,
+            "--interval-seconds",
+            "1",
+            "--models-root",
+        ])
+        .arg(&root)
+        .env("KUBECONFIG", tb.kubeconfig())
+        .envs(aws_env(tb))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let dir = root.join(&ns.name).join("sdxl-models");
+
+    let revision = eventually(
+        "the agent to report Synced at the revision",
+        WAIT,
+        || async {
+            let status = sets.get("sdxl-models").await.ok()?.status?;
+            let mine = status.nodes.iter().find(|n| n.node == node_name)?;
+            (mine.state == NodeSyncState::Synced
+                && mine.revision == status.revision
+                && !status.revision.is_empty())
+            .then(|| status.revision.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(dir.join("checkpoints/sdxl.safetensors")).unwrap(),
+        b"checkpoint weights"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("vae/sdxl_vae.safetensors")).unwrap(),
+        b"vae weights"
+    );
+    eventually("the startup taint to be lifted", WAIT, || async {
+        (!has_taint(&nodes.get(&node_name).await.ok()?)).then_some(())
+    })
+    .await;
+    eventually("the ComfyUI pod to run on the node", WAIT, || async {
+        pods.list(&comfy).await.ok()?.items.into_iter().find(|p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node_name.as_str())
+        })
+    })
+    .await;
+    eventually("ModelsReady on the fleet", WAIT, || async {
+        let status = cuds.get("sdxl").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ModelsReady" && c.status == "True")
+            .map(|_| ())
+    })
+    .await;
+
+    // A later put reaches the directory; a later delete removes the file.
+    put("loras/new.safetensors", b"new lora").await;
+    eventually("the new model on the node", WAIT, || async {
+        std::fs::read(dir.join("loras/new.safetensors"))
+            .ok()
+            .filter(|b| b == b"new lora")
+    })
+    .await;
+    s3.delete_object()
+        .bucket(&bucket)
+        .key("vae/sdxl_vae.safetensors")
+        .send()
+        .await
+        .unwrap();
+    eventually("the deleted model gone from the node", WAIT, || async {
+        (!dir.join("vae/sdxl_vae.safetensors").exists()).then_some(())
+    })
+    .await;
+    let latest = sets.get("sdxl-models").await.unwrap().status.unwrap();
+    assert_ne!(latest.revision, revision);
+
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
+    eventually("the fleet to be deleted", WAIT, || async {
+        cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&root);
+}
