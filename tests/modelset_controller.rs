@@ -317,3 +317,124 @@ fn aws_env(tb: &Testbed) -> Vec<(&str, &str)> {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect()
 }
+
+#[tokio::test]
+async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let (s3, _) = clients(tb).await;
+    let aws = tb.aws().await;
+    let ec2 = aws_sdk_ec2::Client::new(&aws);
+    let ssm = aws_sdk_ssm::Client::new(&aws);
+    let b = bucket(&s3).await;
+    put(&s3, &b, "models/checkpoints/a.safetensors", 10).await;
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-ssm").await;
+    let pool = format!("{}-fleet", ns.name);
+    let image = ec2.describe_images().send().await.unwrap().images()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
+    let tags = |pool: &str| {
+        aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("karpenter.sh/nodepool")
+                    .value(pool)
+                    .build(),
+            )
+            .build()
+    };
+    let ours = ec2
+        .run_instances()
+        .image_id(&image)
+        .min_count(2)
+        .max_count(2)
+        .tag_specifications(tags(&pool))
+        .send()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = ours
+        .instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ec2.run_instances()
+        .image_id(&image)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tags("another-pool"))
+        .send()
+        .await
+        .unwrap();
+
+    let _controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &["--agent-namespace", &ns.name],
+        &aws_env(tb),
+    );
+    let ssa = PatchParams::apply("test-user").force();
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "viassm",
+        &ssa,
+        &Patch::Apply(modelset("viassm", &b, json!({"sync": {"method": "SSM"}}))),
+    )
+    .await
+    .unwrap();
+    let cuds: Api<sdfleet::crd::ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "fleet"},
+        "spec": {"image": "comfyui:test", "replicas": 0, "modelSet": "viassm", "nodeClass": {"role": "r"}, "ingress": {"enabled": false}}});
+    cuds.patch("fleet", &ssa, &Patch::Apply(cud)).await.unwrap();
+
+    let s = eventually(
+        "SSM results of both instances in status",
+        Duration::from_secs(90),
+        || async {
+            let s = status(&api, "viassm").await?;
+            let synced = s
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.state == sdfleet::crd::modelset::NodeSyncState::Synced
+                        && n.revision == s.revision
+                })
+                .count();
+            (synced == 2
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Synced" && c.status == "True"))
+            .then_some(s)
+        },
+    )
+    .await;
+    let mut recorded: Vec<String> = s.nodes.iter().map(|n| n.node.clone()).collect();
+    recorded.sort();
+    assert_eq!(recorded, ids, "exactly the fleet's running instances");
+    let commands = ssm.list_commands().send().await.unwrap();
+    let sent = commands
+        .commands()
+        .iter()
+        .find(|c| c.instance_ids().iter().any(|i| i == &ids[0]))
+        .expect("a command for the fleet's instances");
+    assert_eq!(sent.document_name(), Some("AWS-RunShellScript"));
+    let script = &sent.parameters().unwrap()["commands"][0];
+    assert!(
+        script.starts_with(&format!("sdfleet sync --bucket '{b}'")),
+        "{script}"
+    );
+    assert!(
+        script.contains(&format!("/models/{}/viassm'", ns.name)),
+        "{script}"
+    );
+    cuds.delete("fleet", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("fleet deleted", Duration::from_secs(60), || async {
+        cuds.get_opt("fleet").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}

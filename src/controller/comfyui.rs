@@ -598,7 +598,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<bool, Error> {
     ];
     let apis = child_apis(ctx.settings.cloud);
     for stage in stages {
-        let mut remaining = 0;
+        let mut remaining = Vec::new();
         for (kind, ar) in apis.iter().filter(|(k, _)| stage.contains(k)) {
             let api = apply::api_for(
                 &ctx.client,
@@ -612,7 +612,7 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<bool, Error> {
                 Err(e) => return Err(e.into()),
             };
             for child in list.items {
-                remaining += 1;
+                remaining.push(format!("{}/{}", ar.kind, child.name_any()));
                 if child.metadata.deletion_timestamp.is_none() {
                     ctx.metrics.record_write("delete", &ar.kind);
                     let dp = DeleteParams {
@@ -627,8 +627,8 @@ async fn cleanup(obj: &DynamicObject, ctx: &Context) -> Result<bool, Error> {
                 }
             }
         }
-        if remaining > 0 {
-            tracing::info!(object = %object_key(obj), remaining, "waiting for children to be deleted");
+        if !remaining.is_empty() {
+            tracing::info!(object = %object_key(obj), ?remaining, "waiting for children to be deleted");
             return Ok(false);
         }
     }

@@ -6,6 +6,7 @@ pub mod comfyui;
 pub mod conditions;
 pub mod modelset;
 pub mod preflight;
+pub mod ssm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

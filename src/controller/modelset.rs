@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 
 use super::conditions::{self, Observed, READY, Reason};
 use super::{Context, object_key};
-use crate::crd::modelset::{CatalogRef, ModelEntry, ModelSet, ModelSetStatus, NodeSyncState};
+use crate::crd::modelset::{
+    CatalogRef, ModelEntry, ModelSet, ModelSetStatus, NodeSyncState, SyncMethod,
+};
 use crate::sync::catalog::{Catalog, Filter, model_type};
 use crate::sync::events;
 use crate::sync::store::{ObjectStore, S3Store};
@@ -44,6 +46,8 @@ pub enum Error {
     List(String),
     #[error("writing the catalog: {0}")]
     Catalog(String),
+    #[error("SSM sync: {0}")]
+    Ssm(#[from] super::ssm::SsmError),
 }
 
 /// SQS listeners, one per ModelSet with a queue, and the channel they wake reconciles on.
@@ -201,6 +205,7 @@ pub fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -
         Error::Kube(_) => "KubeError",
         Error::List(_) => "ListFailed",
         Error::Catalog(_) => "CatalogFailed",
+        Error::Ssm(_) => "SsmSyncFailed",
     };
     ctx.metrics
         .errors
@@ -317,6 +322,10 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
         ),
     );
     write_status(ctx, obj, Some((&catalog, catalog_ref)), &[listed]).await?;
+    if ms.spec.sync.method == SyncMethod::Ssm {
+        super::ssm::sync_instances(&ctx.client, &ms, &catalog.revision(), region.as_deref())
+            .await?;
+    }
     ctx.reset_backoff(&format!("ms/{key}"));
     Ok(Action::requeue(poll))
 }
