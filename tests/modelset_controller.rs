@@ -438,3 +438,85 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
     })
     .await;
 }
+
+/// 100,000 keys: the status stays small (first 100 models) and the full catalog lands in
+/// ConfigMaps under the 1 MiB object limit. Prints how long the listing took.
+/// Run explicitly: `cargo test --test modelset_controller -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "fills moto with 100,000 objects (about 10 minutes on 2 cores); run with --ignored"]
+async fn hundred_thousand_keys_are_catalogued_within_object_limits() {
+    const N: usize = 100_000;
+    let tb = Testbed::get();
+    install_crds(tb);
+    let (s3, _) = clients(tb).await;
+    let b = bucket(&s3).await;
+    let t = Instant::now();
+    use futures::StreamExt;
+    futures::stream::iter(0..N)
+        .for_each_concurrent(64, |i| {
+            let (s3, b) = (s3.clone(), b.clone());
+            async move {
+                let key = format!(
+                    "models/{}/model_{i:06}.safetensors",
+                    ["checkpoints", "loras", "vae", "controlnet"][i % 4]
+                );
+                s3.put_object()
+                    .bucket(&b)
+                    .key(key)
+                    .body(ByteStream::from_static(b"w"))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    println!("filled moto with {N} objects in {:?}", t.elapsed());
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-100k").await;
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let t = Instant::now();
+    api.patch(
+        "huge",
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(modelset("huge", &b, json!({}))),
+    )
+    .await
+    .unwrap();
+    let s = eventually("the 100k catalog", Duration::from_secs(600), || async {
+        status(&api, "huge")
+            .await
+            .filter(|s| s.object_count == N as u64)
+    })
+    .await;
+    println!(
+        "catalogued {N} objects (listed, digested, stored) in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s.by_type["loras"].count, (N / 4) as u64);
+    let object = serde_json::to_vec(&api.get("huge").await.unwrap()).unwrap();
+    assert!(
+        object.len() < 100 * 1024,
+        "the ModelSet object is {} bytes",
+        object.len()
+    );
+    let cref = s.catalog_ref.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let mut gz = Vec::new();
+    for name in &cref.config_maps {
+        let cm = cms.get(name).await.unwrap();
+        let size = serde_json::to_vec(&cm).unwrap().len();
+        assert!(size < 1024 * 1024, "{name} is {size} bytes");
+        gz.extend_from_slice(&cm.binary_data.unwrap()["catalog.tsv.gz"].0);
+    }
+    let mut tsv = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut tsv)
+        .unwrap();
+    assert_eq!(tsv.lines().count(), N);
+    println!(
+        "catalog: {} ConfigMap(s), {} compressed bytes",
+        cref.config_maps.len(),
+        gz.len()
+    );
+}
