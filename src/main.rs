@@ -184,21 +184,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
 
 fn run_controller(args: ControllerArgs) -> ExitCode {
     sdfleet::telemetry::init_logging(args.log_json);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build a Kubernetes client");
-                return ExitCode::FAILURE;
-            }
-        };
+    with_kube_client(|client| async move {
         let settings = sdfleet::controller::Settings {
             cloud: args.cloud,
             cluster: ClusterSettings {
@@ -220,21 +206,26 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         let server = tokio::spawn(sdfleet::telemetry::serve(args.metrics_addr, health.clone()));
         tracing::info!(cloud = ?settings.cloud, namespace = ?settings.namespace, "starting controller");
         let ctx = sdfleet::controller::Context::new(client.clone(), settings, metrics);
-        health.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        health
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if args.leader_elect {
-            let lease = match sdfleet::leader::Leader::acquire(client, &args.leader_election_namespace).await {
-                Ok(Some(lease)) => lease,
-                Ok(None) => {
-                    tracing::info!("stopped before becoming leader");
-                    server.abort();
-                    return ExitCode::SUCCESS;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "leader election failed");
-                    server.abort();
-                    return ExitCode::FAILURE;
-                }
-            };
+            let lease =
+                match sdfleet::leader::Leader::acquire(client, &args.leader_election_namespace)
+                    .await
+                {
+                    Ok(Some(lease)) => lease,
+                    Ok(None) => {
+                        tracing::info!("stopped before becoming leader");
+                        server.abort();
+                        return ExitCode::SUCCESS;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "leader election failed");
+                        server.abort();
+                        return ExitCode::FAILURE;
+                    }
+                };
             let (lost, release) = lease.split();
             let lost_leadership = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = lost_leadership.clone();
@@ -328,21 +319,7 @@ fn run_sync(args: SyncArgs) -> ExitCode {
 
 fn run_agent(args: AgentArgs) -> ExitCode {
     sdfleet::telemetry::init_logging(args.log_json);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot build a Kubernetes client");
-                return ExitCode::FAILURE;
-            }
-        };
+    with_kube_client(|client| async move {
         let agent = sdfleet::agent::Agent {
             client,
             node: args.node_name,
@@ -357,5 +334,30 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             )
             .await;
         ExitCode::SUCCESS
+    })
+}
+
+/// Runs `body` with a Kubernetes client on a Tokio runtime; start-up failures are logged
+/// and become a failing exit code.
+fn with_kube_client<F, Fut>(body: F) -> ExitCode
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match kube::Client::try_default().await {
+            Ok(client) => body(client).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a Kubernetes client");
+                ExitCode::FAILURE
+            }
+        }
     })
 }

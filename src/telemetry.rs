@@ -123,6 +123,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// One reconcile: its duration and whether it succeeded.
+    pub fn record_reconcile(&self, took: std::time::Duration, ok: bool) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+        let result = if ok { "success" } else { "error" };
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
     pub fn record_write(&self, verb: &str, kind: &str) {
         self.writes
             .get_or_create(&WriteLabels {

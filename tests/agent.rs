@@ -42,17 +42,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
             .force_path_style(true)
             .build(),
     );
-    let bucket = format!("agent-{}", unique_suffix());
-    s3.create_bucket()
-        .bucket(&bucket)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let bucket = common::create_bucket(&s3, "agent").await;
     let put = |key: &'static str, body: &'static [u8]| {
         let (s3, bucket) = (s3.clone(), bucket.clone());
         async move {

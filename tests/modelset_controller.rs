@@ -8,7 +8,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
+use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use sdfleet::crd::ModelSet;
@@ -29,18 +29,7 @@ async fn clients(tb: &Testbed) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
 }
 
 async fn bucket(s3: &aws_sdk_s3::Client) -> String {
-    let name = format!("models-{}", unique_suffix());
-    s3.create_bucket()
-        .bucket(&name)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    name
+    common::create_bucket(s3, "models").await
 }
 
 async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, len: usize) {
@@ -214,41 +203,7 @@ async fn sqs_events_update_the_revision_within_seconds() {
     let (s3, sqs) = clients(tb).await;
     let b = bucket(&s3).await;
     put(&s3, &b, "models/checkpoints/a.safetensors", 10).await;
-    let queue = sqs
-        .create_queue()
-        .queue_name(&b)
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    let arn = sqs
-        .get_queue_attributes()
-        .queue_url(&queue)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap()
-        .attributes()
-        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
-        .clone();
-    s3.put_bucket_notification_configuration()
-        .bucket(&b)
-        .notification_configuration(
-            aws_sdk_s3::types::NotificationConfiguration::builder()
-                .queue_configurations(
-                    aws_sdk_s3::types::QueueConfiguration::builder()
-                        .queue_arn(arn)
-                        .events(aws_sdk_s3::types::Event::from("s3:ObjectCreated:*"))
-                        .events(aws_sdk_s3::types::Event::from("s3:ObjectRemoved:*"))
-                        .build()
-                        .unwrap(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let queue = common::notify_to_new_queue(&s3, &sqs, &b).await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-sqs").await;
     let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));

@@ -12,27 +12,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use common::{Testbed, unique_suffix};
 
 async fn s3(tb: &Testbed) -> aws_sdk_s3::Client {
-    let aws = tb.aws().await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws)
-            .force_path_style(true)
-            .build(),
-    )
+    common::s3_client(tb).await
 }
 
 async fn bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
-    let name = format!("{prefix}-{}", unique_suffix());
-    s3.create_bucket()
-        .bucket(&name)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    name
+    common::create_bucket(s3, prefix).await
 }
 
 async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {

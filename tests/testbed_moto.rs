@@ -19,17 +19,7 @@ async fn s3_put_and_list() {
             .force_path_style(true)
             .build(),
     );
-    let bucket = format!("tb-models-{}", unique_suffix());
-    s3.create_bucket()
-        .bucket(&bucket)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let bucket = common::create_bucket(&s3, "tb-models").await;
     for key in [
         "checkpoints/sdxl.safetensors",
         "loras/detail.safetensors",
@@ -71,17 +61,7 @@ async fn s3_event_notification_arrives_on_sqs() {
             .build(),
     );
     let sqs = aws_sdk_sqs::Client::new(&aws);
-    let bucket = format!("tb-events-{}", unique_suffix());
-    s3.create_bucket()
-        .bucket(&bucket)
-        .create_bucket_configuration(
-            aws_sdk_s3::types::CreateBucketConfiguration::builder()
-                .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::UsWest2)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let bucket = common::create_bucket(&s3, "tb-events").await;
     let queue_url = sqs
         .create_queue()
         .queue_name(&bucket)

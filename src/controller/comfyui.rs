@@ -27,7 +27,7 @@ use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::render::names::FleetNames;
 use crate::render::{self, ChildKind, RenderContext};
-use crate::telemetry::{FleetLabels, ReasonLabels, ResultLabels};
+use crate::telemetry::{FleetLabels, ReasonLabels};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
 
@@ -60,15 +60,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
     );
     let result = reconcile_with_finalizer(&api, &obj, &ctx).await;
     ctx.metrics
-        .reconcile_duration
-        .observe(start.elapsed().as_secs_f64());
-    let label = if result.is_ok() { "success" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ResultLabels {
-            result: label.into(),
-        })
-        .inc();
+        .record_reconcile(start.elapsed(), result.is_ok());
     result
 }
 

@@ -25,7 +25,7 @@ use crate::crd::modelset::{
 use crate::sync::catalog::{Catalog, Filter, model_type};
 use crate::sync::events;
 use crate::sync::store::{ObjectStore, S3Store};
-use crate::telemetry::{ReasonLabels, ResultLabels};
+use crate::telemetry::ReasonLabels;
 
 pub const SYNCED: &str = "Synced";
 /// Models listed in the status itself; the rest go to ConfigMaps.
@@ -188,15 +188,7 @@ pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Act
     let start = std::time::Instant::now();
     let result = reconcile_inner(&obj, &ctx).await;
     ctx.metrics
-        .reconcile_duration
-        .observe(start.elapsed().as_secs_f64());
-    let label = if result.is_ok() { "success" } else { "error" };
-    ctx.metrics
-        .reconciles
-        .get_or_create(&ResultLabels {
-            result: label.into(),
-        })
-        .inc();
+        .record_reconcile(start.elapsed(), result.is_ok());
     result
 }
 
