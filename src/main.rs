@@ -119,6 +119,9 @@ struct SyncArgs {
     /// Concurrent GET requests.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Objects larger than this are fetched in ranged GETs of this size (MiB).
+    #[arg(long, default_value_t = 64)]
+    part_size_mib: u64,
 }
 
 fn main() -> ExitCode {
@@ -289,6 +292,8 @@ fn run_sync(args: SyncArgs) -> ExitCode {
         let mut opts = SyncOptions::new(&args.dest);
         opts.delete = args.delete;
         opts.concurrency = args.concurrency;
+        opts.part_size = args.part_size_mib.max(1) << 20;
+        opts.multipart_threshold = opts.part_size;
         match sync::sync(&store, &catalog, &opts).await {
             Ok(report) => {
                 let secs = started.elapsed().as_secs_f64();

@@ -66,14 +66,21 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
     let tb = Testbed::get();
     let s3 = s3(tb).await;
     let b = bucket(&s3, "sync").await;
-    let big = pattern(40 << 20, 7); // above the 32 MiB threshold: ranged parallel GETs
+    // Above the part size given below: fetched with five parallel ranged GETs.
+    let big = pattern(40 << 20, 7);
     put(&s3, &b, "models/checkpoints/big.safetensors", big.clone()).await;
     put(&s3, &b, "models/loras/a lora.safetensors", pattern(1000, 1)).await;
     put(&s3, &b, "models/vae/v.safetensors", pattern(3000, 2)).await;
     put(&s3, &b, "other/ignored.bin", pattern(10, 3)).await;
     let dest = temp_dir("sync");
 
-    let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
+    let (out, text) = run(&mut sync_cmd(
+        tb,
+        &b,
+        "models/",
+        &dest,
+        &["--part-size-mib", "8"],
+    ));
     assert!(out.status.success(), "{text}");
     assert!(text.contains("3 fetched"), "{text}");
     assert_eq!(

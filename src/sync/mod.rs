@@ -46,8 +46,8 @@ impl SyncOptions {
             dest: dest.into(),
             delete: false,
             concurrency: 32,
-            multipart_threshold: 32 << 20,
-            part_size: 16 << 20,
+            multipart_threshold: 64 << 20,
+            part_size: 64 << 20,
         }
     }
 }
