@@ -17,14 +17,6 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn aws_env(tb: &Testbed) -> Vec<(&str, &str)> {
-    tb.env
-        .iter()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}
-
 fn has_taint(node: &Node) -> bool {
     node.spec
         .as_ref()
@@ -64,7 +56,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         tb,
         &ns.name,
         &["--agent-namespace", &ns.name],
-        &aws_env(tb),
+        &tb.aws_env(),
     );
     let ssa = PatchParams::apply("test-user").force();
     let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
@@ -118,7 +110,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         ])
         .arg(&root)
         .env("KUBECONFIG", tb.kubeconfig())
-        .envs(aws_env(tb))
+        .envs(tb.aws_env())
         .stderr(log)
         .spawn()
         .unwrap();

@@ -291,7 +291,14 @@ async fn fleet_lifecycle_under_the_charts_rbac() {
     let mut controller = ControllerProcess::start_with_env(
         tb,
         &ns.name,
-        &["--leader-elect", "--leader-election-namespace", &release_ns],
+        // As in the chart's pods, whose POD_NAMESPACE is the release namespace.
+        &[
+            "--leader-elect",
+            "--leader-election-namespace",
+            &release_ns,
+            "--agent-namespace",
+            &release_ns,
+        ],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
             ("POD_NAME", "rbac-controller"),

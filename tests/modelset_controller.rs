@@ -92,7 +92,7 @@ async fn catalog_in_status_matches_the_bucket() {
     put(&s3, &b, "elsewhere/x.safetensors", 1).await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-catalog").await;
-    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let ssa = PatchParams::apply("test-user").force();
     api.patch(
@@ -160,7 +160,7 @@ async fn large_catalog_goes_to_configmaps() {
     .await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-large").await;
-    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     api.patch(
         "many",
@@ -206,7 +206,7 @@ async fn sqs_events_update_the_revision_within_seconds() {
     let queue = common::notify_to_new_queue(&s3, &sqs, &b).await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-sqs").await;
-    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let spec = json!({"sync": {"pollInterval": "1h", "sqsQueueUrl": queue}});
     api.patch(
@@ -262,15 +262,6 @@ async fn sqs_events_update_the_revision_within_seconds() {
     let left = &left.attributes().unwrap()
         [&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages];
     assert_eq!(left, "0");
-}
-
-/// The controller reaches moto through the standard AWS variables of the testbed.
-fn aws_env(tb: &Testbed) -> Vec<(&str, &str)> {
-    tb.env
-        .iter()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
 }
 
 #[tokio::test]
@@ -329,7 +320,7 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
         tb,
         &ns.name,
         &["--agent-namespace", &ns.name],
-        &aws_env(tb),
+        &tb.aws_env(),
     );
     let ssa = PatchParams::apply("test-user").force();
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
@@ -428,7 +419,7 @@ async fn hundred_thousand_keys_are_catalogued_within_object_limits() {
     println!("filled moto with {N} objects in {:?}", t.elapsed());
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-100k").await;
-    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &aws_env(tb));
+    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let t = Instant::now();
     api.patch(

@@ -77,6 +77,16 @@ impl Testbed {
             .await
     }
 
+    /// The AWS variables of the testbed (moto's endpoint, dummy credentials, region),
+    /// for processes that must reach moto.
+    pub fn aws_env(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
     /// A `kubectl` command bound to the testbed.
     pub fn kubectl(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(self.var("SDFLEET_TESTBED_KUBECTL"));
