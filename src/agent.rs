@@ -10,8 +10,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use crate::crd::ComfyUIDeployment;
 use crate::crd::modelset::{ModelSet, ModelSetStatus, NodeSync, NodeSyncState};
-use crate::crd::{ComfyUIDeployment, ModelSet as ModelSetKind};
 use crate::render::names::{FleetNames, NODEPOOL_LABEL};
 use crate::render::nodepool::MODELS_NOT_READY_TAINT;
 use crate::sync::catalog::{Catalog, Filter};
@@ -73,7 +73,7 @@ impl Agent {
 
         let mut all_synced = !wanted.is_empty();
         for (ns, name) in wanted {
-            let api: Api<ModelSetKind> = Api::namespaced(self.client.clone(), &ns);
+            let api: Api<ModelSet> = Api::namespaced(self.client.clone(), &ns);
             let Some(ms) = api.get_opt(&name).await? else {
                 tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not found; waiting");
                 all_synced = false;

@@ -11,8 +11,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use crate::crd::ComfyUIDeployment;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
-use crate::crd::{ComfyUIDeployment, ModelSet as ModelSetApi};
 use crate::render::deployment::MODELS_HOST_ROOT;
 use crate::render::names::{FleetNames, NODEPOOL_LABEL};
 
@@ -164,7 +164,7 @@ pub async fn sync_instances(
         .to_string();
     tracing::info!(modelset = %format!("{ns}/{name}"), %command_id, instances = pending.len(), "sent sdfleet sync through SSM");
 
-    let api: Api<ModelSetApi> = Api::namespaced(client.clone(), &ns);
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);
     let mut failures = Vec::new();
     for id in &pending {
         let (state, message) = wait_for(&ssm, &command_id, id).await;
