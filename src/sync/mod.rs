@@ -12,7 +12,9 @@ pub mod events;
 pub mod paths;
 pub mod plan;
 pub mod store;
+mod writeback;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,7 +134,7 @@ pub async fn sync<S: ObjectStore>(
     let plan = plan::plan(catalog, &manifest, dest, opts.delete);
     check_space(dest, &plan)?;
 
-    let manifest = Arc::new(Mutex::new(manifest));
+    let progress = Arc::new(Mutex::new(Progress::new(manifest)));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let bytes = Arc::new(AtomicU64::new(0));
     let Plan {
@@ -142,36 +144,34 @@ pub async fn sync<S: ObjectStore>(
         refused,
     } = plan;
     let downloaded = download.len();
-    futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
+    let fetched = futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
         .try_for_each_concurrent(opts.concurrency.max(1), |object| {
-            let (permits, manifest, bytes, tmp) = (
+            let (permits, progress, bytes, tmp) = (
                 permits.clone(),
-                manifest.clone(),
+                progress.clone(),
                 bytes.clone(),
                 tmp.clone(),
             );
             let state = state.clone();
             async move {
-                fetch(store, &object, dest, &tmp, opts, &permits).await?;
+                let target = fetch(store, &object, dest, &tmp, opts, &permits).await?;
                 bytes.fetch_add(object.size, Ordering::Relaxed);
-                let mut m = manifest.lock().await;
-                m.entries.insert(
-                    object.key.clone(),
-                    ManifestEntry {
-                        size: object.size,
-                        etag: object.etag.clone(),
-                    },
-                );
-                // Save now and then, so a crash loses little.
-                if m.entries.len() % 64 == 0 {
-                    m.save(&state).await.map_err(io(&state))?;
+                let mut p = progress.lock().await;
+                p.record(&object, target);
+                // Checkpoint now and then, so a crash loses little.
+                if p.files_since_save >= CHECKPOINT_FILES || p.bytes_since_save >= CHECKPOINT_BYTES
+                {
+                    p.checkpoint(&state).await?;
                 }
                 Ok(())
             }
         })
-        .await?;
+        .await;
+    // What did arrive is kept even when another object failed: the rerun skips it.
+    let mut p = progress.lock().await;
+    p.checkpoint(&state).await?;
+    fetched?;
 
-    let mut m = manifest.lock().await;
     let mut deleted = 0;
     for key in &delete {
         if let Ok(path) = paths::destination(dest, key) {
@@ -182,9 +182,9 @@ pub async fn sync<S: ObjectStore>(
             }
             remove_empty_parents(dest, &path).await;
         }
-        m.entries.remove(key);
+        p.manifest.entries.remove(key);
     }
-    m.save(&state).await.map_err(io(&state))?;
+    p.checkpoint(&state).await?;
     Ok(SyncReport {
         downloaded,
         bytes: bytes.load(Ordering::Relaxed),
@@ -192,6 +192,66 @@ pub async fn sync<S: ObjectStore>(
         unchanged,
         refused,
     })
+}
+
+/// Checkpoint the manifest after this many files or bytes.
+const CHECKPOINT_FILES: usize = 64;
+const CHECKPOINT_BYTES: u64 = 1 << 30;
+
+/// What this run has put in place and not yet checkpointed.
+struct Progress {
+    manifest: Manifest,
+    /// Directories that received a rename since the last checkpoint.
+    renamed_into: BTreeSet<PathBuf>,
+    files_since_save: usize,
+    bytes_since_save: u64,
+}
+
+impl Progress {
+    fn new(manifest: Manifest) -> Progress {
+        Progress {
+            manifest,
+            renamed_into: BTreeSet::new(),
+            files_since_save: 0,
+            bytes_since_save: 0,
+        }
+    }
+
+    fn record(&mut self, object: &Object, target: PathBuf) {
+        self.manifest.entries.insert(
+            object.key.clone(),
+            ManifestEntry {
+                size: object.size,
+                etag: object.etag.clone(),
+            },
+        );
+        if let Some(dir) = target.parent() {
+            self.renamed_into.insert(dir.to_path_buf());
+        }
+        self.files_since_save += 1;
+        self.bytes_since_save += object.size;
+    }
+
+    /// Makes the renames durable, then saves the manifest. In that order: a manifest
+    /// entry whose rename was lost in a crash could vouch for an older file of the same
+    /// size at that path.
+    async fn checkpoint(&mut self, state: &Path) -> Result<(), SyncError> {
+        let dirs = std::mem::take(&mut self.renamed_into);
+        tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                std::fs::File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(&dir))?;
+            }
+            Ok::<(), SyncError>(())
+        })
+        .await
+        .map_err(|e| io(state)(std::io::Error::other(e)))??;
+        self.manifest.save(state).await.map_err(io(state))?;
+        self.files_since_save = 0;
+        self.bytes_since_save = 0;
+        Ok(())
+    }
 }
 
 fn check_space(dest: &Path, plan: &Plan) -> Result<(), SyncError> {
@@ -226,11 +286,14 @@ async fn fetch<S: ObjectStore>(
     tmp: &Path,
     opts: &SyncOptions,
     permits: &Semaphore,
-) -> Result<(), SyncError> {
+) -> Result<PathBuf, SyncError> {
     let part = temp_path(tmp, &object.key);
     let file = std::fs::File::create(&part).map_err(io(&part))?;
     file.set_len(object.size).map_err(io(&part))?;
     let file = Arc::new(file);
+    let closed = |_| SyncError::Unsafe {
+        key: object.key.clone(),
+    };
 
     if object.size > opts.multipart_threshold {
         let part_size = opts.part_size.max(1 << 20);
@@ -240,23 +303,15 @@ async fn fetch<S: ObjectStore>(
             .collect();
         futures::stream::iter(ranges.into_iter().map(Ok::<(u64, u64), SyncError>))
             .try_for_each_concurrent(None, |(start, end)| {
-                let file = file.clone();
-                let part = part.clone();
+                let (file, part) = (file.clone(), part.clone());
                 async move {
-                    let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe {
-                        key: object.key.clone(),
-                    })?;
-                    let mut body = store.get(&object.key, Some((start, end))).await?;
-                    let mut at = start;
-                    while let Some(chunk) = body.next().await {
-                        let chunk = chunk?;
-                        write_at(&file, &chunk, at).map_err(io(&part))?;
-                        at += chunk.len() as u64;
-                    }
-                    if at != end + 1 {
+                    let _permit = permits.acquire().await.map_err(closed)?;
+                    let body = store.get(&object.key, Some((start, end))).await?;
+                    let written = write_body(&file, &part, body, start, None).await?;
+                    if written != end + 1 - start {
                         return Err(SyncError::SizeMismatch {
                             key: object.key.clone(),
-                            got: at - start,
+                            got: written,
                             want: end + 1 - start,
                         });
                     }
@@ -265,22 +320,14 @@ async fn fetch<S: ObjectStore>(
             })
             .await?;
     } else {
-        let _permit = permits.acquire().await.map_err(|_| SyncError::Unsafe {
-            key: object.key.clone(),
-        })?;
-        let mut body = store.get(&object.key, None).await?;
+        let _permit = permits.acquire().await.map_err(closed)?;
+        let body = store.get(&object.key, None).await?;
         let mut md5 = Md5::new();
-        let mut at = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            md5.update(&chunk);
-            write_at(&file, &chunk, at).map_err(io(&part))?;
-            at += chunk.len() as u64;
-        }
-        if at != object.size {
+        let written = write_body(&file, &part, body, 0, Some(&mut md5)).await?;
+        if written != object.size {
             return Err(SyncError::SizeMismatch {
                 key: object.key.clone(),
-                got: at,
+                got: written,
                 want: object.size,
             });
         }
@@ -305,7 +352,14 @@ async fn fetch<S: ObjectStore>(
             want: object.size,
         });
     }
-    file.sync_all().map_err(io(&part))?;
+    // Durable before it is renamed into place. Most pages are already on their way to
+    // disk (see `write_body`), so this mostly waits for the tail; it runs off the async
+    // workers so other downloads keep streaming meanwhile.
+    let synced = file.clone();
+    tokio::task::spawn_blocking(move || synced.sync_data())
+        .await
+        .map_err(|e| io(&part)(std::io::Error::other(e)))?
+        .map_err(io(&part))?;
     drop(file);
 
     // Re-check right before the rename: a symlink may have appeared since planning.
@@ -320,16 +374,38 @@ async fn fetch<S: ObjectStore>(
     tokio::fs::rename(&part, &target)
         .await
         .map_err(io(&target))?;
-    if let Some(parent) = target.parent()
-        && let Ok(dir) = std::fs::File::open(parent)
-    {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    Ok(target)
 }
 
-fn write_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+/// Pages written since the last writeback request; past this, writeback is started.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Streams `body` into `file` from `offset`, feeding `md5` if given; returns the bytes
+/// written. Writeback of each full window is started at once (without waiting), so the
+/// disk works while the network does and dirty pages never pile up into a long stall
+/// at the final fsync or in the kernel's dirty-page throttling.
+async fn write_body(
+    file: &std::fs::File,
+    path: &Path,
+    mut body: store::ByteChunks,
+    offset: u64,
+    mut md5: Option<&mut Md5>,
+) -> Result<u64, SyncError> {
+    let mut at = offset;
+    let mut unflushed = offset;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if let Some(md5) = md5.as_deref_mut() {
+            md5.update(&chunk);
+        }
+        std::os::unix::fs::FileExt::write_all_at(file, &chunk, at).map_err(io(path))?;
+        at += chunk.len() as u64;
+        if at - unflushed >= WRITEBACK_WINDOW {
+            writeback::start(file, unflushed, at - unflushed);
+            unflushed = at;
+        }
+    }
+    Ok(at - offset)
 }
 
 fn is_md5_etag(etag: &str) -> bool {
