@@ -152,7 +152,7 @@ impl Agent {
                 };
                 tracing::info!(
                     node = %self.node, modelset = %format!("{ns}/{name}"), revision = %catalog.revision(),
-                    fetched = report.downloaded, deleted = report.deleted, refused = report.refused.len(), "synced"
+                    fetched = report.downloaded, bytes = report.bytes, resumed_bytes = report.resumed, deleted = report.deleted, refused = report.refused.len(), "synced"
                 );
                 self.report(
                     api,

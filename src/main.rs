@@ -298,11 +298,12 @@ fn run_sync(args: SyncArgs) -> ExitCode {
             Ok(report) => {
                 let secs = started.elapsed().as_secs_f64();
                 println!(
-                    "revision {}: {} fetched ({}, {:.1} MB/s), {} unchanged, {} deleted, {} refused, in {:.1} s",
+                    "revision {}: {} fetched ({}, {:.1} MB/s; {} resumed), {} unchanged, {} deleted, {} refused, in {:.1} s",
                     catalog.revision(),
                     report.downloaded,
                     sync::human(report.bytes),
                     report.bytes as f64 / 1e6 / secs.max(1e-3),
+                    sync::human(report.resumed),
                     report.unchanged,
                     report.deleted,
                     report.refused.len(),

@@ -197,7 +197,7 @@ async fn keys_that_escape_dest_are_refused_and_nothing_is_written_outside() {
 }
 
 #[tokio::test]
-async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_completes() {
+async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_resumes() {
     let tb = Testbed::get();
     let s3 = s3(tb).await;
     let b = bucket(&s3, "crash").await;
@@ -205,50 +205,76 @@ async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_completes() {
     put(&s3, &b, "checkpoints/huge.safetensors", body.clone()).await;
     let dest = temp_dir("crash");
     let final_path = dest.join("checkpoints/huge.safetensors");
+    let parts = ["--part-size-mib", "8"];
 
-    let mut child = sync_cmd(tb, &b, "", &dest, &["--concurrency", "1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill once bytes are arriving in the temporary file.
+    let mut child = sync_cmd(
+        tb,
+        &b,
+        "",
+        &dest,
+        &[&parts[..], &["--concurrency", "1"]].concat(),
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    // Kill once two 8 MiB parts are journalled as durable (of 12), mid-way through the file.
     let tmp = dest.join(".sdfleet/tmp");
-    let mut killed = false;
-    for _ in 0..600 {
-        let written: u64 = std::fs::read_dir(&tmp)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.blocks() * 512)
-                    .sum()
-            })
-            .unwrap_or(0);
-        if written > 0 && child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed = true;
-            break;
-        }
+    let journalled = || -> usize {
+        std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "parts"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|t| t.lines().skip(1).count())
+            .sum()
+    };
+    let mut killed_after = None;
+    for _ in 0..1500 {
         if child.try_wait().unwrap().is_some() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let done = journalled();
+        if done >= 2 {
+            child.kill().unwrap();
+            killed_after = Some(done);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     child.wait().unwrap();
-    assert!(
-        killed,
-        "the sync finished before it could be killed; make the object larger"
-    );
+    let killed_after = killed_after
+        .expect("the sync finished before two parts were journalled; make the object larger");
+    assert!(killed_after < 12, "killed after the whole file was fetched");
     assert!(
         !final_path.exists(),
         "a partial file sits at the final path"
     );
+    // Whatever the killed run wrote after it journalled those parts is not trusted.
+    let done_at_kill = journalled();
 
-    let (out, text) = run(&mut sync_cmd(tb, &b, "", &dest, &[]));
+    let (out, text) = run(&mut sync_cmd(tb, &b, "", &dest, &parts));
     assert!(out.status.success() && text.contains("1 fetched"), "{text}");
-    assert_eq!(std::fs::read(&final_path).unwrap(), body);
+    let resumed_mib: f64 = text
+        .split_once("; ")
+        .and_then(|(_, rest)| rest.split_once(" MiB resumed"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resumed size in {text:?}"));
+    assert_eq!(
+        resumed_mib,
+        (done_at_kill * 8) as f64,
+        "the rerun resumes exactly the journalled parts: {text}"
+    );
+    assert_eq!(
+        std::fs::read(&final_path).unwrap(),
+        body,
+        "resumed file differs"
+    );
     assert_eq!(
         std::fs::read_dir(&tmp).unwrap().count(),
         0,
-        "no temporary files left"
+        "no temporary files or journals left"
     );
     std::fs::remove_dir_all(&dest).unwrap();
 }

@@ -4,13 +4,15 @@
 //! Only new or changed objects are fetched; large ones with parallel ranged GETs that
 //! stream into place (bounded memory). Every file is written to a temporary file under
 //! `DEST/.sdfleet/tmp`, verified, fsynced and renamed, so a partial file never sits at
-//! a final path. A manifest of what was written (`DEST/.sdfleet/manifest.json`) makes
+//! a final path; a large file killed half-way resumes from its durable parts (see
+//! `resume`). A manifest of what was written (`DEST/.sdfleet/manifest.json`) makes
 //! reruns cheap and idempotent, and bounds `--delete` to files sdfleet wrote.
 
 pub mod catalog;
 pub mod events;
 pub mod paths;
 pub mod plan;
+mod resume;
 pub mod store;
 mod writeback;
 
@@ -58,7 +60,10 @@ impl SyncOptions {
 #[derive(Debug, Default, PartialEq)]
 pub struct SyncReport {
     pub downloaded: usize,
+    /// Bytes fetched by this run (parts resumed from an earlier one not counted).
     pub bytes: u64,
+    /// Bytes of half-done files taken over from an interrupted run instead of fetched.
+    pub resumed: u64,
     pub deleted: usize,
     pub unchanged: usize,
     /// Keys that could escape DEST: never written.
@@ -125,18 +130,30 @@ pub async fn sync<S: ObjectStore>(
     let state = dest.join(STATE_DIR);
     let tmp = state.join("tmp");
     tokio::fs::create_dir_all(&tmp).await.map_err(io(&tmp))?;
-    // Partial files of an interrupted run are never resumed into place blindly: refetch.
-    let mut entries = tokio::fs::read_dir(&tmp).await.map_err(io(&tmp))?;
-    while let Some(e) = entries.next_entry().await.map_err(io(&tmp))? {
-        let _ = tokio::fs::remove_file(e.path()).await;
-    }
     let manifest = Manifest::load(&state).await.map_err(io(&state))?;
     let plan = plan::plan(catalog, &manifest, dest, opts.delete);
+    // An interrupted run's temporary files are kept only for objects still to fetch
+    // (their journals say which parts are done); the rest is dropped.
+    let wanted: BTreeSet<PathBuf> = plan
+        .download
+        .iter()
+        .flat_map(|o| {
+            let temp = temp_path(&tmp, &o.key);
+            [resume::journal_path(&temp), temp]
+        })
+        .collect();
+    let mut entries = tokio::fs::read_dir(&tmp).await.map_err(io(&tmp))?;
+    while let Some(e) = entries.next_entry().await.map_err(io(&tmp))? {
+        if !wanted.contains(&e.path()) {
+            let _ = tokio::fs::remove_file(e.path()).await;
+        }
+    }
     check_space(dest, &plan)?;
 
     let progress = Arc::new(Mutex::new(Progress::new(manifest)));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let bytes = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let Plan {
         download,
         delete,
@@ -146,16 +163,18 @@ pub async fn sync<S: ObjectStore>(
     let downloaded = download.len();
     let fetched = futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
         .try_for_each_concurrent(opts.concurrency.max(1), |object| {
-            let (permits, progress, bytes, tmp) = (
+            let (permits, progress, bytes, resumed, tmp) = (
                 permits.clone(),
                 progress.clone(),
                 bytes.clone(),
+                resumed.clone(),
                 tmp.clone(),
             );
             let state = state.clone();
             async move {
-                let target = fetch(store, &object, dest, &tmp, opts, &permits).await?;
-                bytes.fetch_add(object.size, Ordering::Relaxed);
+                let (target, fetched) = fetch(store, &object, dest, &tmp, opts, &permits).await?;
+                bytes.fetch_add(fetched, Ordering::Relaxed);
+                resumed.fetch_add(object.size - fetched, Ordering::Relaxed);
                 let mut p = progress.lock().await;
                 p.record(&object, target);
                 // Checkpoint now and then, so a crash loses little.
@@ -188,6 +207,7 @@ pub async fn sync<S: ObjectStore>(
     Ok(SyncReport {
         downloaded,
         bytes: bytes.load(Ordering::Relaxed),
+        resumed: resumed.load(Ordering::Relaxed),
         deleted,
         unchanged,
         refused,
@@ -279,6 +299,8 @@ fn temp_path(tmp: &Path, key: &str) -> PathBuf {
     ))
 }
 
+/// Fetches one object into place; returns its path and the bytes actually fetched
+/// (less than its size when parts were resumed).
 async fn fetch<S: ObjectStore>(
     store: &S,
     object: &Object,
@@ -286,24 +308,34 @@ async fn fetch<S: ObjectStore>(
     tmp: &Path,
     opts: &SyncOptions,
     permits: &Semaphore,
-) -> Result<PathBuf, SyncError> {
+) -> Result<(PathBuf, u64), SyncError> {
     let part = temp_path(tmp, &object.key);
-    let file = std::fs::File::create(&part).map_err(io(&part))?;
-    file.set_len(object.size).map_err(io(&part))?;
-    let file = Arc::new(file);
     let closed = |_| SyncError::Unsafe {
         key: object.key.clone(),
     };
+    let mut fetched = object.size;
+    let mut journal = None;
 
-    if object.size > opts.multipart_threshold {
+    let file = if object.size > opts.multipart_threshold {
         let part_size = opts.part_size.max(1 << 20);
-        let ranges: Vec<(u64, u64)> = (0..object.size)
+        let (file, parts, done) = resume::open(&part, object, part_size).map_err(io(&part))?;
+        let (file, parts) = (Arc::new(file), Arc::new(std::sync::Mutex::new(parts)));
+        let ranges: Vec<(u64, u64, u64)> = (0..object.size)
             .step_by(part_size as usize)
-            .map(|start| (start, (start + part_size).min(object.size) - 1))
+            .enumerate()
+            .map(|(index, start)| {
+                (
+                    index as u64,
+                    start,
+                    (start + part_size).min(object.size) - 1,
+                )
+            })
+            .filter(|(index, _, _)| !done.contains(index))
             .collect();
-        futures::stream::iter(ranges.into_iter().map(Ok::<(u64, u64), SyncError>))
-            .try_for_each_concurrent(None, |(start, end)| {
-                let (file, part) = (file.clone(), part.clone());
+        fetched = ranges.iter().map(|(_, start, end)| end + 1 - start).sum();
+        futures::stream::iter(ranges.into_iter().map(Ok::<_, SyncError>))
+            .try_for_each_concurrent(None, |(index, start, end)| {
+                let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
                 async move {
                     let _permit = permits.acquire().await.map_err(closed)?;
                     let body = store.get(&object.key, Some((start, end))).await?;
@@ -315,11 +347,24 @@ async fn fetch<S: ObjectStore>(
                             want: end + 1 - start,
                         });
                     }
-                    Ok(())
+                    // Durable first, then journalled: a resumed part is always real bytes.
+                    blocking(&part, move || {
+                        file.sync_data()?;
+                        parts
+                            .lock()
+                            .map_err(|_| std::io::Error::other("part journal poisoned"))?
+                            .record(index)
+                    })
+                    .await
                 }
             })
             .await?;
+        journal = Arc::into_inner(parts).and_then(|m| m.into_inner().ok());
+        file
     } else {
+        let file = std::fs::File::create(&part).map_err(io(&part))?;
+        file.set_len(object.size).map_err(io(&part))?;
+        let file = Arc::new(file);
         let _permit = permits.acquire().await.map_err(closed)?;
         let body = store.get(&object.key, None).await?;
         let mut md5 = Md5::new();
@@ -342,7 +387,8 @@ async fn fetch<S: ObjectStore>(
                 });
             }
         }
-    }
+        file
+    };
 
     let len = file.metadata().map_err(io(&part))?.len();
     if len != object.size {
@@ -356,10 +402,7 @@ async fn fetch<S: ObjectStore>(
     // disk (see `write_body`), so this mostly waits for the tail; it runs off the async
     // workers so other downloads keep streaming meanwhile.
     let synced = file.clone();
-    tokio::task::spawn_blocking(move || synced.sync_data())
-        .await
-        .map_err(|e| io(&part)(std::io::Error::other(e)))?
-        .map_err(io(&part))?;
+    blocking(&part, move || synced.sync_data()).await?;
     drop(file);
 
     // Re-check right before the rename: a symlink may have appeared since planning.
@@ -374,7 +417,23 @@ async fn fetch<S: ObjectStore>(
     tokio::fs::rename(&part, &target)
         .await
         .map_err(io(&target))?;
-    Ok(target)
+    if let Some(journal) = journal {
+        journal.remove();
+    }
+    Ok((target, fetched))
+}
+
+/// Runs blocking file work (fsync, mostly) off the async workers, so the downloads on
+/// them keep streaming meanwhile.
+async fn blocking(
+    path: &Path,
+    work: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<(), SyncError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(io(path))
 }
 
 /// Pages written since the last writeback request; past this, writeback is started.
