@@ -2,8 +2,14 @@
 //! node belongs to, reports its own entry in each ModelSet's `status.nodes`, and lifts
 //! the node's `sdfleet.io/models-not-ready` startup taint after the first complete sync.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -32,18 +38,24 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Syncs, reports and lifts the taint every `interval` until `shutdown`.
-    pub async fn run(&self, interval: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    /// Syncs, reports and lifts the taint until `shutdown`: at once when a ModelSet's
+    /// catalog or spec or a fleet changes (watched), and every `resync` regardless.
+    pub async fn run(&self, resync: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        let changed = Arc::new(Notify::new());
+        let watching = tokio::spawn(watch_changes(self.client.clone(), changed.clone()));
         tokio::pin!(shutdown);
         loop {
             if let Err(e) = self.pass().await {
                 tracing::warn!(node = %self.node, error = %e, "agent pass failed; retrying");
             }
             tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(resync) => {}
+                // Changes during the pass left one stored wake-up: one more pass covers them all.
+                _ = changed.notified() => tracing::debug!(node = %self.node, "change seen; syncing"),
             }
         }
+        watching.abort();
     }
 
     /// One pass: returns once every ModelSet of the node's fleets was visited.
@@ -239,4 +251,61 @@ impl Agent {
 /// The ModelSet status of a node (for the fleet's ModelsReady condition).
 pub fn node_entry<'a>(status: &'a ModelSetStatus, node: &str) -> Option<&'a NodeSync> {
     status.nodes.iter().find(|n| n.node == node)
+}
+
+/// What of a watched object can change what the agent does: a ModelSet's spec
+/// (generation) and catalog revision, a fleet's spec. Status writes (the agents' own
+/// entries among them) change neither, so they wake nobody.
+fn signature<K: kube::Resource<DynamicType = ()>>(
+    object: &K,
+    revision: Option<&str>,
+) -> (String, (i64, String)) {
+    let meta = object.meta();
+    (
+        format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        ),
+        (
+            meta.generation.unwrap_or_default(),
+            revision.unwrap_or_default().to_string(),
+        ),
+    )
+}
+
+/// Watches ModelSets and ComfyUIDeployments and notifies `changed` when one of them
+/// changes in a way that matters (see `signature`). Watch errors are retried with
+/// backoff; meanwhile the periodic resync still runs.
+async fn watch_changes(client: Client, changed: Arc<Notify>) {
+    let sets = watcher(
+        Api::<ModelSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects()
+    .map_ok(|ms| signature(&ms, ms.status.as_ref().map(|s| s.revision.as_str())))
+    .boxed();
+    let fleets = watcher(
+        Api::<ComfyUIDeployment>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .applied_objects()
+    .map_ok(|cud| signature(&cud, None))
+    .boxed();
+    let mut events = futures::stream::select(sets, fleets);
+    let mut seen = HashMap::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok((key, sig)) => {
+                if seen.get(&key) != Some(&sig) {
+                    seen.insert(key, sig);
+                    changed.notify_one();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "watching ModelSets and fleets; retrying"),
+        }
+    }
 }

@@ -84,9 +84,10 @@ struct AgentArgs {
     /// The models directory on the node's instance store.
     #[arg(long)]
     models_root: PathBuf,
-    /// Seconds between passes.
-    #[arg(long, default_value_t = 30)]
-    interval_seconds: u64,
+    /// Seconds between full passes. Changes to ModelSets (a new catalog revision) and
+    /// fleets start a pass at once; this resync also repairs local changes.
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
     /// Default region of the buckets.
     #[arg(long, env = "AWS_REGION")]
     region: Option<String>,
@@ -335,7 +336,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         tracing::info!(node = %agent.node, root = %agent.root.display(), "node agent starting");
         agent
             .run(
-                std::time::Duration::from_secs(args.interval_seconds.max(1)),
+                std::time::Duration::from_secs(args.resync_seconds.max(1)),
                 sdfleet::leader::shutdown_signal(),
             )
             .await;

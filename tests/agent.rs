@@ -99,21 +99,26 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
             .unwrap();
-    let mut agent = std::process::Command::new(common::sdfleet_bin())
-        .args([
-            "agent",
-            "--node-name",
-            &node_name,
-            "--interval-seconds",
-            "1",
-            "--models-root",
-        ])
-        .arg(&root)
-        .env("KUBECONFIG", tb.kubeconfig())
-        .envs(tb.aws_env())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    // Killed however the test ends; its stdout must not hold the test's output open.
+    let agent = common::KillOnDrop(
+        std::process::Command::new(common::sdfleet_bin())
+            .args([
+                "agent",
+                "--node-name",
+                &node_name,
+                // Far beyond the test: every change below must reach the agent by its watch.
+                "--resync-seconds",
+                "3600",
+                "--models-root",
+            ])
+            .arg(&root)
+            .env("KUBECONFIG", tb.kubeconfig())
+            .envs(tb.aws_env())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let dir = root.join(&ns.name).join("sdxl-models");
 
     let revision = eventually(
@@ -179,8 +184,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let latest = sets.get("sdxl-models").await.unwrap().status.unwrap();
     assert_ne!(latest.revision, revision);
 
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    drop(agent);
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {
         cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())

@@ -18,6 +18,17 @@ pub struct Object {
     pub last_modified: Option<String>,
 }
 
+/// An object for unit tests.
+#[cfg(test)]
+pub fn obj(key: &str, size: u64, etag: &str) -> Object {
+    Object {
+        key: key.into(),
+        size,
+        etag: etag.into(),
+        last_modified: None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid glob {glob:?}: {source}")]
 pub struct GlobError {
@@ -140,15 +151,6 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn obj(key: &str, size: u64, etag: &str) -> Object {
-        Object {
-            key: key.into(),
-            size,
-            etag: etag.into(),
-            last_modified: None,
-        }
-    }
 
     #[test]
     fn types_come_from_the_first_segment() {

@@ -337,9 +337,11 @@ async fn fetch<S: ObjectStore>(
             .try_for_each_concurrent(None, |(index, start, end)| {
                 let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
                 async move {
-                    let _permit = permits.acquire().await.map_err(closed)?;
+                    let permit = permits.acquire().await.map_err(closed)?;
                     let body = store.get(&object.key, Some((start, end))).await?;
                     let written = write_body(&file, &part, body, start, None).await?;
+                    // The network slot goes to the next range while this one is made durable.
+                    drop(permit);
                     if written != end + 1 - start {
                         return Err(SyncError::SizeMismatch {
                             key: object.key.clone(),

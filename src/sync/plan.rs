@@ -94,15 +94,7 @@ pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn obj(key: &str, size: u64, etag: &str) -> Object {
-        Object {
-            key: key.into(),
-            size,
-            etag: etag.into(),
-            last_modified: None,
-        }
-    }
+    use crate::sync::catalog::obj;
 
     #[test]
     fn only_new_or_changed_objects_are_fetched_and_only_ours_deleted() {

@@ -109,12 +109,7 @@ mod tests {
     use super::*;
 
     fn object(size: u64, etag: &str) -> Object {
-        Object {
-            key: "checkpoints/a".into(),
-            size,
-            etag: etag.into(),
-            last_modified: None,
-        }
+        crate::sync::catalog::obj("checkpoints/a", size, etag)
     }
 
     #[test]

@@ -322,6 +322,16 @@ impl Drop for ControllerProcess {
     }
 }
 
+/// A child process that is killed when the test ends, passing or panicking.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A plain HTTP/1.0 GET on 127.0.0.1; the body on 200, None otherwise.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
