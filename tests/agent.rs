@@ -95,7 +95,19 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         );
     }
 
-    let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
+    // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC is what
+    // lets it read fleets and ModelSets, watch them, report and lift the taint.
+    let suffix = unique_suffix();
+    let (release, release_ns) = (format!("agent{suffix}"), format!("sdfleet-agent-{suffix}"));
+    let out = common::helm_install(tb, &release, &release_ns, &["--set", "replicaCount=1"]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let as_agent = common::impersonating_kubeconfig(tb, &release_ns, "sdfleet-agent");
+
+    let root = std::env::temp_dir().join(format!("sdfleet-agent-{suffix}"));
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
             .unwrap();
@@ -112,7 +124,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
                 "--models-root",
             ])
             .arg(&root)
-            .env("KUBECONFIG", tb.kubeconfig())
+            .env("KUBECONFIG", &as_agent)
             .envs(tb.aws_env())
             .stdout(std::process::Stdio::null())
             .stderr(log)
