@@ -58,42 +58,23 @@ impl Leader {
         Ok(Some(Leader { channel, task }))
     }
 
-    /// A future that completes when the lease is lost, and one that releases it.
+    /// A future that completes when the lease is lost, and one that releases it. The
+    /// first must be finished or dropped before the second is awaited: the manager lets
+    /// the lease go once nobody watches it any more.
     pub fn split(
         self,
     ) -> (
         impl Future<Output = ()> + Send + Sync + 'static,
         impl Future<Output = ()>,
     ) {
-        let (stop_tx, mut stop_rx) = watch::channel(false);
-        let mut channel = self.channel;
-        let watcher = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = channel.changed() => {
-                        if changed.is_err() || !*channel.borrow_and_update() {
-                            return true;
-                        }
-                    }
-                    _ = stop_rx.changed() => return false,
-                }
-            }
-        });
-        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = self.task;
+        let mut held = self.channel.clone();
         let lost = async move {
-            let _ = lost_rx.await;
+            // An error means the manager stopped: the lease is not held either way.
+            let _ = held.wait_for(|held| !*held).await;
         };
-        let watch_lost = async move {
-            if let Ok(true) = watcher.await {
-                let _ = lost_tx.send(());
-            }
-        };
-        let watch_handle = tokio::spawn(watch_lost);
+        let Leader { channel, task } = self;
         let release = async move {
-            let _ = stop_tx.send(true);
-            let _ = watch_handle.await;
-            // The watcher task dropped the channel: the manager releases the lease and ends.
+            drop(channel);
             if let Ok(Ok(manager)) = task.await {
                 let _ = manager.release().await;
             }

@@ -112,6 +112,21 @@ async fn standby_takes_over_when_the_leader_is_killed() {
         cuds.get_opt("ha").await.ok()?.is_none().then_some(())
     })
     .await;
+
+    // A leader stopped cleanly (SIGTERM) exits 0 and lets the lease go at once, so a
+    // rolling update does not wait out the lease.
+    let status = standby.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+    eventually(
+        "the stopped leader to release the lease",
+        Duration::from_secs(5),
+        || async {
+            let lease = leases.get("sdfleet-controller").await.ok()?;
+            let holder = lease.spec?.holder_identity;
+            holder.is_none_or(|h| h.is_empty()).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -182,22 +197,6 @@ async fn metrics_and_health_endpoints_serve_the_documented_series() {
 
     // SIGTERM: a graceful stop with exit status 0, within a bounded wait.
     let mut controller = controller;
-    let pid = controller.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut status = None;
-    for _ in 0..100 {
-        status = controller.child.try_wait().unwrap();
-        if status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let status = status.expect("the controller exits within 20 s of SIGTERM");
+    let status = controller.terminate().await;
     assert!(status.success(), "exit status {status:?}");
 }
