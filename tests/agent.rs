@@ -97,17 +97,10 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
 
     // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC is what
     // lets it read fleets and ModelSets, watch them, report and lift the taint.
-    let suffix = unique_suffix();
-    let (release, release_ns) = (format!("agent{suffix}"), format!("sdfleet-agent-{suffix}"));
-    let out = common::helm_install(tb, &release, &release_ns, &["--set", "replicaCount=1"]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, release_ns) = common::install_release(tb, "agent");
     let as_agent = common::impersonating_kubeconfig(tb, &release_ns, "sdfleet-agent");
 
-    let root = std::env::temp_dir().join(format!("sdfleet-agent-{suffix}"));
+    let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
             .unwrap();

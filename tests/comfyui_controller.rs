@@ -242,14 +242,7 @@ async fn fleet_lifecycle_under_the_charts_rbac() {
     let tb = Testbed::get();
     install_crds(tb);
     let client = tb.client().await;
-    let suffix = common::unique_suffix();
-    let (release, release_ns) = (format!("rbac{suffix}"), format!("sdfleet-rbac-{suffix}"));
-    let out = common::helm_install(tb, &release, &release_ns, &["--set", "replicaCount=1"]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (release, release_ns) = common::install_release(tb, "rbac");
     let sa = format!("{release}-sdfleet");
     let as_sa = format!("system:serviceaccount:{release_ns}:{sa}");
     for verb in ["get", "list", "watch"] {

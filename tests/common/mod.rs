@@ -404,6 +404,24 @@ pub fn helm_install(
         .expect("run helm")
 }
 
+/// Installs the chart (one replica) as a new release `<name><suffix>` in its own
+/// namespace `sdfleet-<name>-<suffix>`; returns both. For tests that need the chart's
+/// ServiceAccounts and RBAC.
+pub fn install_release(tb: &Testbed, name: &str) -> (String, String) {
+    let suffix = unique_suffix();
+    let (release, namespace) = (
+        format!("{name}{suffix}"),
+        format!("sdfleet-{name}-{suffix}"),
+    );
+    let out = helm_install(tb, &release, &namespace, &["--set", "replicaCount=1"]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (release, namespace)
+}
+
 /// A kubeconfig that acts as the ServiceAccount `namespace/name` (impersonation), so a
 /// process using it has exactly that account's RBAC.
 pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> PathBuf {
