@@ -400,11 +400,13 @@ async fn fetch<S: ObjectStore>(
             want: object.size,
         });
     }
-    // Durable before it is renamed into place. Most pages are already on their way to
-    // disk (see `write_body`), so this mostly waits for the tail; it runs off the async
-    // workers so other downloads keep streaming meanwhile.
-    let synced = file.clone();
-    blocking(&part, move || synced.sync_data()).await?;
+    // Durable before it is renamed into place. A ranged object already is: each part
+    // was fdatasynced before it was journalled. For the rest, most pages are on their
+    // way to disk (see `write_body`), so this mostly waits for the tail.
+    if journal.is_none() {
+        let synced = file.clone();
+        blocking(&part, move || synced.sync_data()).await?;
+    }
     drop(file);
 
     // Re-check right before the rename: a symlink may have appeared since planning.
