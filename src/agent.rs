@@ -127,17 +127,9 @@ impl Agent {
                 .await?;
         }
         let spec = &ms.spec;
-        let source = &spec.source.s3;
-        let region = source.region.clone().or_else(|| self.region.clone());
         let result = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let store = S3Store::connect(
-                &source.bucket,
-                &source.prefix,
-                region.as_deref(),
-                source.endpoint.as_deref(),
-            )
-            .await;
+            let store = S3Store::for_source(&spec.source.s3, self.region.as_deref()).await;
             let objects = store.list().await.map_err(|e| e.to_string())?;
             let catalog = Catalog::new(
                 objects

@@ -275,13 +275,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, E
             return Ok(Action::await_change());
         }
     };
-    let store = S3Store::connect(
-        &source.bucket,
-        &source.prefix,
-        region.as_deref(),
-        source.endpoint.as_deref(),
-    )
-    .await;
+    let store = S3Store::for_source(source, ctx.settings.cluster.region.as_deref()).await;
     let objects = match store.list().await {
         Ok(o) => o,
         Err(e) => {

@@ -8,6 +8,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use super::catalog::Object;
+use crate::crd::modelset::S3Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,6 +72,17 @@ impl S3Store {
             bucket: bucket.into(),
             prefix: prefix.into(),
         }
+    }
+
+    /// The bucket of a ModelSet's source, in `default_region` unless the source names one.
+    pub async fn for_source(source: &S3Source, default_region: Option<&str>) -> S3Store {
+        S3Store::connect(
+            &source.bucket,
+            &source.prefix,
+            source.region.as_deref().or(default_region),
+            source.endpoint.as_deref(),
+        )
+        .await
     }
 }
 
