@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{Event, NotificationConfiguration, QueueConfiguration};
 use common::{Testbed, eventually, unique_suffix};
 
 #[tokio::test]
@@ -62,40 +61,7 @@ async fn s3_event_notification_arrives_on_sqs() {
     );
     let sqs = aws_sdk_sqs::Client::new(&aws);
     let bucket = common::create_bucket(&s3, "tb-events").await;
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(&bucket)
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
-    let attrs = sqs
-        .get_queue_attributes()
-        .queue_url(&queue_url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .unwrap();
-    let queue_arn =
-        attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn].clone();
-    s3.put_bucket_notification_configuration()
-        .bucket(&bucket)
-        .notification_configuration(
-            NotificationConfiguration::builder()
-                .queue_configurations(
-                    QueueConfiguration::builder()
-                        .queue_arn(queue_arn)
-                        .events(Event::from("s3:ObjectCreated:*"))
-                        .events(Event::from("s3:ObjectRemoved:*"))
-                        .build()
-                        .unwrap(),
-                )
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
+    let queue_url = common::notify_to_new_queue(&s3, &sqs, &bucket).await;
     let key = "loras/my lora+v2.safetensors";
     s3.put_object()
         .bucket(&bucket)
