@@ -2,26 +2,23 @@
 //! node belongs to, reports its own entry in each ModelSet's `status.nodes`, and lifts
 //! the node's `sdfleet.io/models-not-ready` startup taint after the first complete sync.
 
-use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
-use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::Notify;
-
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
+use tokio::sync::Notify;
 
 use crate::crd::ComfyUIDeployment;
-use crate::crd::modelset::{ModelSet, ModelSetStatus, NodeSync, NodeSyncState};
-use crate::render::names::{FleetNames, NODEPOOL_LABEL};
-use crate::render::nodepool::MODELS_NOT_READY_TAINT;
-use crate::sync::catalog::{Catalog, Filter};
-use crate::sync::store::{ObjectStore, S3Store};
+use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
+use crate::names::{FleetNames, MODELS_NOT_READY_TAINT, NODEPOOL_LABEL, models_dir, safe_name};
+use crate::sync::store::S3Store;
 use crate::sync::{self, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,18 +105,10 @@ impl Agent {
     ) -> Result<bool, AgentError> {
         let name = ms.name_any();
         let status = ms.status.clone().unwrap_or_default();
-        let dest = self.root.join(ns).join(&name);
-        let mine = status.nodes.iter().find(|n| n.node == self.node);
+        let dest = models_dir(&self.root, ns, &name);
+        let mine = status.node(&self.node);
         // Already at the catalog's revision, and nothing removed locally since.
-        if let Some(entry) = mine
-            && entry.state == NodeSyncState::Synced
-            && !status.revision.is_empty()
-            && entry.revision == status.revision
-            && dest
-                .join(sync::paths::STATE_DIR)
-                .join("manifest.json")
-                .exists()
-        {
+        if mine.is_some_and(|m| m.is_synced_at(&status.revision)) && sync::has_manifest(&dest) {
             return Ok(true);
         }
         if mine.map(|m| m.state) != Some(NodeSyncState::Syncing) {
@@ -128,15 +117,11 @@ impl Agent {
         }
         let spec = &ms.spec;
         let result = async {
-            let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let store = S3Store::for_source(&spec.source.s3, self.region.as_deref()).await;
-            let objects = store.list().await.map_err(|e| e.to_string())?;
-            let catalog = Catalog::new(
-                objects
-                    .into_iter()
-                    .filter(|o| filter.accepts(&o.key))
-                    .collect(),
-            );
+            let filter = spec.filter().map_err(|e| e.to_string())?;
+            let location = spec.source.s3.location(self.region.as_deref());
+            let (store, catalog) = S3Store::open_catalog(&location, &filter)
+                .await
+                .map_err(|e| e.to_string())?;
             tokio::fs::create_dir_all(&dest)
                 .await
                 .map_err(|e| format!("{}: {e}", dest.display()))?;
@@ -203,14 +188,11 @@ impl Agent {
             bytes_done,
             message: message.into(),
         };
-        let body = json!({
-            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": name},
-            "status": {"nodes": [entry]},
-        });
+        let body = ModelSet::node_entries_patch(name, &[entry]);
         let manager = format!("sdfleet-agent-{}", self.node);
         api.patch_status(
             name,
-            &PatchParams::apply(&crate::render::names::safe_name(&manager, 128)).force(),
+            &PatchParams::apply(&safe_name(&manager, 128)).force(),
             &Patch::Apply(body),
         )
         .await?;
@@ -240,36 +222,19 @@ impl Agent {
     }
 }
 
-/// The ModelSet status of a node (for the fleet's ModelsReady condition).
-pub fn node_entry<'a>(status: &'a ModelSetStatus, node: &str) -> Option<&'a NodeSync> {
-    status.nodes.iter().find(|n| n.node == node)
-}
-
-/// What of a watched object can change what the agent does: a ModelSet's spec
-/// (generation) and catalog revision, a fleet's spec. Status writes (the agents' own
-/// entries among them) change neither, so they wake nobody.
-fn signature<K: kube::Resource<DynamicType = ()>>(
-    object: &K,
-    revision: Option<&str>,
-) -> (String, (i64, String)) {
-    let meta = object.meta();
-    (
-        format!(
-            "{}/{}/{}",
-            K::kind(&()),
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        ),
-        (
-            meta.generation.unwrap_or_default(),
-            revision.unwrap_or_default().to_string(),
-        ),
-    )
+/// A hash of what of an object can change what the agent does: its spec (generation)
+/// and, for a ModelSet, its catalog revision. Status writes (the agents' own entries
+/// among them) change neither, so they wake nobody.
+fn spec_and_revision<K: Resource>(object: &K, revision: Option<&str>) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    (object.meta().generation, revision).hash(&mut h);
+    Some(h.finish())
 }
 
 /// Watches ModelSets and ComfyUIDeployments and notifies `changed` when one of them
-/// changes in a way that matters (see `signature`). Watch errors are retried with
-/// backoff; meanwhile the periodic resync still runs.
+/// changes in a way that matters (kube-runtime's predicate filter keeps the last hash of
+/// each object). Watch errors are retried with backoff; meanwhile the periodic resync
+/// still runs.
 async fn watch_changes(client: Client, changed: Arc<Notify>) {
     let sets = watcher(
         Api::<ModelSet>::all(client.clone()),
@@ -277,7 +242,11 @@ async fn watch_changes(client: Client, changed: Arc<Notify>) {
     )
     .default_backoff()
     .applied_objects()
-    .map_ok(|ms| signature(&ms, ms.status.as_ref().map(|s| s.revision.as_str())))
+    .predicate_filter(
+        |ms: &ModelSet| spec_and_revision(ms, ms.status.as_ref().map(|s| s.revision.as_str())),
+        PredicateConfig::default(),
+    )
+    .map(|r| r.map(|_| ()))
     .boxed();
     let fleets = watcher(
         Api::<ComfyUIDeployment>::all(client),
@@ -285,18 +254,13 @@ async fn watch_changes(client: Client, changed: Arc<Notify>) {
     )
     .default_backoff()
     .applied_objects()
-    .map_ok(|cud| signature(&cud, None))
+    .predicate_filter(predicates::generation, PredicateConfig::default())
+    .map(|r| r.map(|_| ()))
     .boxed();
     let mut events = futures::stream::select(sets, fleets);
-    let mut seen = HashMap::new();
     while let Some(event) = events.next().await {
         match event {
-            Ok((key, sig)) => {
-                if seen.get(&key) != Some(&sig) {
-                    seen.insert(key, sig);
-                    changed.notify_one();
-                }
-            }
+            Ok(()) => changed.notify_one(),
             Err(e) => tracing::warn!(error = %e, "watching ModelSets and fleets; retrying"),
         }
     }

@@ -1,11 +1,15 @@
 //! sdfleet: a Kubernetes operator that runs GPU ComfyUI fleets on Amazon EKS.
+//!
+//! Layers import only downward: `controller` and `agent` → `render` → `crd` → `sync`
+//! → `names`, `aws` (see `tests/layers.rs`, which checks it).
 
 pub mod agent;
-pub mod cloud;
+pub mod aws;
 pub mod controller;
 pub mod crd;
 pub mod docs;
 pub mod leader;
+pub mod names;
 pub mod render;
 pub mod sync;
 pub mod telemetry;

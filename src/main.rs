@@ -2,8 +2,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sdfleet::cloud::{Cloud, ClusterSettings};
 use sdfleet::crd::ComfyUIDeployment;
+use sdfleet::render::nodeclass::Cloud;
+use sdfleet::render::settings::{AgentSettings, ClusterSettings, DEFAULT_OPERATOR_NAMESPACE};
 use sdfleet::render::{RenderContext, build};
 
 /// sdfleet: GPU ComfyUI fleets on Amazon EKS, from two custom resources.
@@ -28,16 +29,19 @@ enum Command {
     Agent(AgentArgs),
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
-    Render {
-        #[arg(short = 'f', long = "file")]
-        file: PathBuf,
-        #[arg(long, value_enum, default_value = "aws")]
-        cloud: Cloud,
-        #[arg(long, default_value = "my-cluster")]
-        cluster_name: String,
-        #[arg(long, default_value = "us-west-2")]
-        region: String,
-    },
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    #[arg(long, value_enum, default_value = "aws")]
+    cloud: Cloud,
+    #[arg(long, default_value = "my-cluster")]
+    cluster_name: String,
+    #[arg(long, default_value = "us-west-2")]
+    region: String,
 }
 
 #[derive(clap::Args)]
@@ -63,18 +67,22 @@ struct ControllerArgs {
     /// Reconcile only while holding the Lease `sdfleet-controller` (run several replicas).
     #[arg(long)]
     leader_elect: bool,
-    /// Namespace of the node agents' DaemonSets (default: the pod's namespace).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "sdfleet-system")]
-    agent_namespace: String,
+    /// The operator's own namespace (the chart's release namespace): where the node
+    /// agents' DaemonSets and the leader-election Lease live unless set apart below.
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_OPERATOR_NAMESPACE)]
+    operator_namespace: String,
+    /// Namespace of the node agents' DaemonSets (default: the operator's namespace).
+    #[arg(long)]
+    agent_namespace: Option<String>,
     /// Image of the node agent (this same binary).
     #[arg(long, env = "SDFLEET_AGENT_IMAGE", default_value = concat!("sdfleet:", env!("CARGO_PKG_VERSION")))]
     agent_image: String,
     /// ServiceAccount of the node agents (the chart creates it).
     #[arg(long, default_value = "sdfleet-agent")]
     agent_service_account: String,
-    /// Namespace of the leader-election Lease (default: the pod's namespace).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    leader_election_namespace: String,
+    /// Namespace of the leader-election Lease (default: the operator's namespace).
+    #[arg(long)]
+    leader_election_namespace: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -126,15 +134,22 @@ struct SyncArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let command = match cli.command {
-        Command::Controller(args) => return run_controller(args),
-        Command::Sync(args) => return run_sync(args),
-        Command::Agent(args) => return run_agent(args),
-        other => other,
-    };
-    match run(command) {
-        Ok(()) => ExitCode::SUCCESS,
+    match Cli::parse().command {
+        Command::Controller(args) => run_controller(args),
+        Command::Sync(args) => run_sync(args),
+        Command::Agent(args) => run_agent(args),
+        Command::Crds => print_or_fail(sdfleet::crd::to_yaml().map_err(Into::into)),
+        Command::Docs => print_or_fail(sdfleet::docs::crd_reference().map_err(Into::into)),
+        Command::Render(args) => print_or_fail(render(args)),
+    }
+}
+
+fn print_or_fail(text: Result<String, Box<dyn std::error::Error>>) -> ExitCode {
+    match text {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -142,48 +157,36 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
-    match command {
-        Command::Controller(_) | Command::Sync(_) | Command::Agent(_) => {
-            return Err("runs from main".into());
+/// Every child of the ComfyUIDeployments in the file, as the controller would apply them.
+fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
+    let file = &args.file;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let cluster = ClusterSettings {
+        agent: AgentSettings::default(),
+        cluster_name: Some(args.cluster_name),
+        region: Some(args.region),
+    };
+    let ctx = RenderContext {
+        cluster: &cluster,
+        node_class: args.cloud.provider(),
+    };
+    let mut out = String::new();
+    for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text)? {
+        if doc.get("kind").and_then(|k| k.as_str()) != Some("ComfyUIDeployment") {
+            continue;
         }
-        Command::Crds => print!("{}", sdfleet::crd::to_yaml()?),
-        Command::Docs => print!("{}", sdfleet::docs::crd_reference()?),
-        Command::Render {
-            file,
-            cloud,
-            cluster_name,
-            region,
-        } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let cluster = ClusterSettings {
-                agent: Default::default(),
-                cluster_name: Some(cluster_name),
-                region: Some(region),
-            };
-            let ctx = RenderContext {
-                cluster: &cluster,
-                node_class: cloud.provider(),
-            };
-            for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text)? {
-                if doc.get("kind").and_then(|k| k.as_str()) != Some("ComfyUIDeployment") {
-                    continue;
-                }
-                let mut cud: ComfyUIDeployment = serde_json::from_value(doc)?;
-                if cud.metadata.namespace.is_none() {
-                    cud.metadata.namespace = Some("default".into());
-                }
-                for child in build(&cud, &ctx)? {
-                    println!(
-                        "---\n{}",
-                        serde_saphyr::to_string(&child.manifest)?.trim_end()
-                    );
-                }
-            }
+        let mut cud: ComfyUIDeployment = serde_json::from_value(doc)?;
+        if cud.metadata.namespace.is_none() {
+            cud.metadata.namespace = Some("default".into());
+        }
+        for child in build(&cud, &ctx)? {
+            out.push_str(&format!(
+                "---\n{}\n",
+                serde_saphyr::to_string(&child.manifest)?.trim_end()
+            ));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 fn run_controller(args: ControllerArgs) -> ExitCode {
@@ -192,8 +195,10 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         let settings = sdfleet::controller::Settings {
             cloud: args.cloud,
             cluster: ClusterSettings {
-                agent: sdfleet::cloud::AgentSettings {
-                    namespace: args.agent_namespace,
+                agent: AgentSettings {
+                    namespace: args
+                        .agent_namespace
+                        .unwrap_or_else(|| args.operator_namespace.clone()),
                     image: args.agent_image,
                     service_account: args.agent_service_account,
                 },
@@ -214,22 +219,22 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
         if args.leader_elect {
-            let lease =
-                match sdfleet::leader::Leader::acquire(client, &args.leader_election_namespace)
-                    .await
-                {
-                    Ok(Some(lease)) => lease,
-                    Ok(None) => {
-                        tracing::info!("stopped before becoming leader");
-                        server.abort();
-                        return ExitCode::SUCCESS;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "leader election failed");
-                        server.abort();
-                        return ExitCode::FAILURE;
-                    }
-                };
+            let lease_namespace = args
+                .leader_election_namespace
+                .unwrap_or(args.operator_namespace);
+            let lease = match sdfleet::leader::Leader::acquire(client, &lease_namespace).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    tracing::info!("stopped before becoming leader");
+                    server.abort();
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "leader election failed");
+                    server.abort();
+                    return ExitCode::FAILURE;
+                }
+            };
             let (lost, release) = lease.split();
             let lost_leadership = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = lost_leadership.clone();
@@ -257,7 +262,7 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
 }
 
 fn run_sync(args: SyncArgs) -> ExitCode {
-    use sdfleet::sync::{self, SyncOptions, catalog::Catalog, catalog::Filter, store::ObjectStore};
+    use sdfleet::sync::{self, SyncOptions, catalog::Filter, store::S3Location, store::S3Store};
     sdfleet::telemetry::init_logging(false);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -279,17 +284,19 @@ fn run_sync(args: SyncArgs) -> ExitCode {
             eprintln!("error: {}: {e}", args.dest.display());
             return ExitCode::FAILURE;
         }
-        let store =
-            sync::store::S3Store::connect(&args.bucket, &args.prefix, args.region.as_deref(), args.endpoint.as_deref())
-                .await;
-        let objects = match store.list().await {
-            Ok(o) => o,
+        let location = S3Location {
+            bucket: args.bucket,
+            prefix: args.prefix,
+            region: args.region.filter(|r| !r.is_empty()),
+            endpoint: args.endpoint.filter(|e| !e.is_empty()),
+        };
+        let (store, catalog) = match S3Store::open_catalog(&location, &filter).await {
+            Ok(opened) => opened,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let catalog = Catalog::new(objects.into_iter().filter(|o| filter.accepts(&o.key)).collect());
         let mut opts = SyncOptions::new(&args.dest);
         opts.delete = args.delete;
         opts.concurrency = args.concurrency;

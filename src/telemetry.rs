@@ -30,13 +30,36 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// Which reconciler a reconcile metric is about, so that each has its own p99.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ControllerName {
+    ComfyUIDeployment,
+    ModelSet,
+}
+
+impl ControllerName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControllerName::ComfyUIDeployment => "comfyuideployment",
+            ControllerName::ModelSet => "modelset",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
+    pub controller: String,
     pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub controller: String,
     pub reason: String,
 }
 
@@ -57,7 +80,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ResultLabels, Counter>,
     pub errors: Family<ReasonLabels, Counter>,
-    pub reconcile_duration: Histogram,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub writes: Family<WriteLabels, Counter>,
     pub drift_repairs: Counter,
     pub desired_replicas: Family<FleetLabels, Gauge>,
@@ -70,19 +93,22 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         registry.register(
             "reconciles",
-            "Reconciles by result (success, error)",
+            "Reconciles by controller and result (success, error)",
             reconciles.clone(),
         );
         let errors = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "reconcile_errors",
-            "Reconcile errors by reason",
+            "Reconcile errors by controller and reason",
             errors.clone(),
         );
-        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let reconcile_duration =
+            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            });
         registry.register(
             "reconcile_duration_seconds",
-            "Time of one reconcile",
+            "Time of one reconcile, by controller",
             reconcile_duration.clone(),
         );
         let writes = Family::<WriteLabels, Counter>::default();
@@ -124,12 +150,33 @@ impl Default for Metrics {
 
 impl Metrics {
     /// One reconcile: its duration and whether it succeeded.
-    pub fn record_reconcile(&self, took: std::time::Duration, ok: bool) {
-        self.reconcile_duration.observe(took.as_secs_f64());
+    pub fn record_reconcile(
+        &self,
+        controller: ControllerName,
+        took: std::time::Duration,
+        ok: bool,
+    ) {
+        let controller = controller.as_str().to_string();
+        self.reconcile_duration
+            .get_or_create(&ControllerLabels {
+                controller: controller.clone(),
+            })
+            .observe(took.as_secs_f64());
         let result = if ok { "success" } else { "error" };
         self.reconciles
             .get_or_create(&ResultLabels {
+                controller,
                 result: result.into(),
+            })
+            .inc();
+    }
+
+    /// One failed reconcile, by its error's reason.
+    pub fn record_error(&self, controller: ControllerName, reason: &str) {
+        self.errors
+            .get_or_create(&ReasonLabels {
+                controller: controller.as_str().into(),
+                reason: reason.into(),
             })
             .inc();
     }

@@ -9,7 +9,7 @@ use common::{ControllerProcess, TestNamespace, Testbed, eventually, http_get, in
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use sdfleet::crd::ComfyUIDeployment;
+use sdfleet::crd::{ComfyUIDeployment, ModelSet};
 use serde_json::json;
 
 fn fleet(name: &str, replicas: i32) -> serde_json::Value {
@@ -147,27 +147,38 @@ async fn metrics_and_health_endpoints_serve_the_documented_series() {
     cuds.patch("broken", &ssa, &Patch::Apply(broken))
         .await
         .unwrap();
+    // A ModelSet whose bucket does not exist: the ModelSet controller's own series.
+    let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let set = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet",
+        "metadata": {"name": "nowhere"},
+        "spec": {"source": {"s3": {"bucket": "sdfleet-no-such-bucket"}}}});
+    sets.patch("nowhere", &ssa, &Patch::Apply(set))
+        .await
+        .unwrap();
     let text = eventually(
         "fleet gauges and an error in /metrics",
         Duration::from_secs(60),
         || async {
             controller.metrics().await.filter(|t| {
                 t.contains("sdfleet_fleet_desired_replicas{")
-                    && t.contains("sdfleet_reconcile_errors_total{")
+                    && t.contains("sdfleet_reconcile_errors_total{controller=\"comfyuideployment\"")
+                    && t.contains("sdfleet_reconcile_errors_total{controller=\"modelset\"")
             })
         },
     )
     .await;
     for series in [
-        "sdfleet_reconciles_total{result=\"success\"}",
-        "sdfleet_reconcile_duration_seconds_bucket",
-        "sdfleet_reconcile_duration_seconds_count",
+        "sdfleet_reconciles_total{controller=\"comfyuideployment\",result=\"success\"}",
+        "sdfleet_reconciles_total{controller=\"modelset\",result=\"error\"}",
+        "sdfleet_reconcile_errors_total{controller=\"modelset\",reason=\"ListFailed\"}",
+        "sdfleet_reconcile_duration_seconds_bucket{controller=\"comfyuideployment\",",
+        "sdfleet_reconcile_duration_seconds_count{controller=\"modelset\"}",
         "sdfleet_kube_writes_total{",
         "sdfleet_drift_repairs_total",
         "sdfleet_fleet_desired_replicas{",
         "sdfleet_fleet_ready_replicas{",
-        "sdfleet_reconcile_errors_total{reason=\"MissingDependency\"}",
-        "sdfleet_reconciles_total{result=\"error\"}",
+        "sdfleet_reconcile_errors_total{controller=\"comfyuideployment\",reason=\"MissingDependency\"}",
+        "sdfleet_reconciles_total{controller=\"comfyuideployment\",result=\"error\"}",
     ] {
         assert!(
             text.contains(series),

@@ -177,7 +177,7 @@ async fn large_catalog_goes_to_configmaps() {
     .await;
     assert_eq!(
         s.models.len(),
-        sdfleet::controller::modelset::MODELS_IN_STATUS
+        sdfleet::controller::modelset::catalog_maps::MODELS_IN_STATUS
     );
     let cref = s.catalog_ref.expect("catalogRef for a large catalog");
     assert_eq!(cref.objects, n as u64);

@@ -9,8 +9,8 @@ pub const DEGRADED: &str = "Degraded";
 pub const NODEPOOL_READY: &str = "NodePoolReady";
 pub const MODELS_READY: &str = "ModelsReady";
 
-/// Every reason sdfleet writes into a condition. The README's troubleshooting section
-/// has one entry per variant.
+/// Every reason sdfleet writes into a condition. The README's reasons table has one
+/// row per variant (a unit test checks it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     /// All pods are ready.
@@ -58,6 +58,31 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for documentation checks.
+    pub const ALL: [Reason; 21] = [
+        Reason::AllReplicasReady,
+        Reason::ScaledToZero,
+        Reason::WaitingForPods,
+        Reason::RollingOut,
+        Reason::RolloutComplete,
+        Reason::MissingDependency,
+        Reason::InvalidSpec,
+        Reason::ApplyFailed,
+        Reason::AsExpected,
+        Reason::NodePoolReady,
+        Reason::NodePoolNotReady,
+        Reason::NodePoolPending,
+        Reason::Listed,
+        Reason::ListFailed,
+        Reason::NoNodes,
+        Reason::Syncing,
+        Reason::SyncFailed,
+        Reason::AllNodesSynced,
+        Reason::ModelSetNotFound,
+        Reason::ModelsSynced,
+        Reason::NoModelSet,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::AllReplicasReady => "AllReplicasReady",
@@ -87,21 +112,21 @@ impl Reason {
 
 /// A condition as computed this reconcile, before its transition time is settled.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Observed {
+pub struct DesiredCondition {
     pub type_: &'static str,
     pub status: bool,
     pub reason: Reason,
     pub message: String,
 }
 
-impl Observed {
+impl DesiredCondition {
     pub fn new(
         type_: &'static str,
         status: bool,
         reason: Reason,
         message: impl Into<String>,
-    ) -> Observed {
-        Observed {
+    ) -> DesiredCondition {
+        DesiredCondition {
             type_,
             status,
             reason,
@@ -114,7 +139,7 @@ impl Observed {
 /// whose status did not flip. `now` is used only for flips and new conditions.
 pub fn merge(
     previous: &[Condition],
-    observed: &[Observed],
+    observed: &[DesiredCondition],
     generation: Option<i64>,
     now: &Time,
 ) -> Vec<Condition> {
@@ -143,6 +168,17 @@ pub fn merge(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_readme_lists_every_reason() {
+        let readme = include_str!("../../README.md");
+        let missing: Vec<_> = Reason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .filter(|r| !readme.contains(&format!("`{r}` |")))
+            .collect();
+        assert!(missing.is_empty(), "README reasons table lacks {missing:?}");
+    }
+
     fn time(s: &str) -> Time {
         serde_json::from_value(serde_json::json!(s)).unwrap()
     }
@@ -153,7 +189,12 @@ mod tests {
         let t1 = time("2026-01-01T00:05:00Z");
         let first = merge(
             &[],
-            &[Observed::new(READY, false, Reason::WaitingForPods, "0/1")],
+            &[DesiredCondition::new(
+                READY,
+                false,
+                Reason::WaitingForPods,
+                "0/1",
+            )],
             Some(1),
             &t0,
         );
@@ -162,7 +203,12 @@ mod tests {
         // Same status, new message: time kept.
         let same = merge(
             &first,
-            &[Observed::new(READY, false, Reason::WaitingForPods, "0/2")],
+            &[DesiredCondition::new(
+                READY,
+                false,
+                Reason::WaitingForPods,
+                "0/2",
+            )],
             Some(2),
             &t1,
         );
@@ -171,7 +217,12 @@ mod tests {
 
         let flipped = merge(
             &same,
-            &[Observed::new(READY, true, Reason::AllReplicasReady, "2/2")],
+            &[DesiredCondition::new(
+                READY,
+                true,
+                Reason::AllReplicasReady,
+                "2/2",
+            )],
             Some(2),
             &t1,
         );

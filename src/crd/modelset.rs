@@ -7,7 +7,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::sync::catalog::TypeSummary;
+use crate::sync::catalog::{Filter, GlobError, TypeSummary};
+use crate::sync::store::S3Location;
 
 /// Models in S3, listed into a catalog and synced onto the nodes of the fleets that use them.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -74,6 +75,29 @@ pub struct S3Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(https?://[^\s]+)?$"), length(max = 512))]
     pub endpoint: Option<String>,
+}
+
+impl S3Source {
+    /// Where the objects are, in `default_region` unless the source names a region.
+    pub fn location(&self, default_region: Option<&str>) -> S3Location {
+        S3Location {
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            region: self
+                .region
+                .clone()
+                .or_else(|| default_region.map(str::to_string))
+                .filter(|r| !r.is_empty()),
+            endpoint: self.endpoint.clone().filter(|e| !e.is_empty()),
+        }
+    }
+}
+
+impl ModelSetSpec {
+    /// The include/exclude globs as a filter over keys.
+    pub fn filter(&self) -> Result<Filter, GlobError> {
+        Filter::new(&self.include, &self.exclude)
+    }
 }
 
 /// How changes are detected and how nodes are told.
@@ -161,6 +185,35 @@ pub struct NodeSync {
     pub bytes_done: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+impl NodeSync {
+    /// The node holds `revision` completely (what ModelsReady, Synced, the agent and SSM
+    /// all ask).
+    pub fn is_synced_at(&self, revision: &str) -> bool {
+        self.state == NodeSyncState::Synced && !revision.is_empty() && self.revision == revision
+    }
+}
+
+impl ModelSetStatus {
+    /// The entry of `node`, if it reported.
+    pub fn node(&self, node: &str) -> Option<&NodeSync> {
+        self.nodes.iter().find(|n| n.node == node)
+    }
+}
+
+impl ModelSet {
+    /// The server-side-apply body of `entries` in the status of ModelSet `name`. Each
+    /// writer (an agent, the SSM method) applies under its own field manager, so none
+    /// clobbers another's entries.
+    pub fn node_entries_patch(name: &str, entries: &[NodeSync]) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": <ModelSet as kube::Resource>::api_version(&()),
+            "kind": <ModelSet as kube::Resource>::kind(&()),
+            "metadata": {"name": name},
+            "status": {"nodes": entries},
+        })
+    }
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,20 +2,19 @@
 //! directory from the node's instance store (read-only), S3 volumes, probes on
 //! `/system_stats` and a restrictive security context.
 
+use std::path::Path;
+
 use serde_json::{Value, json};
 
-use super::RenderError;
-use super::names::{FleetNames, GPU_RESOURCE, NODEPOOL_LABEL};
+use super::error::RenderError;
 use super::storage::S3Volume;
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
+use crate::names::{FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, NODEPOOL_LABEL, models_dir};
 
-/// Where models live on a node: the RAID0 of its NVMe instance-store disks that
-/// Karpenter builds on AL2023 (`instanceStorePolicy: RAID0`).
-pub const MODELS_HOST_ROOT: &str = "/mnt/k8s-disks/0/sdfleet/models";
 pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
 pub const CONTAINER_NAME: &str = "comfyui";
 
-pub fn spec(
+pub fn deployment_spec(
     fleet: &FleetNames,
     spec: &ComfyUIDeploymentSpec,
     volumes: &[S3Volume],
@@ -53,7 +52,7 @@ pub fn spec(
     if let Some(model_set) = &spec.model_set {
         mounts.push(json!({"name": "models", "mountPath": MODELS_MOUNT_PATH, "readOnly": true}));
         pod_volumes.push(json!({"name": "models", "hostPath": {
-            "path": format!("{MODELS_HOST_ROOT}/{}/{model_set}", fleet.namespace),
+            "path": models_dir(Path::new(MODELS_HOST_ROOT), &fleet.namespace, model_set),
             "type": "DirectoryOrCreate",
         }}));
     }
@@ -116,8 +115,8 @@ pub fn spec(
 
 #[cfg(test)]
 mod tests {
-    use crate::cloud::Cloud;
     use crate::render::ChildKind;
+    use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
     use serde_json::json;
 

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::names::FleetNames;
 use crate::crd::comfyui::{ComfyUIDeploymentSpec, IngressSpec};
+use crate::names::FleetNames;
 
 const ALB: &str = "alb.ingress.kubernetes.io";
 
-pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Value {
+pub fn ingress_spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Value {
     let mut rule = json!({"http": {"paths": [{
         "path": "/",
         "pathType": "Prefix",
@@ -62,9 +62,9 @@ pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud::Cloud;
     use crate::crd::comfyui::IngressScheme;
     use crate::render::ChildKind;
+    use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
 
     #[test]

@@ -1,77 +1,27 @@
 //! Pure functions: a ComfyUIDeployment (plus the controller's settings) becomes the list
 //! of children the controller applies. No I/O here; `sdfleet render` prints exactly this.
 
-pub mod agent;
+pub mod agent_daemonset;
+pub mod child;
 pub mod deployment;
+pub mod error;
 pub mod ingress;
-pub mod names;
+pub mod nodeclass;
 pub mod nodepool;
 pub mod service;
+pub mod settings;
 pub mod storage;
 
-use kube::core::ApiResource;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::cloud::{ClusterSettings, NodeClassProvider};
+pub use child::{Child, ChildKind, Scope};
+pub use error::RenderError;
+
 use crate::crd::comfyui::ComfyUIDeployment;
-use names::FleetNames;
-
-/// Which kind of child; also the order of creation (and, reversed, of deletion).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ChildKind {
-    NodeClass,
-    NodePool,
-    PersistentVolume,
-    PersistentVolumeClaim,
-    Service,
-    Deployment,
-    Ingress,
-    /// The node agent DaemonSet, in the operator's namespace (not the fleet's).
-    AgentDaemonSet,
-}
-
-impl ChildKind {
-    pub fn namespaced(self) -> bool {
-        !matches!(
-            self,
-            ChildKind::NodeClass
-                | ChildKind::NodePool
-                | ChildKind::PersistentVolume
-                | ChildKind::AgentDaemonSet
-        )
-    }
-}
-
-/// One desired child: its kind, API and the full manifest to server-side apply.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Child {
-    pub kind: ChildKind,
-    pub api: ApiResource,
-    pub name: String,
-    pub manifest: Value,
-}
-
-impl Child {
-    fn new(kind: ChildKind, api: ApiResource, name: String, manifest: Value) -> Child {
-        Child {
-            kind,
-            api,
-            name,
-            manifest,
-        }
-    }
-}
-
-/// A spec the schema let through but the controller cannot build (e.g. an object stored
-/// before a CEL rule existed). Each variant becomes a status reason.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum RenderError {
-    #[error("the resource has no namespace")]
-    NoNamespace,
-    #[error("{field}: {message}")]
-    InvalidSpec { field: String, message: String },
-}
+use crate::names::FleetNames;
+use nodeclass::NodeClassProvider;
+use settings::ClusterSettings;
 
 /// Everything render needs besides the resource itself.
 pub struct RenderContext<'a> {
@@ -79,145 +29,97 @@ pub struct RenderContext<'a> {
     pub node_class: &'a dyn NodeClassProvider,
 }
 
-/// The desired children of `cud`, in creation order.
+/// Builds children of one fleet: names, labels, namespace and owner reference by kind.
+struct Builder<'a> {
+    fleet: FleetNames,
+    owner: Value,
+    ctx: &'a RenderContext<'a>,
+    children: Vec<Child>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, kind: ChildKind, name: String, spec: Value) -> &mut Value {
+        let api = kind.api_resource(self.ctx.node_class);
+        let mut metadata = json!({"name": name, "labels": self.fleet.owner_labels()});
+        if let Some(ns) = kind.namespace(&self.fleet.namespace, &self.ctx.cluster.agent) {
+            metadata["namespace"] = json!(ns);
+        }
+        if kind.scope() == Scope::FleetNamespace {
+            metadata["ownerReferences"] = json!([self.owner]);
+        }
+        let manifest = json!({"apiVersion": api.api_version, "kind": api.kind, "metadata": metadata, "spec": spec});
+        self.children.push(Child {
+            kind,
+            api,
+            name,
+            manifest,
+        });
+        let last = self.children.len() - 1;
+        &mut self.children[last].manifest
+    }
+}
+
+/// The desired children of `cud`, in the order of `ChildKind::ALL`.
 pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>, RenderError> {
     let namespace = cud.namespace().ok_or(RenderError::NoNamespace)?;
     let fleet = FleetNames::new(&namespace, &cud.name_any());
     let spec = &cud.spec;
-    let owner = owner_reference(cud);
-    let mut children = Vec::new();
+    let mut b = Builder {
+        owner: owner_reference(cud),
+        fleet: fleet.clone(),
+        ctx,
+        children: Vec::new(),
+    };
 
     let class_api = ctx.node_class.api_resource();
-    children.push(Child::new(
-        ChildKind::NodeClass,
-        class_api.clone(),
-        fleet.node_class(),
-        manifest(
-            &class_api,
-            &fleet.node_class(),
-            None,
-            &fleet,
-            None,
-            ctx.node_class.spec(&fleet, &spec.node_class, ctx.cluster)?,
-        ),
-    ));
-    let pool_api = nodepool::api_resource();
-    children.push(Child::new(
+    let class_spec = ctx
+        .node_class
+        .node_class_spec(&fleet, &spec.node_class, ctx.cluster)?;
+    b.push(ChildKind::NodeClass, fleet.node_class(), class_spec);
+    b.push(
         ChildKind::NodePool,
-        pool_api.clone(),
         fleet.nodepool(),
-        manifest(
-            &pool_api,
-            &fleet.nodepool(),
-            None,
-            &fleet,
-            None,
-            nodepool::spec(&fleet, spec, &class_api),
-        ),
-    ));
-
+        nodepool::nodepool_spec(&fleet, spec, &class_api),
+    );
     let volumes = storage::volumes(spec, ctx.cluster)?;
     for volume in &volumes {
-        let pv_api = ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolume>(&());
-        let pv_name = fleet.volume(volume.purpose);
-        children.push(Child::new(
+        b.push(
             ChildKind::PersistentVolume,
-            pv_api.clone(),
-            pv_name.clone(),
-            manifest(
-                &pv_api,
-                &pv_name,
-                None,
-                &fleet,
-                None,
-                storage::volume_spec(&fleet, volume),
-            ),
-        ));
-        let pvc_api = ApiResource::erase::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&());
-        let pvc_name = fleet.volume_claim(volume.purpose);
-        children.push(Child::new(
-            ChildKind::PersistentVolumeClaim,
-            pvc_api.clone(),
-            pvc_name.clone(),
-            manifest(
-                &pvc_api,
-                &pvc_name,
-                Some(&namespace),
-                &fleet,
-                Some(&owner),
-                storage::claim_spec(&fleet, volume),
-            ),
-        ));
-    }
-
-    let svc_api = ApiResource::erase::<k8s_openapi::api::core::v1::Service>(&());
-    children.push(Child::new(
-        ChildKind::Service,
-        svc_api.clone(),
-        fleet.service(),
-        manifest(
-            &svc_api,
-            &fleet.service(),
-            Some(&namespace),
-            &fleet,
-            Some(&owner),
-            service::spec(&fleet, spec),
-        ),
-    ));
-
-    let deploy_api = ApiResource::erase::<k8s_openapi::api::apps::v1::Deployment>(&());
-    children.push(Child::new(
-        ChildKind::Deployment,
-        deploy_api.clone(),
-        fleet.deployment(),
-        manifest(
-            &deploy_api,
-            &fleet.deployment(),
-            Some(&namespace),
-            &fleet,
-            Some(&owner),
-            deployment::spec(&fleet, spec, &volumes)?,
-        ),
-    ));
-
-    if spec.model_set.is_some() {
-        let ds_api = ApiResource::erase::<k8s_openapi::api::apps::v1::DaemonSet>(&());
-        let agent = &ctx.cluster.agent;
-        let name = fleet.agent_daemonset();
-        children.push(Child::new(
-            ChildKind::AgentDaemonSet,
-            ds_api.clone(),
-            name.clone(),
-            manifest(
-                &ds_api,
-                &name,
-                Some(&agent.namespace),
-                &fleet,
-                None,
-                agent::spec(&fleet, agent),
-            ),
-        ));
-    }
-
-    if spec.ingress.enabled {
-        let ing_api = ApiResource::erase::<k8s_openapi::api::networking::v1::Ingress>(&());
-        let mut ing = manifest(
-            &ing_api,
-            &fleet.ingress(),
-            Some(&namespace),
-            &fleet,
-            Some(&owner),
-            ingress::spec(&fleet, spec),
+            fleet.volume(volume.purpose),
+            storage::volume_spec(&fleet, volume),
         );
-        ing["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
-        children.push(Child::new(
-            ChildKind::Ingress,
-            ing_api,
-            fleet.ingress(),
-            ing,
-        ));
+        b.push(
+            ChildKind::PersistentVolumeClaim,
+            fleet.volume_claim(volume.purpose),
+            storage::claim_spec(&fleet, volume),
+        );
     }
-    Ok(children)
+    b.push(
+        ChildKind::Service,
+        fleet.service(),
+        service::service_spec(&fleet, spec),
+    );
+    b.push(
+        ChildKind::Deployment,
+        fleet.deployment(),
+        deployment::deployment_spec(&fleet, spec, &volumes)?,
+    );
+    if spec.ingress.enabled {
+        let ingress = b.push(
+            ChildKind::Ingress,
+            fleet.ingress(),
+            ingress::ingress_spec(&fleet, spec),
+        );
+        ingress["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
+    }
+    if spec.model_set.is_some() {
+        b.push(
+            ChildKind::AgentDaemonSet,
+            fleet.agent_daemonset(),
+            agent_daemonset::daemonset_spec(&fleet, &ctx.cluster.agent),
+        );
+    }
+    Ok(b.children)
 }
 
 fn owner_reference(cud: &ComfyUIDeployment) -> Value {
@@ -231,28 +133,10 @@ fn owner_reference(cud: &ComfyUIDeployment) -> Value {
     })
 }
 
-fn manifest(
-    api: &ApiResource,
-    name: &str,
-    namespace: Option<&str>,
-    fleet: &FleetNames,
-    owner: Option<&Value>,
-    spec: Value,
-) -> Value {
-    let mut metadata = json!({"name": name, "labels": fleet.owner_labels()});
-    if let Some(ns) = namespace {
-        metadata["namespace"] = json!(ns);
-    }
-    if let Some(owner) = owner {
-        metadata["ownerReferences"] = json!([owner]);
-    }
-    json!({"apiVersion": api.api_version, "kind": api.kind, "metadata": metadata, "spec": spec})
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cloud::Cloud;
+    use crate::render::nodeclass::Cloud;
 
     pub fn example(yaml: &str) -> ComfyUIDeployment {
         let mut cud: ComfyUIDeployment = serde_saphyr::from_str(yaml).unwrap();
@@ -292,7 +176,7 @@ spec:
     }
 
     #[test]
-    fn children_of_the_example_in_creation_order() {
+    fn children_of_the_example_in_order() {
         let children = render(&example(SDXL), Cloud::Aws);
         let kinds: Vec<_> = children.iter().map(|c| (c.kind, c.name.as_str())).collect();
         assert_eq!(
@@ -313,10 +197,15 @@ spec:
             assert_eq!(labels["sdfleet.io/owner-namespace"], "studio");
             assert_eq!(labels["sdfleet.io/owner-name"], "sdxl");
             let owned = child.manifest["metadata"].get("ownerReferences").is_some();
-            assert_eq!(owned, child.kind.namespaced(), "{:?}", child.kind);
+            assert_eq!(
+                owned,
+                child.kind.scope() == Scope::FleetNamespace,
+                "{:?}",
+                child.kind
+            );
             assert_eq!(
                 child.manifest["metadata"].get("namespace").is_some(),
-                child.kind.namespaced()
+                child.kind.scope() != Scope::Cluster
             );
         }
     }

@@ -5,19 +5,20 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::names::{FLEET_KEY, FleetNames, GPU_RESOURCE};
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
+use crate::names::{FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT};
 
 pub const GPU_TAINT_VALUE: &str = "true";
-/// Startup taint of the nodes of a fleet with a ModelSet: the node agent lifts it once
-/// the node holds the models, so ComfyUI pods never start without them.
-pub const MODELS_NOT_READY_TAINT: &str = "sdfleet.io/models-not-ready";
 
 pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"))
 }
 
-pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiResource) -> Value {
+pub fn nodepool_spec(
+    fleet: &FleetNames,
+    spec: &ComfyUIDeploymentSpec,
+    node_class: &ApiResource,
+) -> Value {
     let capacity_types: Vec<&str> = spec.gpu.capacity_types.iter().map(|c| c.as_str()).collect();
     let startup_taints = if spec.model_set.is_some() {
         json!([{"key": MODELS_NOT_READY_TAINT, "effect": "NoSchedule"}])
@@ -26,11 +27,7 @@ pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiRe
     };
     json!({
         "template": {
-            "metadata": {"labels": {
-                FLEET_KEY: fleet.nodepool(),
-                "sdfleet.io/owner-namespace": fleet.namespace,
-                "sdfleet.io/owner-name": fleet.name,
-            }},
+            "metadata": {"labels": fleet.node_labels()},
             "spec": {
                 "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": fleet.node_class()},
                 "requirements": [
@@ -54,8 +51,8 @@ pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec, node_class: &ApiRe
 
 #[cfg(test)]
 mod tests {
-    use crate::cloud::Cloud;
     use crate::crd::comfyui::CapacityType;
+    use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
     use serde_json::json;
 

@@ -2,10 +2,10 @@
 
 use serde_json::{Value, json};
 
-use super::names::FleetNames;
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
+use crate::names::FleetNames;
 
-pub fn spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Value {
+pub fn service_spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Value {
     json!({
         "type": "ClusterIP",
         "selector": fleet.pod_selector(),

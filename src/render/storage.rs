@@ -4,10 +4,10 @@
 
 use serde_json::{Value, json};
 
-use super::RenderError;
-use super::names::FleetNames;
-use crate::cloud::ClusterSettings;
+use super::error::RenderError;
+use super::settings::ClusterSettings;
 use crate::crd::comfyui::{ComfyUIDeploymentSpec, S3Location};
+use crate::names::FleetNames;
 
 pub const CSI_DRIVER: &str = "s3.csi.aws.com";
 /// Required by the API, ignored by mountpoint-s3.
@@ -99,8 +99,8 @@ pub fn claim_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use crate::cloud::Cloud;
     use crate::crd::comfyui::S3Location;
+    use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
     use crate::render::{ChildKind, RenderContext, RenderError, build};
     use serde_json::json;

@@ -31,6 +31,12 @@ use paths::{STATE_DIR, UnsafeKey};
 use plan::{Manifest, ManifestEntry, Plan};
 use store::{ObjectStore, StoreError};
 
+/// True when `dest` holds the manifest of a finished sync (files removed by hand since
+/// are found by the next full sync, not here).
+pub fn has_manifest(dest: &Path) -> bool {
+    dest.join(STATE_DIR).join(plan::MANIFEST).exists()
+}
+
 /// How a sync runs.
 #[derive(Clone, Debug)]
 pub struct SyncOptions {

@@ -21,7 +21,7 @@ pub struct Manifest {
     pub entries: BTreeMap<String, ManifestEntry>,
 }
 
-const MANIFEST: &str = "manifest.json";
+pub const MANIFEST: &str = "manifest.json";
 
 impl Manifest {
     /// The saved manifest, or an empty one (first sync, or an unreadable file: refetch).

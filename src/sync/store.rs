@@ -7,8 +7,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use super::catalog::Object;
-use crate::crd::modelset::S3Source;
+use super::catalog::{Catalog, Filter, Object};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,6 +38,16 @@ pub trait ObjectStore: Send + Sync {
     ) -> impl Future<Output = Result<ByteChunks, StoreError>> + Send;
 }
 
+/// Where a bucket's objects are: what `S3Store::connect` needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    pub prefix: String,
+    pub region: Option<String>,
+    /// An S3-compatible endpoint (path-style addressing there).
+    pub endpoint: Option<String>,
+}
+
 /// A bucket and prefix in S3 (or an S3-compatible store).
 #[derive(Clone)]
 pub struct S3Store {
@@ -48,41 +57,36 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    /// A client for `region`, optionally at `endpoint` (path-style addressing there).
-    pub async fn connect(
-        bucket: &str,
-        prefix: &str,
-        region: Option<&str>,
-        endpoint: Option<&str>,
-    ) -> S3Store {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = region.filter(|r| !r.is_empty()) {
-            loader = loader.region(aws_config::Region::new(r.to_string()));
-        }
-        if let Some(e) = endpoint.filter(|e| !e.is_empty()) {
-            loader = loader.endpoint_url(e);
-        }
-        let shared = loader.load().await;
+    /// A client for the location's region, at its endpoint if it names one.
+    pub async fn connect(location: &S3Location) -> S3Store {
+        let endpoint = location.endpoint.as_deref().filter(|e| !e.is_empty());
+        let shared = crate::aws::sdk_config(location.region.as_deref(), endpoint).await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared);
-        if endpoint.is_some_and(|e| !e.is_empty()) || shared.endpoint_url().is_some() {
+        if endpoint.is_some() || shared.endpoint_url().is_some() {
             config = config.force_path_style(true);
         }
         S3Store {
             client: aws_sdk_s3::Client::from_conf(config.build()),
-            bucket: bucket.into(),
-            prefix: prefix.into(),
+            bucket: location.bucket.clone(),
+            prefix: location.prefix.clone(),
         }
     }
 
-    /// The bucket of a ModelSet's source, in `default_region` unless the source names one.
-    pub async fn for_source(source: &S3Source, default_region: Option<&str>) -> S3Store {
-        S3Store::connect(
-            &source.bucket,
-            &source.prefix,
-            source.region.as_deref().or(default_region),
-            source.endpoint.as_deref(),
-        )
-        .await
+    /// Connects and lists the location into a catalog of what `filter` accepts: the one
+    /// listing pipeline of the controller, the node agent and `sdfleet sync`.
+    pub async fn open_catalog(
+        location: &S3Location,
+        filter: &Filter,
+    ) -> Result<(S3Store, Catalog), StoreError> {
+        let store = S3Store::connect(location).await;
+        let objects = store.list().await?;
+        let catalog = Catalog::new(
+            objects
+                .into_iter()
+                .filter(|o| filter.accepts(&o.key))
+                .collect(),
+        );
+        Ok((store, catalog))
     }
 }
 

@@ -11,9 +11,10 @@ pub use kwok::Kwok;
 use kube::core::ApiResource;
 use serde_json::Value;
 
+use super::error::RenderError;
+use super::settings::ClusterSettings;
 use crate::crd::comfyui::NodeClassSpec;
-use crate::render::RenderError;
-use crate::render::names::FleetNames;
+use crate::names::FleetNames;
 
 /// The `--cloud` switch of the controller and of `sdfleet render`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -22,23 +23,12 @@ pub enum Cloud {
     Kwok,
 }
 
-/// Settings of the cluster the fleet runs in, from the controller's flags.
-#[derive(Clone, Debug)]
-pub struct ClusterSettings {
-    /// `--cluster-name`: the default Karpenter discovery tag of subnets and security groups.
-    pub cluster_name: Option<String>,
-    /// `--region`: the default region of S3 buckets.
-    pub region: Option<String>,
-    /// Where the node agents of fleets with a ModelSet run, and their image.
-    pub agent: AgentSettings,
-}
-
 /// A Karpenter cloud provider's node class, as the fleet's NodePool sees it.
 pub trait NodeClassProvider: Send + Sync {
     /// The node class kind (group, version, kind, plural).
     fn api_resource(&self) -> ApiResource;
     /// The node class object's `spec`.
-    fn spec(
+    fn node_class_spec(
         &self,
         fleet: &FleetNames,
         node_class: &NodeClassSpec,
@@ -51,25 +41,6 @@ impl Cloud {
         match self {
             Cloud::Aws => &Aws,
             Cloud::Kwok => &Kwok,
-        }
-    }
-}
-
-/// The node agent DaemonSets: one per fleet that uses a ModelSet, in the operator's
-/// namespace (they run under the chart's `sdfleet-agent` ServiceAccount).
-#[derive(Clone, Debug)]
-pub struct AgentSettings {
-    pub namespace: String,
-    pub image: String,
-    pub service_account: String,
-}
-
-impl Default for AgentSettings {
-    fn default() -> Self {
-        AgentSettings {
-            namespace: "sdfleet-system".into(),
-            image: concat!("sdfleet:", env!("CARGO_PKG_VERSION")).into(),
-            service_account: "sdfleet-agent".into(),
         }
     }
 }

@@ -4,10 +4,11 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::{ClusterSettings, NodeClassProvider};
+use super::NodeClassProvider;
 use crate::crd::comfyui::NodeClassSpec;
-use crate::render::RenderError;
-use crate::render::names::FleetNames;
+use crate::names::FleetNames;
+use crate::render::error::RenderError;
+use crate::render::settings::ClusterSettings;
 
 pub struct Kwok;
 
@@ -20,7 +21,7 @@ impl NodeClassProvider for Kwok {
         ))
     }
 
-    fn spec(
+    fn node_class_spec(
         &self,
         _fleet: &FleetNames,
         _node_class: &NodeClassSpec,

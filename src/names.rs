@@ -1,6 +1,9 @@
-//! Child names and labels: every child's name and identifying labels come from here.
+//! Names, labels, taints and paths that every layer shares: the controller, render, the
+//! node agent and the sync engine all take them from here, and nothing here imports
+//! from the rest of the crate.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -11,6 +14,26 @@ pub const OWNER_NAME_KEY: &str = "sdfleet.io/owner-name";
 pub const FLEET_KEY: &str = "sdfleet.io/fleet";
 pub const NODEPOOL_LABEL: &str = "karpenter.sh/nodepool";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+pub const APP_NAME_KEY: &str = "app.kubernetes.io/name";
+pub const APP_INSTANCE_KEY: &str = "app.kubernetes.io/instance";
+/// The app name of the node agent's pods.
+pub const AGENT_APP: &str = "sdfleet-agent";
+/// Labels the catalog ConfigMaps of a ModelSet with the ModelSet's name.
+pub const CATALOG_OF_KEY: &str = "sdfleet.io/catalog-of";
+
+/// Startup taint of the nodes of a fleet with a ModelSet: the node agent lifts it once
+/// the node holds the models, so ComfyUI pods never start without them.
+pub const MODELS_NOT_READY_TAINT: &str = "sdfleet.io/models-not-ready";
+
+/// Where models live on a node: the RAID0 of its NVMe instance-store disks that
+/// Karpenter builds on AL2023 (`instanceStorePolicy: RAID0`).
+pub const MODELS_HOST_ROOT: &str = "/mnt/k8s-disks/0/sdfleet/models";
+
+/// The models directory of one ModelSet under a models root (the host root on a node,
+/// or where the agent mounts it): `<root>/<namespace>/<modelset>`.
+pub fn models_dir(root: &Path, namespace: &str, model_set: &str) -> PathBuf {
+    root.join(namespace).join(model_set)
+}
 
 /// The longest name a cluster-scoped child gets. NodePool names are also label values
 /// (`karpenter.sh/nodepool` on nodes), which are limited to 63 characters.
@@ -63,6 +86,19 @@ impl FleetNames {
             MAX_CLUSTER_NAME,
         )
     }
+    /// Labels of the fleet's nodes (and tags of their instances): the fleet and its owner.
+    pub fn node_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.owner_identity();
+        labels.insert(FLEET_KEY.to_string(), self.nodepool());
+        labels
+    }
+
+    /// Labels of the fleet's node agent pods (the DaemonSet's selector).
+    pub fn agent_pod_selector(&self) -> BTreeMap<String, String> {
+        let mut labels = self.owner_identity();
+        labels.insert(APP_NAME_KEY.to_string(), AGENT_APP.to_string());
+        labels
+    }
     /// The claim of an S3 volume (`outputs` or `inputs`).
     pub fn volume_claim(&self, purpose: &str) -> String {
         format!("{}-{purpose}", self.name)
@@ -75,8 +111,14 @@ impl FleetNames {
     /// Labels on every child: who manages it and which resource owns it. Cluster-scoped
     /// children are found by these (they cannot carry an owner reference).
     pub fn owner_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.owner_identity();
+        labels.insert(MANAGED_BY_KEY.to_string(), MANAGED_BY.to_string());
+        labels
+    }
+
+    /// The owner's namespace and name as labels (also the tags of its cloud resources).
+    pub fn owner_identity(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            (MANAGED_BY_KEY.to_string(), MANAGED_BY.to_string()),
             (OWNER_NAMESPACE_KEY.to_string(), self.namespace.clone()),
             (OWNER_NAME_KEY.to_string(), self.name.clone()),
         ])
@@ -93,8 +135,8 @@ impl FleetNames {
     /// Labels of the ComfyUI pods (the Deployment's selector).
     pub fn pod_selector(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            ("app.kubernetes.io/name".to_string(), "comfyui".to_string()),
-            ("app.kubernetes.io/instance".to_string(), self.name.clone()),
+            (APP_NAME_KEY.to_string(), "comfyui".to_string()),
+            (APP_INSTANCE_KEY.to_string(), self.name.clone()),
         ])
     }
 

@@ -4,17 +4,17 @@
 
 use serde_json::{Value, json};
 
-use super::deployment::MODELS_HOST_ROOT;
-use super::names::{FleetNames, GPU_RESOURCE, NODEPOOL_LABEL};
-use super::nodepool::MODELS_NOT_READY_TAINT;
-use crate::cloud::AgentSettings;
+use super::settings::AgentSettings;
+use crate::names::{
+    FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, MODELS_NOT_READY_TAINT, NODEPOOL_LABEL,
+};
 
 pub const AGENT_MODELS_PATH: &str = "/models";
 
-pub fn spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
+pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
+    let selector = fleet.agent_pod_selector();
     let mut labels = fleet.owner_labels();
-    labels.insert("app.kubernetes.io/name".into(), "sdfleet-agent".into());
-    let selector = json!({"app.kubernetes.io/name": "sdfleet-agent", "sdfleet.io/owner-namespace": fleet.namespace, "sdfleet.io/owner-name": fleet.name});
+    labels.extend(selector.clone());
     json!({
         "selector": {"matchLabels": selector},
         "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "100%"}},
@@ -51,8 +51,8 @@ pub fn spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use crate::cloud::Cloud;
     use crate::render::ChildKind;
+    use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
 
     #[test]

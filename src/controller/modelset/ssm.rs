@@ -9,12 +9,10 @@ use aws_sdk_ec2::types::Filter;
 use aws_sdk_ssm::types::CommandInvocationStatus;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use serde_json::json;
 
 use crate::crd::ComfyUIDeployment;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
-use crate::render::deployment::MODELS_HOST_ROOT;
-use crate::render::names::{FleetNames, NODEPOOL_LABEL};
+use crate::names::{FleetNames, MODELS_HOST_ROOT, NODEPOOL_LABEL, models_dir};
 
 /// How long one reconcile waits for the invocations (then the next reconcile retries).
 const WAIT_ATTEMPTS: usize = 30;
@@ -45,7 +43,8 @@ pub fn shell_quote(s: &str) -> String {
 pub fn sync_command(ms: &ModelSet, region: Option<&str>) -> String {
     let s3 = &ms.spec.source.s3;
     let ns = ms.namespace().unwrap_or_default();
-    let dest = format!("{MODELS_HOST_ROOT}/{ns}/{}", ms.name_any());
+    let dest = models_dir(std::path::Path::new(MODELS_HOST_ROOT), &ns, &ms.name_any());
+    let dest = dest.to_string_lossy();
     let mut cmd = format!(
         "sdfleet sync --bucket {} --dest {}",
         shell_quote(&s3.bucket),
@@ -93,11 +92,7 @@ pub async fn sync_instances(
     if pools.is_empty() {
         return Ok(());
     }
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(r) = region {
-        loader = loader.region(aws_config::Region::new(r.to_string()));
-    }
-    let aws = loader.load().await;
+    let aws = crate::aws::sdk_config(region, None).await;
     let ec2 = aws_sdk_ec2::Client::new(&aws);
     let ssm = aws_sdk_ssm::Client::new(&aws);
 
@@ -125,12 +120,7 @@ pub async fn sync_instances(
         .filter_map(|i| i.instance_id().map(str::to_string))
         .collect();
     let status = ms.status.clone().unwrap_or_default();
-    let current = |id: &String| {
-        status
-            .nodes
-            .iter()
-            .find(|n| &n.node == id && n.state == NodeSyncState::Synced && n.revision == revision)
-    };
+    let current = |id: &String| status.node(id).filter(|n| n.is_synced_at(revision));
     // Entries of instances already at the revision are re-applied as they are: this
     // field manager owns the whole set, and SSA drops what an apply leaves out (so
     // terminated instances leave the status too).
@@ -179,8 +169,7 @@ pub async fn sync_instances(
             message,
         });
     }
-    let body = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": name},
-        "status": {"nodes": entries}});
+    let body = ModelSet::node_entries_patch(&name, &entries);
     api.patch_status(
         &name,
         &PatchParams::apply("sdfleet-ssm").force(),
@@ -250,6 +239,7 @@ async fn wait_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_command_quotes_everything() {

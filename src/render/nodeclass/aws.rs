@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::{ClusterSettings, NodeClassProvider};
+use super::NodeClassProvider;
 use crate::crd::comfyui::NodeClassSpec;
-use crate::render::RenderError;
-use crate::render::names::{FLEET_KEY, FleetNames};
+use crate::names::FleetNames;
+use crate::render::error::RenderError;
+use crate::render::settings::ClusterSettings;
 
 pub struct Aws;
 
@@ -21,7 +22,7 @@ impl NodeClassProvider for Aws {
         ))
     }
 
-    fn spec(
+    fn node_class_spec(
         &self,
         fleet: &FleetNames,
         node_class: &NodeClassSpec,
@@ -67,11 +68,7 @@ impl NodeClassProvider for Aws {
             // On AL2023 this builds a RAID0 of the NVMe instance-store disks at
             // /mnt/k8s-disks/0, where the models directory lives, with no userData mkfs.
             "instanceStorePolicy": "RAID0",
-            "tags": {
-                FLEET_KEY: fleet.nodepool(),
-                "sdfleet.io/owner-namespace": fleet.namespace,
-                "sdfleet.io/owner-name": fleet.name,
-            },
+            "tags": fleet.node_labels(),
         });
         if let Some(role) = node_class.role() {
             spec["role"] = json!(role);

@@ -1,0 +1,130 @@
+//! What every reconcile shares: the client, the settings, metrics, the event recorder,
+//! per-object backoff; and the retry policy of both reconcilers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
+
+use super::error::Error;
+use super::modelset::sqs::SqsWatchers;
+use crate::render::nodeclass::Cloud;
+use crate::render::settings::ClusterSettings;
+use crate::telemetry::{ControllerName, Metrics};
+
+/// Settings of one controller process, from its flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cloud: Cloud,
+    pub cluster: ClusterSettings,
+    /// Watch only this namespace; all namespaces when None.
+    pub namespace: Option<String>,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// SQS listeners of ModelSets (None in contexts that run no ModelSet controller).
+    pub sqs: Option<SqsWatchers>,
+    /// Consecutive failures per object, for exponential backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Context {
+        let reporter = Reporter {
+            controller: "sdfleet".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            sqs: None,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The next retry delay for `key`: 2 s doubling to 5 min.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = (*n + 1).min(16);
+        Duration::from_secs((2u64 << (*n - 1).min(8)).min(300))
+    }
+
+    pub fn reset_backoff(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    /// Publishes an event about `reference`; a failure is logged, never fatal.
+    pub async fn publish(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        self.metrics.record_write("event", "Event");
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            tracing::warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+/// `namespace/name` of a watched object, readable or not.
+pub fn object_key<K>(obj: &DeserializeGuard<K>) -> String
+where
+    K: Resource<DynamicType = ()>,
+{
+    let meta = match &obj.0 {
+        Ok(k) => k.meta(),
+        Err(invalid) => &invalid.metadata,
+    };
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The retry policy of both reconcilers: count the error by reason, back off per object.
+pub fn error_policy<K>(
+    controller: ControllerName,
+    obj: &DeserializeGuard<K>,
+    error: &Error,
+    ctx: &Context,
+) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    ctx.metrics.record_error(controller, error.reason());
+    let key = format!("{}/{}", controller.as_str(), object_key(obj));
+    let delay = ctx.backoff(&key);
+    tracing::warn!(object = %key, %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Requeue a healthy fleet now and then, to notice what watches cannot (e.g. a CRD
+/// installed after a MissingDependency).
+pub fn steady_requeue() -> Action {
+    Action::requeue(Duration::from_secs(300))
+}

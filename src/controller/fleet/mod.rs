@@ -1,0 +1,424 @@
+//! The ComfyUIDeployment reconciler, as a short pipeline:
+//! read (an unreadable object gets `InvalidSpec`) → preflight (dereference) → build
+//! (pure, `render`) → apply + prune (`FleetResources`) → observe (`status`) → write status.
+//! Deletion runs through a finalizer and `cleanup`, which removes children in stages.
+
+pub mod cleanup;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DeserializeGuard};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
+use super::context::{Context, error_policy, object_key, steady_requeue};
+use super::error::Error;
+use super::resources::{Applied, FleetResources, dynamic_api};
+use super::{preflight, status as status_writer};
+use crate::crd::ComfyUIDeployment;
+use crate::crd::comfyui::ComfyUIDeploymentStatus;
+use crate::crd::modelset::ModelSet;
+use crate::names::{
+    FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
+};
+use crate::render::{self, ChildKind, RenderContext};
+use crate::telemetry::{ControllerName, FleetLabels};
+use status::{Facts, FleetObservation, ModelFacts};
+
+pub const FINALIZER: &str = "sdfleet.io/cleanup";
+const KIND: &str = "ComfyUIDeployment";
+type Guarded = DeserializeGuard<ComfyUIDeployment>;
+
+/// Runs the fleet controller: fleets, and every child sdfleet labels (mapped back to
+/// its fleet by the owner labels).
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let watch_ns = ctx.settings.namespace.as_deref();
+    let fleets: Api<Guarded> = match watch_ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut controller = Controller::new(fleets, watcher::Config::default().any_semantic());
+    let selector = format!("{MANAGED_BY_KEY}={MANAGED_BY}");
+    let provider = ctx.settings.cloud.provider();
+    for kind in ChildKind::ALL {
+        let ar = kind.api_resource(provider);
+        let ns = kind.watch_namespace(watch_ns, &ctx.settings.cluster.agent);
+        let scope = ctx.settings.namespace.clone();
+        controller = controller.watches_with(
+            dynamic_api(&client, &ar, ns),
+            ar,
+            watcher::Config::default().labels(&selector),
+            move |child| owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope),
+        );
+    }
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |obj, error, ctx| error_policy(ControllerName::ComfyUIDeployment, &obj, error, &ctx),
+            ctx,
+        )
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// The owning fleet of a labelled child.
+fn owner_of(child: &DynamicObject) -> Option<ObjectRef<Guarded>> {
+    let labels = child.labels();
+    if labels.get(MANAGED_BY_KEY).map(String::as_str) != Some(MANAGED_BY) {
+        return None;
+    }
+    let namespace = labels.get(OWNER_NAMESPACE_KEY)?;
+    let name = labels.get(OWNER_NAME_KEY)?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = match &obj.0 {
+        Ok(cud) => reconcile_with_finalizer(cud, &ctx).await,
+        // One unreadable object fails alone, with a condition, and waits for an edit.
+        Err(invalid) => {
+            let message = format!("cannot read the spec: {}", invalid.error);
+            mark_invalid(&ctx, &invalid.metadata, &message)
+                .await
+                .map(|()| Action::await_change())
+        }
+    };
+    ctx.metrics.record_reconcile(
+        ControllerName::ComfyUIDeployment,
+        start.elapsed(),
+        result.is_ok(),
+    );
+    if result.is_ok() {
+        ctx.reset_backoff(&format!(
+            "{}/{}",
+            ControllerName::ComfyUIDeployment.as_str(),
+            object_key(&obj)
+        ));
+    }
+    result
+}
+
+fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        ctx.client.clone(),
+        namespace,
+        &ApiResource::erase::<ComfyUIDeployment>(&()),
+    )
+}
+
+/// Adds our finalizer before anything is created, and removes it only once cleanup has
+/// deleted every child. (kube's `finalizer()` helper removes it as soon as cleanup
+/// returns, which would orphan children that take several passes to delete.)
+async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
+    let finalizers = cud.finalizers();
+    let ours = finalizers.iter().any(|f| f == FINALIZER);
+    if cud.metadata.deletion_timestamp.is_some() {
+        if !ours {
+            return Ok(Action::await_change());
+        }
+        let fleet = fleet_names(cud);
+        let remaining = cleanup::cleanup(&resources(ctx, &fleet)).await?;
+        if !remaining.is_empty() {
+            tracing::info!(fleet = %format!("{}/{}", fleet.namespace, fleet.name), ?remaining, "waiting for children to be deleted");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
+        set_finalizers(ctx, cud, json!(rest)).await?;
+        return Ok(Action::await_change());
+    }
+    if !ours {
+        let mut all = finalizers.to_vec();
+        all.push(FINALIZER.to_string());
+        // The patch triggers a new reconcile with the finalizer in place.
+        set_finalizers(ctx, cud, json!(all)).await?;
+        return Ok(Action::await_change());
+    }
+    apply_fleet(cud, ctx).await
+}
+
+/// Replaces the finalizer list, failing with a conflict if the object changed since read.
+async fn set_finalizers(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    finalizers: serde_json::Value,
+) -> Result<(), Error> {
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": cud.resource_version()}});
+    ctx.metrics.record_write("patch", KIND);
+    raw_api(ctx, &cud.namespace().unwrap_or_default())
+        .patch(
+            &cud.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+fn fleet_names(cud: &ComfyUIDeployment) -> FleetNames {
+    FleetNames::new(&cud.namespace().unwrap_or_default(), &cud.name_any())
+}
+
+fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> {
+    FleetResources {
+        client: &ctx.client,
+        metrics: &ctx.metrics,
+        fleet,
+        node_class: ctx.settings.cloud.provider(),
+        agent: &ctx.settings.cluster.agent,
+    }
+}
+
+/// Ready, Progressing and Degraded all false/true with one reason: the fleet is stuck.
+fn stuck(reason: Reason, message: &str) -> Vec<DesiredCondition> {
+    vec![
+        DesiredCondition::new(READY, false, reason, message),
+        DesiredCondition::new(PROGRESSING, false, reason, message),
+        DesiredCondition::new(DEGRADED, true, reason, message),
+    ]
+}
+
+/// Creates or updates every child, prunes the unwanted ones, and writes status.
+async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
+    let fleet = fleet_names(cud);
+    let provider = ctx.settings.cloud.provider();
+    let missing = preflight::missing(
+        &ctx.client,
+        cud,
+        &provider.api_resource(),
+        &render::nodepool::api_resource(),
+    )
+    .await?;
+    if !missing.is_empty() {
+        let message = missing.join("; ");
+        let mut conditions = stuck(Reason::MissingDependency, &message);
+        conditions[1].message = "waiting for dependencies".into();
+        write_status(ctx, cud, &conditions, None).await?;
+        publish(ctx, cud, EventType::Warning, "MissingDependency", &message).await;
+        return Err(Error::MissingDependency(message));
+    }
+
+    let rctx = RenderContext {
+        cluster: &ctx.settings.cluster,
+        node_class: provider,
+    };
+    let children = match render::build(cud, &rctx) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = e.to_string();
+            write_status(ctx, cud, &stuck(Reason::InvalidSpec, &message), None).await?;
+            publish(ctx, cud, EventType::Warning, "InvalidSpec", &message).await;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let resources = resources(ctx, &fleet);
+    let spec_unchanged =
+        cud.status.as_ref().and_then(|s| s.observed_generation) == cud.metadata.generation;
+    for child in &children {
+        let applied = match resources.apply(child).await {
+            Ok(a) => a,
+            Err(e) => {
+                let message = e.to_string();
+                write_status(ctx, cud, &stuck(Reason::ApplyFailed, &message), None).await?;
+                publish(ctx, cud, EventType::Warning, "ApplyFailed", &message).await;
+                return Err(e.into());
+            }
+        };
+        if applied != Applied::Unchanged {
+            if spec_unchanged && cud.status.is_some() {
+                ctx.metrics.drift_repairs.inc();
+            }
+            let verb = if applied == Applied::Created {
+                "Created"
+            } else {
+                "Updated"
+            };
+            let note = format!("{verb} {} {}", child.api.kind, child.name);
+            publish(ctx, cud, EventType::Normal, verb, &note).await;
+        }
+    }
+    for pruned in resources.prune(&children).await? {
+        let note = format!("Deleted {pruned}: no longer wanted");
+        publish(ctx, cud, EventType::Normal, "Pruned", &note).await;
+    }
+
+    let facts = fetch_facts(ctx, cud, &fleet).await?;
+    let observed = status::observe(cud, &fleet, &facts);
+    write_status(ctx, cud, &observed.conditions, Some(&observed)).await?;
+    let labels = FleetLabels {
+        namespace: fleet.namespace.clone(),
+        name: fleet.name.clone(),
+    };
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&labels)
+        .set(cud.spec.replicas.into());
+    ctx.metrics
+        .ready_replicas
+        .get_or_create(&labels)
+        .set(observed.ready_replicas.into());
+    // The ModelSet's per-node status is not watched: look again soon while syncing.
+    Ok(if observed.syncing_models() {
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        steady_requeue()
+    })
+}
+
+/// Reads what the status is computed from: the Deployment, the NodePool, the Ingress,
+/// the ModelSet and the NodePool's nodes.
+async fn fetch_facts(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    fleet: &FleetNames,
+) -> Result<Facts, Error> {
+    let client = &ctx.client;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &fleet.namespace);
+    let deployment = deployments
+        .get_opt(&fleet.deployment())
+        .await?
+        .and_then(|d| d.status);
+    let pools = dynamic_api(client, &render::nodepool::api_resource(), None);
+    let nodepool = pools.get_opt(&fleet.nodepool()).await?;
+    let ingress = if cud.spec.ingress.enabled {
+        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
+        ingresses.get_opt(&fleet.ingress()).await?
+    } else {
+        None
+    };
+    let models = match cud.spec.model_set.as_deref() {
+        None => ModelFacts::NotUsed,
+        Some(name) => {
+            let sets: Api<ModelSet> = Api::namespaced(client.clone(), &fleet.namespace);
+            match sets.get_opt(name).await? {
+                None => ModelFacts::NotFound(name.to_string()),
+                Some(ms) => {
+                    let nodes: Api<Node> = Api::all(client.clone());
+                    let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
+                    let nodes = nodes
+                        .list(&ListParams::default().labels(&selector))
+                        .await?
+                        .items
+                        .iter()
+                        .map(|n| n.name_any())
+                        .collect();
+                    ModelFacts::Found {
+                        status: Box::new(ms.status.unwrap_or_default()),
+                        nodes,
+                    }
+                }
+            }
+        }
+    };
+    Ok(Facts {
+        deployment,
+        nodepool,
+        ingress,
+        models: Some(models),
+    })
+}
+
+/// Writes the fleet's status when it differs from what is stored.
+async fn write_status(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    conditions: &[DesiredCondition],
+    observation: Option<&FleetObservation>,
+) -> Result<(), Error> {
+    let previous = cud.status.clone().unwrap_or_default();
+    let fleet = fleet_names(cud);
+    let mut next = merged(&previous, cud.metadata.generation, conditions);
+    next.selector = Some(fleet.pod_selector_string());
+    next.node_pool = Some(fleet.nodepool());
+    next.node_class = Some(fleet.node_class());
+    if let Some(o) = observation {
+        next.replicas = o.replicas;
+        next.ready_replicas = o.ready_replicas;
+        next.endpoint = o.endpoint.clone();
+    }
+    let api = raw_api(ctx, &fleet.namespace);
+    status_writer::patch_if_changed(
+        &api,
+        &ctx.metrics,
+        KIND,
+        &fleet.name,
+        &previous,
+        &next,
+        |_| {},
+    )
+    .await?;
+    Ok(())
+}
+
+/// `previous` with this generation and `conditions` merged in.
+fn merged(
+    previous: &ComfyUIDeploymentStatus,
+    generation: Option<i64>,
+    conditions: &[DesiredCondition],
+) -> ComfyUIDeploymentStatus {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut next = previous.clone();
+    next.observed_generation = generation;
+    next.conditions = conditions::merge(&previous.conditions, conditions, generation, &now);
+    next
+}
+
+/// InvalidSpec on an object that cannot be read as a ComfyUIDeployment. Its stored
+/// status is read raw, so that an unchanged result writes nothing.
+async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Result<(), Error> {
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let api = raw_api(ctx, &namespace);
+    let Some(raw) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let previous: ComfyUIDeploymentStatus = raw
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    let next = merged(
+        &previous,
+        raw.metadata.generation,
+        &stuck(Reason::InvalidSpec, message),
+    );
+    status_writer::patch_if_changed(&api, &ctx.metrics, KIND, &name, &previous, &next, |_| {})
+        .await?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let reference: ObjectReference = cud.object_ref(&());
+    ctx.publish(&reference, type_, reason, note).await;
+}

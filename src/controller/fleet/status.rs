@@ -1,0 +1,422 @@
+//! A fleet's status from what its children report: pure functions over objects fetched
+//! beforehand (`Facts`), unit-tested like render.
+
+use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::api::networking::v1::Ingress;
+use kube::api::DynamicObject;
+
+use crate::controller::conditions::{
+    DEGRADED, DesiredCondition, MODELS_READY, NODEPOOL_READY, PROGRESSING, READY, Reason,
+};
+use crate::crd::ComfyUIDeployment;
+use crate::crd::modelset::{ModelSetStatus, NodeSyncState};
+use crate::names::FleetNames;
+
+/// What the fleet's ModelSet and nodes say, as fetched.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelFacts {
+    /// The fleet has no `modelSet`.
+    NotUsed,
+    /// The fleet's `modelSet` (named) does not exist.
+    NotFound(String),
+    /// The ModelSet's status and the names of the nodes of the fleet's NodePool.
+    Found {
+        status: Box<ModelSetStatus>,
+        nodes: Vec<String>,
+    },
+}
+
+/// Everything the status is computed from, fetched by the reconciler.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub deployment: Option<DeploymentStatus>,
+    pub nodepool: Option<DynamicObject>,
+    pub ingress: Option<Ingress>,
+    pub models: Option<ModelFacts>,
+}
+
+/// The status fields and conditions of a fleet whose children were all applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetObservation {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub endpoint: Option<String>,
+    pub conditions: Vec<DesiredCondition>,
+}
+
+impl FleetObservation {
+    /// True while the fleet's nodes do not all hold its models yet.
+    pub fn syncing_models(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == MODELS_READY && !c.status)
+    }
+}
+
+pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> FleetObservation {
+    let status = facts.deployment.clone().unwrap_or_default();
+    let replicas = status.replicas.unwrap_or(0);
+    let ready = status.ready_replicas.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let want = cud.spec.replicas;
+
+    let pool = nodepool_ready(fleet, facts.nodepool.as_ref());
+    let ready_condition = if want == 0 {
+        DesiredCondition::new(READY, true, Reason::ScaledToZero, "replicas is 0")
+    } else if ready >= want {
+        DesiredCondition::new(
+            READY,
+            true,
+            Reason::AllReplicasReady,
+            format!("{ready}/{want} replicas ready"),
+        )
+    } else {
+        let hint = if pool.status {
+            ""
+        } else {
+            "; the NodePool is not ready"
+        };
+        DesiredCondition::new(
+            READY,
+            false,
+            Reason::WaitingForPods,
+            format!("{ready}/{want} replicas ready{hint}"),
+        )
+    };
+    let rolled_out = updated >= want && replicas == want && ready >= want;
+    let progressing = if rolled_out {
+        DesiredCondition::new(
+            PROGRESSING,
+            false,
+            Reason::RolloutComplete,
+            format!("{want} replicas up to date"),
+        )
+    } else {
+        DesiredCondition::new(
+            PROGRESSING,
+            true,
+            Reason::RollingOut,
+            format!("{updated}/{want} updated, {ready}/{want} ready"),
+        )
+    };
+    let degraded =
+        DesiredCondition::new(DEGRADED, false, Reason::AsExpected, "all children applied");
+    let models = models_ready(fleet, facts.models.as_ref().unwrap_or(&ModelFacts::NotUsed));
+    FleetObservation {
+        replicas,
+        ready_replicas: ready,
+        endpoint: facts.ingress.as_ref().and_then(|i| endpoint_of(i, cud)),
+        conditions: vec![ready_condition, progressing, degraded, pool, models],
+    }
+}
+
+/// NodePoolReady from Karpenter's `Ready` condition on the NodePool.
+pub fn nodepool_ready(fleet: &FleetNames, pool: Option<&DynamicObject>) -> DesiredCondition {
+    let ready = pool
+        .and_then(|p| p.data["status"]["conditions"].as_array())
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"));
+    let name = fleet.nodepool();
+    match ready {
+        Some(c) if c["status"] == "True" => DesiredCondition::new(
+            NODEPOOL_READY,
+            true,
+            Reason::NodePoolReady,
+            format!("NodePool {name} is ready"),
+        ),
+        Some(c) => DesiredCondition::new(
+            NODEPOOL_READY,
+            false,
+            Reason::NodePoolNotReady,
+            format!(
+                "NodePool {name}: {}",
+                c["message"].as_str().unwrap_or("not ready")
+            ),
+        ),
+        None => DesiredCondition::new(
+            NODEPOOL_READY,
+            false,
+            Reason::NodePoolPending,
+            format!("NodePool {name} has no status yet: is Karpenter running?"),
+        ),
+    }
+}
+
+/// ModelsReady: every node of the fleet's NodePool reports the ModelSet's revision.
+pub fn models_ready(fleet: &FleetNames, facts: &ModelFacts) -> DesiredCondition {
+    let (status, nodes) = match facts {
+        ModelFacts::NotUsed => {
+            return DesiredCondition::new(
+                MODELS_READY,
+                true,
+                Reason::NoModelSet,
+                "no ModelSet: the image's own models are used",
+            );
+        }
+        ModelFacts::NotFound(name) => {
+            return DesiredCondition::new(
+                MODELS_READY,
+                false,
+                Reason::ModelSetNotFound,
+                format!(
+                    "ModelSet {name} does not exist in namespace {}",
+                    fleet.namespace
+                ),
+            );
+        }
+        ModelFacts::Found { status, nodes } => (status, nodes),
+    };
+    if nodes.is_empty() {
+        return DesiredCondition::new(
+            MODELS_READY,
+            false,
+            Reason::NoNodes,
+            "the fleet has no nodes yet",
+        );
+    }
+    let entries: Vec<_> = nodes.iter().filter_map(|n| status.node(n)).collect();
+    if let Some(failed) = entries.iter().find(|e| e.state == NodeSyncState::Failed) {
+        return DesiredCondition::new(
+            MODELS_READY,
+            false,
+            Reason::SyncFailed,
+            format!("node {}: {}", failed.node, failed.message),
+        );
+    }
+    let synced = entries
+        .iter()
+        .filter(|e| e.is_synced_at(&status.revision))
+        .count();
+    let total = nodes.len();
+    let message = format!("{synced}/{total} nodes at {}", status.revision);
+    if synced == total {
+        DesiredCondition::new(MODELS_READY, true, Reason::ModelsSynced, message)
+    } else {
+        DesiredCondition::new(MODELS_READY, false, Reason::Syncing, message)
+    }
+}
+
+/// The URL clients use: the Ingress's load balancer, or the fleet's host when it names one.
+pub fn endpoint_of(ingress: &Ingress, cud: &ComfyUIDeployment) -> Option<String> {
+    if !cud.spec.ingress.enabled {
+        return None;
+    }
+    let lb = ingress
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?;
+    let host = lb.hostname.clone().or_else(|| lb.ip.clone())?;
+    let tls = cud
+        .spec
+        .ingress
+        .certificate_arn
+        .as_deref()
+        .is_some_and(|c| !c.is_empty());
+    let host = cud
+        .spec
+        .ingress
+        .host
+        .clone()
+        .filter(|h| !h.is_empty() && !h.starts_with('*'))
+        .unwrap_or(host);
+    Some(format!("{}://{host}", if tls { "https" } else { "http" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::modelset::NodeSync;
+    use serde_json::json;
+
+    fn fleet() -> FleetNames {
+        FleetNames::new("studio", "sdxl")
+    }
+
+    fn cud(replicas: i32) -> ComfyUIDeployment {
+        let mut cud: ComfyUIDeployment = serde_json::from_value(json!({
+            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+            "metadata": {"name": "sdxl", "namespace": "studio"},
+            "spec": {"image": "comfyui:1", "nodeClass": {"role": "R"}}
+        }))
+        .unwrap();
+        cud.spec.replicas = replicas;
+        cud
+    }
+
+    fn pool(ready: Option<(&str, &str)>) -> DynamicObject {
+        let conditions = match ready {
+            Some((status, message)) => {
+                json!([{"type": "Ready", "status": status, "message": message}])
+            }
+            None => json!([]),
+        };
+        serde_json::from_value(json!({
+            "apiVersion": "karpenter.sh/v1", "kind": "NodePool",
+            "metadata": {"name": "studio-sdxl"}, "status": {"conditions": conditions}
+        }))
+        .unwrap()
+    }
+
+    fn find<'a>(o: &'a FleetObservation, type_: &str) -> &'a DesiredCondition {
+        o.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn nodepool_missing_not_ready_or_ready() {
+        let missing = nodepool_ready(&fleet(), None);
+        assert_eq!(
+            (missing.status, missing.reason),
+            (false, Reason::NodePoolPending)
+        );
+        assert!(missing.message.contains("is Karpenter running"));
+        let no_status = nodepool_ready(&fleet(), Some(&pool(None)));
+        assert_eq!(no_status.reason, Reason::NodePoolPending);
+        let not_ready = nodepool_ready(
+            &fleet(),
+            Some(&pool(Some(("False", "EC2NodeClass not ready")))),
+        );
+        assert_eq!(
+            (not_ready.status, not_ready.reason),
+            (false, Reason::NodePoolNotReady)
+        );
+        assert_eq!(
+            not_ready.message,
+            "NodePool studio-sdxl: EC2NodeClass not ready"
+        );
+        let ready = nodepool_ready(&fleet(), Some(&pool(Some(("True", "")))));
+        assert_eq!((ready.status, ready.reason), (true, Reason::NodePoolReady));
+    }
+
+    #[test]
+    fn fleet_waiting_on_a_pool_that_is_not_ready_says_so() {
+        let facts = Facts {
+            deployment: Some(DeploymentStatus {
+                replicas: Some(2),
+                ready_replicas: Some(1),
+                updated_replicas: Some(2),
+                ..Default::default()
+            }),
+            nodepool: Some(pool(Some(("False", "no capacity")))),
+            ..Default::default()
+        };
+        let o = observe(&cud(2), &fleet(), &facts);
+        let ready = find(&o, READY);
+        assert_eq!(
+            (ready.status, ready.reason),
+            (false, Reason::WaitingForPods)
+        );
+        assert_eq!(
+            ready.message,
+            "1/2 replicas ready; the NodePool is not ready"
+        );
+        assert!(find(&o, PROGRESSING).status);
+        assert_eq!((o.replicas, o.ready_replicas), (2, 1));
+        // No modelSet: ModelsReady is true, and nothing waits on models.
+        assert_eq!(find(&o, MODELS_READY).reason, Reason::NoModelSet);
+        assert!(!o.syncing_models());
+    }
+
+    #[test]
+    fn fleet_all_ready_and_scaled_to_zero() {
+        let facts = Facts {
+            deployment: Some(DeploymentStatus {
+                replicas: Some(2),
+                ready_replicas: Some(2),
+                updated_replicas: Some(2),
+                ..Default::default()
+            }),
+            nodepool: Some(pool(Some(("True", "")))),
+            ..Default::default()
+        };
+        let o = observe(&cud(2), &fleet(), &facts);
+        assert_eq!(find(&o, READY).reason, Reason::AllReplicasReady);
+        assert_eq!(find(&o, PROGRESSING).reason, Reason::RolloutComplete);
+        let zero = observe(&cud(0), &fleet(), &Facts::default());
+        assert_eq!(find(&zero, READY).reason, Reason::ScaledToZero);
+        assert!(find(&zero, READY).status);
+    }
+
+    fn entry(node: &str, revision: &str, state: NodeSyncState) -> NodeSync {
+        NodeSync {
+            node: node.into(),
+            revision: revision.into(),
+            state,
+            bytes_done: 0,
+            message: if state == NodeSyncState::Failed {
+                "no space".into()
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    fn models(entries: Vec<NodeSync>, nodes: &[&str]) -> ModelFacts {
+        ModelFacts::Found {
+            status: Box::new(ModelSetStatus {
+                revision: "sha256:new".into(),
+                nodes: entries,
+                ..Default::default()
+            }),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn models_ready_with_no_some_or_all_nodes_synced() {
+        let f = fleet();
+        let none = models_ready(&f, &models(vec![], &[]));
+        assert_eq!((none.status, none.reason), (false, Reason::NoNodes));
+
+        let some = models_ready(
+            &f,
+            &models(
+                vec![
+                    entry("n1", "sha256:new", NodeSyncState::Synced),
+                    entry("n2", "sha256:old", NodeSyncState::Synced),
+                    // A node of another fleet does not count.
+                    entry("other", "sha256:new", NodeSyncState::Synced),
+                ],
+                &["n1", "n2", "n3"],
+            ),
+        );
+        assert_eq!((some.status, some.reason), (false, Reason::Syncing));
+        assert_eq!(some.message, "1/3 nodes at sha256:new");
+
+        let all = models_ready(
+            &f,
+            &models(
+                vec![
+                    entry("n1", "sha256:new", NodeSyncState::Synced),
+                    entry("n2", "sha256:new", NodeSyncState::Synced),
+                ],
+                &["n1", "n2"],
+            ),
+        );
+        assert_eq!((all.status, all.reason), (true, Reason::ModelsSynced));
+        assert_eq!(all.message, "2/2 nodes at sha256:new");
+    }
+
+    #[test]
+    fn models_ready_names_a_failed_node_and_a_missing_modelset() {
+        let f = fleet();
+        let failed = models_ready(
+            &f,
+            &models(
+                vec![
+                    entry("n1", "sha256:new", NodeSyncState::Synced),
+                    entry("n2", "sha256:new", NodeSyncState::Failed),
+                ],
+                &["n1", "n2"],
+            ),
+        );
+        assert_eq!((failed.status, failed.reason), (false, Reason::SyncFailed));
+        assert_eq!(failed.message, "node n2: no space");
+        let missing = models_ready(&f, &ModelFacts::NotFound("sdxl-models".into()));
+        assert_eq!(missing.reason, Reason::ModelSetNotFound);
+        assert!(missing.message.contains("sdxl-models"));
+        assert!(missing.message.contains("studio"));
+    }
+}

@@ -1,0 +1,264 @@
+//! What one fleet has in the cluster: its children of every kind, found by the fleet's
+//! owner labels. `FleetResources` applies them (server-side apply under one field
+//! manager, skipping children already as desired, so a steady fleet costs no writes),
+//! prunes what is no longer wanted, and lists and deletes them for cleanup.
+
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
+use kube::core::ApiResource;
+use kube::{Client, ResourceExt};
+use serde_json::Value;
+
+use crate::names::FleetNames;
+use crate::render::nodeclass::NodeClassProvider;
+use crate::render::settings::AgentSettings;
+use crate::render::{Child, ChildKind};
+use crate::telemetry::Metrics;
+
+pub const FIELD_MANAGER: &str = "sdfleet";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("reading {kind} {name}: {source}")]
+    Read {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("deleting {kind} {name}: {source}")]
+    Delete {
+        kind: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+/// What `apply` did to one child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Unchanged,
+    Created,
+    Updated,
+}
+
+/// The API of `api` within `namespace`, or cluster-wide / in all namespaces.
+pub fn dynamic_api(
+    client: &Client,
+    api: &ApiResource,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, api),
+        None => Api::all_with(client.clone(), api),
+    }
+}
+
+/// One fleet's children in the cluster.
+pub struct FleetResources<'a> {
+    pub client: &'a Client,
+    pub metrics: &'a Metrics,
+    pub fleet: &'a FleetNames,
+    pub node_class: &'a dyn NodeClassProvider,
+    pub agent: &'a AgentSettings,
+}
+
+impl FleetResources<'_> {
+    fn api(&self, kind: ChildKind) -> (ApiResource, Api<DynamicObject>) {
+        let ar = kind.api_resource(self.node_class);
+        let api = dynamic_api(
+            self.client,
+            &ar,
+            kind.namespace(&self.fleet.namespace, self.agent),
+        );
+        (ar, api)
+    }
+
+    /// Applies `child` unless the live object already holds every field we set.
+    pub async fn apply(&self, child: &Child) -> Result<Applied, ApplyError> {
+        let api = dynamic_api(self.client, &child.api, child.namespace());
+        let err = |source| ApplyError::Read {
+            kind: child.api.kind.clone(),
+            name: child.name.clone(),
+            source,
+        };
+        let live = api.get_opt(&child.name).await.map_err(err)?;
+        if let Some(live) = &live {
+            let live = serde_json::to_value(live).unwrap_or(Value::Null);
+            match first_difference(&live, &child.manifest) {
+                None => return Ok(Applied::Unchanged),
+                Some(path) => {
+                    tracing::info!(kind = %child.api.kind, name = %child.name, field = %path, "child differs; applying")
+                }
+            }
+        }
+        self.metrics.record_write("apply", &child.api.kind);
+        api.patch(
+            &child.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&child.manifest),
+        )
+        .await
+        .map_err(|source| ApplyError::Apply {
+            kind: child.api.kind.clone(),
+            name: child.name.clone(),
+            source,
+        })?;
+        Ok(if live.is_some() {
+            Applied::Updated
+        } else {
+            Applied::Created
+        })
+    }
+
+    /// The fleet's children of `kind` (none when the kind's CRD is not installed).
+    pub async fn list(&self, kind: ChildKind) -> Result<Vec<DynamicObject>, ApplyError> {
+        let (ar, api) = self.api(kind);
+        match api
+            .list(&ListParams::default().labels(&self.fleet.owner_selector()))
+            .await
+        {
+            Ok(list) => Ok(list.items),
+            // A CRD uninstalled before the fleet: nothing of that kind can be left.
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+            Err(source) => Err(ApplyError::Read {
+                kind: ar.kind,
+                name: self.fleet.owner_selector(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes one child (already gone is fine).
+    pub async fn delete(
+        &self,
+        kind: ChildKind,
+        name: &str,
+        propagation: PropagationPolicy,
+    ) -> Result<(), ApplyError> {
+        let (ar, api) = self.api(kind);
+        self.metrics.record_write("delete", &ar.kind);
+        let params = DeleteParams {
+            propagation_policy: Some(propagation),
+            ..Default::default()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(source) => Err(ApplyError::Delete {
+                kind: ar.kind,
+                name: name.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes every child of the fleet that `desired` does not hold. Returns what it
+    /// deleted, as `Kind name`.
+    pub async fn prune(&self, desired: &[Child]) -> Result<Vec<String>, ApplyError> {
+        let mut pruned = Vec::new();
+        for kind in ChildKind::ALL {
+            let keep = |name: &str| desired.iter().any(|c| c.kind == kind && c.name == name);
+            for object in self.list(kind).await? {
+                let name = object.name_any();
+                if keep(&name) || object.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                self.delete(kind, &name, PropagationPolicy::Background)
+                    .await?;
+                pruned.push(format!(
+                    "{} {name}",
+                    kind.api_resource(self.node_class).kind
+                ));
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+/// True when `live` holds every field of `desired` with the same value. Lists must have
+/// the same length, item by item. Quantities the apiserver normalises (`1000m` → `1`)
+/// compare unequal and cost one idempotent apply, never a wrong skip.
+pub fn contains(live: &Value, desired: &Value) -> bool {
+    first_difference(live, desired).is_none()
+}
+
+/// The path of the first field of `desired` that `live` lacks or holds differently.
+pub fn first_difference(live: &Value, desired: &Value) -> Option<String> {
+    match (live, desired) {
+        (Value::Object(l), Value::Object(d)) => d.iter().find_map(|(k, dv)| match l.get(k) {
+            Some(lv) => first_difference(lv, dv).map(|p| format!(".{k}{p}")),
+            None => (!is_empty(dv)).then(|| format!(".{k}")),
+        }),
+        (Value::Array(l), Value::Array(d)) if l.len() == d.len() => l
+            .iter()
+            .zip(d)
+            .enumerate()
+            .find_map(|(i, (lv, dv))| first_difference(lv, dv).map(|p| format!("[{i}]{p}"))),
+        (Value::Number(l), Value::Number(d)) if l.as_f64() == d.as_f64() => None,
+        (l, d) if l == d => None,
+        _ => Some(String::new()),
+    }
+}
+
+/// The apiserver drops empty maps, lists and strings we send (a PV's
+/// `storageClassName: ""`), so their absence is a match.
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Null => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{contains, first_difference};
+    use serde_json::json;
+
+    #[test]
+    fn live_with_defaults_contains_desired() {
+        let desired = json!({"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "c", "args": ["a"]}]}}}});
+        let live = json!({"spec": {"replicas": 2, "revisionHistoryLimit": 10,
+            "template": {"spec": {"containers": [{"name": "c", "args": ["a"], "imagePullPolicy": "Always"}]}}}});
+        assert!(contains(&live, &desired));
+    }
+
+    #[test]
+    fn any_difference_is_seen() {
+        let desired = json!({"spec": {"replicas": 2, "list": ["a", "b"]}});
+        assert!(!contains(
+            &json!({"spec": {"replicas": 3, "list": ["a", "b"]}}),
+            &desired
+        ));
+        assert!(!contains(
+            &json!({"spec": {"replicas": 2, "list": ["a"]}}),
+            &desired
+        ));
+        assert!(!contains(&json!({"spec": {"list": ["a", "b"]}}), &desired));
+        assert!(contains(
+            &json!({"spec": {"replicas": 2, "list": ["a", "b"]}}),
+            &json!({"spec": {"volumes": []}})
+        ));
+        assert!(contains(
+            &json!({"spec": {}}),
+            &json!({"spec": {"storageClassName": ""}})
+        ));
+        assert!(!contains(
+            &json!({"spec": {"storageClassName": "gp3"}}),
+            &json!({"spec": {"storageClassName": ""}})
+        ));
+        assert_eq!(
+            first_difference(&json!({"a": [{"b": 1}]}), &json!({"a": [{"b": 2}]})).as_deref(),
+            Some(".a[0].b")
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! Writing status: both reconcilers compute a whole status, and it is merge-patched only
+//! when it differs from what is stored, so a steady object costs no writes.
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::telemetry::Metrics;
+
+/// Merge-patches `next` as the status of `name` unless it equals `previous`. `shape`
+/// adjusts the body first (drop fields another writer owns, null out cleared ones).
+/// Returns whether it wrote.
+pub async fn patch_if_changed<S: Serialize + PartialEq>(
+    api: &Api<DynamicObject>,
+    metrics: &Metrics,
+    kind: &str,
+    name: &str,
+    previous: &S,
+    next: &S,
+    shape: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Result<bool, kube::Error> {
+    if next == previous {
+        return Ok(false);
+    }
+    let mut body = serde_json::to_value(next).map_err(kube::Error::SerdeError)?;
+    if let Some(fields) = body.as_object_mut() {
+        shape(fields);
+    }
+    metrics.record_write("patch-status", kind);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": body })),
+    )
+    .await?;
+    Ok(true)
+}
