@@ -296,16 +296,16 @@ fn default_expire_after() -> String {
 pub struct StorageSpec {
     /// Where generated images go, mounted at `/app/ComfyUI/output`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outputs: Option<S3Location>,
+    pub outputs: Option<S3Prefix>,
     /// Optional input images, mounted at `/app/ComfyUI/input`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inputs: Option<S3Location>,
+    pub inputs: Option<S3Prefix>,
 }
 
 /// A bucket and a prefix in it. The operator never deletes S3 data.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct S3Location {
+pub struct S3Prefix {
     /// The bucket name (3-63 lowercase letters, digits, dots and hyphens).
     #[schemars(
         regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"),
@@ -423,7 +423,7 @@ pub struct ComfyUIDeploymentStatus {
     /// The URL of the load balancer, once the Ingress has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Ready, Progressing, Degraded and NodePoolReady.
+    /// Ready, Progressing, Degraded, NodePoolReady and ModelsReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

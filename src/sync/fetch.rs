@@ -1,0 +1,198 @@
+//! Fetching one object into place: whole, or in ranged parts that resume; verified,
+//! fsynced, then renamed, so a partial file never sits at a final path.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use tokio::sync::Semaphore;
+
+use super::catalog::Object;
+use super::store::{self, ObjectStore};
+use super::{SyncError, SyncOptions, io, paths, resume, writeback};
+
+/// The temporary file of `key`, unique per key and never at a final path.
+pub(super) fn temp_path(tmp: &Path, key: &str) -> PathBuf {
+    tmp.join(format!(
+        "{}.part",
+        &hex::encode(Sha256::digest(key.as_bytes()))[..32]
+    ))
+}
+
+/// Fetches one object into place; returns its path and the bytes actually fetched
+/// (less than its size when parts were resumed).
+pub(super) async fn fetch<S: ObjectStore>(
+    store: &S,
+    object: &Object,
+    dest: &Path,
+    tmp: &Path,
+    opts: &SyncOptions,
+    permits: &Semaphore,
+) -> Result<(PathBuf, u64), SyncError> {
+    let part = temp_path(tmp, &object.key);
+    let closed = |_| SyncError::Unsafe {
+        key: object.key.clone(),
+    };
+    let mut fetched = object.size;
+    let mut journal = None;
+
+    let file = if object.size > opts.multipart_threshold {
+        let part_size = opts.part_size.max(1 << 20);
+        let (file, parts, done) = resume::open(&part, object, part_size).map_err(io(&part))?;
+        let (file, parts) = (Arc::new(file), Arc::new(std::sync::Mutex::new(parts)));
+        let ranges: Vec<(u64, u64, u64)> = (0..object.size)
+            .step_by(part_size as usize)
+            .enumerate()
+            .map(|(index, start)| {
+                (
+                    index as u64,
+                    start,
+                    (start + part_size).min(object.size) - 1,
+                )
+            })
+            .filter(|(index, _, _)| !done.contains(index))
+            .collect();
+        fetched = ranges.iter().map(|(_, start, end)| end + 1 - start).sum();
+        futures::stream::iter(ranges.into_iter().map(Ok::<_, SyncError>))
+            .try_for_each_concurrent(None, |(index, start, end)| {
+                let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
+                async move {
+                    let permit = permits.acquire().await.map_err(closed)?;
+                    let body = store.get(&object.key, Some((start, end))).await?;
+                    let written = write_body(&file, &part, body, start, None).await?;
+                    // The network slot goes to the next range while this one is made durable.
+                    drop(permit);
+                    if written != end + 1 - start {
+                        return Err(SyncError::SizeMismatch {
+                            key: object.key.clone(),
+                            got: written,
+                            want: end + 1 - start,
+                        });
+                    }
+                    // Durable first, then journalled: a resumed part is always real bytes.
+                    blocking(&part, move || {
+                        file.sync_data()?;
+                        parts
+                            .lock()
+                            .map_err(|_| std::io::Error::other("part journal poisoned"))?
+                            .record(index)
+                    })
+                    .await
+                }
+            })
+            .await?;
+        journal = Arc::into_inner(parts).and_then(|m| m.into_inner().ok());
+        file
+    } else {
+        let file = std::fs::File::create(&part).map_err(io(&part))?;
+        file.set_len(object.size).map_err(io(&part))?;
+        let file = Arc::new(file);
+        let _permit = permits.acquire().await.map_err(closed)?;
+        let body = store.get(&object.key, None).await?;
+        let mut md5 = Md5::new();
+        let written = write_body(&file, &part, body, 0, Some(&mut md5)).await?;
+        if written != object.size {
+            return Err(SyncError::SizeMismatch {
+                key: object.key.clone(),
+                got: written,
+                want: object.size,
+            });
+        }
+        // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain '-').
+        if is_md5_etag(&object.etag) {
+            let got = hex::encode(md5.finalize());
+            if got != object.etag {
+                return Err(SyncError::ChecksumMismatch {
+                    key: object.key.clone(),
+                    got,
+                    want: object.etag.clone(),
+                });
+            }
+        }
+        file
+    };
+
+    let len = file.metadata().map_err(io(&part))?.len();
+    if len != object.size {
+        return Err(SyncError::SizeMismatch {
+            key: object.key.clone(),
+            got: len,
+            want: object.size,
+        });
+    }
+    // Durable before it is renamed into place. A ranged object already is: each part
+    // was fdatasynced before it was journalled. For the rest, most pages are on their
+    // way to disk (see `write_body`), so this mostly waits for the tail.
+    if journal.is_none() {
+        let synced = file.clone();
+        blocking(&part, move || synced.sync_data()).await?;
+    }
+    drop(file);
+
+    // Re-check right before the rename: a symlink may have appeared since planning.
+    let target = paths::destination(dest, &object.key).map_err(|_| SyncError::Unsafe {
+        key: object.key.clone(),
+    })?;
+    if let Some(parent) = target.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io(parent))?;
+    }
+    tokio::fs::rename(&part, &target)
+        .await
+        .map_err(io(&target))?;
+    if let Some(journal) = journal {
+        journal.remove();
+    }
+    Ok((target, fetched))
+}
+
+/// Runs blocking file work (fsync, mostly) off the async workers, so the downloads on
+/// them keep streaming meanwhile.
+async fn blocking(
+    path: &Path,
+    work: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<(), SyncError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(io(path))
+}
+
+/// Pages written since the last writeback request; past this, writeback is started.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Streams `body` into `file` from `offset`, feeding `md5` if given; returns the bytes
+/// written. Writeback of each full window is started at once (without waiting), so the
+/// disk works while the network does and dirty pages never pile up into a long stall
+/// at the final fsync or in the kernel's dirty-page throttling.
+async fn write_body(
+    file: &std::fs::File,
+    path: &Path,
+    mut body: store::ByteChunks,
+    offset: u64,
+    mut md5: Option<&mut Md5>,
+) -> Result<u64, SyncError> {
+    let mut at = offset;
+    let mut unflushed = offset;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        if let Some(md5) = md5.as_deref_mut() {
+            md5.update(&chunk);
+        }
+        std::os::unix::fs::FileExt::write_all_at(file, &chunk, at).map_err(io(path))?;
+        at += chunk.len() as u64;
+        if at - unflushed >= WRITEBACK_WINDOW {
+            writeback::start(file, unflushed, at - unflushed);
+            unflushed = at;
+        }
+    }
+    Ok(at - offset)
+}
+
+fn is_md5_etag(etag: &str) -> bool {
+    etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
+}
