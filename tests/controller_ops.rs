@@ -171,7 +171,7 @@ async fn metrics_and_health_endpoints_serve_the_documented_series() {
         "sdfleet_reconciles_total{controller=\"comfyuideployment\",result=\"success\"}",
         "sdfleet_reconciles_total{controller=\"modelset\",result=\"error\"}",
         "sdfleet_reconcile_errors_total{controller=\"modelset\",reason=\"ListFailed\"}",
-        "sdfleet_reconcile_duration_seconds_bucket{controller=\"comfyuideployment\",",
+        "sdfleet_reconcile_duration_seconds_count{controller=\"comfyuideployment\"}",
         "sdfleet_reconcile_duration_seconds_count{controller=\"modelset\"}",
         "sdfleet_kube_writes_total{",
         "sdfleet_drift_repairs_total",

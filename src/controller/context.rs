@@ -106,6 +106,34 @@ where
     )
 }
 
+/// The backoff key of an object: per reconciler, so a fleet and a ModelSet of the same
+/// name back off apart.
+fn backoff_key<K>(controller: ControllerName, obj: &DeserializeGuard<K>) -> String
+where
+    K: Resource<DynamicType = ()>,
+{
+    format!("{}/{}", controller.as_str(), object_key(obj))
+}
+
+impl Context {
+    /// Records one reconcile's duration and result; a success forgets the object's
+    /// failures, so its next error starts the backoff again.
+    pub fn finished<K>(
+        &self,
+        controller: ControllerName,
+        obj: &DeserializeGuard<K>,
+        took: Duration,
+        ok: bool,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        self.metrics.record_reconcile(controller, took, ok);
+        if ok {
+            self.reset_backoff(&backoff_key(controller, obj));
+        }
+    }
+}
+
 /// The retry policy of both reconcilers: count the error by reason, back off per object.
 pub fn error_policy<K>(
     controller: ControllerName,
@@ -117,7 +145,7 @@ where
     K: Resource<DynamicType = ()>,
 {
     ctx.metrics.record_error(controller, error.reason());
-    let key = format!("{}/{}", controller.as_str(), object_key(obj));
+    let key = backoff_key(controller, obj);
     let delay = ctx.backoff(&key);
     tracing::warn!(object = %key, %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)

@@ -7,6 +7,8 @@ pub mod conditions;
 pub mod context;
 pub mod error;
 pub mod fleet;
+#[cfg(test)]
+pub mod mock;
 pub mod modelset;
 pub mod preflight;
 pub mod resources;

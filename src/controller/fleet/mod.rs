@@ -5,6 +5,8 @@
 
 pub mod cleanup;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
-use super::context::{Context, error_policy, object_key, steady_requeue};
+use super::context::{Context, error_policy, steady_requeue};
 use super::error::Error;
 use super::resources::{Applied, FleetResources, dynamic_api};
 use super::{preflight, status as status_writer};
@@ -107,18 +109,12 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
                 .map(|()| Action::await_change())
         }
     };
-    ctx.metrics.record_reconcile(
+    ctx.finished(
         ControllerName::ComfyUIDeployment,
+        &obj,
         start.elapsed(),
         result.is_ok(),
     );
-    if result.is_ok() {
-        ctx.reset_backoff(&format!(
-            "{}/{}",
-            ControllerName::ComfyUIDeployment.as_str(),
-            object_key(&obj)
-        ));
-    }
     result
 }
 

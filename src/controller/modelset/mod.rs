@@ -21,7 +21,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::conditions::{self, DesiredCondition, READY, Reason};
-use super::context::{Context, error_policy, object_key};
+use super::context::{Context, error_policy};
 use super::error::Error;
 use super::status as status_writer;
 use crate::crd::modelset::{ModelEntry, ModelSet, ModelSetStatus, SyncMethod};
@@ -99,15 +99,12 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
                 .map(|()| Action::await_change())
         }
     };
-    ctx.metrics
-        .record_reconcile(ControllerName::ModelSet, start.elapsed(), result.is_ok());
-    if result.is_ok() {
-        ctx.reset_backoff(&format!(
-            "{}/{}",
-            ControllerName::ModelSet.as_str(),
-            object_key(&obj)
-        ));
-    }
+    ctx.finished(
+        ControllerName::ModelSet,
+        &obj,
+        start.elapsed(),
+        result.is_ok(),
+    );
     result
 }
 
