@@ -54,12 +54,15 @@ impl FleetNames {
         }
     }
 
-    /// `<namespace>-<name>`, cut to a safe length with a hash suffix when too long.
+    /// `<namespace>.<name>[-suffix]`, cut to a safe length with a hash suffix when too
+    /// long. A namespace is a DNS label and holds no `.`, so the first `.` separates it
+    /// from the name: `team/a-b` and `team-a/b` give `team.a-b` and `team-a.b`, never
+    /// the same name (a `-` between them would give `team-a-b` twice).
     pub fn cluster_scoped(&self, suffix: &str) -> String {
         let full = if suffix.is_empty() {
-            format!("{}-{}", self.namespace, self.name)
+            format!("{}.{}", self.namespace, self.name)
         } else {
-            format!("{}-{}-{}", self.namespace, self.name, suffix)
+            format!("{}.{}-{}", self.namespace, self.name, suffix)
         };
         safe_name(&full, MAX_CLUSTER_NAME)
     }
@@ -79,12 +82,20 @@ impl FleetNames {
     pub fn ingress(&self) -> String {
         self.name.clone()
     }
-    /// The node agent DaemonSet (in the operator's namespace).
+    /// The node agent DaemonSet (in the operator's namespace, shared by every team, so
+    /// named like a cluster-scoped child).
     pub fn agent_daemonset(&self) -> String {
         safe_name(
-            &format!("sdfleet-agent-{}-{}", self.namespace, self.name),
+            &format!("sdfleet-agent-{}", self.cluster_scoped("")),
             MAX_CLUSTER_NAME,
         )
+    }
+
+    /// Whether `labels` (a live object's) name this fleet as its owner.
+    pub fn owns(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels.get(MANAGED_BY_KEY).map(String::as_str) == Some(MANAGED_BY)
+            && labels.get(OWNER_NAMESPACE_KEY) == Some(&self.namespace)
+            && labels.get(OWNER_NAME_KEY) == Some(&self.name)
     }
     /// Labels of the fleet's nodes (and tags of their instances): the fleet and its owner.
     pub fn node_labels(&self) -> BTreeMap<String, String> {
@@ -169,9 +180,22 @@ mod tests {
     #[test]
     fn short_names_are_kept() {
         let f = FleetNames::new("studio", "sdxl");
-        assert_eq!(f.nodepool(), "studio-sdxl");
-        assert_eq!(f.volume("outputs"), "studio-sdxl-outputs");
+        assert_eq!(f.nodepool(), "studio.sdxl");
+        assert_eq!(f.volume("outputs"), "studio.sdxl-outputs");
         assert_eq!(f.volume_claim("outputs"), "sdxl-outputs");
+        assert_eq!(f.agent_daemonset(), "sdfleet-agent-studio.sdxl");
+    }
+
+    #[test]
+    fn names_that_join_to_the_same_string_stay_apart() {
+        let a = FleetNames::new("team", "a-b");
+        let b = FleetNames::new("team-a", "b");
+        assert_ne!(a.nodepool(), b.nodepool());
+        assert_ne!(a.node_class(), b.node_class());
+        assert_ne!(a.volume("outputs"), b.volume("outputs"));
+        assert_ne!(a.agent_daemonset(), b.agent_daemonset());
+        assert!(!a.owns(&b.owner_labels()));
+        assert!(a.owns(&a.owner_labels()));
     }
 
     #[test]

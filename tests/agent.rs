@@ -74,7 +74,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
 
     // The GPU node comes up with the startup taint, and the ComfyUI pod waits.
     let nodes: Api<Node> = Api::all(client.clone());
-    let pool = format!("{}-sdxl", ns.name);
+    let pool = format!("{}.sdxl", ns.name);
     let node = eventually("a GPU node with the startup taint", WAIT, || async {
         let list = nodes
             .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))

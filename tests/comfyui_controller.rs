@@ -63,7 +63,7 @@ impl Fleet {
     }
 
     fn pool_name(&self) -> String {
-        format!("{}-{}", self.ns, self.name)
+        format!("{}.{}", self.ns, self.name)
     }
 
     async fn apply(&self, manifest: &Value) {
@@ -209,8 +209,8 @@ fn names<K: kube::Resource>(items: Vec<K>) -> Vec<String> {
 
 fn all_children(ns: &str, name: &str, with_ingress: bool, with_outputs: bool) -> BTreeSet<String> {
     let mut s: BTreeSet<String> = [
-        format!("NodePool/{ns}-{name}"),
-        format!("KWOKNodeClass/{ns}-{name}"),
+        format!("NodePool/{ns}.{name}"),
+        format!("KWOKNodeClass/{ns}.{name}"),
         format!("Deployment/{name}"),
         format!("Service/{name}"),
     ]
@@ -220,7 +220,7 @@ fn all_children(ns: &str, name: &str, with_ingress: bool, with_outputs: bool) ->
     }
     if with_outputs {
         s.insert(format!("PersistentVolumeClaim/{name}-outputs"));
-        s.insert(format!("PersistentVolume/{ns}-{name}-outputs"));
+        s.insert(format!("PersistentVolume/{ns}.{name}-outputs"));
     }
     s
 }

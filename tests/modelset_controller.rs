@@ -276,7 +276,7 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
     put(&s3, &b, "models/checkpoints/a.safetensors", 10).await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-ssm").await;
-    let pool = format!("{}-fleet", ns.name);
+    let pool = format!("{}.fleet", ns.name);
     let image = ec2.describe_images().send().await.unwrap().images()[0]
         .image_id()
         .unwrap()

@@ -29,6 +29,8 @@ pub enum Reason {
     InvalidSpec,
     /// Applying a child failed (RBAC, webhook, conflict); retried with backoff.
     ApplyFailed,
+    /// A child's name is taken by an object of another fleet, or one sdfleet did not make.
+    NameConflict,
     /// Nothing is wrong.
     AsExpected,
     /// The NodePool reports Ready.
@@ -59,7 +61,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::AllReplicasReady,
         Reason::ScaledToZero,
         Reason::WaitingForPods,
@@ -68,6 +70,7 @@ impl Reason {
         Reason::MissingDependency,
         Reason::InvalidSpec,
         Reason::ApplyFailed,
+        Reason::NameConflict,
         Reason::AsExpected,
         Reason::NodePoolReady,
         Reason::NodePoolNotReady,
@@ -93,6 +96,7 @@ impl Reason {
             Reason::MissingDependency => "MissingDependency",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ApplyFailed => "ApplyFailed",
+            Reason::NameConflict => "NameConflict",
             Reason::AsExpected => "AsExpected",
             Reason::NodePoolReady => "NodePoolReady",
             Reason::NodePoolNotReady => "NodePoolNotReady",

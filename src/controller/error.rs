@@ -23,6 +23,7 @@ pub enum Error {
 impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
+            Error::Apply(ApplyError::NameConflict { .. }) => "NameConflict",
             Error::Apply(_) => "ApplyFailed",
             Error::Kube(_) => "KubeError",
             Error::MissingDependency(_) => "MissingDependency",

@@ -10,10 +10,10 @@ use kube::core::ApiResource;
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
-use crate::names::FleetNames;
+use crate::names::{FleetNames, MANAGED_BY, MANAGED_BY_KEY, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY};
 use crate::render::nodeclass::NodeClassProvider;
 use crate::render::settings::AgentSettings;
-use crate::render::{Child, ChildKind};
+use crate::render::{Child, ChildKind, Scope};
 use crate::telemetry::Metrics;
 
 pub const FIELD_MANAGER: &str = "sdfleet";
@@ -31,6 +31,14 @@ pub enum ApplyError {
         kind: String,
         name: String,
         source: kube::Error,
+    },
+    #[error(
+        "{kind} {name} exists and belongs to {owner}: sdfleet will not change it; delete or rename it, or rename this fleet"
+    )]
+    NameConflict {
+        kind: String,
+        name: String,
+        owner: String,
     },
     #[error("deleting {kind} {name}: {source}")]
     Delete {
@@ -57,6 +65,18 @@ pub fn dynamic_api(
     match namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, api),
         None => Api::all_with(client.clone(), api),
+    }
+}
+
+/// Who the owner labels of a live object name, for a NameConflict message.
+fn owner_of(labels: &std::collections::BTreeMap<String, String>) -> String {
+    match (labels.get(OWNER_NAMESPACE_KEY), labels.get(OWNER_NAME_KEY)) {
+        (Some(ns), Some(name))
+            if labels.get(MANAGED_BY_KEY).map(String::as_str) == Some(MANAGED_BY) =>
+        {
+            format!("fleet {ns}/{name}")
+        }
+        _ => "no sdfleet fleet (it was not made by sdfleet)".to_string(),
     }
 }
 
@@ -90,6 +110,14 @@ impl FleetResources<'_> {
         };
         let live = api.get_opt(&child.name).await.map_err(err)?;
         if let Some(live) = &live {
+            // Never take over what another fleet, or a person, made under this name.
+            if !self.fleet.owns(live.labels()) {
+                return Err(ApplyError::NameConflict {
+                    kind: child.api.kind.clone(),
+                    name: child.name.clone(),
+                    owner: owner_of(live.labels()),
+                });
+            }
             let live = serde_json::to_value(live).unwrap_or(Value::Null);
             match first_difference(&live, &child.manifest) {
                 None => return Ok(Applied::Unchanged),
@@ -99,17 +127,22 @@ impl FleetResources<'_> {
             }
         }
         self.metrics.record_write("apply", &child.api.kind);
-        api.patch(
-            &child.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&child.manifest),
-        )
-        .await
-        .map_err(|source| ApplyError::Apply {
-            kind: child.api.kind.clone(),
-            name: child.name.clone(),
-            source,
-        })?;
+        // Namespaced children are the fleet's own: take back fields someone changed by
+        // hand. A cluster-scoped one may hold an admin's fields: a conflict is reported,
+        // not overridden.
+        let params = match child.kind.scope() {
+            Scope::Cluster => PatchParams::apply(FIELD_MANAGER),
+            Scope::FleetNamespace | Scope::OperatorNamespace => {
+                PatchParams::apply(FIELD_MANAGER).force()
+            }
+        };
+        api.patch(&child.name, &params, &Patch::Apply(&child.manifest))
+            .await
+            .map_err(|source| ApplyError::Apply {
+                kind: child.api.kind.clone(),
+                name: child.name.clone(),
+                source,
+            })?;
         Ok(if live.is_some() {
             Applied::Updated
         } else {

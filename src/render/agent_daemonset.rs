@@ -78,11 +78,11 @@ mod tests {
             .iter()
             .find(|c| c.kind == ChildKind::AgentDaemonSet)
             .unwrap();
-        assert_eq!(ds.name, "sdfleet-agent-studio-sdxl");
+        assert_eq!(ds.name, "sdfleet-agent-studio.sdxl");
         assert_eq!(ds.manifest["metadata"]["namespace"], "sdfleet-system");
         assert!(ds.manifest["metadata"].get("ownerReferences").is_none());
         let pod = &ds.manifest["spec"]["template"]["spec"];
-        assert_eq!(pod["nodeSelector"]["karpenter.sh/nodepool"], "studio-sdxl");
+        assert_eq!(pod["nodeSelector"]["karpenter.sh/nodepool"], "studio.sdxl");
         assert_eq!(pod["tolerations"][1]["key"], "sdfleet.io/models-not-ready");
         assert_eq!(
             pod["volumes"][0]["hostPath"]["path"],

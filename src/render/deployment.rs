@@ -139,7 +139,7 @@ mod tests {
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(
             pod["nodeSelector"],
-            json!({"karpenter.sh/nodepool": "studio-sdxl"})
+            json!({"karpenter.sh/nodepool": "studio.sdxl"})
         );
         assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
         let c = &pod["containers"][0];

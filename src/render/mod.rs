@@ -182,9 +182,9 @@ spec:
         assert_eq!(
             kinds,
             [
-                (ChildKind::NodeClass, "studio-sdxl"),
-                (ChildKind::NodePool, "studio-sdxl"),
-                (ChildKind::PersistentVolume, "studio-sdxl-outputs"),
+                (ChildKind::NodeClass, "studio.sdxl"),
+                (ChildKind::NodePool, "studio.sdxl"),
+                (ChildKind::PersistentVolume, "studio.sdxl-outputs"),
                 (ChildKind::PersistentVolumeClaim, "sdxl-outputs"),
                 (ChildKind::Service, "sdxl"),
                 (ChildKind::Deployment, "sdxl"),

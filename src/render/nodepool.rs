@@ -79,7 +79,7 @@ mod tests {
         assert_eq!(spec["expireAfter"], "720h");
         assert_eq!(
             spec["nodeClassRef"],
-            json!({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "studio-sdxl"})
+            json!({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "studio.sdxl"})
         );
         assert_eq!(pool["spec"]["limits"], json!({"nvidia.com/gpu": "16"}));
         assert_eq!(
@@ -88,7 +88,7 @@ mod tests {
         );
         assert_eq!(
             pool["spec"]["template"]["metadata"]["labels"]["sdfleet.io/fleet"],
-            "studio-sdxl"
+            "studio.sdxl"
         );
     }
 }

@@ -119,7 +119,7 @@ mod tests {
             pv["csi"]["volumeAttributes"]["bucketName"],
             "comfyui-outputs-demo"
         );
-        assert_eq!(pv["csi"]["volumeHandle"], "sdfleet-studio-sdxl-outputs");
+        assert_eq!(pv["csi"]["volumeHandle"], "sdfleet-studio.sdxl-outputs");
         assert_eq!(
             pv["mountOptions"],
             json!(["allow-other", "region us-west-2", "prefix sdxl/"])
@@ -133,7 +133,7 @@ mod tests {
             .find(|c| c.kind == ChildKind::PersistentVolumeClaim)
             .unwrap()
             .manifest["spec"];
-        assert_eq!(pvc["volumeName"], "studio-sdxl-outputs");
+        assert_eq!(pvc["volumeName"], "studio.sdxl-outputs");
         assert_eq!(pvc["storageClassName"], "");
     }
 
@@ -151,7 +151,7 @@ mod tests {
             .filter(|c| c.kind == ChildKind::PersistentVolume)
             .collect();
         assert_eq!(pvs.len(), 2);
-        assert_eq!(pvs[1].name, "studio-sdxl-inputs");
+        assert_eq!(pvs[1].name, "studio.sdxl-inputs");
         assert_eq!(
             pvs[1].manifest["spec"]["mountOptions"],
             json!(["allow-other", "region eu-west-1"])

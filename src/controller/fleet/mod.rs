@@ -28,7 +28,7 @@ use serde_json::json;
 use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
 use super::context::{Context, error_policy, steady_requeue};
 use super::error::Error;
-use super::resources::{Applied, FleetResources, dynamic_api};
+use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
 use super::{preflight, status as status_writer};
 use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
@@ -239,9 +239,13 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         let applied = match resources.apply(child).await {
             Ok(a) => a,
             Err(e) => {
+                let reason = match e {
+                    ApplyError::NameConflict { .. } => Reason::NameConflict,
+                    _ => Reason::ApplyFailed,
+                };
                 let message = e.to_string();
-                write_status(ctx, cud, &stuck(Reason::ApplyFailed, &message), None).await?;
-                publish(ctx, cud, EventType::Warning, "ApplyFailed", &message).await;
+                write_status(ctx, cud, &stuck(reason, &message), None).await?;
+                publish(ctx, cud, EventType::Warning, reason.as_str(), &message).await;
                 return Err(e.into());
             }
         };

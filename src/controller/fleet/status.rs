@@ -255,7 +255,7 @@ mod tests {
         };
         serde_json::from_value(json!({
             "apiVersion": "karpenter.sh/v1", "kind": "NodePool",
-            "metadata": {"name": "studio-sdxl"}, "status": {"conditions": conditions}
+            "metadata": {"name": "studio.sdxl"}, "status": {"conditions": conditions}
         }))
         .unwrap()
     }
@@ -284,7 +284,7 @@ mod tests {
         );
         assert_eq!(
             not_ready.message,
-            "NodePool studio-sdxl: EC2NodeClass not ready"
+            "NodePool studio.sdxl: EC2NodeClass not ready"
         );
         let ready = nodepool_ready(&fleet(), Some(&pool(Some(("True", "")))));
         assert_eq!((ready.status, ready.reason), (true, Reason::NodePoolReady));

@@ -155,7 +155,7 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
         ("deployments", child("apps/v1", "Deployment", "sdxl", false)),
         (
             "nodepools",
-            child("karpenter.sh/v1", "NodePool", "studio-sdxl", false),
+            child("karpenter.sh/v1", "NodePool", "studio.sdxl", false),
         ),
     ])
     .await;
@@ -178,41 +178,41 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
     let (remaining, seen) = one_pass(vec![
         (
             "persistentvolumes",
-            child("v1", "PersistentVolume", "studio-sdxl-outputs", true),
+            child("v1", "PersistentVolume", "studio.sdxl-outputs", true),
         ),
         (
             "nodepools",
-            child("karpenter.sh/v1", "NodePool", "studio-sdxl", false),
+            child("karpenter.sh/v1", "NodePool", "studio.sdxl", false),
         ),
     ])
     .await;
-    assert_eq!(remaining, ["PersistentVolume/studio-sdxl-outputs"]);
+    assert_eq!(remaining, ["PersistentVolume/studio.sdxl-outputs"]);
     assert!(!seen.iter().any(|s| s.method == "DELETE"), "{seen:?}");
 
     // Pass 3: the NodePool goes before the node class.
     let (remaining, seen) = one_pass(vec![
         (
             "nodepools",
-            child("karpenter.sh/v1", "NodePool", "studio-sdxl", false),
+            child("karpenter.sh/v1", "NodePool", "studio.sdxl", false),
         ),
         (
             "kwoknodeclasses",
             child(
                 "karpenter.kwok.sh/v1alpha1",
                 "KWOKNodeClass",
-                "studio-sdxl",
+                "studio.sdxl",
                 false,
             ),
         ),
     ])
     .await;
-    assert_eq!(remaining, ["NodePool/studio-sdxl"]);
+    assert_eq!(remaining, ["NodePool/studio.sdxl"]);
     let deletes: Vec<&str> = seen
         .iter()
         .filter(|s| s.method == "DELETE")
         .map(|s| s.path.as_str())
         .collect();
-    assert_eq!(deletes, ["/apis/karpenter.sh/v1/nodepools/studio-sdxl"]);
+    assert_eq!(deletes, ["/apis/karpenter.sh/v1/nodepools/studio.sdxl"]);
 
     // Pass 4: the node class; pass 5: nothing left, the finalizer may go.
     let (remaining, _) = one_pass(vec![(
@@ -220,12 +220,12 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
         child(
             "karpenter.kwok.sh/v1alpha1",
             "KWOKNodeClass",
-            "studio-sdxl",
+            "studio.sdxl",
             false,
         ),
     )])
     .await;
-    assert_eq!(remaining, ["KWOKNodeClass/studio-sdxl"]);
+    assert_eq!(remaining, ["KWOKNodeClass/studio.sdxl"]);
     let (remaining, seen) = one_pass(vec![]).await;
     assert!(remaining.is_empty());
     // Every kind was looked at, the agent DaemonSet in the operator's namespace.
