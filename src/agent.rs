@@ -91,7 +91,7 @@ impl Agent {
             all_synced &= self.sync_one(&api, &ms, &ns).await?;
         }
         if all_synced {
-            self.lift_taint(&nodes, &node).await?;
+            self.lift_taint(&nodes).await?;
         }
         Ok(())
     }
@@ -186,7 +186,7 @@ impl Agent {
             revision: revision.into(),
             state,
             bytes_done,
-            message: message.into(),
+            message: NodeSync::bounded(message),
         };
         let body = ModelSet::node_entries_patch(name, &[entry]);
         let manager = format!("sdfleet-agent-{}", self.node);
@@ -199,25 +199,41 @@ impl Agent {
         Ok(())
     }
 
-    async fn lift_taint(&self, nodes: &Api<Node>, node: &Node) -> Result<(), AgentError> {
-        let taints = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.clone())
-            .unwrap_or_default();
-        if !taints.iter().any(|t| t.key == MODELS_NOT_READY_TAINT) {
-            return Ok(());
+    /// Removes the startup taint from this node. The node is read afresh (a sync can take
+    /// long enough for the node read before it to be stale), and a conflicting write in
+    /// between is retried on a new read rather than left for the next pass.
+    async fn lift_taint(&self, nodes: &Api<Node>) -> Result<(), AgentError> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let node = nodes.get(&self.node).await?;
+            let taints = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default();
+            if !taints.iter().any(|t| t.key == MODELS_NOT_READY_TAINT) {
+                return Ok(());
+            }
+            let rest: Vec<_> = taints
+                .into_iter()
+                .filter(|t| t.key != MODELS_NOT_READY_TAINT)
+                .collect();
+            // resourceVersion: fail rather than overwrite a concurrent taint change.
+            let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": rest}});
+            match nodes
+                .patch(&self.node, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %self.node, "models are on the node; lifted {MODELS_NOT_READY_TAINT}");
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 && attempt < ATTEMPTS => {
+                    tracing::debug!(node = %self.node, attempt, "node changed while lifting the taint; reading it again");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let rest: Vec<_> = taints
-            .into_iter()
-            .filter(|t| t.key != MODELS_NOT_READY_TAINT)
-            .collect();
-        // resourceVersion: fail rather than overwrite a concurrent taint change.
-        let patch = json!({"metadata": {"resourceVersion": node.resource_version()}, "spec": {"taints": rest}});
-        nodes
-            .patch(&self.node, &PatchParams::default(), &Patch::Merge(patch))
-            .await?;
-        tracing::info!(node = %self.node, "models are on the node; lifted {MODELS_NOT_READY_TAINT}");
         Ok(())
     }
 }
@@ -263,5 +279,66 @@ async fn watch_changes(client: Client, changed: Arc<Notify>) {
             Ok(()) => changed.notify_one(),
             Err(e) => tracing::warn!(error = %e, "watching ModelSets and fleets; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_apiserver::{self, Seen};
+    use http::StatusCode;
+    use std::sync::Mutex;
+
+    fn node(resource_version: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "gpu-1", "resourceVersion": resource_version},
+            "spec": {"taints": [
+                {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+                {"key": MODELS_NOT_READY_TAINT, "effect": "NoSchedule"}]}})
+    }
+
+    #[tokio::test]
+    async fn the_taint_is_lifted_from_a_fresh_read_after_a_conflict() {
+        // The node changes (resourceVersion 1 → 2) between the agent's read and its patch.
+        let version = Arc::new(Mutex::new(1));
+        let v = version.clone();
+        let (client, seen) = mock_apiserver::apiserver(move |req: &Seen| {
+            let mut current = v.lock().unwrap();
+            match req.method.as_str() {
+                "GET" => {
+                    let answer = (StatusCode::OK, node(&current.to_string()));
+                    // Someone else writes the node right after this read, once.
+                    if *current == 1 {
+                        *current = 2;
+                    }
+                    answer
+                }
+                "PATCH" if req.body["metadata"]["resourceVersion"] == current.to_string() => {
+                    (StatusCode::OK, node(&current.to_string()))
+                }
+                "PATCH" => (
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+                ),
+                _ => panic!("unexpected {req:?}"),
+            }
+        });
+        let agent = Agent {
+            client: client.clone(),
+            node: "gpu-1".into(),
+            root: PathBuf::from("/nonexistent"),
+            region: None,
+        };
+        agent.lift_taint(&Api::all(client)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let patches: Vec<&Seen> = seen.iter().filter(|s| s.method == "PATCH").collect();
+        assert_eq!(patches.len(), 2, "{seen:?}");
+        assert_eq!(patches[1].body["metadata"]["resourceVersion"], "2");
+        // Only the startup taint goes; the GPU taint stays.
+        assert_eq!(
+            patches[1].body["spec"]["taints"],
+            json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}])
+        );
     }
 }

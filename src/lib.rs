@@ -9,6 +9,8 @@ pub mod controller;
 pub mod crd;
 pub mod docs;
 pub mod leader;
+#[cfg(test)]
+pub mod mock_apiserver;
 pub mod names;
 pub mod render;
 pub mod sync;

@@ -35,6 +35,8 @@ pub struct Context {
     pub sqs: Option<SqsWatchers>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive polls per object and purpose, so waiting polls back off too.
+    polls: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
@@ -50,6 +52,7 @@ impl Context {
             metrics,
             sqs: None,
             failures: Mutex::new(HashMap::new()),
+            polls: Mutex::new(HashMap::new()),
         }
     }
 
@@ -59,6 +62,24 @@ impl Context {
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = (*n + 1).min(16);
         Duration::from_secs((2u64 << (*n - 1).min(8)).min(300))
+    }
+
+    /// The wait before the next poll of `key`: `first`, doubling on each consecutive
+    /// poll up to `longest`.
+    pub fn poll_delay(&self, key: &str, (first, longest): (Duration, Duration)) -> Duration {
+        let mut polls = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = polls.entry(key.to_string()).or_insert(0);
+        let delay = first.saturating_mul(1 << (*n).min(16)).min(longest);
+        *n += 1;
+        delay
+    }
+
+    /// The condition polled for holds: the next wait starts from the first again.
+    pub fn reset_poll(&self, key: &str) {
+        self.polls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     pub fn reset_backoff(&self, key: &str) {

@@ -6,9 +6,8 @@
 pub mod conditions;
 pub mod context;
 pub mod error;
+pub mod finalizer;
 pub mod fleet;
-#[cfg(test)]
-pub mod mock;
 pub mod modelset;
 pub mod preflight;
 pub mod resources;

@@ -68,7 +68,10 @@ pub struct ComfyUIDeploymentSpec {
     /// A ModelSet in the same namespace whose models are synced onto the fleet's nodes
     /// and mounted read-only at `/app/ComfyUI/models`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub model_set: Option<String>,
 
     /// GPUs per pod, the instance types and capacity types Karpenter may launch, and

@@ -187,7 +187,21 @@ pub struct NodeSync {
     pub message: String,
 }
 
+/// The longest `status.nodes[].message`: every node writes one, so the object's size
+/// must not grow with what an error happens to print.
+pub const NODE_MESSAGE_MAX: usize = 512;
+
 impl NodeSync {
+    /// `message` cut to `NODE_MESSAGE_MAX` characters.
+    pub fn bounded(message: &str) -> String {
+        if message.chars().count() <= NODE_MESSAGE_MAX {
+            return message.to_string();
+        }
+        let mut cut: String = message.chars().take(NODE_MESSAGE_MAX - 1).collect();
+        cut.push('…');
+        cut
+    }
+
     /// The node holds `revision` completely (what ModelsReady, Synced, the agent and SSM
     /// all ask).
     pub fn is_synced_at(&self, revision: &str) -> bool {

@@ -16,18 +16,18 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::core::{ApiResource, DeserializeGuard};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
 use super::context::{Context, error_policy, steady_requeue};
 use super::error::Error;
+use super::finalizer;
 use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
 use super::{preflight, status as status_writer};
 use crate::crd::ComfyUIDeployment;
@@ -42,6 +42,10 @@ use status::{Facts, FleetObservation, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
 const KIND: &str = "ComfyUIDeployment";
+/// First and longest wait between looks at a fleet whose nodes are syncing models.
+const MODELS_POLL: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
+/// First and longest wait between looks at a fleet whose children are being deleted.
+const CLEANUP_POLL: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(30));
 type Guarded = DeserializeGuard<ComfyUIDeployment>;
 
 /// Runs the fleet controller: fleets, and every child sdfleet labels (mapped back to
@@ -127,52 +131,29 @@ fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
 }
 
 /// Adds our finalizer before anything is created, and removes it only once cleanup has
-/// deleted every child. (kube's `finalizer()` helper removes it as soon as cleanup
-/// returns, which would orphan children that take several passes to delete.)
+/// deleted every child.
 async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
-    let finalizers = cud.finalizers();
-    let ours = finalizers.iter().any(|f| f == FINALIZER);
+    let api = raw_api(ctx, &cud.namespace().unwrap_or_default());
     if cud.metadata.deletion_timestamp.is_some() {
-        if !ours {
+        if !cud.finalizers().iter().any(|f| f == FINALIZER) {
             return Ok(Action::await_change());
         }
         let fleet = fleet_names(cud);
         let remaining = cleanup::cleanup(&resources(ctx, &fleet)).await?;
+        let poll_key = format!("cleanup/{}/{}", fleet.namespace, fleet.name);
         if !remaining.is_empty() {
             tracing::info!(fleet = %format!("{}/{}", fleet.namespace, fleet.name), ?remaining, "waiting for children to be deleted");
-            return Ok(Action::requeue(Duration::from_secs(2)));
+            return Ok(Action::requeue(ctx.poll_delay(&poll_key, CLEANUP_POLL)));
         }
-        let rest: Vec<&String> = finalizers.iter().filter(|f| *f != FINALIZER).collect();
-        set_finalizers(ctx, cud, json!(rest)).await?;
+        ctx.reset_poll(&poll_key);
+        finalizer::set(&api, &ctx.metrics, KIND, cud, FINALIZER, false).await?;
         return Ok(Action::await_change());
     }
-    if !ours {
-        let mut all = finalizers.to_vec();
-        all.push(FINALIZER.to_string());
-        // The patch triggers a new reconcile with the finalizer in place.
-        set_finalizers(ctx, cud, json!(all)).await?;
+    // The patch triggers a new reconcile with the finalizer in place.
+    if finalizer::set(&api, &ctx.metrics, KIND, cud, FINALIZER, true).await? {
         return Ok(Action::await_change());
     }
     apply_fleet(cud, ctx).await
-}
-
-/// Replaces the finalizer list, failing with a conflict if the object changed since read.
-async fn set_finalizers(
-    ctx: &Context,
-    cud: &ComfyUIDeployment,
-    finalizers: serde_json::Value,
-) -> Result<(), Error> {
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": cud.resource_version()}});
-    ctx.metrics.record_write("patch", KIND);
-    raw_api(ctx, &cud.namespace().unwrap_or_default())
-        .patch(
-            &cud.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    Ok(())
 }
 
 fn fleet_names(cud: &ComfyUIDeployment) -> FleetNames {
@@ -282,10 +263,13 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .ready_replicas
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
-    // The ModelSet's per-node status is not watched: look again soon while syncing.
+    // The ModelSet's per-node status is not watched: look again soon while syncing,
+    // less often the longer it takes.
+    let poll_key = format!("models/{}/{}", fleet.namespace, fleet.name);
     Ok(if observed.syncing_models() {
-        Action::requeue(Duration::from_secs(5))
+        Action::requeue(ctx.poll_delay(&poll_key, MODELS_POLL))
     } else {
+        ctx.reset_poll(&poll_key);
         steady_requeue()
     })
 }

@@ -1,4 +1,4 @@
-//! Reconcile-level tests against a scripted apiserver (`controller::mock`): what the
+//! Reconcile-level tests against a scripted apiserver (`mock_apiserver`): what the
 //! fleet reconciler sends for an unreadable object, and cleanup's stages. The testbed
 //! stays the place for end-to-end behaviour.
 
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::cleanup::cleanup;
 use super::*;
 use crate::controller::context::Settings;
-use crate::controller::mock::{self, Seen};
+use crate::mock_apiserver::{self as mock, Seen};
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::{AgentSettings, ClusterSettings};
 use crate::telemetry::Metrics;

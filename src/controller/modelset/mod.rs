@@ -6,23 +6,26 @@ pub mod catalog_maps;
 pub mod sqs;
 pub mod ssm;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DynamicObject};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DeserializeGuard};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::conditions::{self, DesiredCondition, READY, Reason};
 use super::context::{Context, error_policy};
 use super::error::Error;
+use super::finalizer;
 use super::status as status_writer;
 use crate::crd::modelset::{ModelEntry, ModelSet, ModelSetStatus, SyncMethod};
 use crate::sync::catalog::{Catalog, model_type};
@@ -31,6 +34,8 @@ use crate::telemetry::ControllerName;
 use catalog_maps::MODELS_IN_STATUS;
 
 pub const SYNCED: &str = "Synced";
+/// Holds a ModelSet until its SQS listener is stopped.
+pub const FINALIZER: &str = "sdfleet.io/stop-listener";
 const KIND: &str = "ModelSet";
 type Guarded = DeserializeGuard<ModelSet>;
 
@@ -111,10 +116,18 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
 async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Error> {
     let key = format!("{}/{}", ms.namespace().unwrap_or_default(), ms.name_any());
     let me = ObjectRef::<Guarded>::new(&ms.name_any()).within(&ms.namespace().unwrap_or_default());
+    let api = raw_api(ctx, &ms.namespace().unwrap_or_default());
     if ms.metadata.deletion_timestamp.is_some() {
+        // Stop the SQS listener before the object goes; the finalizer guarantees this
+        // runs even when the deletion happens while the controller is down.
         if let Some(w) = &ctx.sqs {
             w.ensure(&key, None, me, String::new(), None);
         }
+        finalizer::set(&api, &ctx.metrics, KIND, ms, FINALIZER, false).await?;
+        return Ok(Action::await_change());
+    }
+    // The patch triggers a new reconcile with the finalizer in place.
+    if finalizer::set(&api, &ctx.metrics, KIND, ms, FINALIZER, true).await? {
         return Ok(Action::await_change());
     }
     let poll = parse_duration(&ms.spec.sync.poll_interval).unwrap_or(Duration::from_secs(60));
@@ -145,7 +158,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::InvalidSpec,
                 e.to_string(),
             )];
-            write_status(ctx, ms, None, &invalid).await?;
+            write_status(ctx, ms, None, &invalid, None).await?;
             return Ok(Action::await_change());
         }
     };
@@ -159,7 +172,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::ListFailed,
                 &message,
             )];
-            write_status(ctx, ms, None, &failed).await?;
+            write_status(ctx, ms, None, &failed, None).await?;
             return Err(Error::List(message));
         }
     };
@@ -174,7 +187,14 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             crate::sync::human(catalog.total_bytes())
         ),
     );
-    write_status(ctx, ms, Some((&catalog, catalog_ref)), &[listed]).await?;
+    let live = match ms.spec.sync.method {
+        // Agents report under node names: entries of nodes that are gone are dropped.
+        SyncMethod::Agent => Some(prune_departed_nodes(ctx, ms).await?),
+        // SSM entries are instance ids, re-applied whole by `ssm` on each sync.
+        SyncMethod::Ssm => None,
+    };
+    let catalog_status = Some((&catalog, catalog_ref));
+    write_status(ctx, ms, catalog_status, &[listed], live.as_ref()).await?;
     if ms.spec.sync.method == SyncMethod::Ssm {
         ssm::sync_instances(
             &ctx.client,
@@ -187,18 +207,73 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     Ok(Action::requeue(poll))
 }
 
-/// The Synced condition from the per-node entries the agents (or SSM) wrote.
-pub fn synced_condition(status: &ModelSetStatus) -> DesiredCondition {
-    let failed = status
+/// Removes the `status.nodes` entries of nodes that no longer exist (each agent writes
+/// only its own, so nobody else would), and returns the names of the nodes that do.
+/// Each removal first tests that the entry at that index is still the departed node's,
+/// so a concurrent agent write is never removed by mistake.
+async fn prune_departed_nodes(ctx: &Context, ms: &ModelSet) -> Result<BTreeSet<String>, Error> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let live: BTreeSet<String> = nodes
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let entries = ms
+        .status
+        .as_ref()
+        .map(|s| s.nodes.as_slice())
+        .unwrap_or_default();
+    let mut ops = Vec::new();
+    // From the end, so earlier indices stay valid within the one patch.
+    for (i, entry) in entries.iter().enumerate().rev() {
+        if !live.contains(&entry.node) {
+            ops.push(json!({"op": "test", "path": format!("/status/nodes/{i}/node"), "value": entry.node}));
+            ops.push(json!({"op": "remove", "path": format!("/status/nodes/{i}")}));
+        }
+    }
+    if ops.is_empty() {
+        return Ok(live);
+    }
+    let patch: json_patch::Patch =
+        serde_json::from_value(Value::Array(ops)).map_err(|e| Error::Catalog(e.to_string()))?;
+    ctx.metrics.record_write("patch-status", KIND);
+    let api = raw_api(ctx, &ms.namespace().unwrap_or_default());
+    match api
+        .patch_status(
+            &ms.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(live),
+        // The list changed meanwhile (a test failed): the next pass prunes.
+        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Ok(live),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The Synced condition from the per-node entries the agents (or SSM) wrote, counting
+/// only the nodes in `live` when given.
+pub fn synced_condition(
+    status: &ModelSetStatus,
+    live: Option<&BTreeSet<String>>,
+) -> DesiredCondition {
+    let entries: Vec<_> = status
         .nodes
         .iter()
+        .filter(|n| live.is_none_or(|l| l.contains(&n.node)))
+        .collect();
+    let failed = entries
+        .iter()
         .find(|n| n.state == crate::crd::modelset::NodeSyncState::Failed);
-    let synced = status
-        .nodes
+    let synced = entries
         .iter()
         .filter(|n| n.is_synced_at(&status.revision))
         .count();
-    let total = status.nodes.len();
+    let total = entries.len();
     if total == 0 {
         DesiredCondition::new(
             SYNCED,
@@ -237,6 +312,7 @@ fn next_status(
     generation: Option<i64>,
     catalog: Option<(&Catalog, Option<crate::crd::modelset::CatalogRef>)>,
     conditions: &[DesiredCondition],
+    live: Option<&BTreeSet<String>>,
 ) -> ModelSetStatus {
     let mut status = previous.clone();
     status.observed_generation = generation;
@@ -260,7 +336,7 @@ fn next_status(
         status.catalog_ref = catalog_ref;
     }
     let mut all = conditions.to_vec();
-    all.push(synced_condition(&status));
+    all.push(synced_condition(&status, live));
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     status.conditions = conditions::merge(&previous.conditions, &all, generation, &now);
     status
@@ -307,9 +383,10 @@ async fn write_status(
     ms: &ModelSet,
     catalog: Option<(&Catalog, Option<crate::crd::modelset::CatalogRef>)>,
     conditions: &[DesiredCondition],
+    live: Option<&BTreeSet<String>>,
 ) -> Result<(), Error> {
     let previous = ms.status.clone().unwrap_or_default();
-    let next = next_status(&previous, ms.meta().generation, catalog, conditions);
+    let next = next_status(&previous, ms.meta().generation, catalog, conditions, live);
     patch(
         ctx,
         &ms.namespace().unwrap_or_default(),
@@ -337,13 +414,47 @@ async fn write_raw_status(
         .get("status")
         .and_then(|s| serde_json::from_value(s.clone()).ok())
         .unwrap_or_default();
-    let next = next_status(&previous, raw.metadata.generation, None, conditions);
+    let next = next_status(&previous, raw.metadata.generation, None, conditions, None);
     patch(ctx, &namespace, &name, &previous, &next).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::crd::modelset::{NodeSync, NodeSyncState};
+
+    #[test]
+    fn synced_counts_only_live_nodes() {
+        let entry = |node: &str, revision: &str| NodeSync {
+            node: node.into(),
+            revision: revision.into(),
+            state: NodeSyncState::Synced,
+            bytes_done: 0,
+            message: String::new(),
+        };
+        let status = ModelSetStatus {
+            revision: "r2".into(),
+            // n-old was replaced: its entry is stale and must not hold Synced down.
+            nodes: vec![entry("n1", "r2"), entry("n-old", "r1")],
+            ..Default::default()
+        };
+        let live: BTreeSet<String> = ["n1".to_string()].into();
+        let c = synced_condition(&status, Some(&live));
+        assert_eq!((c.status, c.reason), (true, Reason::AllNodesSynced));
+        assert_eq!(c.message, "1/1 nodes at r2");
+        let all = synced_condition(&status, None);
+        assert_eq!((all.status, all.reason), (false, Reason::Syncing));
+    }
+
+    #[test]
+    fn node_messages_are_bounded() {
+        let long = "x".repeat(10_000);
+        let cut = NodeSync::bounded(&long);
+        assert_eq!(cut.chars().count(), crate::crd::modelset::NODE_MESSAGE_MAX);
+        assert!(cut.ends_with('…'));
+        assert_eq!(NodeSync::bounded("short"), "short");
+    }
 
     #[test]
     fn durations() {

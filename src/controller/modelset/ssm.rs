@@ -166,7 +166,7 @@ pub async fn sync_instances(
             revision: revision.to_string(),
             state,
             bytes_done: 0,
-            message,
+            message: NodeSync::bounded(&message),
         });
     }
     let body = ModelSet::node_entries_patch(&name, &entries);
