@@ -27,9 +27,34 @@ enum Command {
     Sync(SyncArgs),
     /// Run the node agent: sync the node's ModelSets, report, lift the startup taint.
     Agent(AgentArgs),
+    /// Create a node's models directory of one ModelSet and give it to the agent's user
+    /// (the agent DaemonSet's init container; root with CAP_CHOWN only).
+    PrepareModelsDir(PrepareArgs),
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
     Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// The models root (the hostPath mount).
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long)]
+    namespace: String,
+    #[arg(long)]
+    model_set: String,
+    /// `UID:GID` that will own the directory.
+    #[arg(long, value_parser = parse_owner)]
+    owner: (u32, u32),
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = s.split_once(':').ok_or("expected UID:GID")?;
+    Ok((
+        uid.parse().map_err(|e| format!("uid {uid:?}: {e}"))?,
+        gid.parse().map_err(|e| format!("gid {gid:?}: {e}"))?,
+    ))
 }
 
 #[derive(clap::Args)]
@@ -141,6 +166,17 @@ fn main() -> ExitCode {
         Command::Crds => print_or_fail(sdfleet::crd::to_yaml().map_err(Into::into)),
         Command::Docs => print_or_fail(sdfleet::docs::crd_reference().map_err(Into::into)),
         Command::Render(args) => print_or_fail(render(args)),
+        Command::PrepareModelsDir(args) => print_or_fail(
+            sdfleet::sync::models_dir::prepare(
+                &args.root,
+                &args.namespace,
+                &args.model_set,
+                args.owner.0,
+                args.owner.1,
+            )
+            .map(|dir| format!("prepared {}\n", dir.display()))
+            .map_err(Into::into),
+        ),
     }
 }
 

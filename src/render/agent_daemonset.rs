@@ -10,8 +10,13 @@ use crate::names::{
 };
 
 pub const AGENT_MODELS_PATH: &str = "/models";
+/// The image's unprivileged user and group (the Dockerfile's `USER`).
+pub const AGENT_UID: u32 = 65532;
+pub const AGENT_GID: u32 = 65532;
 
-pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
+/// The agent DaemonSet's spec. `model_set` is the fleet's ModelSet: the one directory
+/// (`<root>/<namespace>/<model_set>`) the init container hands to the agent's user.
+pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings, model_set: &str) -> Value {
     let selector = fleet.agent_pod_selector();
     let mut labels = fleet.owner_labels();
     labels.extend(selector.clone());
@@ -29,6 +34,31 @@ pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
                     {"key": MODELS_NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"},
                 ],
                 "priorityClassName": "system-node-critical",
+                // kubelet makes the hostPath root root:root 0755. Root with CAP_CHOWN
+                // alone creates the fleet's models directory and gives it to the agent's
+                // user; the agent itself keeps no capability and can write nowhere else.
+                "initContainers": [{
+                    "name": "prepare-models-dir",
+                    "image": agent.image,
+                    "args": [
+                        "prepare-models-dir",
+                        format!("--root={AGENT_MODELS_PATH}"),
+                        format!("--namespace={}", fleet.namespace),
+                        format!("--model-set={model_set}"),
+                        format!("--owner={AGENT_UID}:{AGENT_GID}"),
+                    ],
+                    "volumeMounts": [{"name": "models", "mountPath": AGENT_MODELS_PATH}],
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+                    "securityContext": {
+                        "runAsUser": 0,
+                        "runAsGroup": 0,
+                        "runAsNonRoot": false,
+                        "allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                }],
                 "containers": [{
                     "name": "agent",
                     "image": agent.image,
@@ -37,6 +67,9 @@ pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings) -> Value {
                     "volumeMounts": [{"name": "models", "mountPath": AGENT_MODELS_PATH}],
                     "resources": {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
                     "securityContext": {
+                        "runAsUser": AGENT_UID,
+                        "runAsGroup": AGENT_GID,
+                        "runAsNonRoot": true,
                         "allowPrivilegeEscalation": false,
                         "readOnlyRootFilesystem": true,
                         "capabilities": {"drop": ["ALL"]},
@@ -88,6 +121,28 @@ mod tests {
             pod["volumes"][0]["hostPath"]["path"],
             "/mnt/k8s-disks/0/sdfleet/models"
         );
+        // The init container, root with CAP_CHOWN only, prepares exactly the fleet's
+        // ModelSet directory for the agent's user; the agent has no capability.
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["securityContext"]["runAsUser"], 0);
+        assert_eq!(
+            init["securityContext"]["capabilities"],
+            serde_json::json!({"drop": ["ALL"], "add": ["CHOWN"]})
+        );
+        assert_eq!(
+            init["args"],
+            serde_json::json!([
+                "prepare-models-dir",
+                "--root=/models",
+                "--namespace=studio",
+                "--model-set=sdxl-models",
+                "--owner=65532:65532"
+            ])
+        );
+        let agent = &pod["containers"][0]["securityContext"];
+        assert_eq!(agent["runAsUser"], 65532);
+        assert_eq!(agent["runAsNonRoot"], true);
+        assert_eq!(agent["capabilities"], serde_json::json!({"drop": ["ALL"]}));
         // ComfyUI pods do not tolerate the startup taint.
         let deploy = children
             .iter()

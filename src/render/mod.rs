@@ -112,11 +112,11 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         );
         ingress["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
     }
-    if spec.model_set.is_some() {
+    if let Some(model_set) = &spec.model_set {
         b.push(
             ChildKind::AgentDaemonSet,
             fleet.agent_daemonset(),
-            agent_daemonset::daemonset_spec(&fleet, &ctx.cluster.agent),
+            agent_daemonset::daemonset_spec(&fleet, &ctx.cluster.agent, model_set),
         );
     }
     Ok(b.children)

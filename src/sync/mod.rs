@@ -11,6 +11,7 @@
 pub mod catalog;
 pub mod events;
 mod fetch;
+pub mod models_dir;
 pub mod paths;
 pub mod plan;
 mod resume;
