@@ -61,6 +61,13 @@ pub struct ComfyUIDeploymentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
 
+    /// Run ComfyUI as this non-root user id (and group; files on the S3 volumes too).
+    /// Unset: the image's own user, as many ComfyUI images run as root. The image must
+    /// let this user write ComfyUI's `user/`, `temp/` and `input/` folders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub run_as_user: Option<i64>,
+
     /// CPU and memory of the ComfyUI container. GPUs come from `gpu.count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ContainerResources>,

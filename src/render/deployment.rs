@@ -86,6 +86,16 @@ pub fn deployment_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     });
+    let mut pod_security = json!({"seccompProfile": {"type": "RuntimeDefault"}});
+    if let Some(uid) = spec.run_as_user {
+        pod_security = json!({
+            "runAsNonRoot": true,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        });
+    }
     if !spec.command.is_empty() {
         container["command"] = json!(spec.command);
     }
@@ -106,6 +116,9 @@ pub fn deployment_spec(
                 "nodeSelector": {NODEPOOL_LABEL: fleet.nodepool()},
                 "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
                 "enableServiceLinks": false,
+                // ComfyUI never calls the Kubernetes API: no token in its pods.
+                "automountServiceAccountToken": false,
+                "securityContext": pod_security,
                 "containers": [container],
                 "volumes": pod_volumes,
             },
@@ -115,6 +128,27 @@ pub fn deployment_spec(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pods_have_no_token_and_run_as_the_given_user() {
+        let mut cud = example(SDXL);
+        let pod = |cud: &crate::crd::ComfyUIDeployment| {
+            render(cud, Cloud::Kwok)
+                .into_iter()
+                .find(|c| c.kind == ChildKind::Deployment)
+                .unwrap()
+                .manifest["spec"]["template"]["spec"]
+                .clone()
+        };
+        let default = pod(&cud);
+        assert_eq!(default["automountServiceAccountToken"], false);
+        assert!(default["securityContext"].get("runAsUser").is_none());
+        cud.spec.run_as_user = Some(1000);
+        let restricted = pod(&cud);
+        assert_eq!(restricted["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(restricted["securityContext"]["runAsUser"], 1000);
+        assert_eq!(restricted["securityContext"]["fsGroup"], 1000);
+    }
+
     use crate::render::ChildKind;
     use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
