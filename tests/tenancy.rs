@@ -164,7 +164,7 @@ async fn an_object_sdfleet_did_not_make_is_never_changed_or_deleted() {
     let before = pools.get(&pool_name).await.unwrap();
 
     apply(&client, &ns, "gpu").await;
-    let (status, reason, message) = eventually("NameConflict", WAIT, || async {
+    let (status, _, message) = eventually("NameConflict", WAIT, || async {
         ready(&client, &ns, "gpu")
             .await
             .filter(|r| r.1 == "NameConflict")
