@@ -1,9 +1,17 @@
 //! The node agent, run as a local process for a testbed (kwok) GPU node: ComfyUI pods
 //! wait on the node's startup taint until the agent has synced the fleet's ModelSet,
 //! reported Synced and lifted the taint; later puts and deletes reach the directory.
+//!
+//! As installed: the controller and the agent act as the chart's ServiceAccounts (the
+//! agent's token naming its node, as kubelet's bound tokens do), and the agent runs
+//! under `setpriv` with exactly the uid, gid and capabilities of the rendered DaemonSet,
+//! on a models root owned by root with mode 0755 (what kubelet makes of the hostPath),
+//! after the rendered init step. (No container runtime runs here: see the README.)
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -13,7 +21,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::modelset::NodeSyncState;
 use sdfleet::crd::{ComfyUIDeployment, ModelSet};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -22,6 +30,94 @@ fn has_taint(node: &Node) -> bool {
         .as_ref()
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == "sdfleet.io/models-not-ready"))
+}
+
+/// The pod spec of the agent DaemonSet the controller renders for fleet `sdxl` in `ns`.
+fn rendered_daemonset(ns: &str) -> Value {
+    use sdfleet::render::{ChildKind, RenderContext, build, nodeclass::Cloud, settings};
+    let cud: ComfyUIDeployment = serde_json::from_value(json!({
+        "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+        "metadata": {"name": "sdxl", "namespace": ns},
+        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "nodeClass": {"role": "r"}}}))
+    .unwrap();
+    let cluster = settings::ClusterSettings {
+        cluster_name: Some("testbed".into()),
+        region: Some("us-west-2".into()),
+        agent: settings::AgentSettings::default(),
+    };
+    let ctx = RenderContext {
+        cluster: &cluster,
+        node_class: Cloud::Kwok.provider(),
+    };
+    let children = build(&cud, &ctx).unwrap();
+    let ds = children
+        .iter()
+        .find(|c| c.kind == ChildKind::AgentDaemonSet)
+        .unwrap();
+    ds.manifest["spec"]["template"]["spec"].clone()
+}
+
+/// A command that runs the sdfleet binary `bin` as a container with `security` would:
+/// its uid and gid, no supplementary groups, exactly its added capabilities, and no new
+/// privileges.
+fn as_rendered(security: &Value, bin: &Path) -> std::process::Command {
+    let uid = security["runAsUser"].as_u64().expect("rendered runAsUser");
+    let gid = security["runAsGroup"]
+        .as_u64()
+        .expect("rendered runAsGroup");
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    let added: Vec<String> = security["capabilities"]["add"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| format!("+{}", c.as_str().unwrap().to_lowercase()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let caps = std::iter::once("-all".to_string())
+        .chain(added)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".into(),
+        format!("--bounding-set={caps}"),
+        format!("--inh-caps={caps}"),
+    ]);
+    if security["allowPrivilegeEscalation"] == false {
+        cmd.arg("--no-new-privs");
+    }
+    cmd.arg(bin);
+    cmd
+}
+
+/// The test binary's sdfleet, copied where any user may run it (the build directory is
+/// under root's home).
+fn world_readable_binary() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdfleet-bin-{}", unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("sdfleet");
+    std::fs::copy(common::sdfleet_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// A kubeconfig acting as the chart's agent ServiceAccount whose token names `node`,
+/// readable by the agent's unprivileged user.
+fn agent_kubeconfig(tb: &Testbed, release_ns: &str, node: &str) -> PathBuf {
+    let path = common::impersonating_kubeconfig(tb, release_ns, "sdfleet-agent");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with_node = text.replace(
+        "    as-groups:",
+        &format!("    as-user-extra: {{\"authentication.kubernetes.io/node-name\": [\"{node}\"]}}\n    as-groups:"),
+    );
+    let path = PathBuf::from(format!("{}-{node}", path.display()));
+    std::fs::write(&path, with_node).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
 }
 
 #[tokio::test]
@@ -52,11 +148,16 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
 
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent").await;
+    let (release, release_ns) = common::install_release(tb, "agent");
+    let as_controller =
+        common::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
+    let mut env = tb.aws_env();
+    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
     let _controller = ControllerProcess::start_with_env(
         tb,
         &ns.name,
-        &["--agent-namespace", &ns.name],
-        &tb.aws_env(),
+        &["--operator-namespace", &release_ns],
+        &env,
     );
     let ssa = PatchParams::apply("test-user").force();
     let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
@@ -95,18 +196,44 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         );
     }
 
-    // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC is what
-    // lets it read fleets and ModelSets, watch them, report and lift the taint.
-    let (_, release_ns) = common::install_release(tb, "agent");
-    let as_agent = common::impersonating_kubeconfig(tb, &release_ns, "sdfleet-agent");
+    // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC and its
+    // admission policy are what let it read fleets and ModelSets, watch them, report
+    // its own entry and lift its own node's taint.
+    let as_agent = agent_kubeconfig(tb, &release_ns, &node_name);
 
+    // The models root as kubelet creates a DirectoryOrCreate hostPath: root:root 0755.
     let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ds = rendered_daemonset(&ns.name);
+    let bin = world_readable_binary();
+    // The init container, as rendered: root with only its capabilities.
+    let init = &ds["initContainers"][0];
+    let init_args: Vec<String> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("--root=/models", &format!("--root={}", root.display()))
+        })
+        .collect();
+    let out = as_rendered(&init["securityContext"], &bin)
+        .args(&init_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
             .unwrap();
     // Killed however the test ends; its stdout must not hold the test's output open.
     let agent = common::KillOnDrop(
-        std::process::Command::new(common::sdfleet_bin())
+        as_rendered(&ds["containers"][0]["securityContext"], &bin)
             .args([
                 "agent",
                 "--node-name",
@@ -118,6 +245,8 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
             ])
             .arg(&root)
             .env("KUBECONFIG", &as_agent)
+            // A home the agent's user may read (root's is not).
+            .env("HOME", std::env::temp_dir())
             .envs(tb.aws_env())
             .stdout(std::process::Stdio::null())
             .stderr(log)

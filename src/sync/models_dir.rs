@@ -43,10 +43,18 @@ pub fn prepare(
         source,
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    // Never follow a symlink planted where the directory should be.
-    std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(io)?;
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(&dir).map_err(io)?;
+    if meta.is_dir() && meta.uid() == uid && meta.gid() == gid && meta.mode() & 0o7777 == 0o755 {
+        // Prepared by an earlier start of the pod.
+        return Ok(dir);
+    }
+    // The mode first, while root still owns it (chmod of another's file needs
+    // CAP_FOWNER, which the init container does not have).
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+    // Never follow a symlink planted where the directory should be.
+    std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(io)?;
     Ok(dir)
 }
 
@@ -79,6 +87,8 @@ mod tests {
         let dir = prepare(&root, "team", "models", uid, gid).unwrap();
         assert_eq!(dir, root.join("team/models"));
         assert!(dir.is_dir());
+        // A second start of the pod finds it prepared.
+        assert_eq!(prepare(&root, "team", "models", uid, gid).unwrap(), dir);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
