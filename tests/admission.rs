@@ -1,0 +1,237 @@
+//! The chart's admission policies, evaluated by the real apiserver: an agent's token
+//! (which sits on every GPU node) may only lift sdfleet's taint from its own node and
+//! write its own entry; the controller's may only write objects sdfleet labels.
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestNamespace, Testbed, install_crds, unique_suffix};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use sdfleet::crd::ModelSet;
+use serde_json::{Value, json};
+
+async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// A client acting as the chart's agent ServiceAccount whose token names `node`.
+async fn agent_of(tb: &Testbed, release_ns: &str, node: &str) -> Client {
+    let path = common::impersonating_kubeconfig(tb, release_ns, "sdfleet-agent");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "    as-groups:",
+        &format!("    as-user-extra: {{\"authentication.kubernetes.io/node-name\": [\"{node}\"]}}\n    as-groups:"),
+    );
+    let path = std::path::PathBuf::from(format!("{}-{node}", path.display()));
+    std::fs::write(&path, text).unwrap();
+    client_from(&path).await
+}
+
+fn tainted_node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"sdfleet.io/test": "true"}},
+        "spec": {"taints": [
+            {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+            {"key": "sdfleet.io/models-not-ready", "effect": "NoSchedule"}]}})
+}
+
+/// The patch an agent sends to lift the startup taint: the node's current taints but
+/// that one, at its current version (other controllers taint nodes too: retried on a
+/// conflict, a bounded number of times).
+async fn untaint(as_agent: &Api<Node>, admin: &Api<Node>, name: &str) -> Result<Node, kube::Error> {
+    let mut last = None;
+    for _ in 0..5 {
+        let node = admin.get(name).await.unwrap();
+        let rest: Vec<_> = node
+            .spec
+            .and_then(|s| s.taints)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| t.key != "sdfleet.io/models-not-ready")
+            .collect();
+        let patch = json!({"metadata": {"resourceVersion": node.metadata.resource_version},
+            "spec": {"taints": rest}});
+        match as_agent
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 409 => last = Some(kube::Error::Api(e)),
+            result => return result,
+        }
+    }
+    Err(last.unwrap())
+}
+
+/// Admission policies take effect once the apiserver has loaded them: wait (bounded)
+/// until `probe` (a dry run) is refused.
+async fn wait_for_policy<F, Fut, T>(mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    for _ in 0..60 {
+        match probe().await {
+            Err(kube::Error::Api(e)) if e.code != 409 => {
+                eprintln!("policy in effect: {}", e.message);
+                return;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    panic!("the chart's admission policy never took effect");
+}
+
+fn refused(result: Result<impl std::fmt::Debug, kube::Error>, says: &str) {
+    match result {
+        Err(kube::Error::Api(e)) => assert!(e.message.contains(says), "{}", e.message),
+        other => panic!("expected the apiserver to refuse ({says}), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_may_change_only_its_own_node_and_entry() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let admin = tb.client().await;
+    let (_, release_ns) = common::install_release(tb, "admission");
+    let (mine, other) = (
+        format!("gpu-mine-{}", unique_suffix()),
+        format!("gpu-other-{}", unique_suffix()),
+    );
+    let admin_nodes: Api<Node> = Api::all(admin.clone());
+    for name in [&mine, &other] {
+        admin_nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(tainted_node(name)).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let agent = agent_of(tb, &release_ns, &mine).await;
+    let nodes: Api<Node> = Api::all(agent.clone());
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let probe = Patch::Merge(json!({"metadata": {"labels": {"probe": "x"}}}));
+    wait_for_policy(|| nodes.patch(&other, &dry_run, &probe)).await;
+
+    refused(
+        untaint(&nodes, &admin_nodes, &other).await,
+        "may not change node",
+    );
+    let label = json!({"metadata": {"labels": {"evil": "true"}}});
+    refused(
+        nodes
+            .patch(&mine, &PatchParams::default(), &Patch::Merge(label))
+            .await,
+        "may only remove the sdfleet.io/models-not-ready taint",
+    );
+    untaint(&nodes, &admin_nodes, &mine)
+        .await
+        .expect("its own node's startup taint");
+
+    // ModelSet status: its own entry only.
+    let ns = TestNamespace::new(&admin, "admission").await;
+    let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "m"},
+        "spec": {"source": {"s3": {"bucket": "models-bucket"}}}});
+    Api::<ModelSet>::namespaced(admin.clone(), &ns.name)
+        .patch("m", &PatchParams::apply("test-user"), &Patch::Apply(ms))
+        .await
+        .unwrap();
+    let sets: Api<ModelSet> = Api::namespaced(agent.clone(), &ns.name);
+    let entry = |node: &str| {
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "m"},
+            "status": {"nodes": [{"node": node, "revision": "r", "state": "Synced"}]}})
+    };
+    refused(
+        sets.patch_status(
+            "m",
+            &PatchParams::apply("sdfleet-agent-x").force(),
+            &Patch::Apply(entry(&other)),
+        )
+        .await,
+        "may only write its own entry",
+    );
+    sets.patch_status(
+        "m",
+        &PatchParams::apply("sdfleet-agent-mine").force(),
+        &Patch::Apply(entry(&mine)),
+    )
+    .await
+    .expect("its own entry");
+    refused(
+        sets.patch_status(
+            "m",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"revision": "forged"}})),
+        )
+        .await,
+        "may only write status.nodes",
+    );
+    // A token that names no node may change nothing.
+    let nameless = client_from(&common::impersonating_kubeconfig(
+        tb,
+        &release_ns,
+        "sdfleet-agent",
+    ))
+    .await;
+    refused(
+        untaint(&Api::all(nameless), &admin_nodes, &other).await,
+        "names no node",
+    );
+    for name in [&mine, &other] {
+        let _ = admin_nodes.delete(name, &Default::default()).await;
+    }
+}
+
+#[tokio::test]
+async fn the_controller_may_write_only_what_sdfleet_labels() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let admin = tb.client().await;
+    let (release, release_ns) = common::install_release(tb, "ctl-admission");
+    let controller = client_from(&common::impersonating_kubeconfig(
+        tb,
+        &release_ns,
+        &format!("{release}-sdfleet"),
+    ))
+    .await;
+    let ns = TestNamespace::new(&admin, "ctl-admission").await;
+    let maps: Api<ConfigMap> = Api::namespaced(controller, &ns.name);
+    let plain: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "team-settings"}, "data": {"a": "b"}}))
+            .unwrap();
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_for_policy(|| maps.create(&dry_run, &plain)).await;
+    refused(
+        maps.create(&PostParams::default(), &plain).await,
+        "sdfleet writes only objects labelled app.kubernetes.io/managed-by=sdfleet",
+    );
+    let ours: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "m-catalog-0",
+        "labels": {"app.kubernetes.io/managed-by": "sdfleet", "sdfleet.io/catalog-of": "m"}}}))
+    .unwrap();
+    maps.create(&PostParams::default(), &ours)
+        .await
+        .expect("a labelled catalog ConfigMap");
+    // An object a team made stays out of reach even by name.
+    Api::<ConfigMap>::namespaced(admin, &ns.name)
+        .create(&PostParams::default(), &plain)
+        .await
+        .unwrap();
+    refused(
+        maps.delete("team-settings", &Default::default()).await,
+        "is not one",
+    );
+}
