@@ -42,13 +42,11 @@ async fn rendered_chart_passes_server_side_dry_run() {
     let tb = Testbed::get();
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "chart-dry").await;
-    for extra in [
-        vec![],
-        vec![
-            "--set",
-            "networkPolicy.enabled=true,controller.clusterName=c,controller.region=eu-west-1,controller.watchNamespace=studio",
-        ],
-    ] {
+    let scoped = format!(
+        "networkPolicy.enabled=true,controller.clusterName=c,controller.region=eu-west-1,controller.watchNamespace={}",
+        ns.name
+    );
+    for extra in [vec![], vec!["--set", scoped.as_str()]] {
         let out = helm(tb)
             .args([
                 "template",
@@ -76,6 +74,20 @@ async fn rendered_chart_passes_server_side_dry_run() {
             "kind: PodDisruptionBudget",
         ] {
             assert!(rendered.contains(kind), "{kind} not rendered");
+        }
+        if !extra.is_empty() {
+            // Scoped to one namespace: what lives in namespaces comes from a Role there,
+            // and the ClusterRole keeps only cluster-scoped kinds.
+            let cluster_role = rendered
+                .split("\n---")
+                .find(|d| d.contains("kind: ClusterRole\n") && !d.contains("-agent"))
+                .unwrap();
+            assert!(!cluster_role.contains("deployments"), "{cluster_role}");
+            assert!(!cluster_role.contains("configmaps"), "{cluster_role}");
+            assert!(rendered.contains(&format!(
+                "kind: Role\nmetadata:\n  name: dry-sdfleet\n  namespace: {}",
+                ns.name
+            )));
         }
         assert!(
             !rendered.contains("secrets"),
