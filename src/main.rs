@@ -83,6 +83,10 @@ struct ControllerArgs {
     /// Watch only this namespace (default: all).
     #[arg(long, env = "SDFLEET_NAMESPACE")]
     namespace: Option<String>,
+    /// Seconds between reconciles of a steady fleet (watches start one at once on any
+    /// change; this catches what no watch sees).
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
@@ -242,6 +246,7 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
                 region: args.region.filter(|r| !r.is_empty()),
             },
             namespace: args.namespace,
+            resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         };
         let metrics = std::sync::Arc::new(sdfleet::telemetry::Metrics::default());
         let health = std::sync::Arc::new(sdfleet::telemetry::Health {

@@ -23,6 +23,8 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// Watch only this namespace; all namespaces when None.
     pub namespace: Option<String>,
+    /// How often a steady fleet is reconciled anyway, to notice what watches cannot.
+    pub resync: Duration,
 }
 
 /// Shared by every reconcile.
@@ -172,8 +174,10 @@ where
     Action::requeue(delay)
 }
 
-/// Requeue a healthy fleet now and then, to notice what watches cannot (e.g. a CRD
-/// installed after a MissingDependency).
-pub fn steady_requeue() -> Action {
-    Action::requeue(Duration::from_secs(300))
+impl Context {
+    /// Requeue a healthy fleet now and then, to notice what watches cannot (e.g. a CRD
+    /// installed after a MissingDependency).
+    pub fn steady_requeue(&self) -> Action {
+        Action::requeue(self.settings.resync)
+    }
 }

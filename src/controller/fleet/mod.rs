@@ -25,7 +25,7 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
-use super::context::{Context, error_policy, steady_requeue};
+use super::context::{Context, error_policy};
 use super::error::Error;
 use super::finalizer;
 use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
@@ -270,7 +270,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         Action::requeue(ctx.poll_delay(&poll_key, MODELS_POLL))
     } else {
         ctx.reset_poll(&poll_key);
-        steady_requeue()
+        ctx.steady_requeue()
     })
 }
 

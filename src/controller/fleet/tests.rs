@@ -26,6 +26,7 @@ fn context(client: kube::Client) -> Arc<Context> {
             agent: AgentSettings::default(),
         },
         namespace: None,
+        resync: std::time::Duration::from_secs(300),
     };
     Arc::new(Context::new(client, settings, Arc::new(Metrics::default())))
 }
