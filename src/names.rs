@@ -18,6 +18,10 @@ pub const APP_NAME_KEY: &str = "app.kubernetes.io/name";
 pub const APP_INSTANCE_KEY: &str = "app.kubernetes.io/instance";
 /// The app name of the node agent's pods.
 pub const AGENT_APP: &str = "sdfleet-agent";
+/// On the nodes of a fleet with a ModelSet: which ModelSet they were made (and synced)
+/// for. The pods select it, so a fleet that switches ModelSets never starts a pod on a
+/// node that holds the old one; Karpenter replaces those nodes (the NodePool drifted).
+pub const MODELSET_LABEL: &str = "sdfleet.io/modelset";
 /// Labels the catalog ConfigMaps of a ModelSet with the ModelSet's name.
 pub const CATALOG_OF_KEY: &str = "sdfleet.io/catalog-of";
 

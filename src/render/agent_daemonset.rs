@@ -143,6 +143,19 @@ mod tests {
         assert_eq!(agent["runAsUser"], 65532);
         assert_eq!(agent["runAsNonRoot"], true);
         assert_eq!(agent["capabilities"], serde_json::json!({"drop": ["ALL"]}));
+        // The pods run only on nodes made for this ModelSet: a switch to another one
+        // changes the NodePool's node labels (Karpenter replaces the nodes) and the pods'.
+        let labels = &children[1].manifest["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["sdfleet.io/modelset"], "sdxl-models");
+        let deploy_pod = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::Deployment)
+            .unwrap()
+            .manifest["spec"]["template"]["spec"];
+        assert_eq!(
+            deploy_pod["nodeSelector"]["sdfleet.io/modelset"],
+            "sdxl-models"
+        );
         // ComfyUI pods do not tolerate the startup taint.
         let deploy = children
             .iter()

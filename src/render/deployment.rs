@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use super::error::RenderError;
 use super::storage::S3Volume;
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
-use crate::names::{FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, NODEPOOL_LABEL, models_dir};
+use crate::names::{
+    FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, MODELSET_LABEL, NODEPOOL_LABEL, models_dir,
+};
 
 pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
 pub const CONTAINER_NAME: &str = "comfyui";
@@ -103,6 +105,11 @@ pub fn deployment_spec(
         container["env"] = json!(spec.env);
     }
 
+    let mut node_selector =
+        std::collections::BTreeMap::from([(NODEPOOL_LABEL.to_string(), fleet.nodepool())]);
+    if let Some(model_set) = &spec.model_set {
+        node_selector.insert(MODELSET_LABEL.to_string(), model_set.clone());
+    }
     let mut pod_labels = fleet.pod_selector();
     pod_labels.extend(fleet.owner_labels());
     Ok(json!({
@@ -113,7 +120,7 @@ pub fn deployment_spec(
         "template": {
             "metadata": {"labels": pod_labels},
             "spec": {
-                "nodeSelector": {NODEPOOL_LABEL: fleet.nodepool()},
+                "nodeSelector": node_selector,
                 "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
                 "enableServiceLinks": false,
                 // ComfyUI never calls the Kubernetes API: no token in its pods.

@@ -6,9 +6,20 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
-use crate::names::{FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT};
+use std::collections::BTreeMap;
+
+use crate::names::{FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL};
 
 pub const GPU_TAINT_VALUE: &str = "true";
+
+/// The labels of the fleet's nodes; the pods select them (see `MODELSET_LABEL`).
+pub fn node_labels(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> BTreeMap<String, String> {
+    let mut labels = fleet.node_labels();
+    if let Some(model_set) = &spec.model_set {
+        labels.insert(MODELSET_LABEL.to_string(), model_set.clone());
+    }
+    labels
+}
 
 pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"))
@@ -27,7 +38,7 @@ pub fn nodepool_spec(
     };
     json!({
         "template": {
-            "metadata": {"labels": fleet.node_labels()},
+            "metadata": {"labels": node_labels(fleet, spec)},
             "spec": {
                 "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": fleet.node_class()},
                 "requirements": [
