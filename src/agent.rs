@@ -187,6 +187,7 @@ impl Agent {
             state,
             bytes_done,
             message: NodeSync::bounded(message),
+            command_id: None,
         };
         let body = ModelSet::node_entries_patch(name, &[entry]);
         let manager = format!("sdfleet-agent-{}", self.node);

@@ -209,9 +209,20 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
     let ctx = RenderContext {
         cluster: &cluster,
         node_class: args.cloud.provider(),
+        model_sync: Default::default(),
     };
+    let docs = serde_saphyr::from_multiple::<serde_json::Value>(&text)?;
+    // ModelSets in the same file say how their fleets' models are delivered.
+    let mut methods = std::collections::BTreeMap::new();
+    for doc in docs.iter().filter(|d| d["kind"] == "ModelSet") {
+        let ms: sdfleet::crd::ModelSet = serde_json::from_value(doc.clone())?;
+        methods.insert(
+            ms.metadata.name.clone().unwrap_or_default(),
+            ms.spec.sync.method,
+        );
+    }
     let mut out = String::new();
-    for doc in serde_saphyr::from_multiple::<serde_json::Value>(&text)? {
+    for doc in docs {
         if doc.get("kind").and_then(|k| k.as_str()) != Some("ComfyUIDeployment") {
             continue;
         }
@@ -219,6 +230,13 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         if cud.metadata.namespace.is_none() {
             cud.metadata.namespace = Some("default".into());
         }
+        let model_sync = cud
+            .spec
+            .model_set
+            .as_ref()
+            .and_then(|m| methods.get(m).copied())
+            .unwrap_or_default();
+        let ctx = RenderContext { model_sync, ..ctx };
         for child in build(&cud, &ctx)? {
             out.push_str(&format!(
                 "---\n{}\n",

@@ -48,6 +48,7 @@ fn rendered_daemonset(ns: &str) -> Value {
     let ctx = RenderContext {
         cluster: &cluster,
         node_class: Cloud::Kwok.provider(),
+        model_sync: Default::default(),
     };
     let children = build(&cud, &ctx).unwrap();
     let ds = children

@@ -281,13 +281,20 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
         .image_id()
         .unwrap()
         .to_string();
-    let tags = |pool: &str| {
+    // As Karpenter tags its instances: the NodePool and the cluster.
+    let tags = |pool: &str, cluster: &str| {
         aws_sdk_ec2::types::TagSpecification::builder()
             .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
             .tags(
                 aws_sdk_ec2::types::Tag::builder()
                     .key("karpenter.sh/nodepool")
                     .value(pool)
+                    .build(),
+            )
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(format!("kubernetes.io/cluster/{cluster}"))
+                    .value("owned")
                     .build(),
             )
             .build()
@@ -297,7 +304,7 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
         .image_id(&image)
         .min_count(2)
         .max_count(2)
-        .tag_specifications(tags(&pool))
+        .tag_specifications(tags(&pool, "testbed"))
         .send()
         .await
         .unwrap();
@@ -311,7 +318,16 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
         .image_id(&image)
         .min_count(1)
         .max_count(1)
-        .tag_specifications(tags("another-pool"))
+        .tag_specifications(tags("another-pool", "testbed"))
+        .send()
+        .await
+        .unwrap();
+    // Same NodePool name, another cluster in the account: not ours.
+    ec2.run_instances()
+        .image_id(&image)
+        .min_count(1)
+        .max_count(1)
+        .tag_specifications(tags(&pool, "another-cluster"))
         .send()
         .await
         .unwrap();
@@ -376,6 +392,36 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
         script.contains(&format!("/models/{}/viassm'", ns.name)),
         "{script}"
     );
+    // moto records the command but runs nothing, and reports Success: run what the
+    // instances would run, here, against the same S3, and see the models arrive.
+    let dest = std::env::temp_dir().join(format!("sdfleet-ssm-{}", common::unique_suffix()));
+    let local = script
+        .replacen(
+            "sdfleet ",
+            &format!("{} ", common::sdfleet_bin().display()),
+            1,
+        )
+        .replace(
+            &format!("'/mnt/k8s-disks/0/sdfleet/models/{}/viassm'", ns.name),
+            &format!("'{}'", dest.display()),
+        );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &local])
+        .envs(tb.aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{local}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(dest.join("checkpoints/a.safetensors"))
+            .unwrap()
+            .len(),
+        10
+    );
+    let _ = std::fs::remove_dir_all(&dest);
     cuds.delete("fleet", &DeleteParams::default())
         .await
         .unwrap();

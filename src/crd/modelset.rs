@@ -185,6 +185,9 @@ pub struct NodeSync {
     pub bytes_done: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// SSM: the command whose invocation is syncing this instance (polled, not resent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
 }
 
 /// The longest `status.nodes[].message`: every node writes one, so the object's size

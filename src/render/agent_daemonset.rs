@@ -84,6 +84,27 @@ pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings, model_set: &str
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_ssm_modelset_gets_no_agent_and_no_startup_taint() {
+        let mut cud = example(SDXL);
+        cud.spec.model_set = Some("sdxl-models".into());
+        let cluster = crate::render::tests::cluster();
+        let ctx = crate::render::RenderContext {
+            cluster: &cluster,
+            node_class: Cloud::Kwok.provider(),
+            model_sync: crate::crd::modelset::SyncMethod::Ssm,
+        };
+        let children = crate::render::build(&cud, &ctx).unwrap();
+        assert!(!children.iter().any(|c| c.kind == ChildKind::AgentDaemonSet));
+        let pool = &children[1].manifest["spec"]["template"];
+        assert_eq!(pool["spec"]["startupTaints"], serde_json::json!([]));
+        // The nodes still say which ModelSet they are for.
+        assert_eq!(
+            pool["metadata"]["labels"]["sdfleet.io/modelset"],
+            "sdxl-models"
+        );
+    }
+
     use crate::render::ChildKind;
     use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};

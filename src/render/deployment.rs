@@ -252,6 +252,7 @@ mod tests {
         let ctx = crate::render::RenderContext {
             cluster: &cluster,
             node_class: Cloud::Aws.provider(),
+            model_sync: Default::default(),
         };
         assert!(crate::render::build(&cud, &ctx).is_err());
     }

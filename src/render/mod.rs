@@ -19,6 +19,7 @@ pub use child::{Child, ChildKind, Scope};
 pub use error::RenderError;
 
 use crate::crd::comfyui::ComfyUIDeployment;
+use crate::crd::modelset::SyncMethod;
 use crate::names::FleetNames;
 use nodeclass::NodeClassProvider;
 use settings::ClusterSettings;
@@ -27,6 +28,9 @@ use settings::ClusterSettings;
 pub struct RenderContext<'a> {
     pub cluster: &'a ClusterSettings,
     pub node_class: &'a dyn NodeClassProvider,
+    /// How the fleet's ModelSet reaches its nodes (read from the ModelSet): the agent
+    /// DaemonSet and the startup taint exist only for `Agent`.
+    pub model_sync: SyncMethod,
 }
 
 /// Builds children of one fleet: names, labels, namespace and owner reference by kind.
@@ -76,10 +80,11 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         .node_class
         .node_class_spec(&fleet, &spec.node_class, ctx.cluster)?;
     b.push(ChildKind::NodeClass, fleet.node_class(), class_spec);
+    let agent_syncs = spec.model_set.is_some() && ctx.model_sync == SyncMethod::Agent;
     b.push(
         ChildKind::NodePool,
         fleet.nodepool(),
-        nodepool::nodepool_spec(&fleet, spec, &class_api),
+        nodepool::nodepool_spec(&fleet, spec, &class_api, agent_syncs),
     );
     let volumes = storage::volumes(spec, ctx.cluster)?;
     for volume in &volumes {
@@ -112,7 +117,7 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         );
         ingress["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
     }
-    if let Some(model_set) = &spec.model_set {
+    if let Some(model_set) = spec.model_set.as_ref().filter(|_| agent_syncs) {
         b.push(
             ChildKind::AgentDaemonSet,
             fleet.agent_daemonset(),
@@ -170,6 +175,7 @@ spec:
             &RenderContext {
                 cluster: &cluster,
                 node_class: cloud.provider(),
+                model_sync: Default::default(),
             },
         )
         .unwrap()
@@ -292,12 +298,14 @@ spec:
         let ctx = RenderContext {
             cluster: &bare,
             node_class: Cloud::Aws.provider(),
+            model_sync: Default::default(),
         };
         let err = build(&cud, &ctx).unwrap_err().to_string();
         assert!(err.contains("spec.nodeClass.subnetSelectorTags"), "{err}");
         let kwok = RenderContext {
             cluster: &bare,
             node_class: Cloud::Kwok.provider(),
+            model_sync: Default::default(),
         };
         let err = build(&cud, &kwok).unwrap_err().to_string();
         assert!(err.contains("spec.storage.outputs.region"), "{err}");

@@ -29,9 +29,10 @@ pub fn nodepool_spec(
     fleet: &FleetNames,
     spec: &ComfyUIDeploymentSpec,
     node_class: &ApiResource,
+    startup_taint: bool,
 ) -> Value {
     let capacity_types: Vec<&str> = spec.gpu.capacity_types.iter().map(|c| c.as_str()).collect();
-    let startup_taints = if spec.model_set.is_some() {
+    let startup_taints = if startup_taint {
         json!([{"key": MODELS_NOT_READY_TAINT, "effect": "NoSchedule"}])
     } else {
         json!([])

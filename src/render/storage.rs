@@ -168,6 +168,7 @@ mod tests {
             &RenderContext {
                 cluster: &cluster,
                 node_class: Cloud::Aws.provider(),
+                model_sync: Default::default(),
             },
         )
         .unwrap_err();

@@ -32,7 +32,7 @@ use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
 use super::{preflight, status as status_writer};
 use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
-use crate::crd::modelset::ModelSet;
+use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
@@ -199,9 +199,21 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         return Err(Error::MissingDependency(message));
     }
 
+    // Dereference: the ModelSet says how its models reach the nodes.
+    let model_set = match cud.spec.model_set.as_deref() {
+        Some(name) => {
+            let sets: Api<ModelSet> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
+            sets.get_opt(name).await?
+        }
+        None => None,
+    };
     let rctx = RenderContext {
         cluster: &ctx.settings.cluster,
         node_class: provider,
+        model_sync: model_set
+            .as_ref()
+            .map(|ms| ms.spec.sync.method)
+            .unwrap_or_default(),
     };
     let children = match render::build(cud, &rctx) {
         Ok(c) => c,
@@ -248,7 +260,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         publish(ctx, cud, EventType::Normal, "Pruned", &note).await;
     }
 
-    let facts = fetch_facts(ctx, cud, &fleet).await?;
+    let facts = fetch_facts(ctx, cud, &fleet, model_set).await?;
     let observed = status::observe(cud, &fleet, &facts);
     write_status(ctx, cud, &observed.conditions, Some(&observed)).await?;
     let labels = FleetLabels {
@@ -275,11 +287,12 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
 }
 
 /// Reads what the status is computed from: the Deployment, the NodePool, the Ingress,
-/// the ModelSet and the NodePool's nodes.
+/// and, with the ModelSet read before, the NodePool's nodes.
 async fn fetch_facts(
     ctx: &Context,
     cud: &ComfyUIDeployment,
     fleet: &FleetNames,
+    model_set: Option<ModelSet>,
 ) -> Result<Facts, Error> {
     let client = &ctx.client;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &fleet.namespace);
@@ -295,27 +308,29 @@ async fn fetch_facts(
     } else {
         None
     };
-    let models = match cud.spec.model_set.as_deref() {
-        None => ModelFacts::NotUsed,
-        Some(name) => {
-            let sets: Api<ModelSet> = Api::namespaced(client.clone(), &fleet.namespace);
-            match sets.get_opt(name).await? {
-                None => ModelFacts::NotFound(name.to_string()),
-                Some(ms) => {
-                    let nodes: Api<Node> = Api::all(client.clone());
-                    let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
-                    let nodes = nodes
-                        .list(&ListParams::default().labels(&selector))
-                        .await?
-                        .items
-                        .iter()
-                        .map(|n| n.name_any())
-                        .collect();
-                    ModelFacts::Found {
-                        status: Box::new(ms.status.unwrap_or_default()),
-                        nodes,
-                    }
-                }
+    let models = match (cud.spec.model_set.as_deref(), model_set) {
+        (None, _) => ModelFacts::NotUsed,
+        (Some(name), None) => ModelFacts::NotFound(name.to_string()),
+        (Some(_), Some(ms)) => {
+            let nodes: Api<Node> = Api::all(client.clone());
+            let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
+            let ssm = ms.spec.sync.method == SyncMethod::Ssm;
+            let nodes = nodes
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .iter()
+                // SSM reports by EC2 instance id: the last part of the providerID.
+                .map(
+                    |n| match n.spec.as_ref().and_then(|s| s.provider_id.as_deref()) {
+                        Some(id) if ssm => id.rsplit('/').next().unwrap_or(id).to_string(),
+                        _ => n.name_any(),
+                    },
+                )
+                .collect();
+            ModelFacts::Found {
+                status: Box::new(ms.status.unwrap_or_default()),
+                nodes,
             }
         }
     };

@@ -350,6 +350,7 @@ mod tests {
             } else {
                 String::new()
             },
+            command_id: None,
         }
     }
 

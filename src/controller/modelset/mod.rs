@@ -34,6 +34,8 @@ use crate::telemetry::ControllerName;
 use catalog_maps::MODELS_IN_STATUS;
 
 pub const SYNCED: &str = "Synced";
+/// How soon SSM invocations in flight are looked at again.
+const SSM_POLL: Duration = Duration::from_secs(5);
 /// Holds a ModelSet until its SQS listener is stopped.
 pub const FINALIZER: &str = "sdfleet.io/stop-listener";
 const KIND: &str = "ModelSet";
@@ -196,13 +198,17 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     let catalog_status = Some((&catalog, catalog_ref));
     write_status(ctx, ms, catalog_status, &[listed], live.as_ref()).await?;
     if ms.spec.sync.method == SyncMethod::Ssm {
-        ssm::sync_instances(
+        let in_flight = ssm::sync_instances(
             &ctx.client,
             ms,
             &catalog.revision(),
+            ctx.settings.cluster.cluster_name.as_deref(),
             location.region.as_deref(),
         )
         .await?;
+        if in_flight {
+            return Ok(Action::requeue(SSM_POLL.min(poll)));
+        }
     }
     Ok(Action::requeue(poll))
 }
@@ -432,6 +438,7 @@ mod tests {
             state: NodeSyncState::Synced,
             bytes_done: 0,
             message: String::new(),
+            command_id: None,
         };
         let status = ModelSetStatus {
             revision: "r2".into(),

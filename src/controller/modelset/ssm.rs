@@ -1,9 +1,15 @@
 //! `sync.method: SSM`, for parity with the seed system: the controller finds the running
-//! instances of the fleets' NodePools by tag, runs `sdfleet sync` on them with
-//! `AWS-RunShellScript`, waits for each invocation's result and records it in
-//! `status.nodes`. Unlike the seed's Lambda, failures are visible and retried.
-
-use std::time::Duration;
+//! instances of the fleets' NodePools in this cluster by tag, runs `sdfleet sync` on them
+//! with `AWS-RunShellScript` (in batches of at most 50, SSM's limit per command), and
+//! records each instance in `status.nodes`: Syncing with its command id while the
+//! invocation runs, then Synced or Failed from the invocation's result. Each reconcile
+//! polls the commands in flight instead of sending again; a failed instance is sent
+//! again (with backoff). Unlike the seed's Lambda, failures are visible and retried.
+//!
+//! What a node needs (nothing is installed on it): the SSM agent (in EKS AMIs), an
+//! instance role with `AmazonSSMManagedInstanceCore` and read access to the bucket, and
+//! `sdfleet` on its PATH (bake it into the AMI). The agent DaemonSet and the startup
+//! taint are not rendered for such a fleet.
 
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_ssm::types::CommandInvocationStatus;
@@ -14,14 +20,17 @@ use crate::crd::ComfyUIDeployment;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
 use crate::names::{FleetNames, MODELS_HOST_ROOT, NODEPOOL_LABEL, models_dir};
 
-/// How long one reconcile waits for the invocations (then the next reconcile retries).
-const WAIT_ATTEMPTS: usize = 30;
-const WAIT_STEP: Duration = Duration::from_secs(2);
+/// SSM's limit of instance ids per SendCommand.
+pub const BATCH: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SsmError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(
+        "the SSM method needs the controller's --cluster-name, to find only this cluster's instances"
+    )]
+    NoClusterName,
     #[error("EC2 DescribeInstances: {0}")]
     Describe(String),
     #[error("SSM SendCommand: {0}")]
@@ -71,13 +80,15 @@ pub fn sync_command(ms: &ModelSet, region: Option<&str>) -> String {
     cmd
 }
 
-/// Syncs every running instance of the fleets using `ms` that is not yet at `revision`.
+/// Brings every running instance of the fleets using `ms` to `revision`: polls the
+/// commands in flight, sends to the rest. Returns true while invocations still run.
 pub async fn sync_instances(
     client: &Client,
     ms: &ModelSet,
     revision: &str,
+    cluster: Option<&str>,
     region: Option<&str>,
-) -> Result<(), SsmError> {
+) -> Result<bool, SsmError> {
     let ns = ms.namespace().unwrap_or_default();
     let name = ms.name_any();
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns);
@@ -90,150 +101,150 @@ pub async fn sync_instances(
         .map(|c| FleetNames::new(&ns, &c.name_any()).nodepool())
         .collect();
     if pools.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
+    let cluster = cluster.ok_or(SsmError::NoClusterName)?;
     let aws = crate::aws::sdk_config(region, None).await;
     let ec2 = aws_sdk_ec2::Client::new(&aws);
     let ssm = aws_sdk_ssm::Client::new(&aws);
+    let instances = running_instances(&ec2, cluster, pools).await?;
 
-    let described = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name(format!("tag:{NODEPOOL_LABEL}"))
-                .set_values(Some(pools))
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("running")
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| SsmError::Describe(aws_sdk_ec2::error::DisplayErrorContext(&e).to_string()))?;
-    let instances: Vec<String> = described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.instance_id().map(str::to_string))
-        .collect();
     let status = ms.status.clone().unwrap_or_default();
-    let current = |id: &String| status.node(id).filter(|n| n.is_synced_at(revision));
-    // Entries of instances already at the revision are re-applied as they are: this
-    // field manager owns the whole set, and SSA drops what an apply leaves out (so
-    // terminated instances leave the status too).
-    let mut entries: Vec<NodeSync> = instances
-        .iter()
-        .filter_map(|id| current(id).cloned())
-        .collect();
-    let pending: Vec<String> = instances
-        .iter()
-        .filter(|id| current(id).is_none())
-        .cloned()
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
-    }
-
-    let command = sync_command(ms, region);
-    let sent = ssm
-        .send_command()
-        .document_name("AWS-RunShellScript")
-        .comment(format!("sdfleet: sync ModelSet {ns}/{name} to {revision}"))
-        .set_instance_ids(Some(pending.clone()))
-        .parameters("commands", vec![command])
-        .send()
-        .await
-        .map_err(|e| SsmError::Send(aws_sdk_ssm::error::DisplayErrorContext(&e).to_string()))?;
-    let command_id = sent
-        .command()
-        .and_then(|c| c.command_id())
-        .unwrap_or_default()
-        .to_string();
-    tracing::info!(modelset = %format!("{ns}/{name}"), %command_id, instances = pending.len(), "sent sdfleet sync through SSM");
-
-    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);
-    let mut failures = Vec::new();
-    for id in &pending {
-        let (state, message) = wait_for(&ssm, &command_id, id).await;
-        if state == NodeSyncState::Failed {
-            failures.push(format!("{id}: {message}"));
+    // Every instance's entry is applied each time: this field manager owns the whole set,
+    // and SSA drops what an apply leaves out (so terminated instances leave the status).
+    let mut entries = Vec::new();
+    let mut pending = Vec::new();
+    for id in &instances {
+        match status.node(id) {
+            Some(e) if e.is_synced_at(revision) => entries.push(e.clone()),
+            Some(e) if e.state == NodeSyncState::Syncing && e.revision == revision => {
+                match e.command_id.as_deref() {
+                    Some(command) => entries.push(poll(&ssm, command, e).await),
+                    None => pending.push(id.clone()),
+                }
+            }
+            _ => pending.push(id.clone()),
         }
-        entries.push(NodeSync {
+    }
+    let command = sync_command(ms, region);
+    for batch in pending.chunks(BATCH) {
+        let sent = ssm
+            .send_command()
+            .document_name("AWS-RunShellScript")
+            .comment(format!("sdfleet: sync ModelSet {ns}/{name} to {revision}"))
+            .set_instance_ids(Some(batch.to_vec()))
+            .parameters("commands", vec![command.clone()])
+            .send()
+            .await
+            .map_err(|e| SsmError::Send(aws_sdk_ssm::error::DisplayErrorContext(&e).to_string()))?;
+        let command_id = sent
+            .command()
+            .and_then(|c| c.command_id())
+            .unwrap_or_default()
+            .to_string();
+        tracing::info!(modelset = %format!("{ns}/{name}"), %command_id, instances = batch.len(), "sent sdfleet sync through SSM");
+        entries.extend(batch.iter().map(|id| NodeSync {
             node: id.clone(),
             revision: revision.to_string(),
-            state,
+            state: NodeSyncState::Syncing,
             bytes_done: 0,
-            message: NodeSync::bounded(&message),
-        });
+            message: String::new(),
+            command_id: Some(command_id.clone()),
+        }));
     }
-    let body = ModelSet::node_entries_patch(&name, &entries);
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);
     api.patch_status(
         &name,
         &PatchParams::apply("sdfleet-ssm").force(),
-        &Patch::Apply(body),
+        &Patch::Apply(ModelSet::node_entries_patch(&name, &entries)),
     )
     .await?;
-    match failures.first() {
-        Some(first) => Err(SsmError::Failed {
-            failed: failures.len(),
-            total: pending.len(),
-            first: first.clone(),
-        }),
-        None => Ok(()),
+    let failed: Vec<&NodeSync> = entries
+        .iter()
+        .filter(|e| e.state == NodeSyncState::Failed)
+        .collect();
+    if let Some(first) = failed.first() {
+        return Err(SsmError::Failed {
+            failed: failed.len(),
+            total: entries.len(),
+            first: format!("{}: {}", first.node, first.message),
+        });
     }
+    Ok(entries.iter().any(|e| e.state == NodeSyncState::Syncing))
 }
 
-async fn wait_for(
-    ssm: &aws_sdk_ssm::Client,
-    command_id: &str,
-    instance: &str,
-) -> (NodeSyncState, String) {
-    for _ in 0..WAIT_ATTEMPTS {
-        match ssm
-            .get_command_invocation()
-            .command_id(command_id)
-            .instance_id(instance)
-            .send()
-            .await
-        {
-            Ok(out) => match out.status() {
-                Some(CommandInvocationStatus::Success) => {
-                    return (NodeSyncState::Synced, String::new());
-                }
-                Some(
-                    s @ (CommandInvocationStatus::Failed
-                    | CommandInvocationStatus::Cancelled
-                    | CommandInvocationStatus::TimedOut),
-                ) => {
-                    let err = out.standard_error_content().unwrap_or_default().trim();
-                    return (
-                        NodeSyncState::Failed,
-                        format!(
-                            "{}: {}",
-                            s.as_str(),
-                            err.chars().take(500).collect::<String>()
-                        ),
-                    );
-                }
-                _ => {}
-            },
-            // The invocation may not be registered yet right after SendCommand.
-            Err(e) => {
-                tracing::debug!(%instance, error = %aws_sdk_ssm::error::DisplayErrorContext(&e), "invocation not ready")
-            }
-        }
-        tokio::time::sleep(WAIT_STEP).await;
+/// The running instances of `pools` in `cluster` (Karpenter tags its instances with both).
+async fn running_instances(
+    ec2: &aws_sdk_ec2::Client,
+    cluster: &str,
+    pools: Vec<String>,
+) -> Result<Vec<String>, SsmError> {
+    let filter = |name: String, values: Vec<String>| {
+        Filter::builder()
+            .name(name)
+            .set_values(Some(values))
+            .build()
+    };
+    let mut pages = ec2
+        .describe_instances()
+        .filters(filter(format!("tag:{NODEPOOL_LABEL}"), pools))
+        .filters(filter(
+            format!("tag:kubernetes.io/cluster/{cluster}"),
+            vec!["owned".into()],
+        ))
+        .filters(filter("instance-state-name".into(), vec!["running".into()]))
+        .into_paginator()
+        .send();
+    let mut instances = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| {
+            SsmError::Describe(aws_sdk_ec2::error::DisplayErrorContext(&e).to_string())
+        })?;
+        instances.extend(
+            page.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter_map(|i| i.instance_id().map(str::to_string)),
+        );
     }
-    (
-        NodeSyncState::Failed,
-        format!(
-            "no result after {}s",
-            WAIT_ATTEMPTS as u64 * WAIT_STEP.as_secs()
-        ),
-    )
+    instances.sort();
+    Ok(instances)
+}
+
+/// The entry of an instance whose invocation of `command` was in flight, from its result
+/// now (unchanged while it still runs or is not registered yet).
+async fn poll(ssm: &aws_sdk_ssm::Client, command: &str, entry: &NodeSync) -> NodeSync {
+    let mut next = entry.clone();
+    match ssm
+        .get_command_invocation()
+        .command_id(command)
+        .instance_id(&entry.node)
+        .send()
+        .await
+    {
+        Ok(out) => match out.status() {
+            Some(CommandInvocationStatus::Success) => {
+                next.state = NodeSyncState::Synced;
+                next.command_id = None;
+            }
+            Some(
+                s @ (CommandInvocationStatus::Failed
+                | CommandInvocationStatus::Cancelled
+                | CommandInvocationStatus::TimedOut),
+            ) => {
+                let err = out.standard_error_content().unwrap_or_default().trim();
+                next.state = NodeSyncState::Failed;
+                next.message = NodeSync::bounded(&format!("{}: {err}", s.as_str()));
+                next.command_id = None;
+            }
+            _ => {}
+        },
+        // Not registered yet right after SendCommand: still in flight.
+        Err(e) => {
+            tracing::debug!(instance = %entry.node, error = %aws_sdk_ssm::error::DisplayErrorContext(&e), "invocation not ready")
+        }
+    }
+    next
 }
 
 #[cfg(test)]
