@@ -2,17 +2,17 @@
 //! (which sits on every GPU node) may only lift sdfleet's taint from its own node and
 //! write its own entry; the controller's may only write objects sdfleet labels.
 
-mod common;
+mod support;
 
 use std::path::Path;
 
-use common::{TestNamespace, Testbed, install_crds, unique_suffix};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use sdfleet::crd::ModelSet;
 use serde_json::{Value, json};
+use support::{TestNamespace, Testbed, install_crds, unique_suffix};
 
 async fn client_from(path: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(path).unwrap();
@@ -24,14 +24,7 @@ async fn client_from(path: &Path) -> Client {
 
 /// A client acting as the chart's agent ServiceAccount whose token names `node`.
 async fn agent_of(tb: &Testbed, release_ns: &str, node: &str) -> Client {
-    let path = common::impersonating_kubeconfig(tb, release_ns, "sdfleet-agent");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "    as-groups:",
-        &format!("    as-user-extra: {{\"authentication.kubernetes.io/node-name\": [\"{node}\"]}}\n    as-groups:"),
-    );
-    let path = std::path::PathBuf::from(format!("{}-{node}", path.display()));
-    std::fs::write(&path, text).unwrap();
-    client_from(&path).await
+    client_from(&support::agent_kubeconfig(tb, release_ns, node)).await
 }
 
 fn tainted_node(name: &str) -> Value {
@@ -100,7 +93,7 @@ async fn an_agent_may_change_only_its_own_node_and_entry() {
     let tb = Testbed::get();
     install_crds(tb);
     let admin = tb.client().await;
-    let (_, release_ns) = common::install_release(tb, "admission");
+    let (_, release_ns) = support::install_release(tb, "admission");
     let (mine, other) = (
         format!("gpu-mine-{}", unique_suffix()),
         format!("gpu-other-{}", unique_suffix()),
@@ -178,7 +171,7 @@ async fn an_agent_may_change_only_its_own_node_and_entry() {
         "may only write status.nodes",
     );
     // A token that names no node may change nothing.
-    let nameless = client_from(&common::impersonating_kubeconfig(
+    let nameless = client_from(&support::impersonating_kubeconfig(
         tb,
         &release_ns,
         "sdfleet-agent",
@@ -198,8 +191,8 @@ async fn the_controller_may_write_only_what_sdfleet_labels() {
     let tb = Testbed::get();
     install_crds(tb);
     let admin = tb.client().await;
-    let (release, release_ns) = common::install_release(tb, "ctl-admission");
-    let controller = client_from(&common::impersonating_kubeconfig(
+    let (release, release_ns) = support::install_release(tb, "ctl-admission");
+    let controller = client_from(&support::impersonating_kubeconfig(
         tb,
         &release_ns,
         &format!("{release}-sdfleet"),

@@ -8,20 +8,20 @@
 //! on a models root owned by root with mode 0755 (what kubelet makes of the hostPath),
 //! after the rendered init step. (No container runtime runs here: see the README.)
 
-mod common;
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::modelset::NodeSyncState;
 use sdfleet::crd::{ComfyUIDeployment, ModelSet};
 use serde_json::{Value, json};
+use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -101,24 +101,9 @@ fn world_readable_binary() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.join("sdfleet");
-    std::fs::copy(common::sdfleet_bin(), &bin).unwrap();
+    std::fs::copy(support::sdfleet_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
-}
-
-/// A kubeconfig acting as the chart's agent ServiceAccount whose token names `node`,
-/// readable by the agent's unprivileged user.
-fn agent_kubeconfig(tb: &Testbed, release_ns: &str, node: &str) -> PathBuf {
-    let path = common::impersonating_kubeconfig(tb, release_ns, "sdfleet-agent");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let with_node = text.replace(
-        "    as-groups:",
-        &format!("    as-user-extra: {{\"authentication.kubernetes.io/node-name\": [\"{node}\"]}}\n    as-groups:"),
-    );
-    let path = PathBuf::from(format!("{}-{node}", path.display()));
-    std::fs::write(&path, with_node).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    path
 }
 
 #[tokio::test]
@@ -131,7 +116,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
             .force_path_style(true)
             .build(),
     );
-    let bucket = common::create_bucket(&s3, "agent").await;
+    let bucket = support::create_bucket(&s3, "agent").await;
     let put = |key: &'static str, body: &'static [u8]| {
         let (s3, bucket) = (s3.clone(), bucket.clone());
         async move {
@@ -149,9 +134,9 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
 
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent").await;
-    let (release, release_ns) = common::install_release(tb, "agent");
+    let (release, release_ns) = support::install_release(tb, "agent");
     let as_controller =
-        common::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
+        support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
     let mut env = tb.aws_env();
     env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
     let _controller = ControllerProcess::start_with_env(
@@ -200,7 +185,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC and its
     // admission policy are what let it read fleets and ModelSets, watch them, report
     // its own entry and lift its own node's taint.
-    let as_agent = agent_kubeconfig(tb, &release_ns, &node_name);
+    let as_agent = support::agent_kubeconfig(tb, &release_ns, &node_name);
 
     // The models root as kubelet creates a DirectoryOrCreate hostPath: root:root 0755.
     let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
@@ -233,7 +218,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
             .unwrap();
     // Killed however the test ends; its stdout must not hold the test's output open.
-    let agent = common::KillOnDrop(
+    let agent = support::KillOnDrop(
         as_rendered(&ds["containers"][0]["securityContext"], &bin)
             .args([
                 "agent",

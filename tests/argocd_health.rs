@@ -1,10 +1,10 @@
 //! The Argo CD health checks (examples/argocd/health/*.lua) run in gopher-lua, the Lua
-//! 5.1 interpreter Argo CD itself embeds, against sample objects.
+//! 5.1 interpreter Argo CD itself embeds, against sample objects. No cluster needed.
 
-mod common;
+mod support;
 
-use common::{Testbed, repo_root};
 use serde_json::{Value, json};
+use support::repo_root;
 
 /// A JSON value as a Lua table literal (how Argo CD hands `obj` to the script).
 fn lua(v: &Value) -> String {
@@ -28,18 +28,17 @@ fn lua(v: &Value) -> String {
 
 /// Runs a health script on `obj`; returns (status, message).
 fn health(script: &str, obj: &Value) -> (String, String) {
-    let tb = Testbed::get();
     let body =
         std::fs::read_to_string(repo_root().join("examples/argocd/health").join(script)).unwrap();
     let program = format!(
         "obj = {}\nlocal hs = (function()\n{body}\nend)()\nprint(hs.status .. \"|\" .. (hs.message or \"\"))\n",
         lua(obj)
     );
-    let dir = std::env::temp_dir().join(format!("sdfleet-lua-{}", common::unique_suffix()));
+    let dir = std::env::temp_dir().join(format!("sdfleet-lua-{}", support::unique_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("check.lua");
     std::fs::write(&file, program).unwrap();
-    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_GLUA"))
+    let out = std::process::Command::new(support::tool("glua"))
         .arg(&file)
         .output()
         .unwrap();

@@ -2,12 +2,11 @@
 //! becomes a running GPU fleet on Karpenter-provisioned (kwok) nodes; updates, drift,
 //! deletion, missing dependencies, restarts and steady state behave as users rely on.
 
-mod common;
+mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
@@ -17,6 +16,7 @@ use kube::{Client, ResourceExt};
 use sdfleet::crd::ComfyUIDeployment;
 use sdfleet::crd::comfyui::ComfyUIDeploymentStatus;
 use serde_json::{Value, json};
+use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -242,7 +242,7 @@ async fn fleet_lifecycle_under_the_charts_rbac() {
     let tb = Testbed::get();
     install_crds(tb);
     let client = tb.client().await;
-    let (release, release_ns) = common::install_release(tb, "rbac");
+    let (release, release_ns) = support::install_release(tb, "rbac");
     let sa = format!("{release}-sdfleet");
     let as_sa = format!("system:serviceaccount:{release_ns}:{sa}");
     for verb in ["get", "list", "watch"] {
@@ -280,7 +280,7 @@ async fn fleet_lifecycle_under_the_charts_rbac() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yes");
 
     let ns = TestNamespace::new(&client, "cud-rbac").await;
-    let kubeconfig = common::impersonating_kubeconfig(tb, &release_ns, &sa);
+    let kubeconfig = support::impersonating_kubeconfig(tb, &release_ns, &sa);
     let mut controller = ControllerProcess::start_with_env(
         tb,
         &ns.name,

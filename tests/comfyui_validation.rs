@@ -1,11 +1,11 @@
 //! Bad ComfyUIDeployment specs are rejected by the apiserver at apply time (schema and
 //! CEL rules), each with a message that names the field.
 
-mod common;
+mod support;
 
-use common::{TestNamespace, Testbed, install_crds};
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
+use support::{TestNamespace, Testbed, install_crds};
 
 fn valid() -> Value {
     json!({

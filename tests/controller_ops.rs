@@ -1,16 +1,16 @@
 //! Operating the controller: leader election between two processes, and the metrics
 //! and health endpoints.
 
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{ControllerProcess, TestNamespace, Testbed, eventually, http_get, install_crds};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use sdfleet::crd::{ComfyUIDeployment, ModelSet};
 use serde_json::json;
+use support::{ControllerProcess, TestNamespace, Testbed, eventually, http_get, install_crds};
 
 fn fleet(name: &str, replicas: i32) -> serde_json::Value {
     json!({

@@ -2,19 +2,19 @@
 //! large catalog goes to ConfigMaps, and with SQS the revision follows puts and deletes
 //! within seconds (polling set to an hour, so only the events can explain it).
 
-mod common;
+mod support;
 
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use common::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use sdfleet::crd::ModelSet;
 use sdfleet::crd::modelset::ModelSetStatus;
 use sdfleet::sync::catalog::{Catalog, Object};
 use serde_json::json;
+use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds};
 
 async fn clients(tb: &Testbed) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
     let aws = tb.aws().await;
@@ -29,7 +29,7 @@ async fn clients(tb: &Testbed) -> (aws_sdk_s3::Client, aws_sdk_sqs::Client) {
 }
 
 async fn bucket(s3: &aws_sdk_s3::Client) -> String {
-    common::create_bucket(s3, "models").await
+    support::create_bucket(s3, "models").await
 }
 
 async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, len: usize) {
@@ -203,7 +203,7 @@ async fn sqs_events_update_the_revision_within_seconds() {
     let (s3, sqs) = clients(tb).await;
     let b = bucket(&s3).await;
     put(&s3, &b, "models/checkpoints/a.safetensors", 10).await;
-    let queue = common::notify_to_new_queue(&s3, &sqs, &b).await;
+    let queue = support::notify_to_new_queue(&s3, &sqs, &b).await;
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "ms-sqs").await;
     let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
@@ -394,11 +394,11 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
     );
     // moto records the command but runs nothing, and reports Success: run what the
     // instances would run, here, against the same S3, and see the models arrive.
-    let dest = std::env::temp_dir().join(format!("sdfleet-ssm-{}", common::unique_suffix()));
+    let dest = std::env::temp_dir().join(format!("sdfleet-ssm-{}", support::unique_suffix()));
     let local = script
         .replacen(
             "sdfleet ",
-            &format!("{} ", common::sdfleet_bin().display()),
+            &format!("{} ", support::sdfleet_bin().display()),
             1,
         )
         .replace(

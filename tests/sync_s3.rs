@@ -1,21 +1,21 @@
 //! `sdfleet sync` against S3 (moto on loopback): fetches only what changed, deletes on
 //! request, refuses keys that would escape DEST, and survives being killed mid-download.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use common::{Testbed, unique_suffix};
+use support::{Testbed, unique_suffix};
 
 async fn s3(tb: &Testbed) -> aws_sdk_s3::Client {
-    common::s3_client(tb).await
+    support::s3_client(tb).await
 }
 
 async fn bucket(s3: &aws_sdk_s3::Client, prefix: &str) -> String {
-    common::create_bucket(s3, prefix).await
+    support::create_bucket(s3, prefix).await
 }
 
 async fn put(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, body: Vec<u8>) {
@@ -35,7 +35,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn sync_cmd(tb: &Testbed, bucket: &str, prefix: &str, dest: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(common::sdfleet_bin());
+    let mut cmd = Command::new(support::sdfleet_bin());
     cmd.args(["sync", "--bucket", bucket, "--prefix", prefix, "--dest"])
         .arg(dest)
         .args(extra);

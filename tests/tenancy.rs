@@ -2,17 +2,17 @@
 //! separate cluster-scoped children, deleting one leaves the other whole, and an object
 //! sdfleet did not make is never changed or deleted (the fleet reports NameConflict).
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{ControllerProcess, Testbed, eventually, install_crds, unique_suffix};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use sdfleet::crd::ComfyUIDeployment;
 use serde_json::{Value, json};
+use support::{ControllerProcess, Testbed, eventually, install_crds, unique_suffix};
 
 const WAIT: Duration = Duration::from_secs(120);
 

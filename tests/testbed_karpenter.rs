@@ -2,16 +2,16 @@
 //! a listed GPU instance type for a pending GPU pod, the pod runs on it, and the empty
 //! node is consolidated away after the workload goes.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{TestNamespace, Testbed, eventually, unique_suffix};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
+use support::{TestNamespace, Testbed, eventually, unique_suffix};
 
 const GPU_TYPES: [&str; 2] = ["g5.2xlarge", "g4dn.2xlarge"];
 

@@ -2,13 +2,13 @@
 //! same way sdfleet drives them: S3, S3 event notifications to SQS, EC2 lookup by tag,
 //! and SSM SendCommand with its invocation result.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 use aws_sdk_s3::primitives::ByteStream;
-use common::{Testbed, eventually, unique_suffix};
+use support::{Testbed, eventually, unique_suffix};
 
 #[tokio::test]
 async fn s3_put_and_list() {
@@ -18,7 +18,7 @@ async fn s3_put_and_list() {
             .force_path_style(true)
             .build(),
     );
-    let bucket = common::create_bucket(&s3, "tb-models").await;
+    let bucket = support::create_bucket(&s3, "tb-models").await;
     for key in [
         "checkpoints/sdxl.safetensors",
         "loras/detail.safetensors",
@@ -60,8 +60,8 @@ async fn s3_event_notification_arrives_on_sqs() {
             .build(),
     );
     let sqs = aws_sdk_sqs::Client::new(&aws);
-    let bucket = common::create_bucket(&s3, "tb-events").await;
-    let queue_url = common::notify_to_new_queue(&s3, &sqs, &bucket).await;
+    let bucket = support::create_bucket(&s3, "tb-events").await;
+    let queue_url = support::notify_to_new_queue(&s3, &sqs, &bucket).await;
     let key = "loras/my lora+v2.safetensors";
     s3.put_object()
         .bucket(&bucket)

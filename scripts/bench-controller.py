@@ -6,13 +6,13 @@ child exists but no GPU node is needed), waits until all are Ready, then reports
 reconcile latency p50/p99 (from the controller's histogram), writes per steady-state
 reconcile over a quiet window, and the controller's RSS.
 
-    scripts/bench-controller [--fleets 100] [--quiet-seconds 60]
+    scripts/bench-controller.py [--fleets 100] [--quiet-seconds 60]
 """
 import argparse
 import json
 import os
 import re
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -28,12 +28,8 @@ def sh(*args, **kw):
 
 
 def env_file():
-    out = {}
-    for line in open(os.path.join(ROOT, ".testbed/env")):
-        if line.startswith("export "):
-            k, v = line[7:].strip().split("=", 1)
-            out[k] = v
-    return out
+    with open(os.path.join(ROOT, ".testbed/env.json")) as f:
+        return json.load(f)
 
 
 def metrics(port):
@@ -52,7 +48,7 @@ def metric_sum(text, family):
 def quantiles(text, qs):
     buckets = []
     for line in text.splitlines():
-        m = re.match(r'sdfleet_reconcile_duration_seconds_bucket\{le="([^"]+)"\} (\S+)', line)
+        m = re.match(r'sdfleet_reconcile_duration_seconds_bucket\{le="([^"]+)",controller="comfyuideployment"\} (\S+)', line)
         if m:
             le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
             buckets.append((le, float(m.group(2))))
@@ -76,19 +72,14 @@ def main():
                    env={**os.environ, "CARGO_TARGET_DIR": TARGET})
     env = env_file()
     kubectl = [env["SDFLEET_TESTBED_KUBECTL"], "--kubeconfig", env["KUBECONFIG"]]
-    sh(*kubectl, "apply", "--server-side", "--force-conflicts", "-f", os.path.join(ROOT, "crds"))
     ns = f"bench-{int(time.time())}"
+    # The testbed's one way to start a controller (it installs the CRDs first).
+    started = sh(os.path.join(ROOT, "tests/testbed/testbed"), "start-controller", "--namespace", ns,
+                 env={**os.environ, "SDFLEET_BIN": os.path.join(TARGET, "release/sdfleet")})
+    info = dict(line.split("=", 1) for line in started.split())
+    port = int(info["metrics"].rsplit(":", 1)[1])
+    pid = int(info["pid"])
     sh(*kubectl, "create", "namespace", ns)
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    log = open(f"/tmp/sdfleet-bench-{port}.log", "w")
-    proc = subprocess.Popen(
-        [os.path.join(TARGET, "release/sdfleet"), "controller", "--cloud", "kwok", "--cluster-name", "bench",
-         "--region", "us-west-2", "--namespace", ns, "--metrics-addr", f"127.0.0.1:{port}"],
-        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]}, stderr=log)
     try:
         docs = []
         for i in range(args.fleets):
@@ -117,7 +108,7 @@ def main():
         time.sleep(args.quiet_seconds)
         text = metrics(port)
         w1, r1 = metric_sum(text, "sdfleet_kube_writes_total"), metric_sum(text, "sdfleet_reconciles_total")
-        rss_kib = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{proc.pid}/status").read()).group(1))
+        rss_kib = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1))
         print(f"machine: {os.cpu_count()} cores; fleets: {args.fleets}; all Ready after {converge:.1f} s")
         print(f"reconcile latency over {count} reconciles: p50 <= {p50*1000:.0f} ms, p99 <= {p99*1000:.0f} ms (histogram bucket bounds)")
         print(f"steady state, {args.quiet_seconds} s: {int(r1 - r0)} reconciles, {int(w1 - w0)} writes"
@@ -126,8 +117,13 @@ def main():
     finally:
         # Delete while the controller runs, so its finalizer removes the cluster-scoped children.
         subprocess.run([*kubectl, "-n", ns, "delete", "cud", "--all", "--timeout=300s"], capture_output=True)
-        proc.terminate()
-        proc.wait(timeout=30)
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
         subprocess.run([*kubectl, "delete", "namespace", ns, "--wait=false"], capture_output=True)
 
 

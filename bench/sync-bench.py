@@ -2,7 +2,7 @@
 """Sync benchmark: `sdfleet sync` against `aws s3 sync` (awscli) and `s5cmd sync`, side
 by side in one run, from a local S3 server (versitygw over a directory) to a local dir.
 
-    bench/sync-bench [--scale 1.0] [--rounds 3] [--keep-data]   (--keep-data: reuse the data next run)
+    bench/sync-bench.py [--scale 1.0] [--rounds 3] [--keep-data]   (--keep-data: reuse the data next run)
 
 Data set (model-shaped): 2 files of 2 GiB, 50 of 150 MiB, 500 small ones (32-512 KiB).
 `--scale 0.1` shrinks the large files tenfold for a quick look. Reports MB/s and ratios
@@ -262,7 +262,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(ROOT, "bench/results.md"), "w") as f:
-        f.write("# Sync benchmark results\n\nMade by `bench/sync-bench`" + (f" --scale {args.scale}" if args.scale != 1 else "")
+        f.write("# Sync benchmark results\n\nMade by `bench/sync-bench.py`" + (f" --scale {args.scale}" if args.scale != 1 else "")
                 + f" on {time.strftime('%Y-%m-%d')}.\n\n" + text + "\n")
 
 

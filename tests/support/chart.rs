@@ -1,0 +1,91 @@
+//! The Helm chart as users install it: releases, and kubeconfigs that act as the chart's
+//! ServiceAccounts.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use super::testbed::{Testbed, repo_root, unique_suffix};
+
+/// Installs the Helm chart into `namespace` as release `release` (for its RBAC and
+/// objects; the controller itself runs as a local process in the tests).
+pub fn helm_install(
+    tb: &Testbed,
+    release: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
+        .args(["install", release])
+        .arg(repo_root().join("charts/sdfleet"))
+        .args([
+            "--namespace",
+            namespace,
+            "--create-namespace",
+            "--kubeconfig",
+        ])
+        .arg(tb.kubeconfig())
+        .args([
+            "--set",
+            "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok",
+        ])
+        .args(extra)
+        .output()
+        .expect("run helm")
+}
+
+/// Installs the chart (one replica) as a new release `<name><suffix>` in its own
+/// namespace `sdfleet-<name>-<suffix>`; returns both. For tests that need the chart's
+/// ServiceAccounts and RBAC.
+pub fn install_release(tb: &Testbed, name: &str) -> (String, String) {
+    let suffix = unique_suffix();
+    let (release, namespace) = (
+        format!("{name}{suffix}"),
+        format!("sdfleet-{name}-{suffix}"),
+    );
+    let out = helm_install(tb, &release, &namespace, &["--set", "replicaCount=1"]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (release, namespace)
+}
+
+/// A kubeconfig that acts as the ServiceAccount `namespace/name` (impersonation), so a
+/// process using it has exactly that account's RBAC.
+pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(tb.kubeconfig()).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.trim_start().starts_with("client-key-data:") {
+            out.push_str(&format!(
+                "    as: system:serviceaccount:{namespace}:{name}\n"
+            ));
+            out.push_str(&format!(
+                "    as-groups: [system:serviceaccounts, \"system:serviceaccounts:{namespace}\", system:authenticated]\n"
+            ));
+        }
+    }
+    let path = std::env::temp_dir().join(format!("sdfleet-kubeconfig-{namespace}-{name}"));
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+/// A kubeconfig acting as the chart's agent ServiceAccount whose token names `node` (as
+/// the bound token kubelet gives the agent's pod does), readable by any user (the agent
+/// runs unprivileged).
+pub fn agent_kubeconfig(tb: &Testbed, release_ns: &str, node: &str) -> PathBuf {
+    let path = impersonating_kubeconfig(tb, release_ns, "sdfleet-agent");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "    as-groups:",
+        &format!(
+            "    as-user-extra: {{\"authentication.kubernetes.io/node-name\": [\"{node}\"]}}\n    as-groups:"
+        ),
+    );
+    let path = PathBuf::from(format!("{}-{node}", path.display()));
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    path
+}
