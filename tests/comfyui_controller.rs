@@ -367,7 +367,7 @@ async fn lifecycle(
     let pod_node = pod.spec.as_ref().unwrap().node_name.clone().unwrap();
     assert!(pool_nodes.items.iter().any(|n| n.name_any() == pod_node));
     let pv: PersistentVolume = Api::all(client.clone())
-        .get(&format!("{}-sdxl-outputs", ns.name))
+        .get(&format!("{}.sdxl-outputs", ns.name))
         .await
         .unwrap();
     assert_eq!(

@@ -66,9 +66,10 @@ impl ControllerProcess {
 
     fn spawn(tb: &Testbed, args: Vec<String>, env: Vec<(String, String)>) -> ControllerProcess {
         let metrics_port = free_port();
-        let log = std::fs::File::create(
-            std::env::temp_dir().join(format!("sdfleet-controller-{metrics_port}.log")),
-        )
+        let log = std::fs::File::create(std::env::temp_dir().join(format!(
+            "sdfleet-controller-{metrics_port}-{}.log",
+            super::testbed::unique_suffix()
+        )))
         .unwrap();
         let child = std::process::Command::new(sdfleet_bin())
             .args(&args)

@@ -5,40 +5,33 @@
 pub mod catalog_maps;
 pub mod sqs;
 pub mod ssm;
+pub mod status;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, DeserializeGuard};
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::conditions::{self, DesiredCondition, READY, Reason};
+use super::conditions::{DesiredCondition, READY, Reason};
 use super::context::{Context, error_policy};
 use super::error::Error;
 use super::finalizer;
-use super::status as status_writer;
-use crate::crd::modelset::{ModelEntry, ModelSet, ModelSetStatus, SyncMethod};
-use crate::sync::catalog::{Catalog, model_type};
+use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::sync::store::S3Store;
 use crate::telemetry::ControllerName;
-use catalog_maps::MODELS_IN_STATUS;
+use status::{KIND, prune_departed_nodes, raw_api, write_raw_status, write_status};
 
-pub const SYNCED: &str = "Synced";
 /// How soon SSM invocations in flight are looked at again.
 const SSM_POLL: Duration = Duration::from_secs(5);
 /// Holds a ModelSet until its SQS listener is stopped.
 pub const FINALIZER: &str = "sdfleet.io/stop-listener";
-const KIND: &str = "ModelSet";
 type Guarded = DeserializeGuard<ModelSet>;
 
 /// Runs the ModelSet controller; `triggers` (from the SQS listeners) start reconciles.
@@ -213,255 +206,9 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     Ok(Action::requeue(poll))
 }
 
-/// Removes the `status.nodes` entries of nodes that no longer exist (each agent writes
-/// only its own, so nobody else would), and returns the names of the nodes that do.
-/// Each removal first tests that the entry at that index is still the departed node's,
-/// so a concurrent agent write is never removed by mistake.
-async fn prune_departed_nodes(ctx: &Context, ms: &ModelSet) -> Result<BTreeSet<String>, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let live: BTreeSet<String> = nodes
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
-    let entries = ms
-        .status
-        .as_ref()
-        .map(|s| s.nodes.as_slice())
-        .unwrap_or_default();
-    let mut ops = Vec::new();
-    // From the end, so earlier indices stay valid within the one patch.
-    for (i, entry) in entries.iter().enumerate().rev() {
-        if !live.contains(&entry.node) {
-            ops.push(json!({"op": "test", "path": format!("/status/nodes/{i}/node"), "value": entry.node}));
-            ops.push(json!({"op": "remove", "path": format!("/status/nodes/{i}")}));
-        }
-    }
-    if ops.is_empty() {
-        return Ok(live);
-    }
-    let patch: json_patch::Patch =
-        serde_json::from_value(Value::Array(ops)).map_err(|e| Error::Catalog(e.to_string()))?;
-    ctx.metrics.record_write("patch-status", KIND);
-    let api = raw_api(ctx, &ms.namespace().unwrap_or_default());
-    match api
-        .patch_status(
-            &ms.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(live),
-        // The list changed meanwhile (a test failed): the next pass prunes.
-        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Ok(live),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The Synced condition from the per-node entries the agents (or SSM) wrote, counting
-/// only the nodes in `live` when given.
-pub fn synced_condition(
-    status: &ModelSetStatus,
-    live: Option<&BTreeSet<String>>,
-) -> DesiredCondition {
-    let entries: Vec<_> = status
-        .nodes
-        .iter()
-        .filter(|n| live.is_none_or(|l| l.contains(&n.node)))
-        .collect();
-    let failed = entries
-        .iter()
-        .find(|n| n.state == crate::crd::modelset::NodeSyncState::Failed);
-    let synced = entries
-        .iter()
-        .filter(|n| n.is_synced_at(&status.revision))
-        .count();
-    let total = entries.len();
-    if total == 0 {
-        DesiredCondition::new(
-            SYNCED,
-            false,
-            Reason::NoNodes,
-            "no node syncs this ModelSet yet",
-        )
-    } else if let Some(f) = failed {
-        DesiredCondition::new(
-            SYNCED,
-            false,
-            Reason::SyncFailed,
-            format!("{}: {}", f.node, f.message),
-        )
-    } else if synced == total {
-        DesiredCondition::new(
-            SYNCED,
-            true,
-            Reason::AllNodesSynced,
-            format!("{synced}/{synced} nodes at {}", status.revision),
-        )
-    } else {
-        DesiredCondition::new(
-            SYNCED,
-            false,
-            Reason::Syncing,
-            format!("{synced}/{total} nodes at {}", status.revision),
-        )
-    }
-}
-
-/// The controller's part of the status (never `nodes`, which agents own): the catalog
-/// when listed, and the conditions.
-fn next_status(
-    previous: &ModelSetStatus,
-    generation: Option<i64>,
-    catalog: Option<(&Catalog, Option<crate::crd::modelset::CatalogRef>)>,
-    conditions: &[DesiredCondition],
-    live: Option<&BTreeSet<String>>,
-) -> ModelSetStatus {
-    let mut status = previous.clone();
-    status.observed_generation = generation;
-    if let Some((catalog, catalog_ref)) = catalog {
-        status.revision = catalog.revision();
-        status.object_count = catalog.objects.len() as u64;
-        status.total_bytes = catalog.total_bytes();
-        status.by_type = catalog.by_type();
-        status.models = catalog
-            .objects
-            .iter()
-            .take(MODELS_IN_STATUS)
-            .map(|o| ModelEntry {
-                key: o.key.clone(),
-                type_: model_type(&o.key).to_string(),
-                size: o.size,
-                etag: o.etag.clone(),
-                last_modified: o.last_modified.clone(),
-            })
-            .collect();
-        status.catalog_ref = catalog_ref;
-    }
-    let mut all = conditions.to_vec();
-    all.push(synced_condition(&status, live));
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    status.conditions = conditions::merge(&previous.conditions, &all, generation, &now);
-    status
-}
-
-fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        ctx.client.clone(),
-        namespace,
-        &ApiResource::erase::<ModelSet>(&()),
-    )
-}
-
-/// Merge-patches the status when it changed: without `nodes` (the agents' field), and
-/// with an explicit null for a catalogRef that went away.
-async fn patch(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    previous: &ModelSetStatus,
-    next: &ModelSetStatus,
-) -> Result<(), Error> {
-    let cleared = next.catalog_ref.is_none();
-    status_writer::patch_if_changed(
-        &raw_api(ctx, namespace),
-        &ctx.metrics,
-        KIND,
-        name,
-        previous,
-        next,
-        |body| {
-            body.remove("nodes");
-            if cleared {
-                body.insert("catalogRef".into(), Value::Null);
-            }
-        },
-    )
-    .await?;
-    Ok(())
-}
-
-async fn write_status(
-    ctx: &Context,
-    ms: &ModelSet,
-    catalog: Option<(&Catalog, Option<crate::crd::modelset::CatalogRef>)>,
-    conditions: &[DesiredCondition],
-    live: Option<&BTreeSet<String>>,
-) -> Result<(), Error> {
-    let previous = ms.status.clone().unwrap_or_default();
-    let next = next_status(&previous, ms.meta().generation, catalog, conditions, live);
-    patch(
-        ctx,
-        &ms.namespace().unwrap_or_default(),
-        &ms.name_any(),
-        &previous,
-        &next,
-    )
-    .await
-}
-
-/// Status of an object that cannot be read as a ModelSet: its stored status is read
-/// raw, so that an unchanged result writes nothing.
-async fn write_raw_status(
-    ctx: &Context,
-    meta: &ObjectMeta,
-    conditions: &[DesiredCondition],
-) -> Result<(), Error> {
-    let namespace = meta.namespace.clone().unwrap_or_default();
-    let name = meta.name.clone().unwrap_or_default();
-    let Some(raw) = raw_api(ctx, &namespace).get_opt(&name).await? else {
-        return Ok(());
-    };
-    let previous: ModelSetStatus = raw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
-    let next = next_status(&previous, raw.metadata.generation, None, conditions, None);
-    patch(ctx, &namespace, &name, &previous, &next).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::crd::modelset::{NodeSync, NodeSyncState};
-
-    #[test]
-    fn synced_counts_only_live_nodes() {
-        let entry = |node: &str, revision: &str| NodeSync {
-            node: node.into(),
-            revision: revision.into(),
-            state: NodeSyncState::Synced,
-            bytes_done: 0,
-            message: String::new(),
-            command_id: None,
-        };
-        let status = ModelSetStatus {
-            revision: "r2".into(),
-            // n-old was replaced: its entry is stale and must not hold Synced down.
-            nodes: vec![entry("n1", "r2"), entry("n-old", "r1")],
-            ..Default::default()
-        };
-        let live: BTreeSet<String> = ["n1".to_string()].into();
-        let c = synced_condition(&status, Some(&live));
-        assert_eq!((c.status, c.reason), (true, Reason::AllNodesSynced));
-        assert_eq!(c.message, "1/1 nodes at r2");
-        let all = synced_condition(&status, None);
-        assert_eq!((all.status, all.reason), (false, Reason::Syncing));
-    }
-
-    #[test]
-    fn node_messages_are_bounded() {
-        let long = "x".repeat(10_000);
-        let cut = NodeSync::bounded(&long);
-        assert_eq!(cut.chars().count(), crate::crd::modelset::NODE_MESSAGE_MAX);
-        assert!(cut.ends_with('…'));
-        assert_eq!(NodeSync::bounded("short"), "short");
-    }
 
     #[test]
     fn durations() {
