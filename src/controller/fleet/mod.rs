@@ -4,6 +4,7 @@
 //! Deletion runs through a finalizer and `cleanup`, which removes children in stages.
 
 pub mod cleanup;
+pub mod report;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -13,35 +14,33 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, ListParams};
-use kube::core::{ApiResource, DeserializeGuard};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 
-use super::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
+use super::conditions::Reason;
 use super::context::{Context, error_policy};
 use super::error::Error;
 use super::finalizer;
+use super::preflight;
 use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
-use super::{preflight, status as status_writer};
 use crate::crd::ComfyUIDeployment;
-use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
 use crate::render::{self, ChildKind, RenderContext};
 use crate::telemetry::{ControllerName, FleetLabels};
-use status::{Facts, FleetObservation, ModelFacts};
+use report::{KIND, fleet_names, mark_invalid, publish, raw_api, stuck, write_status};
+use status::{Facts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
-const KIND: &str = "ComfyUIDeployment";
 /// First and longest wait between looks at a fleet whose nodes are syncing models.
 const MODELS_POLL: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
 /// First and longest wait between looks at a fleet whose children are being deleted.
@@ -122,14 +121,6 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
-fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        ctx.client.clone(),
-        namespace,
-        &ApiResource::erase::<ComfyUIDeployment>(&()),
-    )
-}
-
 /// Adds our finalizer before anything is created, and removes it only once cleanup has
 /// deleted every child.
 async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
@@ -156,10 +147,6 @@ async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Res
     apply_fleet(cud, ctx).await
 }
 
-fn fleet_names(cud: &ComfyUIDeployment) -> FleetNames {
-    FleetNames::new(&cud.namespace().unwrap_or_default(), &cud.name_any())
-}
-
 fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> {
     FleetResources {
         client: &ctx.client,
@@ -168,15 +155,6 @@ fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> 
         node_class: ctx.settings.cloud.provider(),
         agent: &ctx.settings.cluster.agent,
     }
-}
-
-/// Ready, Progressing and Degraded all false/true with one reason: the fleet is stuck.
-fn stuck(reason: Reason, message: &str) -> Vec<DesiredCondition> {
-    vec![
-        DesiredCondition::new(READY, false, reason, message),
-        DesiredCondition::new(PROGRESSING, false, reason, message),
-        DesiredCondition::new(DEGRADED, true, reason, message),
-    ]
 }
 
 /// Creates or updates every child, prunes the unwanted ones, and writes status.
@@ -340,84 +318,4 @@ async fn fetch_facts(
         ingress,
         models: Some(models),
     })
-}
-
-/// Writes the fleet's status when it differs from what is stored.
-async fn write_status(
-    ctx: &Context,
-    cud: &ComfyUIDeployment,
-    conditions: &[DesiredCondition],
-    observation: Option<&FleetObservation>,
-) -> Result<(), Error> {
-    let previous = cud.status.clone().unwrap_or_default();
-    let fleet = fleet_names(cud);
-    let mut next = merged(&previous, cud.metadata.generation, conditions);
-    next.selector = Some(fleet.pod_selector_string());
-    next.node_pool = Some(fleet.nodepool());
-    next.node_class = Some(fleet.node_class());
-    if let Some(o) = observation {
-        next.replicas = o.replicas;
-        next.ready_replicas = o.ready_replicas;
-        next.endpoint = o.endpoint.clone();
-    }
-    let api = raw_api(ctx, &fleet.namespace);
-    status_writer::patch_if_changed(
-        &api,
-        &ctx.metrics,
-        KIND,
-        &fleet.name,
-        &previous,
-        &next,
-        |_| {},
-    )
-    .await?;
-    Ok(())
-}
-
-/// `previous` with this generation and `conditions` merged in.
-fn merged(
-    previous: &ComfyUIDeploymentStatus,
-    generation: Option<i64>,
-    conditions: &[DesiredCondition],
-) -> ComfyUIDeploymentStatus {
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let mut next = previous.clone();
-    next.observed_generation = generation;
-    next.conditions = conditions::merge(&previous.conditions, conditions, generation, &now);
-    next
-}
-
-/// InvalidSpec on an object that cannot be read as a ComfyUIDeployment. Its stored
-/// status is read raw, so that an unchanged result writes nothing.
-async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Result<(), Error> {
-    let namespace = meta.namespace.clone().unwrap_or_default();
-    let name = meta.name.clone().unwrap_or_default();
-    let api = raw_api(ctx, &namespace);
-    let Some(raw) = api.get_opt(&name).await? else {
-        return Ok(());
-    };
-    let previous: ComfyUIDeploymentStatus = raw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
-    let next = merged(
-        &previous,
-        raw.metadata.generation,
-        &stuck(Reason::InvalidSpec, message),
-    );
-    status_writer::patch_if_changed(&api, &ctx.metrics, KIND, &name, &previous, &next, |_| {})
-        .await?;
-    Ok(())
-}
-
-async fn publish(
-    ctx: &Context,
-    cud: &ComfyUIDeployment,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let reference: ObjectReference = cud.object_ref(&());
-    ctx.publish(&reference, type_, reason, note).await;
 }

@@ -1,0 +1,121 @@
+//! What the fleet reconciler tells the user: the status, written only when it changed
+//! (an unreadable object's too), and Events.
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Api, DynamicObject};
+use kube::core::ApiResource;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use super::status::FleetObservation;
+use crate::controller::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
+use crate::controller::context::Context;
+use crate::controller::error::Error;
+use crate::controller::status as status_writer;
+use crate::crd::ComfyUIDeployment;
+use crate::crd::comfyui::ComfyUIDeploymentStatus;
+use crate::names::FleetNames;
+
+pub const KIND: &str = "ComfyUIDeployment";
+
+pub fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        ctx.client.clone(),
+        namespace,
+        &ApiResource::erase::<ComfyUIDeployment>(&()),
+    )
+}
+
+pub fn fleet_names(cud: &ComfyUIDeployment) -> FleetNames {
+    FleetNames::new(&cud.namespace().unwrap_or_default(), &cud.name_any())
+}
+
+/// Ready, Progressing and Degraded all false/true with one reason: the fleet is stuck.
+pub fn stuck(reason: Reason, message: &str) -> Vec<DesiredCondition> {
+    vec![
+        DesiredCondition::new(READY, false, reason, message),
+        DesiredCondition::new(PROGRESSING, false, reason, message),
+        DesiredCondition::new(DEGRADED, true, reason, message),
+    ]
+}
+
+/// Writes the fleet's status when it differs from what is stored.
+pub async fn write_status(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    conditions: &[DesiredCondition],
+    observation: Option<&FleetObservation>,
+) -> Result<(), Error> {
+    let previous = cud.status.clone().unwrap_or_default();
+    let fleet = fleet_names(cud);
+    let mut next = merged(&previous, cud.metadata.generation, conditions);
+    next.selector = Some(fleet.pod_selector_string());
+    next.node_pool = Some(fleet.nodepool());
+    next.node_class = Some(fleet.node_class());
+    if let Some(o) = observation {
+        next.replicas = o.replicas;
+        next.ready_replicas = o.ready_replicas;
+        next.endpoint = o.endpoint.clone();
+    }
+    let api = raw_api(ctx, &fleet.namespace);
+    status_writer::patch_if_changed(
+        &api,
+        &ctx.metrics,
+        KIND,
+        &fleet.name,
+        &previous,
+        &next,
+        |_| {},
+    )
+    .await?;
+    Ok(())
+}
+
+/// `previous` with this generation and `conditions` merged in.
+fn merged(
+    previous: &ComfyUIDeploymentStatus,
+    generation: Option<i64>,
+    conditions: &[DesiredCondition],
+) -> ComfyUIDeploymentStatus {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let mut next = previous.clone();
+    next.observed_generation = generation;
+    next.conditions = conditions::merge(&previous.conditions, conditions, generation, &now);
+    next
+}
+
+/// InvalidSpec on an object that cannot be read as a ComfyUIDeployment. Its stored
+/// status is read raw, so that an unchanged result writes nothing.
+pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Result<(), Error> {
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let name = meta.name.clone().unwrap_or_default();
+    let api = raw_api(ctx, &namespace);
+    let Some(raw) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let previous: ComfyUIDeploymentStatus = raw
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    let next = merged(
+        &previous,
+        raw.metadata.generation,
+        &stuck(Reason::InvalidSpec, message),
+    );
+    status_writer::patch_if_changed(&api, &ctx.metrics, KIND, &name, &previous, &next, |_| {})
+        .await?;
+    Ok(())
+}
+
+pub async fn publish(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let reference: ObjectReference = cud.object_ref(&());
+    ctx.publish(&reference, type_, reason, note).await;
+}
