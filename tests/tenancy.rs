@@ -64,6 +64,16 @@ async fn ready(client: &Client, ns: &str, name: &str) -> Option<(String, String,
     Some((c.status, c.reason, c.message))
 }
 
+/// Deletes the fleet and waits until it is gone (its finalizer done).
+async fn delete_and_wait(client: &Client, ns: &str, name: &str) {
+    let fleets = Api::<ComfyUIDeployment>::namespaced(client.clone(), ns);
+    fleets.delete(name, &DeleteParams::default()).await.unwrap();
+    eventually(&format!("{ns}/{name} to be gone"), WAIT, || async {
+        fleets.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
 fn owner(pool: &DynamicObject) -> (String, String) {
     let labels = pool.labels();
     (
@@ -105,19 +115,7 @@ async fn tenants_whose_names_join_alike_get_separate_children() {
     assert_eq!(owner(&second), (team_a.clone(), "b".to_string()));
 
     // Deleting one fleet leaves the other's children whole.
-    Api::<ComfyUIDeployment>::namespaced(client.clone(), &team)
-        .delete("a-b", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("the first fleet to be gone", WAIT, || async {
-        let gone = Api::<ComfyUIDeployment>::namespaced(client.clone(), &team)
-            .get_opt("a-b")
-            .await
-            .ok()?
-            .is_none();
-        gone.then_some(())
-    })
-    .await;
+    delete_and_wait(&client, &team, "a-b").await;
     assert!(
         pools
             .get_opt(&format!("{team}.a-b"))
@@ -178,19 +176,7 @@ async fn an_object_sdfleet_did_not_make_is_never_changed_or_deleted() {
     assert!(message.contains("not made by sdfleet"), "{message}");
 
     // Deleting the fleet leaves the admin's NodePool exactly as it was.
-    Api::<ComfyUIDeployment>::namespaced(client.clone(), &ns)
-        .delete("gpu", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("the fleet to be gone", WAIT, || async {
-        let gone = Api::<ComfyUIDeployment>::namespaced(client.clone(), &ns)
-            .get_opt("gpu")
-            .await
-            .ok()?
-            .is_none();
-        gone.then_some(())
-    })
-    .await;
+    delete_and_wait(&client, &ns, "gpu").await;
     let after = pools.get(&pool_name).await.unwrap();
     // (Karpenter writes the NodePool's status meanwhile; its spec and labels are the admin's.)
     assert_eq!(after.data["spec"], before.data["spec"]);

@@ -3,6 +3,7 @@
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::telemetry::Metrics;
@@ -34,4 +35,21 @@ pub async fn patch_if_changed<S: Serialize + PartialEq>(
     )
     .await?;
     Ok(true)
+}
+
+/// The stored status and generation of `name`, read raw: for an object that cannot be
+/// read as its kind (its status may still parse). None when the object is gone.
+pub async fn stored<S: DeserializeOwned + Default>(
+    api: &Api<DynamicObject>,
+    name: &str,
+) -> Result<Option<(S, Option<i64>)>, kube::Error> {
+    let Some(raw) = api.get_opt(name).await? else {
+        return Ok(None);
+    };
+    let status = raw
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    Ok(Some((status, raw.metadata.generation)))
 }

@@ -91,19 +91,12 @@ pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Re
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
     let api = raw_api(ctx, &namespace);
-    let Some(raw) = api.get_opt(&name).await? else {
+    let Some((previous, generation)) =
+        status_writer::stored::<ComfyUIDeploymentStatus>(&api, &name).await?
+    else {
         return Ok(());
     };
-    let previous: ComfyUIDeploymentStatus = raw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
-    let next = merged(
-        &previous,
-        raw.metadata.generation,
-        &stuck(Reason::InvalidSpec, message),
-    );
+    let next = merged(&previous, generation, &stuck(Reason::InvalidSpec, message));
     status_writer::patch_if_changed(&api, &ctx.metrics, KIND, &name, &previous, &next, |_| {})
         .await?;
     Ok(())

@@ -221,15 +221,12 @@ pub async fn write_raw_status(
 ) -> Result<(), Error> {
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
-    let Some(raw) = raw_api(ctx, &namespace).get_opt(&name).await? else {
+    let Some((previous, generation)) =
+        status_writer::stored::<ModelSetStatus>(&raw_api(ctx, &namespace), &name).await?
+    else {
         return Ok(());
     };
-    let previous: ModelSetStatus = raw
-        .data
-        .get("status")
-        .and_then(|s| serde_json::from_value(s.clone()).ok())
-        .unwrap_or_default();
-    let next = next_status(&previous, raw.metadata.generation, None, conditions, None);
+    let next = next_status(&previous, generation, None, conditions, None);
     patch(ctx, &namespace, &name, &previous, &next).await
 }
 
