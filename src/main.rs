@@ -321,7 +321,9 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
 }
 
 fn run_sync(args: SyncArgs) -> ExitCode {
-    use sdfleet::sync::{self, SyncOptions, catalog::Filter, store::S3Prefix, store::S3Store};
+    use sdfleet::sync::{
+        self, SyncOptions, catalog::Filter, store::BucketLocation, store::S3Store,
+    };
     sdfleet::telemetry::init_logging(false);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -343,7 +345,7 @@ fn run_sync(args: SyncArgs) -> ExitCode {
             eprintln!("error: {}: {e}", args.dest.display());
             return ExitCode::FAILURE;
         }
-        let location = S3Prefix {
+        let location = BucketLocation {
             bucket: args.bucket,
             prefix: args.prefix,
             region: args.region.filter(|r| !r.is_empty()),

@@ -306,16 +306,16 @@ fn default_expire_after() -> String {
 pub struct StorageSpec {
     /// Where generated images go, mounted at `/app/ComfyUI/output`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outputs: Option<S3Prefix>,
+    pub outputs: Option<S3Location>,
     /// Optional input images, mounted at `/app/ComfyUI/input`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub inputs: Option<S3Prefix>,
+    pub inputs: Option<S3Location>,
 }
 
 /// A bucket and a prefix in it. The operator never deletes S3 data.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct S3Prefix {
+pub struct S3Location {
     /// The bucket name (3-63 lowercase letters, digits, dots and hyphens).
     #[schemars(
         regex(pattern = r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$"),

@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::sync::catalog::{Filter, GlobError, TypeSummary};
-use crate::sync::store::S3Prefix;
+use crate::sync::store::BucketLocation;
 
 /// Models in S3, listed into a catalog and synced onto the nodes of the fleets that use them.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -79,8 +79,8 @@ pub struct S3Source {
 
 impl S3Source {
     /// Where the objects are, in `default_region` unless the source names a region.
-    pub fn location(&self, default_region: Option<&str>) -> S3Prefix {
-        S3Prefix {
+    pub fn location(&self, default_region: Option<&str>) -> BucketLocation {
+        BucketLocation {
             bucket: self.bucket.clone(),
             prefix: self.prefix.clone(),
             region: self

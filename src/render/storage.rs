@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::error::RenderError;
 use super::settings::ClusterSettings;
-use crate::crd::comfyui::{ComfyUIDeploymentSpec, S3Prefix};
+use crate::crd::comfyui::{ComfyUIDeploymentSpec, S3Location};
 use crate::names::FleetNames;
 
 pub const CSI_DRIVER: &str = "s3.csi.aws.com";
@@ -28,7 +28,7 @@ pub fn volumes(
     cluster: &ClusterSettings,
 ) -> Result<Vec<S3Volume>, RenderError> {
     let mut out = Vec::new();
-    let mut add = |purpose, mount_path, location: &Option<S3Prefix>| -> Result<(), RenderError> {
+    let mut add = |purpose, mount_path, location: &Option<S3Location>| -> Result<(), RenderError> {
         if let Some(l) = location {
             // The schema forbids these; objects stored before a rule existed still get a clear error.
             if l.prefix.starts_with('/') || l.prefix.contains("..") {
@@ -99,7 +99,7 @@ pub fn claim_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use crate::crd::comfyui::S3Prefix;
+    use crate::crd::comfyui::S3Location;
     use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
     use crate::render::{ChildKind, RenderContext, RenderError, build};
@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn inputs_get_their_own_volume_with_their_own_region() {
         let mut cud = example(SDXL);
-        cud.spec.storage.inputs = Some(S3Prefix {
+        cud.spec.storage.inputs = Some(S3Location {
             bucket: "in-bucket".into(),
             prefix: String::new(),
             region: Some("eu-west-1".into()),

@@ -40,7 +40,7 @@ pub trait ObjectStore: Send + Sync {
 
 /// Where a bucket's objects are: what `S3Store::connect` needs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct S3Prefix {
+pub struct BucketLocation {
     pub bucket: String,
     pub prefix: String,
     pub region: Option<String>,
@@ -58,7 +58,7 @@ pub struct S3Store {
 
 impl S3Store {
     /// A client for the location's region, at its endpoint if it names one.
-    pub async fn connect(location: &S3Prefix) -> S3Store {
+    pub async fn connect(location: &BucketLocation) -> S3Store {
         let endpoint = location.endpoint.as_deref().filter(|e| !e.is_empty());
         let shared = crate::aws::sdk_config(location.region.as_deref(), endpoint).await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared);
@@ -75,7 +75,7 @@ impl S3Store {
     /// Connects and lists the location into a catalog of what `filter` accepts: the one
     /// listing pipeline of the controller, the node agent and `sdfleet sync`.
     pub async fn open_catalog(
-        location: &S3Prefix,
+        location: &BucketLocation,
         filter: &Filter,
     ) -> Result<(S3Store, Catalog), StoreError> {
         let store = S3Store::connect(location).await;
