@@ -86,7 +86,7 @@ def main():
             docs.append({
                 "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
                 "metadata": {"name": f"f{i}", "namespace": ns},
-                "spec": {"image": "comfyui:bench", "replicas": 0, "nodeClass": {"role": "bench"},
+                "spec": {"image": "comfyui:bench", "replicas": 0,
                          "storage": {"outputs": {"bucket": "bench-outputs", "prefix": f"f{i}/"}}},
             })
         t0 = time.time()

@@ -31,4 +31,4 @@ k get nodes -L node.kubernetes.io/instance-type,karpenter.sh/capacity-type,karpe
 echo
 k -n studio get pods -o wide
 echo
-echo "demo ready in $((SECONDS - t0)) s; try: sdfleet render -f examples/sdxl.yaml --cloud aws"
+echo "demo ready in $((SECONDS - t0)) s; try: sdfleet render -f examples/fleetclass.yaml -f examples/sdxl.yaml --cloud aws"

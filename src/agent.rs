@@ -88,6 +88,13 @@ impl Agent {
                 all_synced = false;
                 continue;
             };
+            if !admitted(&ms) {
+                // The controller has not (or no longer) listed it under its FleetClass:
+                // the bucket is not for this agent to read.
+                tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not admitted by the controller; waiting");
+                all_synced = false;
+                continue;
+            }
             all_synced &= self.sync_one(&api, &ms, &ns).await?;
         }
         if all_synced {
@@ -237,6 +244,18 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The controller listed this generation of the ModelSet: its class allows the bucket.
+fn admitted(ms: &ModelSet) -> bool {
+    let Some(status) = &ms.status else {
+        return false;
+    };
+    status.observed_generation == ms.metadata.generation
+        && status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// A hash of what of an object can change what the agent does: its spec (generation)

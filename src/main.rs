@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sdfleet::controller::policy;
 use sdfleet::crd::ComfyUIDeployment;
 use sdfleet::render::nodeclass::Cloud;
 use sdfleet::render::settings::{AgentSettings, ClusterSettings, DEFAULT_OPERATOR_NAMESPACE};
@@ -59,8 +60,10 @@ fn parse_owner(s: &str) -> Result<(u32, u32), String> {
 
 #[derive(clap::Args)]
 struct RenderArgs {
-    #[arg(short = 'f', long = "file")]
-    file: PathBuf,
+    /// Files with ComfyUIDeployments, and the FleetClasses and ModelSets they use
+    /// (repeat `-f`); e.g. `-f examples/fleetclass.yaml -f examples/sdxl.yaml`.
+    #[arg(short = 'f', long = "file", required = true)]
+    file: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "aws")]
     cloud: Cloud,
     #[arg(long, default_value = "my-cluster")]
@@ -199,8 +202,11 @@ fn print_or_fail(text: Result<String, Box<dyn std::error::Error>>) -> ExitCode {
 
 /// Every child of the ComfyUIDeployments in the file, as the controller would apply them.
 fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
-    let file = &args.file;
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut docs = Vec::new();
+    for file in &args.file {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        docs.extend(serde_saphyr::from_multiple::<serde_json::Value>(&text)?);
+    }
     let cluster = ClusterSettings {
         agent: AgentSettings::default(),
         cluster_name: Some(args.cluster_name),
@@ -211,8 +217,12 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         node_class: args.cloud.provider(),
         model_sync: Default::default(),
     };
-    let docs = serde_saphyr::from_multiple::<serde_json::Value>(&text)?;
-    // ModelSets in the same file say how their fleets' models are delivered.
+    let classes: Vec<sdfleet::crd::FleetClass> = docs
+        .iter()
+        .filter(|d| d["kind"] == "FleetClass")
+        .map(|d| serde_json::from_value(d.clone()))
+        .collect::<Result<_, _>>()?;
+    // ModelSets in the same files say how their fleets' models are delivered.
     let mut methods = std::collections::BTreeMap::new();
     for doc in docs.iter().filter(|d| d["kind"] == "ModelSet") {
         let ms: sdfleet::crd::ModelSet = serde_json::from_value(doc.clone())?;
@@ -230,6 +240,14 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         if cud.metadata.namespace.is_none() {
             cud.metadata.namespace = Some("default".into());
         }
+        // As the controller does: the class decides, and supplies the node settings.
+        let name = cud.metadata.name.clone().unwrap_or_default();
+        let class = policy::resolve(cud.spec.class_name.as_deref(), &classes)
+            .map_err(|e| format!("fleet {name}: {e} (pass the FleetClass with -f)"))?;
+        let class_name = class.metadata.name.clone().unwrap_or_default();
+        policy::check_fleet(&cud.spec, &class_name, &class.spec)
+            .map_err(|v| format!("fleet {name}: {v}"))?;
+        cud.spec.node_class = Some(class.spec.node_class.clone());
         let model_sync = cud
             .spec
             .model_set

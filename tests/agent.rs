@@ -154,7 +154,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         .unwrap();
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
     let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "sdxl"},
-        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "nodeClass": {"role": "r"},
+        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models",
                  "gpu": {"instanceTypes": ["g5.2xlarge"]}, "ingress": {"enabled": false},
                  "disruption": {"consolidateAfter": "5s"}}});
     cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();

@@ -24,7 +24,6 @@ fn cud_manifest(name: &str, spec_extra: Value) -> Value {
     let mut spec = json!({
         "image": "comfyui:test",
         "gpu": {"instanceTypes": ["g5.2xlarge", "g4dn.2xlarge"], "limit": 8},
-        "nodeClass": {"role": "KarpenterNodeRole-testbed"},
         "disruption": {"consolidateAfter": "5s"},
         "storage": {"outputs": {"bucket": "comfyui-outputs-test", "prefix": "out/"}},
     });

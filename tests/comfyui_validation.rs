@@ -50,11 +50,6 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
         .await
         .expect("the valid spec is accepted");
 
-    let mut no_node_class = valid();
-    no_node_class["spec"]
-        .as_object_mut()
-        .unwrap()
-        .remove("nodeClass");
     let mut long_name = valid();
     long_name["metadata"]["name"] = json!("a".repeat(60));
 
@@ -98,7 +93,6 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
             with(&["spec", "nodeClass"], json!({})),
             "exactly one of nodeClass.role and nodeClass.instanceProfile",
         ),
-        ("no nodeClass", no_node_class, "spec.nodeClass"),
         (
             "invalid bucket",
             with(

@@ -15,7 +15,7 @@ use support::{ControllerProcess, TestNamespace, Testbed, eventually, http_get, i
 fn fleet(name: &str, replicas: i32) -> serde_json::Value {
     json!({
         "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": name},
-        "spec": {"image": "comfyui:test", "replicas": replicas, "nodeClass": {"role": "r"}, "ingress": {"enabled": false}}
+        "spec": {"image": "comfyui:test", "replicas": replicas, "ingress": {"enabled": false}}
     })
 }
 

@@ -349,7 +349,7 @@ async fn ssm_method_finds_instances_by_tag_sends_sync_and_records_results() {
     .unwrap();
     let cuds: Api<sdfleet::crd::ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
     let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "fleet"},
-        "spec": {"image": "comfyui:test", "replicas": 0, "modelSet": "viassm", "nodeClass": {"role": "r"}, "ingress": {"enabled": false}}});
+        "spec": {"image": "comfyui:test", "replicas": 0, "modelSet": "viassm", "ingress": {"enabled": false}}});
     cuds.patch("fleet", &ssa, &Patch::Apply(cud)).await.unwrap();
 
     let s = eventually(

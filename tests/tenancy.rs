@@ -35,7 +35,7 @@ async fn namespace(client: &Client, name: &str) {
 
 fn fleet(name: &str) -> Value {
     json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": name},
-        "spec": {"image": "comfyui:test", "replicas": 0, "nodeClass": {"role": "R"},
+        "spec": {"image": "comfyui:test", "replicas": 0,
                  "ingress": {"enabled": false}}})
 }
 

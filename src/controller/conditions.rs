@@ -29,6 +29,10 @@ pub enum Reason {
     InvalidSpec,
     /// Applying a child failed (RBAC, webhook, conflict); retried with backoff.
     ApplyFailed,
+    /// No FleetClass applies: the named one does not exist, or there is no single default.
+    FleetClassNotFound,
+    /// The spec asks for more than its FleetClass allows; the message names the field.
+    ClassForbids,
     /// A child's name is taken by an object of another fleet, or one sdfleet did not make.
     NameConflict,
     /// Nothing is wrong.
@@ -61,7 +65,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 24] = [
         Reason::AllReplicasReady,
         Reason::ScaledToZero,
         Reason::WaitingForPods,
@@ -70,6 +74,8 @@ impl Reason {
         Reason::MissingDependency,
         Reason::InvalidSpec,
         Reason::ApplyFailed,
+        Reason::FleetClassNotFound,
+        Reason::ClassForbids,
         Reason::NameConflict,
         Reason::AsExpected,
         Reason::NodePoolReady,
@@ -96,6 +102,8 @@ impl Reason {
             Reason::MissingDependency => "MissingDependency",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ApplyFailed => "ApplyFailed",
+            Reason::FleetClassNotFound => "FleetClassNotFound",
+            Reason::ClassForbids => "ClassForbids",
             Reason::NameConflict => "NameConflict",
             Reason::AsExpected => "AsExpected",
             Reason::NodePoolReady => "NodePoolReady",

@@ -12,6 +12,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("missing dependencies: {0}")]
     MissingDependency(String),
+    #[error("{0}")]
+    Class(String),
     #[error("listing the bucket: {0}")]
     List(String),
     #[error("writing the catalog: {0}")]
@@ -27,6 +29,7 @@ impl Error {
             Error::Apply(_) => "ApplyFailed",
             Error::Kube(_) => "KubeError",
             Error::MissingDependency(_) => "MissingDependency",
+            Error::Class(_) => "FleetClassNotFound",
             Error::List(_) => "ListFailed",
             Error::Catalog(_) => "CatalogFailed",
             Error::Ssm(_) => "SsmSyncFailed",

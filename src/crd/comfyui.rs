@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ComfyUIDeploymentSpec {
-    /// The ComfyUI container image, e.g. `123456789012.dkr.ecr.us-west-2.amazonaws.com/comfyui:latest`.
+    /// The ComfyUI container image, from your registry, e.g. `comfyui:latest`.
     #[schemars(length(min = 1))]
     pub image: String,
 
@@ -86,8 +86,16 @@ pub struct ComfyUIDeploymentSpec {
     #[serde(default)]
     pub gpu: GpuSpec,
 
-    /// How the fleet's nodes are launched (the Karpenter EC2NodeClass).
-    pub node_class: NodeClassSpec,
+    /// The FleetClass whose decisions this fleet follows (node identity and network,
+    /// allowed GPUs, buckets and ingress); unset: the default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: Option<String>,
+
+    /// Deprecated: node settings come from the FleetClass. When set, it must equal the
+    /// class's `nodeClass`, or the fleet is refused (`ClassForbids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_class: Option<NodeClassSpec>,
 
     /// When Karpenter removes the fleet's nodes.
     #[serde(default)]

@@ -1,17 +1,19 @@
 //! The custom resources of sdfleet (API group `sdfleet.io`, version `v1alpha1`).
 
 pub mod comfyui;
+pub mod fleetclass;
 pub mod modelset;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 pub use comfyui::ComfyUIDeployment;
+pub use fleetclass::FleetClass;
 pub use modelset::ModelSet;
 
 /// Every CRD of sdfleet, in the order `sdfleet crds` prints them.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![ComfyUIDeployment::crd(), ModelSet::crd()]
+    vec![ComfyUIDeployment::crd(), ModelSet::crd(), FleetClass::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream (what `crds/` and the chart hold).

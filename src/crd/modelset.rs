@@ -44,6 +44,11 @@ pub struct ModelSetSpec {
     /// How changes are detected and how nodes are told.
     #[serde(default)]
     pub sync: SyncSpec,
+    /// The FleetClass that decides which buckets, endpoints and queues this ModelSet may
+    /// use; unset: the default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: Option<String>,
 }
 
 /// The source of the models.

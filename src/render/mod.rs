@@ -76,9 +76,17 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
     };
 
     let class_api = ctx.node_class.api_resource();
+    // The controller puts the FleetClass's node settings here before it builds.
+    let settings = spec
+        .node_class
+        .as_ref()
+        .ok_or_else(|| RenderError::InvalidSpec {
+            field: "spec.className".into(),
+            message: "no node settings: they come from the fleet's FleetClass".into(),
+        })?;
     let class_spec = ctx
         .node_class
-        .node_class_spec(&fleet, &spec.node_class, ctx.cluster)?;
+        .node_class_spec(&fleet, settings, ctx.cluster)?;
     b.push(ChildKind::NodeClass, fleet.node_class(), class_spec);
     let agent_syncs = spec.model_set.is_some() && ctx.model_sync == SyncMethod::Agent;
     b.push(
@@ -274,10 +282,10 @@ spec:
     #[test]
     fn ec2_node_class_uses_instance_profile_and_custom_selectors() {
         let mut cud = example(SDXL);
-        cud.spec.node_class.role = Some(String::new());
-        cud.spec.node_class.instance_profile = Some("NodeProfile".into());
-        cud.spec.node_class.subnet_selector_tags =
-            [("tier".to_string(), "private".to_string())].into();
+        let node_class = cud.spec.node_class.as_mut().unwrap();
+        node_class.role = Some(String::new());
+        node_class.instance_profile = Some("NodeProfile".into());
+        node_class.subnet_selector_tags = [("tier".to_string(), "private".to_string())].into();
         let spec = &render(&cud, Cloud::Aws)[0].manifest["spec"];
         assert_eq!(spec["instanceProfile"], "NodeProfile");
         assert!(spec.get("role").is_none());

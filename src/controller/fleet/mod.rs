@@ -28,10 +28,10 @@ use super::conditions::Reason;
 use super::context::{Context, error_policy};
 use super::error::Error;
 use super::finalizer;
-use super::preflight;
 use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
-use crate::crd::ComfyUIDeployment;
+use super::{policy, preflight};
 use crate::crd::modelset::{ModelSet, SyncMethod};
+use crate::crd::{ComfyUIDeployment, FleetClass};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
@@ -157,10 +157,46 @@ fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> 
     }
 }
 
+/// The fleet with its FleetClass's node settings, when the class allows what it asks;
+/// otherwise the status says why and nothing is applied (`Err` holds the action).
+async fn within_class(
+    cud: &ComfyUIDeployment,
+    ctx: &Context,
+) -> Result<Result<ComfyUIDeployment, Action>, Error> {
+    let classes = Api::<FleetClass>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let class = match policy::resolve(cud.spec.class_name.as_deref(), &classes) {
+        Ok(class) => class,
+        Err(e) => {
+            let message = e.to_string();
+            write_status(ctx, cud, &stuck(Reason::FleetClassNotFound, &message), None).await?;
+            publish(ctx, cud, EventType::Warning, "FleetClassNotFound", &message).await;
+            return Err(Error::Class(message));
+        }
+    };
+    let class_name = class.metadata.name.clone().unwrap_or_default();
+    if let Err(v) = policy::check_fleet(&cud.spec, &class_name, &class.spec) {
+        let message = v.to_string();
+        write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
+        publish(ctx, cud, EventType::Warning, "ClassForbids", &message).await;
+        // An edit of the fleet, or the admin widening the class, is needed.
+        return Ok(Err(ctx.steady_requeue()));
+    }
+    let mut effective = cud.clone();
+    effective.spec.node_class = Some(class.spec.node_class.clone());
+    Ok(Ok(effective))
+}
+
 /// Creates or updates every child, prunes the unwanted ones, and writes status.
 async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
     let fleet = fleet_names(cud);
     let provider = ctx.settings.cloud.provider();
+    let effective = match within_class(cud, ctx).await? {
+        Ok(effective) => effective,
+        Err(action) => return Ok(action),
+    };
     let missing = preflight::missing(
         &ctx.client,
         cud,
@@ -193,7 +229,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
             .map(|ms| ms.spec.sync.method)
             .unwrap_or_default(),
     };
-    let children = match render::build(cud, &rctx) {
+    let children = match render::build(&effective, &rctx) {
         Ok(c) => c,
         Err(e) => {
             let message = e.to_string();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use super::conditions::{DesiredCondition, READY, Reason};
 use super::context::{Context, error_policy};
 use super::error::Error;
-use super::finalizer;
+use super::{finalizer, policy};
+use crate::crd::FleetClass;
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::sync::store::S3Store;
 use crate::telemetry::ControllerName;
@@ -59,6 +60,22 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue; otherwise
+/// the reason and message for its status.
+async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
+    let classes = Api::<FleetClass>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let class = match policy::resolve(ms.spec.class_name.as_deref(), &classes) {
+        Ok(class) => class,
+        Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
+    };
+    let name = class.metadata.name.clone().unwrap_or_default();
+    Ok(policy::check_modelset(&ms.spec, &name, &class.spec)
+        .map_err(|v| (Reason::ClassForbids, v.to_string())))
 }
 
 /// Parses `60s`, `5m`, `1h30m`.
@@ -126,6 +143,19 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
         return Ok(Action::await_change());
     }
     let poll = parse_duration(&ms.spec.sync.poll_interval).unwrap_or(Duration::from_secs(60));
+    // The class decides which bucket, endpoint and queue may be used: nothing is listed,
+    // signed or listened to before it allows them.
+    if let Err((reason, message)) = within_class(ms, ctx).await? {
+        if let Some(w) = &ctx.sqs {
+            w.ensure(&key, None, me, String::new(), None);
+        }
+        let refused = [DesiredCondition::new(READY, false, reason, &message)];
+        write_status(ctx, ms, None, &refused, None).await?;
+        return match reason {
+            Reason::FleetClassNotFound => Err(Error::Class(message)),
+            _ => Ok(Action::requeue(poll)),
+        };
+    }
     let default_region = ctx.settings.cluster.region.as_deref();
     let location = ms.spec.source.s3.location(default_region);
     if let Some(w) = &ctx.sqs {

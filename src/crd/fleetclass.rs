@@ -1,0 +1,134 @@
+//! `FleetClass`: what an admin decides for the fleets and ModelSets of every team, the
+//! way StorageClass and IngressClass do: the nodes' IAM identity and network, the GPUs a
+//! fleet may ask for, the buckets, endpoints and queues it may use, and how it may be
+//! exposed. Cluster-scoped; fleets and ModelSets name one (`spec.className`) or get the
+//! default one.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::comfyui::{CapacityType, IngressScheme, NodeClassSpec};
+
+/// Marks a FleetClass as the one fleets and ModelSets get when they name none.
+pub const DEFAULT_CLASS_ANNOTATION: &str = "sdfleet.io/is-default-class";
+
+/// The admin's decisions for the fleets and ModelSets of this class.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sdfleet.io",
+    version = "v1alpha1",
+    kind = "FleetClass",
+    shortname = "fc",
+    category = "sdfleet",
+    doc = "What an admin decides for the fleets and ModelSets of every team: node identity and network, GPUs, buckets, endpoints, queues, ingress. Fleets and ModelSets name one in spec.className, or get the one annotated sdfleet.io/is-default-class: \"true\".",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Default","type":"string","jsonPath":".metadata.annotations.sdfleet\\.io/is-default-class"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetClassSpec {
+    /// The EC2NodeClass settings of every fleet of this class: IAM role or instance
+    /// profile, subnets, security groups, AMI, root volume. A fleet cannot choose these.
+    pub node_class: NodeClassSpec,
+    /// The GPUs a fleet may ask for.
+    #[serde(default)]
+    pub gpu: GpuPolicy,
+    /// The S3 buckets, endpoints and SQS queues fleets and ModelSets may use.
+    #[serde(default)]
+    pub s3: S3Policy,
+    /// How a fleet may be exposed.
+    #[serde(default)]
+    pub ingress: IngressPolicy,
+}
+
+/// The GPUs a fleet may ask for.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuPolicy {
+    /// Instance types a fleet may list in `gpu.instanceTypes`; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
+    pub allowed_instance_types: Vec<String>,
+    /// Capacity types a fleet may list in `gpu.capacityTypes`; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_capacity_types: Vec<CapacityType>,
+    /// The most GPUs one fleet's NodePool may hold (`gpu.limit`); unset: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_gpus_per_fleet: Option<i32>,
+}
+
+/// Which buckets, S3-compatible endpoints and SQS queues may be used. Entries are globs
+/// (`*` within one segment of a bucket name or URL).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Policy {
+    /// Buckets fleets may mount and ModelSets may list, e.g. `comfyui-*`; empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub allowed_buckets: Vec<String>,
+    /// S3-compatible endpoint URLs a ModelSet may name; empty: AWS S3 only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub allowed_endpoints: Vec<String>,
+    /// SQS queue URLs a ModelSet may listen to (the controller deletes their messages);
+    /// empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub allowed_queues: Vec<String>,
+}
+
+/// How fleets of this class may be exposed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressPolicy {
+    /// ALB schemes a fleet may use. Default: `internal` only.
+    #[serde(default = "default_schemes")]
+    pub allowed_schemes: Vec<IngressScheme>,
+    /// The IngressClass every fleet must use; unset: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// An internet-facing fleet must have a certificate (TLS). Default: true.
+    #[serde(default = "default_true")]
+    pub internet_facing_requires_certificate: bool,
+    /// Annotation keys an internet-facing fleet must set, e.g. the ALB's
+    /// `alb.ingress.kubernetes.io/auth-type`: ComfyUI has no authentication of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub internet_facing_required_annotations: Vec<String>,
+    /// Annotation keys (globs) a fleet may set in `ingress.annotations`; empty: none.
+    /// Keys like `alb.ingress.kubernetes.io/group.name` join another team's load
+    /// balancer: leave them out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_annotation_keys: Vec<String>,
+}
+
+impl Default for IngressPolicy {
+    fn default() -> Self {
+        IngressPolicy {
+            allowed_schemes: default_schemes(),
+            class_name: None,
+            internet_facing_requires_certificate: true,
+            internet_facing_required_annotations: Vec::new(),
+            allowed_annotation_keys: Vec::new(),
+        }
+    }
+}
+
+fn default_schemes() -> Vec<IngressScheme> {
+    vec![IngressScheme::Internal]
+}
+fn default_true() -> bool {
+    true
+}
+
+impl FleetClass {
+    /// Whether the admin marked this class the default.
+    pub fn is_default(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    }
+}
