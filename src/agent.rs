@@ -141,14 +141,30 @@ impl Agent {
         }
         .await;
         match result {
+            // Refused keys mean the node does not hold the catalog: it reports Failed,
+            // naming them, and its startup taint stays on.
+            Ok((catalog, report)) if !report.refused.is_empty() => {
+                let message = format!(
+                    "refused {} key(s) of the catalog, e.g. {}",
+                    report.refused.len(),
+                    report.refused[0]
+                );
+                tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync incomplete");
+                self.report(
+                    api,
+                    &name,
+                    NodeSyncState::Failed,
+                    &catalog.revision(),
+                    catalog.total_bytes(),
+                    &message,
+                )
+                .await?;
+                Ok(false)
+            }
             Ok((catalog, report)) => {
-                let message = match report.refused.first() {
-                    Some(r) => format!("refused {} unsafe key(s), e.g. {r}", report.refused.len()),
-                    None => String::new(),
-                };
                 tracing::info!(
                     node = %self.node, modelset = %format!("{ns}/{name}"), revision = %catalog.revision(),
-                    fetched = report.downloaded, bytes = report.bytes, resumed_bytes = report.resumed, deleted = report.deleted, refused = report.refused.len(), "synced"
+                    fetched = report.downloaded, bytes = report.bytes, resumed_bytes = report.resumed, deleted = report.deleted, "synced"
                 );
                 self.report(
                     api,
@@ -156,7 +172,7 @@ impl Agent {
                     NodeSyncState::Synced,
                     &catalog.revision(),
                     catalog.total_bytes(),
-                    &message,
+                    "",
                 )
                 .await?;
                 Ok(true)

@@ -219,5 +219,27 @@ async fn what_the_class_does_not_allow_is_refused_and_named() {
         let status = sets.get(name).await.unwrap().status.unwrap();
         assert!(status.revision.is_empty(), "{name} was listed");
     }
+    // The admin widens the class: the refused fleet follows at once (the controller
+    // watches classes; its periodic resync is 5 minutes away), with no edit of the fleet.
+    let mut wider = class.clone();
+    wider["spec"]["s3"]["allowedBuckets"] = json!(["team-*", "payroll-*"]);
+    classes
+        .patch(
+            &class_name,
+            &PatchParams::apply("platform-admin"),
+            &Patch::Apply(&wider),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the bucket fleet admitted after the class changed",
+        WAIT,
+        || async {
+            fleet_ready(&client, &ns.name, "bucket")
+                .await
+                .filter(|r| r.0 == "True")
+        },
+    )
+    .await;
     let _ = classes.delete(&class_name, &Default::default()).await;
 }

@@ -53,6 +53,16 @@ fn run(cmd: &mut Command) -> (Output, String) {
     (out, text)
 }
 
+/// The count `sdfleet sync` printed before `word` ("3 fetched", "0 deleted,"): a number,
+/// so "1 fetched" is never found inside "11 fetched".
+fn count(text: &str, word: &str) -> Option<u64> {
+    let tokens: Vec<&str> = text.split_whitespace().collect();
+    tokens
+        .windows(2)
+        .find(|w| w[1].trim_end_matches([',', ')']) == word)
+        .and_then(|w| w[0].parse().ok())
+}
+
 /// Deterministic pseudo-random bytes, so content checks are real.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
@@ -81,7 +91,7 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
         &["--part-size-mib", "8"],
     ));
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("3 fetched"), "{text}");
+    assert!(count(&text, "fetched") == Some(3), "{text}");
     assert_eq!(
         std::fs::read(dest.join("checkpoints/big.safetensors")).unwrap(),
         big
@@ -94,7 +104,9 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
 
     let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
     assert!(
-        out.status.success() && text.contains("0 fetched") && text.contains("3 unchanged"),
+        out.status.success()
+            && count(&text, "fetched") == Some(0)
+            && count(&text, "unchanged") == Some(3),
         "{text}"
     );
 
@@ -107,7 +119,7 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
         .unwrap();
     let (_, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &[]));
     assert!(
-        text.contains("1 fetched") && text.contains("0 deleted"),
+        count(&text, "fetched") == Some(1) && count(&text, "deleted") == Some(0),
         "{text}"
     );
     assert_eq!(
@@ -122,7 +134,10 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
     // A file the user put there is never ours to delete.
     std::fs::write(dest.join("vae/mine.safetensors"), b"user's").unwrap();
     let (out, text) = run(&mut sync_cmd(tb, &b, "models/", &dest, &["--delete"]));
-    assert!(out.status.success() && text.contains("1 deleted"), "{text}");
+    assert!(
+        out.status.success() && count(&text, "deleted") == Some(1),
+        "{text}"
+    );
     assert!(!dest.join("loras/a lora.safetensors").exists());
     assert!(!dest.join("loras").exists(), "empty directories go too");
     assert!(dest.join("vae/mine.safetensors").exists());
@@ -134,7 +149,7 @@ async fn sync_fetches_only_changes_and_deletes_on_request() {
         &dest,
         &["--include", "vae/*"],
     ));
-    assert!(text.contains("0 fetched"), "{text}");
+    assert!(count(&text, "fetched") == Some(0), "{text}");
     std::fs::remove_dir_all(&dest).unwrap();
 }
 
@@ -254,7 +269,10 @@ async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_resumes() {
     let done_at_kill = journalled();
 
     let (out, text) = run(&mut sync_cmd(tb, &b, "", &dest, &parts));
-    assert!(out.status.success() && text.contains("1 fetched"), "{text}");
+    assert!(
+        out.status.success() && count(&text, "fetched") == Some(1),
+        "{text}"
+    );
     let resumed_mib: f64 = text
         .split_once("; ")
         .and_then(|(_, rest)| rest.split_once(" MiB resumed"))
@@ -276,4 +294,63 @@ async fn killed_mid_download_leaves_no_partial_file_and_a_rerun_resumes() {
         "no temporary files or journals left"
     );
     std::fs::remove_dir_all(&dest).unwrap();
+}
+
+#[test]
+fn counts_are_read_as_numbers() {
+    let line = "revision sha256:x: 11 fetched (1.0 MiB, 5.0 MB/s; 0 B resumed), 3 unchanged, 0 deleted, 0 refused, in 0.2 s";
+    assert_eq!(count(line, "fetched"), Some(11));
+    assert_eq!(count(line, "unchanged"), Some(3));
+    assert_eq!(count(line, "deleted"), Some(0));
+    assert_ne!(count(line, "fetched"), Some(1));
+}
+
+#[tokio::test]
+async fn a_prefix_is_a_folder_and_file_folder_conflicts_are_named_not_fatal() {
+    let tb = Testbed::get();
+    let s3 = s3(tb).await;
+    let b = bucket(&s3, "edges").await;
+    put(&s3, &b, "models/loras/a", pattern(10, 1)).await;
+    put(&s3, &b, "models/loras/a/b", pattern(20, 2)).await;
+    put(&s3, &b, "models/vae/v", pattern(30, 3)).await;
+    put(&s3, &b, "models-old/stale", pattern(40, 4)).await;
+    let dest = temp_dir("edges");
+
+    // `models` (no slash) is the folder models/: models-old is not in it.
+    let (out, text) = run(&mut sync_cmd(tb, &b, "models", &dest, &[]));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "refused keys fail the run: {text}"
+    );
+    assert!(text.contains("\"loras/a\" and \"loras/a/b\""), "{text}");
+    assert_eq!(count(&text, "fetched"), Some(2), "{text}");
+    assert_eq!(
+        std::fs::read(dest.join("loras/a/b")).unwrap(),
+        pattern(20, 2)
+    );
+    assert_eq!(std::fs::read(dest.join("vae/v")).unwrap(), pattern(30, 3));
+    assert!(!dest.join("-old").exists() && !dest.join("stale").exists());
+
+    // A file replaced by a folder of the same name: with --delete the next sync converges.
+    s3.delete_object()
+        .bucket(&b)
+        .key("models/vae/v")
+        .send()
+        .await
+        .unwrap();
+    put(&s3, &b, "models/vae/v/inner", pattern(50, 5)).await;
+    s3.delete_object()
+        .bucket(&b)
+        .key("models/loras/a")
+        .send()
+        .await
+        .unwrap();
+    let (out, text) = run(&mut sync_cmd(tb, &b, "models", &dest, &["--delete"]));
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        std::fs::read(dest.join("vae/v/inner")).unwrap(),
+        pattern(50, 5)
+    );
+    let _ = std::fs::remove_dir_all(&dest);
 }

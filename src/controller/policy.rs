@@ -56,6 +56,15 @@ pub fn resolve<'a>(
     }
 }
 
+/// Whether an object that names `class_name` (or none) follows `class`: what a change of
+/// the class must reconcile again.
+pub fn follows(class_name: Option<&str>, class: &FleetClass) -> bool {
+    match class_name {
+        Some(name) => class.metadata.name.as_deref() == Some(name),
+        None => class.is_default(),
+    }
+}
+
 /// `*` within one `/`-separated segment, as in a shell.
 fn glob(pattern: &str) -> Option<GlobMatcher> {
     GlobBuilder::new(pattern)
@@ -65,10 +74,12 @@ fn glob(pattern: &str) -> Option<GlobMatcher> {
         .map(|g| g.compile_matcher())
 }
 
+/// Whether `value` matches one of the patterns. `*` alone allows anything; otherwise `*`
+/// stays within one `/`-separated segment (`https://sqs.../123/team-*`).
 fn matches_any(patterns: &[String], value: &str) -> bool {
     patterns
         .iter()
-        .any(|p| p == value || glob(p).is_some_and(|g| g.is_match(value)))
+        .any(|p| p == "*" || p == value || glob(p).is_some_and(|g| g.is_match(value)))
 }
 
 struct Check<'a> {
@@ -375,6 +386,25 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(queue.field, "spec.sync.sqsQueueUrl");
+    }
+
+    #[test]
+    fn a_lone_star_allows_any_url_and_a_segment_star_only_its_segment() {
+        let any = vec!["*".to_string()];
+        assert!(matches_any(&any, "http://127.0.0.1:4566/123/queue"));
+        let team = vec!["https://sqs.us-west-2.amazonaws.com/1/team-*".to_string()];
+        assert!(matches_any(
+            &team,
+            "https://sqs.us-west-2.amazonaws.com/1/team-models"
+        ));
+        assert!(!matches_any(
+            &team,
+            "https://sqs.us-west-2.amazonaws.com/1/team-a/../billing"
+        ));
+        assert!(!matches_any(
+            &team,
+            "https://sqs.us-west-2.amazonaws.com/2/team-models"
+        ));
     }
 
     #[test]

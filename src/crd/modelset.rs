@@ -87,7 +87,7 @@ impl S3Source {
     pub fn location(&self, default_region: Option<&str>) -> BucketLocation {
         BucketLocation {
             bucket: self.bucket.clone(),
-            prefix: self.prefix.clone(),
+            prefix: crate::sync::store::folder(&self.prefix),
             region: self
                 .region
                 .clone()

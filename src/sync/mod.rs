@@ -79,6 +79,10 @@ pub struct SyncReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    #[error(
+        "another sync of {dest} is running (it holds {dest}/.sdfleet/lock); try again when it ends"
+    )]
+    Busy { dest: String },
     #[error("models need {need}, instance store has {have} free at {dest}")]
     NoSpace {
         need: String,
@@ -111,6 +115,25 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
     }
 }
 
+/// An exclusive lock on DEST's state directory, or `Busy` when another sync holds it.
+/// The kernel drops it when the holder exits, however it exits.
+fn lock(state: &Path) -> Result<std::fs::File, SyncError> {
+    let path = state.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(SyncError::Busy {
+            dest: state.parent().unwrap_or(state).display().to_string(),
+        }),
+        Err(e) => Err(io(&path)(e.into())),
+    }
+}
+
 /// Human-readable bytes (GiB/MiB/KiB, binary).
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -137,6 +160,9 @@ pub async fn sync<S: ObjectStore>(
     let state = dest.join(STATE_DIR);
     let tmp = state.join("tmp");
     tokio::fs::create_dir_all(&tmp).await.map_err(io(&tmp))?;
+    // Held until the sync returns: two syncs of one DEST (the agent and an SSM command,
+    // or two SSM commands) never share temporary files or the manifest.
+    let _lock = lock(&state)?;
     let manifest = Manifest::load(&state).await.map_err(io(&state))?;
     let plan = plan::plan(catalog, &manifest, dest, opts.delete);
     // An interrupted run's temporary files are kept only for objects still to fetch
@@ -155,7 +181,7 @@ pub async fn sync<S: ObjectStore>(
             let _ = tokio::fs::remove_file(e.path()).await;
         }
     }
-    check_space(dest, &plan)?;
+    check_space(dest, &plan, &manifest, &tmp)?;
 
     let progress = Arc::new(Mutex::new(Progress::new(manifest)));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -167,6 +193,23 @@ pub async fn sync<S: ObjectStore>(
         unchanged,
         refused,
     } = plan;
+    // Deletions first: a file the bucket replaced by a folder of the same name (or the
+    // other way round) must be gone before the new one can be written.
+    let mut deleted = 0;
+    {
+        let mut p = progress.lock().await;
+        for key in &delete {
+            if let Ok(path) = paths::destination(dest, key) {
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => deleted += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(&path)(e)),
+                }
+                remove_empty_parents(dest, &path).await;
+            }
+            p.manifest.entries.remove(key);
+        }
+    }
     let downloaded = download.len();
     let fetched = futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
         .try_for_each_concurrent(opts.concurrency.max(1), |object| {
@@ -198,18 +241,6 @@ pub async fn sync<S: ObjectStore>(
     p.checkpoint(&state).await?;
     fetched?;
 
-    let mut deleted = 0;
-    for key in &delete {
-        if let Ok(path) = paths::destination(dest, key) {
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => deleted += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
-            }
-            remove_empty_parents(dest, &path).await;
-        }
-        p.manifest.entries.remove(key);
-    }
     p.checkpoint(&state).await?;
     Ok(SyncReport {
         downloaded,
@@ -281,8 +312,23 @@ impl Progress {
     }
 }
 
-fn check_space(dest: &Path, plan: &Plan) -> Result<(), SyncError> {
-    let need: u64 = plan.download.iter().map(|o| o.size).sum();
+/// The bytes this sync will add: what it fetches, less what its deletions free and what
+/// resumable temporary files of an interrupted run already hold.
+fn check_space(dest: &Path, plan: &Plan, manifest: &Manifest, tmp: &Path) -> Result<(), SyncError> {
+    let fetch: u64 = plan.download.iter().map(|o| o.size).sum();
+    let freed: u64 = plan
+        .delete
+        .iter()
+        .filter_map(|k| manifest.entries.get(k))
+        .map(|e| e.size)
+        .sum();
+    let held: u64 = plan
+        .download
+        .iter()
+        .filter_map(|o| std::fs::metadata(temp_path(tmp, &o.key)).ok())
+        .map(|m| m.len())
+        .sum();
+    let need = fetch.saturating_sub(freed).saturating_sub(held);
     if need == 0 {
         return Ok(());
     }
@@ -305,5 +351,23 @@ async fn remove_empty_parents(dest: &Path, file: &Path) {
             break;
         }
         dir = d.parent();
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_sync_of_one_dest_is_refused_while_the_first_holds_it() {
+        let state =
+            std::env::temp_dir().join(format!("sdfleet-lock-{}/.sdfleet", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        let first = lock(&state).unwrap();
+        let second = lock(&state).unwrap_err();
+        assert!(second.to_string().contains("another sync"), "{second}");
+        drop(first);
+        lock(&state).expect("free again once the first is done");
+        std::fs::remove_dir_all(state.parent().unwrap()).unwrap();
     }
 }

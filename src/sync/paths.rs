@@ -28,6 +28,10 @@ pub enum UnsafeKey {
     Symlink(String, String),
     #[error("key {0:?} is reserved for sdfleet's own state")]
     Reserved(String),
+    #[error(
+        "key {0:?} and {1:?} cannot both exist on disk (one is a file, the other a folder); {0:?} is refused"
+    )]
+    Conflict(String, String),
 }
 
 impl UnsafeKey {
@@ -40,7 +44,8 @@ impl UnsafeKey {
             | UnsafeKey::DotSegment(k)
             | UnsafeKey::TooLong(k)
             | UnsafeKey::Symlink(k, _)
-            | UnsafeKey::Reserved(k) => k,
+            | UnsafeKey::Reserved(k)
+            | UnsafeKey::Conflict(k, _) => k,
         }
     }
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::catalog::{Catalog, Object};
 use super::paths::{self, UnsafeKey};
+use std::collections::BTreeSet;
 
 /// One file sdfleet wrote: the object it came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +57,37 @@ pub struct Plan {
 /// disk has that size.
 pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -> Plan {
     let mut plan = Plan::default();
+    let wanted: BTreeSet<&str> = catalog.objects.iter().map(|o| o.key.as_str()).collect();
+    // Every folder the keys need: a key that is also a folder (`a` beside `a/b`) is refused.
+    let mut folders: BTreeMap<&str, &str> = BTreeMap::new();
+    for key in &wanted {
+        for (i, _) in key.match_indices('/') {
+            folders.entry(&key[..i]).or_insert(key);
+        }
+    }
+    // Files that stay on disk: a new key beneath one of them cannot be written.
+    let kept: BTreeSet<&str> = manifest
+        .entries
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !delete || wanted.contains(k))
+        .collect();
     for object in &catalog.objects {
+        if let Some(child) = folders.get(object.key.as_str()) {
+            plan.refused
+                .push(UnsafeKey::Conflict(object.key.clone(), child.to_string()));
+            continue;
+        }
+        if let Some(file) = object
+            .key
+            .match_indices('/')
+            .map(|(i, _)| &object.key[..i])
+            .find(|parent| kept.contains(parent))
+        {
+            plan.refused
+                .push(UnsafeKey::Conflict(object.key.clone(), file.to_string()));
+            continue;
+        }
         let path = match paths::destination(dest, &object.key) {
             Ok(p) => p,
             Err(e) => {
@@ -79,8 +110,6 @@ pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -
         }
     }
     if delete {
-        let wanted: std::collections::BTreeSet<&str> =
-            catalog.objects.iter().map(|o| o.key.as_str()).collect();
         plan.delete = manifest
             .entries
             .keys()
@@ -95,6 +124,47 @@ pub fn plan(catalog: &Catalog, manifest: &Manifest, dest: &Path, delete: bool) -
 mod tests {
     use super::*;
     use crate::sync::catalog::obj;
+
+    #[test]
+    fn a_key_that_is_also_a_folder_is_refused_and_the_rest_arrives() {
+        let dest =
+            std::env::temp_dir().join(format!("sdfleet-plan-conflict-{}", std::process::id()));
+        let catalog = Catalog::new(vec![
+            obj("loras/a", 1, "e1"),
+            obj("loras/a/b", 2, "e2"),
+            obj("vae/v", 3, "e3"),
+        ]);
+        let plan = plan(&catalog, &Manifest::default(), &dest, true);
+        assert_eq!(
+            plan.refused,
+            [UnsafeKey::Conflict("loras/a".into(), "loras/a/b".into())]
+        );
+        let keys: Vec<&str> = plan.download.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["loras/a/b", "vae/v"]);
+    }
+
+    #[test]
+    fn a_file_replaced_by_a_folder_is_deleted_with_delete_and_refused_without() {
+        let dest = std::env::temp_dir().join(format!("sdfleet-plan-folder-{}", std::process::id()));
+        let mut manifest = Manifest::default();
+        manifest.entries.insert(
+            "x".into(),
+            ManifestEntry {
+                size: 1,
+                etag: "old".into(),
+            },
+        );
+        let catalog = Catalog::new(vec![obj("x/y", 2, "new")]);
+        let with_delete = plan(&catalog, &manifest, &dest, true);
+        assert_eq!(with_delete.delete, ["x"]);
+        assert_eq!(with_delete.download.len(), 1);
+        let without = plan(&catalog, &manifest, &dest, false);
+        assert_eq!(
+            without.refused,
+            [UnsafeKey::Conflict("x/y".into(), "x".into())]
+        );
+        assert!(without.download.is_empty());
+    }
 
     #[test]
     fn only_new_or_changed_objects_are_fetched_and_only_ours_deleted() {

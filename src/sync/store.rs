@@ -48,6 +48,16 @@ pub struct BucketLocation {
     pub endpoint: Option<String>,
 }
 
+/// A prefix names a folder: `models` is `models/`, so `models-old/...` is not in it and
+/// keys under it are relative to it.
+pub fn folder(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}/")
+    }
+}
+
 /// A bucket and prefix in S3 (or an S3-compatible store).
 #[derive(Clone)]
 pub struct S3Store {
@@ -68,7 +78,7 @@ impl S3Store {
         S3Store {
             client: aws_sdk_s3::Client::from_conf(config.build()),
             bucket: location.bucket.clone(),
-            prefix: location.prefix.clone(),
+            prefix: folder(&location.prefix),
         }
     }
 
@@ -151,5 +161,15 @@ impl ObjectStore for S3Store {
             message,
         });
         Ok(stream.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_prefix_is_a_folder() {
+        assert_eq!(super::folder("models"), "models/");
+        assert_eq!(super::folder("models/"), "models/");
+        assert_eq!(super::folder(""), "");
     }
 }

@@ -73,6 +73,23 @@ pub async fn run(
             move |child| owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope),
         );
     }
+    // A changed FleetClass applies to its fleets at once, not at the next resync.
+    let fleets = controller.store();
+    controller = controller.watches(
+        Api::<FleetClass>::all(client.clone()),
+        watcher::Config::default(),
+        move |class| {
+            fleets
+                .state()
+                .into_iter()
+                .filter(|f| {
+                    f.0.as_ref()
+                        .is_ok_and(|cud| policy::follows(cud.spec.class_name.as_deref(), &class))
+                })
+                .map(|f| ObjectRef::from_obj(&*f))
+                .collect::<Vec<_>>()
+        },
+    );
     controller
         .graceful_shutdown_on(shutdown)
         .run(

@@ -46,7 +46,24 @@ pub async fn run(
         None => Api::all(ctx.client.clone()),
     };
     let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx));
-    Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    // A changed FleetClass applies to its ModelSets at once.
+    let sets = controller.store();
+    controller
+        .watches(
+            Api::<FleetClass>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |class| {
+                sets.state()
+                    .into_iter()
+                    .filter(|m| {
+                        m.0.as_ref()
+                            .is_ok_and(|ms| policy::follows(ms.spec.class_name.as_deref(), &class))
+                    })
+                    .map(|m| ObjectRef::from_obj(&*m))
+                    .collect::<Vec<_>>()
+            },
+        )
         .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(
