@@ -60,8 +60,10 @@ pub(super) async fn fetch<S: ObjectStore>(
                 let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
                 async move {
                     let permit = permits.acquire().await.map_err(closed)?;
-                    let body = store.get(&object.key, Some((start, end))).await?;
-                    let written = write_body(&file, &part, body, start, None).await?;
+                    let body = store
+                        .get(&object.key, Some((start, end)), &object.etag)
+                        .await?;
+                    let written = write_body(&file, &part, body.chunks, start, None).await?;
                     // The network slot goes to the next range while this one is made durable.
                     drop(permit);
                     if written != end + 1 - start {
@@ -90,9 +92,9 @@ pub(super) async fn fetch<S: ObjectStore>(
         file.set_len(object.size).map_err(io(&part))?;
         let file = Arc::new(file);
         let _permit = permits.acquire().await.map_err(closed)?;
-        let body = store.get(&object.key, None).await?;
+        let body = store.get(&object.key, None, &object.etag).await?;
         let mut md5 = Md5::new();
-        let written = write_body(&file, &part, body, 0, Some(&mut md5)).await?;
+        let written = write_body(&file, &part, body.chunks, 0, Some(&mut md5)).await?;
         if written != object.size {
             return Err(SyncError::SizeMismatch {
                 key: object.key.clone(),
@@ -100,8 +102,10 @@ pub(super) async fn fetch<S: ObjectStore>(
                 want: object.size,
             });
         }
-        // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain '-').
-        if is_md5_etag(&object.etag) {
+        // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain
+        // '-'), unless the object is encrypted with KMS or a customer key: then its size,
+        // checked above, is what is verified.
+        if body.etag_is_md5 && is_md5_etag(&object.etag) {
             let got = hex::encode(md5.finalize());
             if got != object.etag {
                 return Err(SyncError::ChecksumMismatch {
@@ -195,4 +199,101 @@ async fn write_body(
 
 fn is_md5_etag(etag: &str) -> bool {
     etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::catalog::obj;
+    use crate::sync::store::{Body, StoreError};
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// A store that serves `data` for any key, says whether its ETag is an MD5, and
+    /// records the ETag each GET was pinned to.
+    struct Fake {
+        data: Vec<u8>,
+        etag_is_md5: bool,
+        pinned: Mutex<Vec<String>>,
+    }
+
+    impl ObjectStore for Fake {
+        async fn list(&self) -> Result<Vec<Object>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn get(
+            &self,
+            _key: &str,
+            range: Option<(u64, u64)>,
+            etag: &str,
+        ) -> Result<Body, StoreError> {
+            self.pinned.lock().unwrap().push(etag.to_string());
+            let bytes = match range {
+                Some((start, end)) => self.data[start as usize..=end as usize].to_vec(),
+                None => self.data.clone(),
+            };
+            Ok(Body {
+                chunks: futures::stream::iter([Ok(Bytes::from(bytes))]).boxed(),
+                etag_is_md5: self.etag_is_md5,
+            })
+        }
+    }
+
+    async fn fetch_one(
+        store: &Fake,
+        object: &Object,
+        part_size: u64,
+    ) -> Result<(PathBuf, u64), SyncError> {
+        let dest = std::env::temp_dir().join(format!(
+            "sdfleet-fetch-{}-{part_size}-{}",
+            std::process::id(),
+            object.etag
+        ));
+        let tmp = dest.join(".sdfleet/tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut opts = SyncOptions::new(&dest);
+        opts.part_size = part_size;
+        opts.multipart_threshold = part_size;
+        let result = fetch(store, object, &dest, &tmp, &opts, &Semaphore::new(4)).await;
+        let _ = std::fs::remove_dir_all(&dest);
+        result
+    }
+
+    #[tokio::test]
+    async fn every_get_is_pinned_to_the_planned_etag() {
+        let store = Fake {
+            data: vec![7; 3 << 20],
+            etag_is_md5: true,
+            pinned: Mutex::new(Vec::new()),
+        };
+        // Ranged: three parts of 1 MiB, each pinned.
+        fetch_one(&store, &obj("big", 3 << 20, "abc-3"), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(*store.pinned.lock().unwrap(), ["abc-3", "abc-3", "abc-3"]);
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_objects_etag_is_not_taken_for_its_md5() {
+        // SSE-KMS: 32 hex characters that are not the MD5 of the bytes.
+        let not_md5 = "0123456789abcdef0123456789abcdef";
+        let kms = Fake {
+            data: b"weights".to_vec(),
+            etag_is_md5: false,
+            pinned: Mutex::new(Vec::new()),
+        };
+        fetch_one(&kms, &obj("kms", 7, not_md5), 64 << 20)
+            .await
+            .expect("verified by size");
+        // The same ETag on a plain object is a real mismatch.
+        let plain = Fake {
+            data: b"weights".to_vec(),
+            etag_is_md5: true,
+            pinned: Mutex::new(Vec::new()),
+        };
+        let err = fetch_one(&plain, &obj("plain", 7, not_md5), 64 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SyncError::ChecksumMismatch { .. }), "{err}");
+    }
 }

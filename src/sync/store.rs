@@ -27,15 +27,24 @@ pub enum StoreError {
 
 pub type ByteChunks = BoxStream<'static, Result<Bytes, StoreError>>;
 
+/// An object's bytes as they arrive, and whether its ETag is the MD5 of those bytes:
+/// not for SSE-KMS or SSE-C objects, whose ETag is 32 hex characters all the same.
+pub struct Body {
+    pub chunks: ByteChunks,
+    pub etag_is_md5: bool,
+}
+
 pub trait ObjectStore: Send + Sync {
     /// Every object under the prefix, keys relative to it.
     fn list(&self) -> impl Future<Output = Result<Vec<Object>, StoreError>> + Send;
-    /// The object's bytes, or bytes `start..=end` of it.
+    /// The object's bytes, or bytes `start..=end` of it, only while its ETag is still
+    /// `etag` (empty: any version): a file is never stitched from two versions.
     fn get(
         &self,
         key: &str,
         range: Option<(u64, u64)>,
-    ) -> impl Future<Output = Result<ByteChunks, StoreError>> + Send;
+        etag: &str,
+    ) -> impl Future<Output = Result<Body, StoreError>> + Send;
 }
 
 /// Where a bucket's objects are: what `S3Store::connect` needs.
@@ -136,18 +145,40 @@ impl ObjectStore for S3Store {
         Ok(out)
     }
 
-    async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<ByteChunks, StoreError> {
+    async fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        etag: &str,
+    ) -> Result<Body, StoreError> {
         let full = format!("{}{key}", self.prefix);
         let mut req = self.client.get_object().bucket(&self.bucket).key(&full);
         if let Some((start, end)) = range {
             req = req.range(format!("bytes={start}-{end}"));
         }
+        if !etag.is_empty() {
+            req = req.if_match(format!("\"{etag}\""));
+        }
         let (bucket, k) = (self.bucket.clone(), full.clone());
-        let out = req.send().await.map_err(|e| StoreError::Get {
-            bucket: bucket.clone(),
-            key: k.clone(),
-            message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        let out = req.send().await.map_err(|e| {
+            let changed = e
+                .raw_response()
+                .is_some_and(|r| r.status().as_u16() == 412);
+            StoreError::Get {
+                bucket: bucket.clone(),
+                key: k.clone(),
+                message: if changed {
+                    format!("the object changed during the sync (no longer ETag {etag}); it is fetched again next sync")
+                } else {
+                    aws_sdk_s3::error::DisplayErrorContext(&e).to_string()
+                },
+            }
         })?;
+        use aws_sdk_s3::types::ServerSideEncryption;
+        let encrypted = matches!(
+            out.server_side_encryption(),
+            Some(ServerSideEncryption::AwsKms | ServerSideEncryption::AwsKmsDsse)
+        ) || out.sse_customer_algorithm().is_some();
         let stream = futures::stream::try_unfold(out.body, |mut body| async move {
             match body.try_next().await {
                 Ok(Some(chunk)) => Ok(Some((chunk, body))),
@@ -160,7 +191,10 @@ impl ObjectStore for S3Store {
             key: k.clone(),
             message,
         });
-        Ok(stream.boxed())
+        Ok(Body {
+            chunks: stream.boxed(),
+            etag_is_md5: !encrypted,
+        })
     }
 }
 
