@@ -173,6 +173,12 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             _ => Ok(Action::requeue(poll)),
         };
     }
+    // Whatever the bucket does, entries of nodes that are gone are dropped: agents report
+    // under node names (SSM entries are instance ids, re-applied whole on each sync).
+    let live = match ms.spec.sync.method {
+        SyncMethod::Agent => Some(prune_departed_nodes(ctx, ms).await?),
+        SyncMethod::Ssm => None,
+    };
     let default_region = ctx.settings.cluster.region.as_deref();
     let location = ms.spec.source.s3.location(default_region);
     if let Some(w) = &ctx.sqs {
@@ -200,7 +206,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::InvalidSpec,
                 e.to_string(),
             )];
-            write_status(ctx, ms, None, &invalid, None).await?;
+            write_status(ctx, ms, None, &invalid, live.as_ref()).await?;
             return Ok(Action::await_change());
         }
     };
@@ -214,7 +220,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::ListFailed,
                 &message,
             )];
-            write_status(ctx, ms, None, &failed, None).await?;
+            write_status(ctx, ms, None, &failed, live.as_ref()).await?;
             return Err(Error::List(message));
         }
     };
@@ -229,12 +235,6 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             crate::sync::human(catalog.total_bytes())
         ),
     );
-    let live = match ms.spec.sync.method {
-        // Agents report under node names: entries of nodes that are gone are dropped.
-        SyncMethod::Agent => Some(prune_departed_nodes(ctx, ms).await?),
-        // SSM entries are instance ids, re-applied whole by `ssm` on each sync.
-        SyncMethod::Ssm => None,
-    };
     let catalog_status = Some((&catalog, catalog_ref));
     write_status(ctx, ms, catalog_status, &[listed], live.as_ref()).await?;
     if ms.spec.sync.method == SyncMethod::Ssm {
