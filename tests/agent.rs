@@ -304,6 +304,31 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let latest = sets.get("sdxl-models").await.unwrap().status.unwrap();
     assert_ne!(latest.revision, revision);
 
+    // A key that is also a folder cannot be written: the node reports Failed, naming it
+    // (the rest arrives), and the fleet's ModelsReady says so.
+    put("loras/clash", b"a file").await;
+    put("loras/clash/inner", b"a file in a folder of the same name").await;
+    let failed = eventually("the agent to report the refused key", WAIT, || async {
+        let status = sets.get("sdxl-models").await.ok()?.status?;
+        let mine = status.nodes.iter().find(|n| n.node == node_name)?;
+        (mine.state == NodeSyncState::Failed).then(|| mine.message.clone())
+    })
+    .await;
+    assert!(failed.contains("loras/clash"), "{failed}");
+    assert_eq!(
+        std::fs::read(dir.join("loras/clash/inner")).unwrap(),
+        b"a file in a folder of the same name"
+    );
+    eventually("ModelsReady False with SyncFailed", WAIT, || async {
+        let status = cuds.get("sdxl").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ModelsReady" && c.status == "False" && c.reason == "SyncFailed")
+            .map(|_| ())
+    })
+    .await;
+
     drop(agent);
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {

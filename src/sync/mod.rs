@@ -315,20 +315,7 @@ impl Progress {
 /// The bytes this sync will add: what it fetches, less what its deletions free and what
 /// resumable temporary files of an interrupted run already hold.
 fn check_space(dest: &Path, plan: &Plan, manifest: &Manifest, tmp: &Path) -> Result<(), SyncError> {
-    let fetch: u64 = plan.download.iter().map(|o| o.size).sum();
-    let freed: u64 = plan
-        .delete
-        .iter()
-        .filter_map(|k| manifest.entries.get(k))
-        .map(|e| e.size)
-        .sum();
-    let held: u64 = plan
-        .download
-        .iter()
-        .filter_map(|o| std::fs::metadata(temp_path(tmp, &o.key)).ok())
-        .map(|m| m.len())
-        .sum();
-    let need = fetch.saturating_sub(freed).saturating_sub(held);
+    let need = bytes_needed(plan, manifest, tmp);
     if need == 0 {
         return Ok(());
     }
@@ -344,6 +331,26 @@ fn check_space(dest: &Path, plan: &Plan, manifest: &Manifest, tmp: &Path) -> Res
     Ok(())
 }
 
+/// What `check_space` asks of the disk.
+fn bytes_needed(plan: &Plan, manifest: &Manifest, tmp: &Path) -> u64 {
+    let fetch: u64 = plan.download.iter().map(|o| o.size).sum();
+    let freed: u64 = plan
+        .delete
+        .iter()
+        .filter_map(|k| manifest.entries.get(k))
+        .map(|e| e.size)
+        .sum();
+    let held: u64 = plan
+        .download
+        .iter()
+        .filter_map(|o| std::fs::metadata(temp_path(tmp, &o.key)).ok())
+        // Blocks on disk, not the length: a ranged download's file is created sparse at
+        // its full size, and only the parts written take space.
+        .map(|m| (std::os::unix::fs::MetadataExt::blocks(&m) * 512).min(m.len()))
+        .sum();
+    fetch.saturating_sub(freed).saturating_sub(held)
+}
+
 async fn remove_empty_parents(dest: &Path, file: &Path) {
     let mut dir = file.parent();
     while let Some(d) = dir {
@@ -357,6 +364,41 @@ async fn remove_empty_parents(dest: &Path, file: &Path) {
 #[cfg(test)]
 mod lock_tests {
     use super::*;
+
+    #[test]
+    fn space_needed_counts_deletions_and_resumable_parts() {
+        let tmp = std::env::temp_dir().join(format!("sdfleet-space-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut manifest = Manifest::default();
+        manifest.entries.insert(
+            "old".into(),
+            ManifestEntry {
+                size: 300,
+                etag: "o".into(),
+            },
+        );
+        let plan = Plan {
+            download: vec![catalog::obj("new", 1000, "n")],
+            delete: vec!["old".into()],
+            ..Default::default()
+        };
+        assert_eq!(bytes_needed(&plan, &manifest, &tmp), 700);
+        // An interrupted run left 200 bytes of "new" in its temporary file (its full
+        // length reserved sparse, as a ranged download does).
+        let part = std::fs::File::create(temp_path(&tmp, "new")).unwrap();
+        part.set_len(1000).unwrap();
+        assert_eq!(
+            bytes_needed(&plan, &manifest, &tmp),
+            700,
+            "a sparse file holds nothing"
+        );
+        std::os::unix::fs::FileExt::write_all_at(&part, &[1; 200], 0).unwrap();
+        part.sync_all().unwrap();
+        let held = 1000 - 300 - bytes_needed(&plan, &manifest, &tmp);
+        // Whole filesystem blocks: at least the 200 bytes written, at most one block more.
+        assert!((200..=4096).contains(&held), "{held}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn a_second_sync_of_one_dest_is_refused_while_the_first_holds_it() {

@@ -73,6 +73,26 @@ pub async fn run(
             move |child| owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope),
         );
     }
+    // A ModelSet's new catalog or a node's report reaches the fleets using it at once
+    // (ModelsReady), not at the next poll or resync.
+    let users = controller.store();
+    let model_sets: Api<ModelSet> = match watch_ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    controller = controller.watches(model_sets, watcher::Config::default(), move |ms| {
+        users
+            .state()
+            .into_iter()
+            .filter(|f| {
+                f.0.as_ref().is_ok_and(|cud| {
+                    cud.metadata.namespace == ms.metadata.namespace
+                        && cud.spec.model_set.as_deref() == ms.metadata.name.as_deref()
+                })
+            })
+            .map(|f| ObjectRef::from_obj(&*f))
+            .collect::<Vec<_>>()
+    });
     // A changed FleetClass applies to its fleets at once, not at the next resync.
     let fleets = controller.store();
     controller = controller.watches(
