@@ -12,9 +12,12 @@ use kube::{Client, Resource};
 
 use super::error::Error;
 use super::modelset::sqs::SqsWatchers;
+use super::policy::{self, ClassError};
+use crate::crd::FleetClass;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::ClusterSettings;
 use crate::telemetry::{ControllerName, Metrics};
+use kube::api::{Api, ListParams};
 
 /// Settings of one controller process, from its flags.
 #[derive(Clone, Debug)]
@@ -89,6 +92,18 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+    }
+
+    /// The FleetClass named `name`, or the default one (`Err` inside: why none applies).
+    pub async fn fleet_class(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Result<FleetClass, ClassError>, kube::Error> {
+        let classes = Api::<FleetClass>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        Ok(policy::resolve(name, &classes).cloned())
     }
 
     /// Publishes an event about `reference`; a failure is logged, never fatal.

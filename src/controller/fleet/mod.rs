@@ -200,11 +200,7 @@ async fn within_class(
     cud: &ComfyUIDeployment,
     ctx: &Context,
 ) -> Result<Result<ComfyUIDeployment, Action>, Error> {
-    let classes = Api::<FleetClass>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let class = match policy::resolve(cud.spec.class_name.as_deref(), &classes) {
+    let class = match ctx.fleet_class(cud.spec.class_name.as_deref()).await? {
         Ok(class) => class,
         Err(e) => {
             let message = e.to_string();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -82,11 +82,7 @@ pub async fn run(
 /// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue; otherwise
 /// the reason and message for its status.
 async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
-    let classes = Api::<FleetClass>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let class = match policy::resolve(ms.spec.class_name.as_deref(), &classes) {
+    let class = match ctx.fleet_class(ms.spec.class_name.as_deref()).await? {
         Ok(class) => class,
         Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
     };
