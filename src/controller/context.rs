@@ -17,7 +17,9 @@ use crate::crd::FleetClass;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::ClusterSettings;
 use crate::telemetry::{ControllerName, Metrics};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::core::ApiResource;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 /// Settings of one controller process, from its flags.
 #[derive(Clone, Debug)]
@@ -92,6 +94,16 @@ impl Context {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
+    }
+
+    /// Objects of `K` in `namespace` as stored, readable or not (status writes, finalizers,
+    /// the status of an object that does not parse).
+    pub fn raw_api<K: Resource<DynamicType = ()>>(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            namespace,
+            &ApiResource::erase::<K>(&()),
+        )
     }
 
     /// The FleetClass named `name`, or the default one (`Err` inside: why none applies).
@@ -195,4 +207,32 @@ impl Context {
     pub fn steady_requeue(&self) -> Action {
         Action::requeue(self.settings.resync)
     }
+}
+
+/// The API of `K` in the watched namespace, or in all namespaces.
+pub fn watched_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The readable objects of a controller's store that `wanted` picks: what a watch of
+/// another kind (a ModelSet, a FleetClass) maps to.
+pub fn matching<K>(
+    store: &Store<DeserializeGuard<K>>,
+    wanted: impl Fn(&K) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<K>>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .state()
+        .into_iter()
+        .filter(|o| o.0.as_ref().is_ok_and(&wanted))
+        .map(|o| ObjectRef::from_obj(&*o))
+        .collect()
 }

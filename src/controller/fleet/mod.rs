@@ -25,7 +25,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
 use super::conditions::Reason;
-use super::context::{Context, error_policy};
+use super::context::{Context, error_policy, matching, watched_api};
 use super::error::Error;
 use super::finalizer;
 use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
@@ -37,7 +37,7 @@ use crate::names::{
 };
 use crate::render::{self, ChildKind, RenderContext};
 use crate::telemetry::{ControllerName, FleetLabels};
-use report::{KIND, fleet_names, mark_invalid, publish, raw_api, stuck, write_status};
+use report::{KIND, fleet_names, mark_invalid, publish, stuck, write_status};
 use status::{Facts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
@@ -55,10 +55,7 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let watch_ns = ctx.settings.namespace.as_deref();
-    let fleets: Api<Guarded> = match watch_ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let fleets: Api<Guarded> = watched_api(&client, watch_ns);
     let mut controller = Controller::new(fleets, watcher::Config::default().any_semantic());
     let selector = format!("{MANAGED_BY_KEY}={MANAGED_BY}");
     let provider = ctx.settings.cloud.provider();
@@ -76,38 +73,25 @@ pub async fn run(
     // A ModelSet's new catalog or a node's report reaches the fleets using it at once
     // (ModelsReady), not at the next poll or resync.
     let users = controller.store();
-    let model_sets: Api<ModelSet> = match watch_ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    controller = controller.watches(model_sets, watcher::Config::default(), move |ms| {
-        users
-            .state()
-            .into_iter()
-            .filter(|f| {
-                f.0.as_ref().is_ok_and(|cud| {
-                    cud.metadata.namespace == ms.metadata.namespace
-                        && cud.spec.model_set.as_deref() == ms.metadata.name.as_deref()
-                })
+    controller = controller.watches(
+        watched_api::<ModelSet>(&client, watch_ns),
+        watcher::Config::default(),
+        move |ms| {
+            matching(&users, |cud: &ComfyUIDeployment| {
+                cud.metadata.namespace == ms.metadata.namespace
+                    && cud.spec.model_set.as_deref() == ms.metadata.name.as_deref()
             })
-            .map(|f| ObjectRef::from_obj(&*f))
-            .collect::<Vec<_>>()
-    });
+        },
+    );
     // A changed FleetClass applies to its fleets at once, not at the next resync.
     let fleets = controller.store();
     controller = controller.watches(
         Api::<FleetClass>::all(client.clone()),
         watcher::Config::default(),
         move |class| {
-            fleets
-                .state()
-                .into_iter()
-                .filter(|f| {
-                    f.0.as_ref()
-                        .is_ok_and(|cud| policy::follows(cud.spec.class_name.as_deref(), &class))
-                })
-                .map(|f| ObjectRef::from_obj(&*f))
-                .collect::<Vec<_>>()
+            matching(&fleets, |cud: &ComfyUIDeployment| {
+                policy::follows(cud.spec.class_name.as_deref(), &class)
+            })
         },
     );
     controller
@@ -161,7 +145,7 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
 /// Adds our finalizer before anything is created, and removes it only once cleanup has
 /// deleted every child.
 async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
-    let api = raw_api(ctx, &cud.namespace().unwrap_or_default());
+    let api = ctx.raw_api::<ComfyUIDeployment>(&cud.namespace().unwrap_or_default());
     if cud.metadata.deletion_timestamp.is_some() {
         if !cud.finalizers().iter().any(|f| f == FINALIZER) {
             return Ok(Action::await_change());

@@ -3,8 +3,6 @@
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DynamicObject};
-use kube::core::ApiResource;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
@@ -18,14 +16,6 @@ use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::names::FleetNames;
 
 pub const KIND: &str = "ComfyUIDeployment";
-
-pub fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        ctx.client.clone(),
-        namespace,
-        &ApiResource::erase::<ComfyUIDeployment>(&()),
-    )
-}
 
 pub fn fleet_names(cud: &ComfyUIDeployment) -> FleetNames {
     FleetNames::new(&cud.namespace().unwrap_or_default(), &cud.name_any())
@@ -58,7 +48,7 @@ pub async fn write_status(
         next.ready_replicas = o.ready_replicas;
         next.endpoint = o.endpoint.clone();
     }
-    let api = raw_api(ctx, &fleet.namespace);
+    let api = ctx.raw_api::<ComfyUIDeployment>(&fleet.namespace);
     status_writer::patch_if_changed(
         &api,
         &ctx.metrics,
@@ -90,7 +80,7 @@ fn merged(
 pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Result<(), Error> {
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
-    let api = raw_api(ctx, &namespace);
+    let api = ctx.raw_api::<ComfyUIDeployment>(&namespace);
     let Some((previous, generation)) =
         status_writer::stored::<ComfyUIDeploymentStatus>(&api, &name).await?
     else {

@@ -132,6 +132,14 @@ fn child(api_version: &str, kind: &str, name: &str, deleting: bool) -> Value {
     v
 }
 
+/// The paths the pass deleted, in order.
+fn deleted_paths(seen: &[Seen]) -> Vec<&str> {
+    seen.iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path.as_str())
+        .collect()
+}
+
 async fn one_pass(children: Vec<(&'static str, Value)>) -> (Vec<String>, Vec<Seen>) {
     let (client, seen) = children_server(children);
     let metrics = Metrics::default();
@@ -161,11 +169,7 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
     ])
     .await;
     assert_eq!(remaining, ["Deployment/sdxl"]);
-    let deletes: Vec<&str> = seen
-        .iter()
-        .filter(|s| s.method == "DELETE")
-        .map(|s| s.path.as_str())
-        .collect();
+    let deletes = deleted_paths(&seen);
     assert_eq!(
         deletes,
         ["/apis/apps/v1/namespaces/studio/deployments/sdxl"]
@@ -208,11 +212,7 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
     ])
     .await;
     assert_eq!(remaining, ["NodePool/studio.sdxl"]);
-    let deletes: Vec<&str> = seen
-        .iter()
-        .filter(|s| s.method == "DELETE")
-        .map(|s| s.path.as_str())
-        .collect();
+    let deletes = deleted_paths(&seen);
     assert_eq!(deletes, ["/apis/karpenter.sh/v1/nodepools/studio.sdxl"]);
 
     // Pass 4: the node class; pass 5: nothing left, the finalizer may go.

@@ -20,14 +20,14 @@ use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::conditions::{DesiredCondition, READY, Reason};
-use super::context::{Context, error_policy};
+use super::context::{Context, error_policy, matching, watched_api};
 use super::error::Error;
 use super::{finalizer, policy};
 use crate::crd::FleetClass;
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::sync::store::S3Store;
 use crate::telemetry::ControllerName;
-use status::{KIND, prune_departed_nodes, raw_api, write_raw_status, write_status};
+use status::{KIND, prune_departed_nodes, write_raw_status, write_status};
 
 /// How soon SSM invocations in flight are looked at again.
 const SSM_POLL: Duration = Duration::from_secs(5);
@@ -41,10 +41,7 @@ pub async fn run(
     mut triggers: mpsc::UnboundedReceiver<ObjectRef<Guarded>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<Guarded> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let api: Api<Guarded> = watched_api(&ctx.client, ctx.settings.namespace.as_deref());
     let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx));
     let controller = Controller::new(api, watcher::Config::default().any_semantic());
     // A changed FleetClass applies to its ModelSets at once.
@@ -54,14 +51,9 @@ pub async fn run(
             Api::<FleetClass>::all(ctx.client.clone()),
             watcher::Config::default(),
             move |class| {
-                sets.state()
-                    .into_iter()
-                    .filter(|m| {
-                        m.0.as_ref()
-                            .is_ok_and(|ms| policy::follows(ms.spec.class_name.as_deref(), &class))
-                    })
-                    .map(|m| ObjectRef::from_obj(&*m))
-                    .collect::<Vec<_>>()
+                matching(&sets, |ms: &ModelSet| {
+                    policy::follows(ms.spec.class_name.as_deref(), &class)
+                })
             },
         )
         .reconcile_on(triggers)
@@ -141,7 +133,7 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
 async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Error> {
     let key = format!("{}/{}", ms.namespace().unwrap_or_default(), ms.name_any());
     let me = ObjectRef::<Guarded>::new(&ms.name_any()).within(&ms.namespace().unwrap_or_default());
-    let api = raw_api(ctx, &ms.namespace().unwrap_or_default());
+    let api = ctx.raw_api::<ModelSet>(&ms.namespace().unwrap_or_default());
     if ms.metadata.deletion_timestamp.is_some() {
         // Stop the SQS listener before the object goes; the finalizer guarantees this
         // runs even when the deletion happens while the controller is down.

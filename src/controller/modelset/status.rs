@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::ApiResource;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
@@ -54,7 +53,7 @@ pub async fn prune_departed_nodes(ctx: &Context, ms: &ModelSet) -> Result<BTreeS
     let patch: json_patch::Patch =
         serde_json::from_value(Value::Array(ops)).map_err(|e| Error::Catalog(e.to_string()))?;
     ctx.metrics.record_write("patch-status", KIND);
-    let api = raw_api(ctx, &ms.namespace().unwrap_or_default());
+    let api = ctx.raw_api::<ModelSet>(&ms.namespace().unwrap_or_default());
     match api
         .patch_status(
             &ms.name_any(),
@@ -157,14 +156,6 @@ fn next_status(
     status
 }
 
-pub fn raw_api(ctx: &Context, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(
-        ctx.client.clone(),
-        namespace,
-        &ApiResource::erase::<ModelSet>(&()),
-    )
-}
-
 /// Merge-patches the status when it changed: without `nodes` (the agents' field), and
 /// with an explicit null for a catalogRef that went away.
 async fn patch(
@@ -176,7 +167,7 @@ async fn patch(
 ) -> Result<(), Error> {
     let cleared = next.catalog_ref.is_none();
     status_writer::patch_if_changed(
-        &raw_api(ctx, namespace),
+        &ctx.raw_api::<ModelSet>(namespace),
         &ctx.metrics,
         KIND,
         name,
@@ -222,7 +213,8 @@ pub async fn write_raw_status(
     let namespace = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
     let Some((previous, generation)) =
-        status_writer::stored::<ModelSetStatus>(&raw_api(ctx, &namespace), &name).await?
+        status_writer::stored::<ModelSetStatus>(&ctx.raw_api::<ModelSet>(&namespace), &name)
+            .await?
     else {
         return Ok(());
     };
