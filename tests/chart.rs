@@ -174,3 +174,84 @@ fn helm_install_into_the_testbed() {
         .args(["delete", "namespace", &ns, "--wait=false"])
         .output();
 }
+
+/// With `controller.watchNamespace`, the controller runs under the chart's identity with
+/// only a Role in that namespace (plus cluster-scoped kinds): a fleet there still becomes
+/// Ready, and the identity cannot touch Deployments elsewhere.
+#[tokio::test]
+async fn a_namespace_scoped_install_runs_its_fleets_under_a_role() {
+    use kube::api::{Api, Patch, PatchParams};
+    use sdfleet::crd::ComfyUIDeployment;
+    use serde_json::json;
+
+    let tb = Testbed::get();
+    support::install_crds(tb);
+    let client = tb.client().await;
+    let fleets_ns = TestNamespace::new(&client, "scoped").await;
+    let suffix = unique_suffix();
+    let (release, release_ns) = (
+        format!("scoped{suffix}"),
+        format!("sdfleet-scoped-{suffix}"),
+    );
+    let scope = format!(
+        "replicaCount=1,controller.watchNamespace={}",
+        fleets_ns.name
+    );
+    let out = support::helm_install(tb, &release, &release_ns, &["--set", &scope]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sa = format!("system:serviceaccount:{release_ns}:{release}-sdfleet");
+    for (ns, want) in [(fleets_ns.name.as_str(), "yes"), ("default", "no")] {
+        let out = tb
+            .kubectl()
+            .args([
+                "auth",
+                "can-i",
+                "create",
+                "deployments",
+                "-n",
+                ns,
+                "--as",
+                &sa,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "create deployments in {ns}"
+        );
+    }
+    let kubeconfig =
+        support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
+    let _controller = support::ControllerProcess::start_with_env(
+        tb,
+        &fleets_ns.name,
+        &["--operator-namespace", &release_ns],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let fleets: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &fleets_ns.name);
+    let fleet = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "f"},
+        "spec": {"image": "comfyui:test", "replicas": 0,
+                 "storage": {"outputs": {"bucket": "comfyui-out", "prefix": "f/"}}}});
+    fleets
+        .patch("f", &PatchParams::apply("team"), &Patch::Apply(fleet))
+        .await
+        .unwrap();
+    support::eventually(
+        "the fleet Ready under the Role",
+        std::time::Duration::from_secs(90),
+        || async {
+            let status = fleets.get("f").await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status == "True")
+                .map(|_| ())
+        },
+    )
+    .await;
+}
