@@ -8,6 +8,7 @@ pub mod aws;
 pub mod controller;
 pub mod crd;
 pub mod docs;
+pub mod gateway;
 pub mod leader;
 #[cfg(test)]
 pub mod mock_apiserver;

@@ -28,12 +28,23 @@ enum Command {
     Sync(SyncArgs),
     /// Run the node agent: sync the node's ModelSets, report, lift the startup taint.
     Agent(AgentArgs),
+    /// Run the job gateway in front of a namespace's fleets (what `spec.gateway` renders).
+    Gateway(GatewayCommand),
     /// Create a node's models directory of one ModelSet and give it to the agent's user
     /// (the agent DaemonSet's init container; root with CAP_CHOWN only).
     PrepareModelsDir(PrepareArgs),
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// would apply them. Needs no cluster.
     Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct GatewayCommand {
+    #[command(flatten)]
+    gateway: sdfleet::gateway::GatewayArgs,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -170,6 +181,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => run_controller(args),
         Command::Sync(args) => run_sync(args),
         Command::Agent(args) => run_agent(args),
+        Command::Gateway(args) => run_gateway(args),
         Command::Crds => print_or_fail(sdfleet::crd::to_yaml().map_err(Into::into)),
         Command::Docs => print_or_fail(sdfleet::docs::crd_reference().map_err(Into::into)),
         Command::Render(args) => print_or_fail(render(args)),
@@ -427,6 +439,19 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             )
             .await;
         ExitCode::SUCCESS
+    })
+}
+
+fn run_gateway(args: GatewayCommand) -> ExitCode {
+    sdfleet::telemetry::init_logging(args.log_json);
+    with_kube_client(|client| async move {
+        match sdfleet::gateway::run(client, args.gateway).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "gateway failed");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

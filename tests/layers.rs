@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["crd"],
     &["render"],
-    &["controller", "agent", "docs"],
+    &["controller", "agent", "gateway", "docs"],
 ];
 
 fn layer_of(top: &str) -> usize {

@@ -1,0 +1,755 @@
+//! The HTTP API (the shapes of Comfy's job API v2): submit, read, events (SSE), cancel,
+//! list, models; `/openapi.json` describes it. API keys guard everything but health and
+//! the OpenAPI document.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::auth::ApiKeys;
+use super::discovery::Catalogs;
+use super::engine::{Admission, CancelOutcome, Engine};
+use super::job::{InputFile, Job, JobState, Millis, now_millis};
+use super::outputs::parse_s3_url;
+use super::workflow;
+
+/// A fleet this gateway fronts.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub name: String,
+    /// The Service whose EndpointSlices list the fleet's pods.
+    pub service: String,
+    pub model_set: Option<String>,
+}
+
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub keys: Arc<ApiKeys>,
+    pub fleets: Vec<FleetConfig>,
+    pub catalogs: Arc<Catalogs>,
+    /// Stored workflows: `<name>.json` (API format).
+    pub workflows_dir: Option<PathBuf>,
+    /// The longest a sync request waits before it answers with the job's URL.
+    pub max_wait: Duration,
+}
+
+/// The key a request was authenticated with (its id, never the key).
+#[derive(Clone)]
+struct KeyId(String);
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/api/v2/jobs", post(submit).get(list))
+        .route("/api/v2/jobs/{id}", get(read))
+        .route("/api/v2/jobs/{id}/events", get(events))
+        .route("/api/v2/jobs/{id}/cancel", post(cancel))
+        .route("/api/v2/models", get(models))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(32 * 1024 * 1024));
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .merge(api)
+        .with_state(state)
+}
+
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    extra: Value,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            extra: Value::Null,
+            retry_after: None,
+        }
+    }
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"type": self.kind, "message": self.message});
+        if let Value::Object(extra) = self.extra {
+            error
+                .as_object_mut()
+                .into_iter()
+                .for_each(|e| e.extend(extra.clone()));
+        }
+        let mut resp = (self.status, Json(json!({"error": error}))).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+async fn authenticate(
+    State(state): State<Arc<ApiState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    if !state.keys.required() {
+        req.extensions_mut().insert(KeyId("anonymous".into()));
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
+    let Some(key_id) = presented.and_then(|k| state.keys.verify(k)) else {
+        tracing::info!(%method, %path, "refused: no valid API key");
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required (Authorization: Bearer <key>)",
+        )
+        .into_response();
+    };
+    let resp = {
+        req.extensions_mut().insert(KeyId(key_id.clone()));
+        next.run(req).await
+    };
+    tracing::info!(key_id = %key_id, %method, %path, status = resp.status().as_u16(), "request");
+    resp
+}
+
+fn rfc3339(ms: Millis) -> Value {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| Value::String(t.to_string()))
+        .unwrap_or(Value::Null)
+}
+
+/// The job as clients see it (without presigned URLs: `view` adds them).
+pub fn public_view(job: &Job) -> Value {
+    let secs = |a: Option<Millis>, b: Option<Millis>| match (a, b) {
+        (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1000.0),
+        _ => Value::Null,
+    };
+    json!({
+        "id": job.id,
+        "url": format!("/api/v2/jobs/{}", job.id),
+        "fleet": job.fleet,
+        "state": job.state,
+        "cancel_requested": job.cancel_requested,
+        "progress": job.progress,
+        "timings": {
+            "created_at": rfc3339(job.created_at),
+            "dispatched_at": job.dispatched_at.map(rfc3339),
+            "started_at": job.started_at.map(rfc3339),
+            "finished_at": job.finished_at.map(rfc3339),
+            "queue_seconds": secs(Some(job.created_at), job.started_at),
+            "run_seconds": secs(job.started_at, job.finished_at),
+            "cold_start": job.cold_start,
+            "checkpoint_switch": job.checkpoint_switch,
+        },
+        "expires_at": rfc3339(job.expires_at),
+        "pod": job.pod,
+        "attempts": job.attempts,
+        "outputs": job.outputs,
+        "error": job.error,
+    })
+}
+
+/// The view with a fresh presigned URL per stored output.
+async fn view(state: &ApiState, job: &Job) -> Value {
+    let mut v = public_view(job);
+    if let (Some(store), Some(outputs)) = (&state.engine.outputs, v["outputs"].as_array_mut()) {
+        for out in outputs.iter_mut() {
+            if let Some(key) = out.get("key").and_then(Value::as_str).map(str::to_string) {
+                match store.presign(&key).await {
+                    Ok(url) => out["url"] = json!(url),
+                    Err(e) => tracing::warn!(%key, error = %e, "cannot presign"),
+                }
+            }
+        }
+    }
+    v
+}
+
+#[derive(Deserialize)]
+struct InputSource {
+    base64: Option<String>,
+    url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SubmitRequest {
+    /// An API-format workflow.
+    prompt: Option<Value>,
+    /// Or the name of a stored workflow, with per-node input overrides.
+    workflow: Option<String>,
+    #[serde(default)]
+    overrides: Map<String, Value>,
+    #[serde(default)]
+    inputs: BTreeMap<String, InputSource>,
+    /// A fleet by name; unset: the fleet whose catalog has every model, least loaded.
+    fleet: Option<String>,
+    webhook: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    /// Sync mode: wait up to this many seconds for the job to end.
+    wait: Option<u64>,
+}
+
+fn bad(kind: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, kind, message)
+}
+
+fn stored_workflow(state: &ApiState, name: &str) -> Result<Value, ApiError> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.starts_with('.');
+    let dir = state
+        .workflows_dir
+        .as_ref()
+        .filter(|_| valid)
+        .ok_or_else(|| bad("unknown_workflow", format!("no stored workflow {name:?}")))?;
+    let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_workflow",
+            format!("no stored workflow {name:?}"),
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ApiError::internal(format!("stored workflow {name}: {e}")))
+}
+
+/// The fleet for a job: the named one, or the least loaded whose catalog has every model.
+fn choose_fleet(
+    state: &ApiState,
+    requested: Option<&str>,
+    refs: &[workflow::ModelRef],
+) -> Result<String, ApiError> {
+    if let Some(name) = requested {
+        return state
+            .fleets
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.name.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_fleet",
+                    format!("this gateway fronts no fleet {name:?}"),
+                )
+            });
+    }
+    let mut best: Option<(usize, String)> = None;
+    for fleet in &state.fleets {
+        if !state
+            .catalogs
+            .missing(&fleet.name, fleet.model_set.is_some(), refs)
+            .is_some_and(|m| m.is_empty())
+        {
+            continue;
+        }
+        let (queued, in_flight) = state.engine.load(&fleet.name);
+        if best
+            .as_ref()
+            .is_none_or(|(load, _)| queued + in_flight < *load)
+        {
+            best = Some((queued + in_flight, fleet.name.clone()));
+        }
+    }
+    match best {
+        Some((_, name)) => Ok(name),
+        None if state.fleets.len() == 1 => Ok(state.fleets[0].name.clone()),
+        None => Err(ApiError {
+            extra: json!({"missing": refs.iter().map(|r| json!({"node": r.node, "input": r.input, "name": r.name})).collect::<Vec<_>>()}),
+            ..ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "missing_model",
+                "no fleet of this gateway has every model the workflow loads",
+            )
+        }),
+    }
+}
+
+async fn submit(
+    State(state): State<Arc<ApiState>>,
+    axum::Extension(KeyId(key_id)): axum::Extension<KeyId>,
+    Query(query): Query<WaitQuery>,
+    headers: HeaderMap,
+    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| bad("invalid_request", e.body_text()))?;
+    let mut prompt = match (req.prompt, req.workflow.as_deref()) {
+        (Some(p), None) => p,
+        (None, Some(name)) => stored_workflow(&state, name)?,
+        _ => {
+            return Err(bad(
+                "invalid_request",
+                "give exactly one of `prompt` (API-format workflow) and `workflow` (a stored workflow's name)",
+            ));
+        }
+    };
+    workflow::apply_overrides(&mut prompt, &req.overrides)
+        .map_err(|e| bad("invalid_workflow", e.to_string()))?;
+    workflow::validate(&prompt).map_err(|e| bad("invalid_workflow", e.to_string()))?;
+    let refs = workflow::model_refs(&prompt);
+    let fleet = choose_fleet(&state, req.fleet.as_deref(), &refs)?;
+    let has_model_set = state
+        .fleets
+        .iter()
+        .any(|f| f.name == fleet && f.model_set.is_some());
+    match state.catalogs.missing(&fleet, has_model_set, &refs) {
+        None => {
+            return Err(ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "catalog_not_ready",
+                    format!("the model catalog of fleet {fleet} is not loaded yet"),
+                )
+            });
+        }
+        Some(missing) if !missing.is_empty() => {
+            let list: Vec<Value> = missing
+                .iter()
+                .map(|r| json!({"node": r.node, "input": r.input, "name": r.name}))
+                .collect();
+            let names: Vec<&str> = missing.iter().map(|r| r.name.as_str()).collect();
+            return Err(ApiError {
+                extra: json!({"missing": list}),
+                ..ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "missing_model",
+                    format!("not in fleet {fleet}'s ModelSet: {}", names.join(", ")),
+                )
+            });
+        }
+        Some(_) => {}
+    }
+    if let Some(url) = &req.webhook {
+        if !state.engine.webhooks.enabled() {
+            return Err(bad(
+                "webhooks_disabled",
+                "this gateway has no webhook secret (spec.gateway.webhookSecret)",
+            ));
+        }
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(bad("invalid_request", "webhook must be an http(s) URL"));
+        }
+    }
+    let mut inputs = Vec::new();
+    for (name, source) in req.inputs {
+        let source = match (source.base64, source.url) {
+            (Some(b), None) => format!("base64:{b}"),
+            (None, Some(url)) => {
+                let (bucket, _) = parse_s3_url(&url).ok_or_else(|| {
+                    bad(
+                        "invalid_input",
+                        format!("input {name}: url must be s3://bucket/key"),
+                    )
+                })?;
+                if !state
+                    .engine
+                    .settings
+                    .input_buckets
+                    .iter()
+                    .any(|b| b == bucket)
+                {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "input_bucket_not_allowed",
+                        format!("input {name}: bucket {bucket} is not allowed"),
+                    ));
+                }
+                url
+            }
+            _ => {
+                return Err(bad(
+                    "invalid_input",
+                    format!("input {name}: give exactly one of base64 and url"),
+                ));
+            }
+        };
+        inputs.push(InputFile { name, source });
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    workflow::prefix_outputs(&mut prompt, &id);
+    let now = now_millis();
+    let job = Job {
+        id,
+        fleet,
+        state: JobState::Queued,
+        checkpoint: workflow::checkpoint(&prompt),
+        prompt,
+        inputs,
+        webhook: req.webhook,
+        idempotency_key: headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|k| format!("{key_id}/{k}")),
+        key_id: Some(key_id),
+        created_at: now,
+        dispatched_at: None,
+        started_at: None,
+        finished_at: None,
+        expires_at: now + state.engine.settings.ttl.as_millis() as u64,
+        pod: None,
+        attempts: 0,
+        checkpoint_switch: false,
+        cold_start: false,
+        cancel_requested: false,
+        progress: None,
+        outputs: vec![],
+        error: None,
+    };
+    let (job, status) = match state.engine.submit(job).await.map_err(ApiError::internal)? {
+        Admission::Accepted(job) => (job, StatusCode::CREATED),
+        Admission::Existing(job) => (job, StatusCode::OK),
+        Admission::QueueFull { retry_after } => {
+            return Err(ApiError {
+                retry_after: Some(retry_after),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    "the fleet's queue is full",
+                )
+            });
+        }
+    };
+    tracing::info!(job = %job.id, fleet = %job.fleet, "job queued");
+    let wait = query
+        .wait
+        .or_else(|| prefer_wait(&headers))
+        .map(Duration::from_secs)
+        .map(|w| w.min(state.max_wait));
+    let job = match wait {
+        Some(wait) if !job.state.is_final() => {
+            wait_for_end(&state, &job.id, wait).await?.unwrap_or(job)
+        }
+        _ => job,
+    };
+    let synced = wait.is_some();
+    let status = match (synced, job.state.is_final()) {
+        (true, true) => StatusCode::OK,
+        (true, false) => StatusCode::ACCEPTED,
+        (false, _) => status,
+    };
+    let mut resp = (status, Json(view(&state, &job).await)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/api/v2/jobs/{}", job.id)) {
+        resp.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(resp)
+}
+
+/// `Prefer: wait=N` (RFC 7240).
+fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("wait=")?.parse().ok())
+}
+
+/// The job once it ends, or as it is after `wait`.
+async fn wait_for_end(state: &ApiState, id: &str, wait: Duration) -> Result<Option<Job>, ApiError> {
+    let Some((job, rx)) = state
+        .engine
+        .subscribe(id)
+        .await
+        .map_err(ApiError::internal)?
+    else {
+        return Ok(None);
+    };
+    let Some(mut rx) = rx else {
+        return Ok(Some(job));
+    };
+    let ended = tokio::time::timeout(wait, async {
+        loop {
+            match rx.recv().await {
+                Ok(event) if event.last => return true,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let _ = ended;
+    state.engine.get(id).await.map_err(ApiError::internal)
+}
+
+async fn read(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = state.engine.get(&id).await.map_err(ApiError::internal)?;
+    let job = job
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
+    Ok(Json(view(&state, &job).await))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    /// Comma-separated states.
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let mut states = Vec::new();
+    for s in q
+        .state
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        states.push(
+            JobState::parse(s)
+                .ok_or_else(|| bad("invalid_request", format!("unknown state {s:?}")))?,
+        );
+    }
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let stored = state
+        .engine
+        .store
+        .list(states.clone(), limit)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut jobs = Vec::with_capacity(stored.len());
+    for job in stored {
+        // The store can be a moment behind a live job.
+        let live = state
+            .engine
+            .get(&job.id)
+            .await
+            .map_err(ApiError::internal)?
+            .unwrap_or(job);
+        if states.is_empty() || states.contains(&live.state) {
+            jobs.push(public_view(&live));
+        }
+    }
+    Ok(Json(json!({"jobs": jobs})))
+}
+
+async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.engine.cancel(&id).await.map_err(ApiError::internal)? {
+        CancelOutcome::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {id}"),
+        )),
+        CancelOutcome::Done(job) if job.state.is_final() && job.state != JobState::Canceled => {
+            Err(ApiError {
+                extra: json!({"job": public_view(&job)}),
+                ..ApiError::new(
+                    StatusCode::CONFLICT,
+                    "already_finished",
+                    format!("job {id} already ended {}", job.state.as_str()),
+                )
+            })
+        }
+        CancelOutcome::Done(job) => {
+            let status = if job.state.is_final() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok((status, Json(public_view(&job))).into_response())
+        }
+    }
+}
+
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let (job, rx) = state
+        .engine
+        .subscribe(&id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
+    let snapshot = Event::default()
+        .event("snapshot")
+        .data(view(&state, &job).await.to_string());
+    let live = futures::stream::unfold(rx, |rx| async move {
+        let mut rx = rx?;
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let event = Event::default().event(e.kind).data(e.data.to_string());
+                    return Some((event, if e.last { None } else { Some(rx) }));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    let stream = futures::stream::once(async move { snapshot })
+        .chain(live)
+        .map(Ok);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
+}
+
+async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    let fleets: Vec<Value> = state
+        .fleets
+        .iter()
+        .map(|f| {
+            let (queued, in_flight) = state.engine.load(&f.name);
+            let mut v = json!({"fleet": f.name, "model_set": f.model_set, "queued": queued, "in_flight": in_flight});
+            if let Some(c) = state.catalogs.get(&f.name) {
+                v["ready"] = json!(c.ready);
+                v["revision"] = json!(c.revision);
+                v["models"] = json!(c.keys.iter().collect::<Vec<_>>());
+            }
+            v
+        })
+        .collect();
+    Json(json!({"fleets": fleets}))
+}
+
+async fn openapi() -> Json<Value> {
+    Json(openapi_document())
+}
+
+/// The OpenAPI 3.1 document of this API.
+pub fn openapi_document() -> Value {
+    let job_id =
+        json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let job =
+        json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}});
+    let error = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "sdfleet gateway", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "A job API in front of ComfyUI fleets: the shapes of Comfy's job API v2."},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {
+            "/api/v2/jobs": {
+                "post": {
+                    "summary": "Submit a job",
+                    "parameters": [
+                        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+                        {"name": "wait", "in": "query", "description": "Sync mode: wait up to this many seconds (also `Prefer: wait=N`)", "schema": {"type": "integer"}}
+                    ],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitRequest"}}}},
+                    "responses": {"201": job, "200": job, "202": job, "400": error, "401": error, "422": error, "429": error}
+                },
+                "get": {
+                    "summary": "List jobs",
+                    "parameters": [
+                        {"name": "state", "in": "query", "schema": {"type": "string"}, "description": "Comma-separated states"},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}
+                    ],
+                    "responses": {"200": {"content": {"application/json": {"schema": {"type": "object", "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}}}}}}
+                }
+            },
+            "/api/v2/jobs/{id}": {"get": {"summary": "Read a job", "parameters": job_id, "responses": {"200": job, "404": error}}},
+            "/api/v2/jobs/{id}/events": {"get": {"summary": "This job's events (SSE): a snapshot, then progress, state, output and done",
+                "parameters": job_id, "responses": {"200": {"content": {"text/event-stream": {}}}, "404": error}}},
+            "/api/v2/jobs/{id}/cancel": {"post": {"summary": "Cancel a job", "parameters": job_id, "responses": {"200": job, "202": job, "404": error, "409": error}}},
+            "/api/v2/models": {"get": {"summary": "The fleets' ModelSet catalogs with readiness", "responses": {"200": {"content": {"application/json": {}}}}}}
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            },
+            "schemas": {
+                "SubmitRequest": {"type": "object", "properties": {
+                    "prompt": {"type": "object", "description": "ComfyUI API-format workflow"},
+                    "workflow": {"type": "string", "description": "A stored workflow's name"},
+                    "overrides": {"type": "object", "description": "{node id: {input: value}}"},
+                    "inputs": {"type": "object", "additionalProperties": {"type": "object", "properties": {"base64": {"type": "string"}, "url": {"type": "string", "description": "s3://bucket/key"}}}},
+                    "fleet": {"type": "string", "description": "Unset: route by model"},
+                    "webhook": {"type": "string"}
+                }},
+                "Job": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "url": {"type": "string"}, "fleet": {"type": "string"},
+                    "state": {"type": "string", "enum": JobState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()},
+                    "cancel_requested": {"type": "boolean"},
+                    "progress": {"type": ["object", "null"], "properties": {"node": {"type": "string"}, "value": {"type": "integer"}, "max": {"type": "integer"}}},
+                    "timings": {"type": "object"},
+                    "expires_at": {"type": "string", "format": "date-time"},
+                    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                        "node": {"type": "string"}, "filename": {"type": "string"}, "subfolder": {"type": "string"},
+                        "type": {"type": "string"}, "key": {"type": "string"}, "size": {"type": "integer"}, "url": {"type": "string"}}}},
+                    "error": {"type": ["object", "null"], "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "node": {"type": "string"}}}
+                }},
+                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_every_api_route() {
+        let doc = openapi_document();
+        for path in [
+            "/api/v2/jobs",
+            "/api/v2/jobs/{id}",
+            "/api/v2/jobs/{id}/events",
+            "/api/v2/jobs/{id}/cancel",
+            "/api/v2/models",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path}");
+        }
+        let states = doc["components"]["schemas"]["Job"]["properties"]["state"]["enum"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(states, JobState::ALL.len());
+    }
+
+    #[test]
+    fn prefer_wait_header() {
+        let mut h = HeaderMap::new();
+        h.insert("prefer", HeaderValue::from_static("respond-async, wait=30"));
+        assert_eq!(prefer_wait(&h), Some(30));
+    }
+}

@@ -1,0 +1,238 @@
+//! What the gateway learns from the cluster: each fleet's pods (the EndpointSlices of
+//! its Service, as kube-proxy sees them) and its ModelSet catalog (for the model check).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, reflector};
+use kube::{Api, Client};
+
+use crate::crd::modelset::ModelSet;
+
+use super::engine::{Endpoint, Engine};
+use super::workflow::{ModelRef, missing_models};
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Pods of one fleet from its Service's EndpointSlices: ready and not terminating ones
+/// may get new jobs; a pod that left every slice gives its jobs back.
+pub fn endpoints(slices: &[Arc<EndpointSlice>], port_name: &str) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = Vec::new();
+    for slice in slices {
+        let port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port_name))
+            .or_else(|| slice.ports.iter().flatten().next())
+            .and_then(|p| p.port);
+        let Some(port) = port else { continue };
+        for ep in &slice.endpoints {
+            let Some(address) = ep.addresses.first() else {
+                continue;
+            };
+            let host = if address.contains(':') {
+                format!("[{address}]")
+            } else {
+                address.clone()
+            };
+            let name = ep
+                .target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_else(|| format!("{host}:{port}"));
+            let cond = ep.conditions.as_ref();
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true)
+                && !cond.and_then(|c| c.terminating).unwrap_or(false);
+            if out.iter().any(|e| e.name == name) {
+                continue;
+            }
+            out.push(Endpoint {
+                name,
+                url: format!("http://{host}:{port}"),
+                ready,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Keeps the engine's pods of `fleet` in step with its Service's EndpointSlices.
+pub async fn watch_pods(
+    client: Client,
+    namespace: String,
+    fleet: String,
+    service: String,
+    engine: Arc<Engine>,
+) {
+    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let (reader, writer) = reflector::store();
+    let mut stream = reflector(writer, watcher::watcher(api, config))
+        .default_backoff()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init | Event::InitApply(_)) => {}
+            Ok(_) => engine.sync_pods(&fleet, endpoints(&reader.state(), "http")),
+            Err(e) => tracing::warn!(%fleet, error = %e, "EndpointSlice watch"),
+        }
+    }
+}
+
+/// A fleet's ModelSet catalog, as the gateway last read it.
+#[derive(Clone, Debug, Default)]
+pub struct FleetCatalog {
+    pub model_set: String,
+    pub ready: bool,
+    pub revision: String,
+    pub keys: BTreeSet<String>,
+}
+
+#[derive(Default)]
+pub struct Catalogs(RwLock<HashMap<String, FleetCatalog>>);
+
+impl Catalogs {
+    pub fn get(&self, fleet: &str) -> Option<FleetCatalog> {
+        self.0.read().ok()?.get(fleet).cloned()
+    }
+
+    pub fn set(&self, fleet: &str, catalog: FleetCatalog) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(fleet.to_string(), catalog);
+        }
+    }
+
+    /// The refs the fleet's catalog lacks; `None` while a fleet with a ModelSet has no
+    /// catalog loaded. A fleet without a ModelSet is not checked.
+    pub fn missing(
+        &self,
+        fleet: &str,
+        has_model_set: bool,
+        refs: &[ModelRef],
+    ) -> Option<Vec<ModelRef>> {
+        if !has_model_set {
+            return Some(vec![]);
+        }
+        let map = self.0.read().ok()?;
+        let catalog = map.get(fleet)?;
+        Some(missing_models(refs, |k| catalog.keys.contains(k)))
+    }
+}
+
+/// Keeps `catalogs[fleet]` in step with the ModelSet's status (and its catalog
+/// ConfigMaps when the catalog is larger than the status holds).
+pub async fn watch_catalog(
+    client: Client,
+    namespace: String,
+    fleet: String,
+    model_set: String,
+    catalogs: Arc<Catalogs>,
+) {
+    let api: Api<ModelSet> = Api::namespaced(client.clone(), &namespace);
+    let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={model_set}"));
+    let mut stream = watcher::watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        let ms = match event {
+            Ok(ms) => ms,
+            Err(e) => {
+                tracing::warn!(%fleet, error = %e, "ModelSet watch");
+                continue;
+            }
+        };
+        let Some(status) = ms.status else { continue };
+        let mut keys: BTreeSet<String> = status.models.iter().map(|m| m.key.clone()).collect();
+        if let Some(reference) = &status.catalog_ref {
+            match read_catalog_maps(&maps, &reference.config_maps).await {
+                Ok(all) => keys = all,
+                Err(e) => {
+                    tracing::warn!(%fleet, error = %e, "cannot read the catalog ConfigMaps");
+                    continue;
+                }
+            }
+        }
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        catalogs.set(
+            &fleet,
+            FleetCatalog {
+                model_set: model_set.clone(),
+                ready,
+                revision: status.revision.clone(),
+                keys,
+            },
+        );
+    }
+}
+
+async fn read_catalog_maps(
+    api: &Api<ConfigMap>,
+    names: &[String],
+) -> Result<BTreeSet<String>, String> {
+    let mut gz = Vec::new();
+    for name in names {
+        let cm = api.get(name).await.map_err(|e| format!("{name}: {e}"))?;
+        let chunk = cm
+            .binary_data
+            .as_ref()
+            .and_then(|d| d.get("catalog.tsv.gz"))
+            .ok_or_else(|| format!("{name}: no catalog.tsv.gz"))?;
+        gz.extend_from_slice(&chunk.0);
+    }
+    let mut tsv = String::new();
+    flate2::read::GzDecoder::new(gz.as_slice())
+        .read_to_string(&mut tsv)
+        .map_err(|e| e.to_string())?;
+    Ok(tsv
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn endpoints_by_pod_with_readiness() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "sdxl-abc"},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8188}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "targetRef": {"kind": "Pod", "name": "sdxl-1"}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false}, "targetRef": {"kind": "Pod", "name": "sdxl-2"}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": true, "terminating": true}, "targetRef": {"kind": "Pod", "name": "sdxl-3"}},
+            ],
+        }))
+        .unwrap();
+        let eps = endpoints(&[Arc::new(slice)], "http");
+        let got: Vec<_> = eps
+            .iter()
+            .map(|e| (e.name.as_str(), e.url.as_str(), e.ready))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("sdxl-1", "http://10.0.0.1:8188", true),
+                ("sdxl-2", "http://10.0.0.2:8188", false),
+                ("sdxl-3", "http://10.0.0.3:8188", false),
+            ]
+        );
+    }
+}

@@ -1,0 +1,1119 @@
+//! The gateway's queue and its pods. Each fleet has one FIFO queue; each pod gets at most
+//! `pod_slots` jobs (one running plus one prefetched in ComfyUI's own queue); one
+//! websocket per pod carries the events of every prompt this gateway sent there, split
+//! by `prompt_id`. Every state change is in the store before it is acted on.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::comfy::{HistoryEntry, PodClient, PodError, PodEvent, QueueView};
+use super::job::{InputFile, Job, JobError, JobState, Progress, now_millis};
+use super::metrics::GatewayMetrics;
+use super::outputs::{OutputStore, parse_s3_url};
+use super::placement::{self, Placement, PodLoad, Queued};
+use super::store::Store;
+use super::webhook::Webhooks;
+use super::workflow::rename_input;
+
+pub struct Settings {
+    /// The client id of this gateway on every pod's websocket.
+    pub client_id: String,
+    /// Jobs a fleet may hold waiting (not yet started); more get 429.
+    pub queue_cap: usize,
+    pub ttl: Duration,
+    /// Jobs a pod holds at once: one running plus prefetched ones.
+    pub pod_slots: usize,
+    /// Hand-offs of one job before it fails `pod_lost`.
+    pub max_attempts: u32,
+    pub placement: Placement,
+    /// A pod unreachable this long loses its jobs to other pods.
+    pub lost_after: Duration,
+    /// After a restart, how long jobs wait for the pod they were on to reappear.
+    pub orphan_grace: Duration,
+    /// Buckets `s3://` inputs may come from.
+    pub input_buckets: Vec<String>,
+}
+
+/// One event of one job, for its SSE stream.
+#[derive(Clone, Debug)]
+pub struct JobEvent {
+    pub kind: &'static str,
+    pub data: Value,
+    /// The job ended: the stream closes after this one.
+    pub last: bool,
+}
+
+/// A pod endpoint as discovery sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub name: String,
+    pub url: String,
+    /// Ready and not terminating: may get new jobs.
+    pub ready: bool,
+}
+
+enum PodCommand {
+    Submit(Box<Job>),
+    Interrupt(String),
+    Delete(String),
+}
+
+struct Pod {
+    fleet: String,
+    client: PodClient,
+    ready: bool,
+    connected: bool,
+    unreachable_since: Option<Instant>,
+    assigned: Vec<String>,
+    checkpoint: Option<String>,
+    ran_any: bool,
+    commands: mpsc::UnboundedSender<PodCommand>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Unfinished jobs.
+    jobs: HashMap<String, Job>,
+    queues: HashMap<String, VecDeque<String>>,
+    pods: HashMap<String, Pod>,
+    /// After a restart: pod name → jobs that were on it, until it reappears.
+    orphans: HashMap<String, Vec<String>>,
+    watchers: HashMap<String, broadcast::Sender<JobEvent>>,
+    /// Idempotency keys of unfinished jobs (the store has all).
+    keys: HashMap<String, String>,
+    /// Recent run time per fleet (seconds), for `Retry-After`.
+    run_time: HashMap<String, f64>,
+}
+
+pub enum Admission {
+    Accepted(Job),
+    /// The idempotency key was used before: that job.
+    Existing(Job),
+    QueueFull {
+        retry_after: u64,
+    },
+}
+
+pub enum CancelOutcome {
+    Done(Box<Job>),
+    NotFound,
+}
+
+type PersistRequest = (Job, Option<oneshot::Sender<()>>);
+
+pub struct Engine {
+    pub settings: Settings,
+    pub store: Store,
+    pub metrics: Arc<GatewayMetrics>,
+    pub outputs: Option<OutputStore>,
+    pub webhooks: Arc<Webhooks>,
+    state: Mutex<State>,
+    wake: Notify,
+    persist: mpsc::UnboundedSender<PersistRequest>,
+    http: reqwest::Client,
+    started: Instant,
+}
+
+impl Engine {
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        metrics: Arc<GatewayMetrics>,
+        outputs: Option<OutputStore>,
+        webhooks: Arc<Webhooks>,
+        http: reqwest::Client,
+    ) -> Arc<Engine> {
+        let (persist, rx) = mpsc::unbounded_channel();
+        let engine = Arc::new(Engine {
+            settings,
+            store,
+            metrics,
+            outputs,
+            webhooks,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            persist,
+            http,
+            started: Instant::now(),
+        });
+        tokio::spawn(persister(engine.store.clone(), rx));
+        engine
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state is still consistent enough
+        // to serve (every change is one assignment).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a store write, in the order of the in-memory changes.
+    fn persist_later(&self, job: &Job) {
+        let _ = self.persist.send((job.clone(), None));
+    }
+
+    /// Writes and waits for the commit.
+    async fn persist_now(&self, job: &Job) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.persist.send((job.clone(), Some(tx)));
+        let _ = rx.await;
+    }
+
+    fn publish(state: &mut State, job: &Job, kind: &'static str, data: Value) {
+        let last = job.state.is_final();
+        if let Some(tx) = state.watchers.get(&job.id) {
+            let _ = tx.send(JobEvent { kind, data, last });
+        }
+        if last {
+            state.watchers.remove(&job.id);
+        }
+    }
+
+    /// Loads unfinished jobs after a start: those on no pod are queued again; those on a
+    /// pod wait for it to reappear and be asked (so no job runs twice).
+    pub async fn recover(&self) -> Result<usize, super::store::StoreError> {
+        let store = self.store.0.clone();
+        let jobs = tokio::task::spawn_blocking(move || store.unfinished())
+            .await
+            .map_err(|e| super::store::StoreError::from_message(e.to_string()))??;
+        let n = jobs.len();
+        let mut st = self.lock();
+        for job in jobs {
+            if let Some(key) = &job.idempotency_key {
+                st.keys.insert(key.clone(), job.id.clone());
+            }
+            match &job.pod {
+                Some(pod) => st
+                    .orphans
+                    .entry(pod.clone())
+                    .or_default()
+                    .push(job.id.clone()),
+                None => st
+                    .queues
+                    .entry(job.fleet.clone())
+                    .or_default()
+                    .push_back(job.id.clone()),
+            }
+            st.jobs.insert(job.id.clone(), job);
+        }
+        drop(st);
+        self.wake.notify_one();
+        Ok(n)
+    }
+
+    /// Admits a job: the same job again for a known idempotency key, 429 when the
+    /// fleet's queue is full, else stored and queued.
+    pub async fn submit(&self, mut job: Job) -> Result<Admission, super::store::StoreError> {
+        if let Some(key) = job.idempotency_key.clone() {
+            let live = self.lock().keys.get(&key).cloned();
+            if let Some(existing) = live
+                && let Some(found) = self.get(&existing).await?
+            {
+                return Ok(Admission::Existing(found));
+            }
+            if let Some(id) = self.store.by_idempotency_key(&key).await?
+                && let Some(found) = self.get(&id).await?
+            {
+                return Ok(Admission::Existing(found));
+            }
+        }
+        {
+            let mut st = self.lock();
+            if let Some(key) = &job.idempotency_key {
+                // Two requests with one key at once: the first one in wins.
+                if let Some(id) = st.keys.get(key)
+                    && let Some(found) = st.jobs.get(id)
+                {
+                    return Ok(Admission::Existing(found.clone()));
+                }
+            }
+            let waiting = st
+                .jobs
+                .values()
+                .filter(|j| j.fleet == job.fleet && j.state == JobState::Queued)
+                .count();
+            if waiting >= self.settings.queue_cap {
+                let pods = st
+                    .pods
+                    .values()
+                    .filter(|p| p.fleet == job.fleet && p.ready)
+                    .count()
+                    .max(1);
+                let run = st.run_time.get(&job.fleet).copied().unwrap_or(10.0);
+                let retry_after = ((waiting as f64 / pods as f64) * run)
+                    .ceil()
+                    .clamp(1.0, 3600.0) as u64;
+                return Ok(Admission::QueueFull { retry_after });
+            }
+            job.state = JobState::Queued;
+            if let Some(key) = &job.idempotency_key {
+                st.keys.insert(key.clone(), job.id.clone());
+            }
+            st.jobs.insert(job.id.clone(), job.clone());
+        }
+        self.persist_now(&job).await;
+        self.lock()
+            .queues
+            .entry(job.fleet.clone())
+            .or_default()
+            .push_back(job.id.clone());
+        self.wake.notify_one();
+        Ok(Admission::Accepted(job))
+    }
+
+    /// The job, live if it has not ended, else from the store.
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, super::store::StoreError> {
+        if let Some(job) = self.lock().jobs.get(id) {
+            return Ok(Some(job.clone()));
+        }
+        self.store.get(id).await
+    }
+
+    /// The job now and, while it runs, a receiver of its next events (subscribed under
+    /// the same lock, so nothing falls between the two).
+    pub async fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<(Job, Option<broadcast::Receiver<JobEvent>>)>, super::store::StoreError>
+    {
+        {
+            let mut st = self.lock();
+            if let Some(job) = st.jobs.get(id).cloned() {
+                let rx = st
+                    .watchers
+                    .entry(id.to_string())
+                    .or_insert_with(|| broadcast::channel(256).0)
+                    .subscribe();
+                return Ok(Some((job, Some(rx))));
+            }
+        }
+        Ok(self.store.get(id).await?.map(|j| (j, None)))
+    }
+
+    /// Jobs queued or on a pod, per fleet: (queued, in flight).
+    pub fn load(&self, fleet: &str) -> (usize, usize) {
+        let st = self.lock();
+        let queued = st.queues.get(fleet).map_or(0, |q| q.len());
+        let in_flight = st
+            .pods
+            .values()
+            .filter(|p| p.fleet == fleet)
+            .map(|p| p.assigned.len())
+            .sum();
+        (queued, in_flight)
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, super::store::StoreError> {
+        match self.cancel_live(id) {
+            Some(job) => Ok(CancelOutcome::Done(Box::new(job))),
+            None => Ok(match self.store.get(id).await? {
+                Some(job) => CancelOutcome::Done(Box::new(job)),
+                None => CancelOutcome::NotFound,
+            }),
+        }
+    }
+
+    /// Cancels a live job: a queued one ends here (and leaves the pod's queue if it was
+    /// prefetched there); a running one is interrupted on its pod and ends `canceled`
+    /// when the pod says so. `None`: no live job of that id.
+    fn cancel_live(&self, id: &str) -> Option<Job> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let job = st.jobs.get_mut(id)?;
+        let pod = job.pod.clone();
+        let (job, command) = if job.state == JobState::Running {
+            job.cancel_requested = true;
+            let job = job.clone();
+            self.persist_later(&job);
+            Self::publish(
+                st,
+                &job,
+                "state",
+                json!({"state": "running", "cancel_requested": true}),
+            );
+            (job, PodCommand::Interrupt(id.to_string()))
+        } else {
+            (
+                self.finish_locked(st, id, JobState::Canceled, None)?,
+                PodCommand::Delete(id.to_string()),
+            )
+        };
+        if let Some(p) = pod.as_ref().and_then(|p| st.pods.get(p)) {
+            let _ = p.commands.send(command);
+        }
+        Some(job)
+    }
+
+    /// Ends a live job: out of queues and pods, stored, announced. Returns it.
+    fn finish_locked(
+        &self,
+        st: &mut State,
+        id: &str,
+        state: JobState,
+        error: Option<JobError>,
+    ) -> Option<Job> {
+        let mut job = st.jobs.remove(id)?;
+        if let Some(q) = st.queues.get_mut(&job.fleet) {
+            q.retain(|j| j != id);
+        }
+        if let Some(pod) = job.pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
+            pod.assigned.retain(|j| j != id);
+        }
+        if let Some(key) = &job.idempotency_key {
+            st.keys.remove(key);
+        }
+        if !job.finish(state, error) {
+            return None;
+        }
+        let fleet = GatewayMetrics::fleet(&job.fleet);
+        if let Some(started) = job.started_at {
+            let secs = job.finished_at.unwrap_or(started).saturating_sub(started) as f64 / 1000.0;
+            self.metrics.run_seconds.get_or_create(&fleet).observe(secs);
+            if state == JobState::Succeeded {
+                let avg = st.run_time.entry(job.fleet.clone()).or_insert(secs);
+                *avg = 0.8 * *avg + 0.2 * secs;
+            }
+        }
+        self.metrics
+            .finished
+            .get_or_create(&super::metrics::FinishedLabels {
+                fleet: job.fleet.clone(),
+                state: state.as_str().into(),
+            })
+            .inc();
+        self.persist_later(&job);
+        Self::publish(
+            st,
+            &job,
+            "done",
+            serde_json::to_value(&job).unwrap_or_default(),
+        );
+        if let Some(url) = &job.webhook {
+            let event = format!("job.{}", state.as_str());
+            self.webhooks
+                .send(url.clone(), &event, &job.id, super::api::public_view(&job));
+        }
+        self.wake.notify_one();
+        Some(job)
+    }
+
+    fn finish(&self, id: &str, state: JobState, error: Option<JobError>) -> Option<Job> {
+        let mut st = self.lock();
+        self.finish_locked(&mut st, id, state, error)
+    }
+
+    /// Puts a job that a pod lost back at the head of its queue (or fails it after
+    /// `max_attempts` hand-offs).
+    fn requeue_locked(&self, st: &mut State, id: &str, why: &str) {
+        let Some(job) = st.jobs.get_mut(id) else {
+            return;
+        };
+        if job.cancel_requested {
+            self.finish_locked(st, id, JobState::Canceled, None);
+            return;
+        }
+        if job.attempts >= self.settings.max_attempts {
+            let msg = format!("{why}; gave up after {} attempts", job.attempts);
+            self.finish_locked(
+                st,
+                id,
+                JobState::Failed,
+                Some(JobError::new("pod_lost", msg)),
+            );
+            return;
+        }
+        tracing::info!(job = %id, pod = ?job.pod, %why, "job back in the queue");
+        job.state = JobState::Queued;
+        job.pod = None;
+        job.started_at = None;
+        job.progress = None;
+        job.outputs.clear();
+        let job = job.clone();
+        if let Some(p) = st
+            .pods
+            .values_mut()
+            .find(|p| p.assigned.iter().any(|j| j == id))
+        {
+            p.assigned.retain(|j| j != id);
+        }
+        st.queues
+            .entry(job.fleet.clone())
+            .or_default()
+            .push_front(id.to_string());
+        self.persist_later(&job);
+        Self::publish(
+            st,
+            &job,
+            "state",
+            json!({"state": "queued", "requeued": why}),
+        );
+        self.wake.notify_one();
+    }
+
+    /// Discovery's view of one fleet's pods: new pods get a worker, gone pods give their
+    /// jobs back, readiness gates new hand-offs.
+    pub fn sync_pods(self: &Arc<Self>, fleet: &str, endpoints: Vec<Endpoint>) {
+        let mut st = self.lock();
+        let gone: Vec<String> = st
+            .pods
+            .iter()
+            .filter(|(name, p)| p.fleet == fleet && !endpoints.iter().any(|e| &e.name == *name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(pod) = st.pods.remove(&name) {
+                pod.task.abort();
+                tracing::info!(pod = %name, jobs = pod.assigned.len(), "pod gone");
+                for id in pod.assigned {
+                    self.requeue_locked(&mut st, &id, "pod gone");
+                }
+            }
+        }
+        for ep in endpoints {
+            if let Some(pod) = st.pods.get_mut(&ep.name) {
+                pod.ready = ep.ready;
+                if pod.client.base != ep.url {
+                    // Same name, new address: a new pod behind an old name.
+                    pod.task.abort();
+                    let assigned = std::mem::take(&mut pod.assigned);
+                    st.pods.remove(&ep.name);
+                    for id in assigned {
+                        self.requeue_locked(&mut st, &id, "pod replaced");
+                    }
+                } else {
+                    continue;
+                }
+            }
+            let client = PodClient::new(
+                &ep.name,
+                &ep.url,
+                &self.settings.client_id,
+                self.http.clone(),
+            );
+            let (tx, rx) = mpsc::unbounded_channel();
+            let assigned = st.orphans.remove(&ep.name).unwrap_or_default();
+            let task = tokio::spawn(run_pod(self.clone(), client.clone(), rx));
+            tracing::info!(pod = %ep.name, url = %ep.url, ready = ep.ready, "pod found");
+            st.pods.insert(
+                ep.name.clone(),
+                Pod {
+                    fleet: fleet.to_string(),
+                    client,
+                    ready: ep.ready,
+                    connected: false,
+                    unreachable_since: None,
+                    assigned,
+                    checkpoint: None,
+                    ran_any: false,
+                    commands: tx,
+                    task,
+                },
+            );
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// The dispatcher: hands jobs to pods, expires what waited too long, gives back the
+    /// jobs of unreachable pods. Runs until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            self.housekeeping();
+            for (job, commands) in self.assign() {
+                self.persist_now(&job).await;
+                let _ = commands.send(PodCommand::Submit(Box::new(job)));
+            }
+            self.refresh_gauges();
+        }
+    }
+
+    fn housekeeping(&self) {
+        let now = now_millis();
+        let mut st = self.lock();
+        let expired: Vec<(String, Option<String>)> = st
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && j.expires_at <= now)
+            .map(|j| (j.id.clone(), j.pod.clone()))
+            .collect();
+        for (id, pod) in expired {
+            if let Some(p) = pod.as_ref().and_then(|p| st.pods.get(p)) {
+                let _ = p.commands.send(PodCommand::Delete(id.clone()));
+            }
+            let msg = "not started before its TTL";
+            self.finish_locked(
+                &mut st,
+                &id,
+                JobState::Expired,
+                Some(JobError::new("expired", msg)),
+            );
+        }
+        let lost: Vec<(String, Vec<String>)> = st
+            .pods
+            .iter_mut()
+            .filter(|(_, p)| {
+                p.unreachable_since
+                    .is_some_and(|t| t.elapsed() >= self.settings.lost_after)
+            })
+            .filter(|(_, p)| !p.assigned.is_empty())
+            .map(|(name, p)| (name.clone(), std::mem::take(&mut p.assigned)))
+            .collect();
+        for (name, ids) in lost {
+            for id in ids {
+                if let Some(j) = st.jobs.get_mut(&id) {
+                    j.pod = Some(name.clone());
+                }
+                self.requeue_locked(&mut st, &id, "pod unreachable");
+            }
+        }
+        if self.started.elapsed() >= self.settings.orphan_grace && !st.orphans.is_empty() {
+            let orphans: Vec<String> = st.orphans.drain().flat_map(|(_, ids)| ids).collect();
+            for id in orphans {
+                self.requeue_locked(&mut st, &id, "its pod did not come back");
+            }
+        }
+    }
+
+    /// Chooses hand-offs under the lock; the caller stores each before sending it.
+    fn assign(&self) -> Vec<(Job, mpsc::UnboundedSender<PodCommand>)> {
+        let mut out = Vec::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let now = now_millis();
+        let fleets: Vec<String> = st.queues.keys().cloned().collect();
+        for fleet in fleets {
+            loop {
+                let choice = {
+                    let Some(queue) = st.queues.get(&fleet) else {
+                        break;
+                    };
+                    let queued: VecDeque<Queued> = queue
+                        .iter()
+                        .take(placement::WINDOW)
+                        .filter_map(|id| st.jobs.get(id))
+                        .map(|j| Queued {
+                            id: &j.id,
+                            checkpoint: j.checkpoint.as_deref(),
+                            waited: Duration::from_millis(now.saturating_sub(j.created_at)),
+                        })
+                        .collect();
+                    let mut names: Vec<&String> = st
+                        .pods
+                        .iter()
+                        .filter(|(_, p)| {
+                            p.fleet == fleet
+                                && p.ready
+                                && p.connected
+                                && p.unreachable_since.is_none()
+                        })
+                        .map(|(n, _)| n)
+                        .collect();
+                    names.sort();
+                    let loads: Vec<PodLoad> = names
+                        .iter()
+                        .map(|n| {
+                            let p = &st.pods[*n];
+                            PodLoad {
+                                name: n,
+                                assigned: p.assigned.len(),
+                                full: p.assigned.len() >= self.settings.pod_slots,
+                                checkpoint: p.checkpoint.as_deref(),
+                            }
+                        })
+                        .collect();
+                    let max_skip = Duration::from_secs(30);
+                    placement::next(self.settings.placement, &queued, &loads, max_skip)
+                        .map(|(j, p)| (queued[j].id.to_string(), loads[p].name.to_string()))
+                };
+                let Some((id, pod_name)) = choice else { break };
+                if let Some(q) = st.queues.get_mut(&fleet) {
+                    q.retain(|j| *j != id);
+                }
+                let (Some(job), Some(pod)) = (st.jobs.get_mut(&id), st.pods.get_mut(&pod_name))
+                else {
+                    continue;
+                };
+                job.pod = Some(pod_name.clone());
+                job.dispatched_at = Some(now);
+                job.attempts += 1;
+                job.cold_start = !pod.ran_any && pod.assigned.is_empty();
+                job.checkpoint_switch = pod.checkpoint.is_some()
+                    && job.checkpoint.is_some()
+                    && pod.checkpoint != job.checkpoint;
+                if job.checkpoint.is_some() {
+                    pod.checkpoint = job.checkpoint.clone();
+                }
+                pod.assigned.push(id.clone());
+                out.push((job.clone(), pod.commands.clone()));
+            }
+        }
+        out
+    }
+
+    fn refresh_gauges(&self) {
+        let st = self.lock();
+        let mut fleets: Vec<&String> = st.queues.keys().collect();
+        fleets.extend(st.pods.values().map(|p| &p.fleet));
+        for fleet in fleets {
+            let labels = GatewayMetrics::fleet(fleet);
+            let queued = st.queues.get(fleet).map_or(0, |q| q.len());
+            let pods = st.pods.values().filter(|p| &p.fleet == fleet);
+            let in_flight: usize = pods.clone().map(|p| p.assigned.len()).sum();
+            let ready = pods.filter(|p| p.ready && p.connected).count();
+            self.metrics
+                .queued
+                .get_or_create(&labels)
+                .set(queued as i64);
+            self.metrics
+                .in_flight
+                .get_or_create(&labels)
+                .set(in_flight as i64);
+            self.metrics.pods.get_or_create(&labels).set(ready as i64);
+        }
+    }
+
+    /// Whether `id` is still meant to go to `pod` (a cancel may have come in between).
+    fn still_assigned(&self, id: &str, pod: &str) -> bool {
+        let st = self.lock();
+        st.jobs
+            .get(id)
+            .is_some_and(|j| j.pod.as_deref() == Some(pod) && j.state == JobState::Queued)
+    }
+
+    fn dispatch_failed(&self, id: &str, pod: &str, error: &PodError) {
+        tracing::warn!(job = %id, %pod, %error, "hand-off failed");
+        let mut st = self.lock();
+        if let Some(p) = st.pods.get_mut(pod) {
+            self.metrics
+                .dispatch_errors
+                .get_or_create(&GatewayMetrics::fleet(&p.fleet))
+                .inc();
+            p.connected = false;
+            p.unreachable_since.get_or_insert_with(Instant::now);
+        }
+        self.requeue_locked(&mut st, id, "hand-off failed");
+    }
+
+    fn set_connected(&self, pod: &str, connected: bool) -> Vec<String> {
+        let mut st = self.lock();
+        let Some(p) = st.pods.get_mut(pod) else {
+            return vec![];
+        };
+        p.connected = connected;
+        if connected {
+            p.unreachable_since = None;
+        } else {
+            p.unreachable_since.get_or_insert_with(Instant::now);
+        }
+        p.assigned.clone()
+    }
+
+    async fn input_bytes(&self, input: &InputFile) -> Result<Bytes, String> {
+        use base64::Engine as _;
+        if let Some(data) = input.source.strip_prefix("base64:") {
+            return base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map(Bytes::from)
+                .map_err(|e| format!("input {}: bad base64: {e}", input.name));
+        }
+        let (bucket, key) = parse_s3_url(&input.source)
+            .ok_or_else(|| format!("input {}: not base64: or s3://", input.name))?;
+        if !self.settings.input_buckets.iter().any(|b| b == bucket) {
+            return Err(format!(
+                "input {}: bucket {bucket} is not allowed",
+                input.name
+            ));
+        }
+        let store = self.outputs.as_ref().ok_or("no S3 access configured")?;
+        store
+            .get_input(bucket, key)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A websocket event of `pod`.
+    fn on_event(self: &Arc<Self>, pod: &str, client: &PodClient, event: PodEvent) {
+        let id = event.prompt_id().to_string();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let ours = st
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.pod.as_deref() == Some(pod));
+        if !ours {
+            // A prompt this gateway canceled, expired or moved: stop it there.
+            if matches!(event, PodEvent::Started { .. }) {
+                tracing::info!(job = %id, %pod, "stopping a prompt that is no longer this pod's");
+                let client = client.clone();
+                tokio::spawn(async move { client.interrupt(&id).await });
+            }
+            return;
+        }
+        match event {
+            PodEvent::Succeeded { .. } => {
+                self.release_slot(st, pod, &id);
+                let Some(job) = st.jobs.get(&id).cloned() else {
+                    return;
+                };
+                let this = self.clone();
+                let client = client.clone();
+                tokio::spawn(async move { this.complete(job, &client).await });
+                return;
+            }
+            PodEvent::Failed { node, message, .. } => {
+                self.release_slot(st, pod, &id);
+                let error = JobError {
+                    kind: "execution_error".into(),
+                    message,
+                    node,
+                };
+                self.finish_locked(st, &id, JobState::Failed, Some(error));
+                return;
+            }
+            PodEvent::Interrupted { .. } => {
+                self.release_slot(st, pod, &id);
+                if st.jobs.get(&id).is_some_and(|j| j.cancel_requested) {
+                    self.finish_locked(st, &id, JobState::Canceled, None);
+                } else {
+                    let error = JobError::new("interrupted", "interrupted on the pod");
+                    self.finish_locked(st, &id, JobState::Failed, Some(error));
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(job) = st.jobs.get_mut(&id) else {
+            return;
+        };
+        match event {
+            PodEvent::Started { .. } => {
+                job.state = JobState::Running;
+                let now = now_millis();
+                job.started_at = Some(now);
+                let waited = now.saturating_sub(job.created_at) as f64 / 1000.0;
+                self.metrics
+                    .queue_seconds
+                    .get_or_create(&GatewayMetrics::fleet(&job.fleet))
+                    .observe(waited);
+                let job = job.clone();
+                self.persist_later(&job);
+                let data = json!({"state": "running", "pod": pod, "cold_start": job.cold_start, "checkpoint_switch": job.checkpoint_switch});
+                Self::publish(st, &job, "state", data);
+            }
+            PodEvent::Executing { node, .. } => {
+                let progress = job.progress.get_or_insert_with(Progress::default);
+                if progress.node.as_deref() != Some(node.as_str()) {
+                    *progress = Progress {
+                        node: Some(node),
+                        value: 0,
+                        max: 0,
+                    };
+                }
+                let (job, data) = (
+                    job.clone(),
+                    serde_json::to_value(&job.progress).unwrap_or_default(),
+                );
+                Self::publish(st, &job, "progress", data);
+            }
+            PodEvent::Progress {
+                node, value, max, ..
+            } => {
+                let node = node.or_else(|| job.progress.as_ref().and_then(|p| p.node.clone()));
+                job.progress = Some(Progress { node, value, max });
+                let (job, data) = (
+                    job.clone(),
+                    serde_json::to_value(&job.progress).unwrap_or_default(),
+                );
+                Self::publish(st, &job, "progress", data);
+            }
+            PodEvent::Executed { outputs, .. } => {
+                for o in outputs {
+                    if !job.outputs.contains(&o) {
+                        job.outputs.push(o);
+                    }
+                }
+                let (job, data) = (job.clone(), json!({"outputs": job.outputs}));
+                Self::publish(st, &job, "output", data);
+            }
+            PodEvent::Succeeded { .. } | PodEvent::Failed { .. } | PodEvent::Interrupted { .. } => {
+            }
+        }
+    }
+
+    /// The pod is done with `id`: its slot frees now, before outputs are uploaded.
+    fn release_slot(&self, st: &mut State, pod: &str, id: &str) {
+        if let Some(p) = st.pods.get_mut(pod) {
+            p.assigned.retain(|j| j != id);
+            p.ran_any = true;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Stores a finished prompt's outputs and ends the job `succeeded`.
+    async fn complete(&self, mut job: Job, client: &PodClient) {
+        if let Some(store) = &self.outputs {
+            for output in job.outputs.iter_mut() {
+                let stored = match client.view(output).await {
+                    Ok(bytes) => {
+                        let size = bytes.len() as u64;
+                        store
+                            .put(output, bytes)
+                            .await
+                            .map(|key| (key, size))
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                match stored {
+                    Ok((key, size)) => {
+                        output.key = Some(key);
+                        output.size = Some(size);
+                    }
+                    Err(e) => {
+                        let error = JobError::new("output_failed", e);
+                        self.finish(&job.id, JobState::Failed, Some(error));
+                        return;
+                    }
+                }
+            }
+        }
+        let mut st = self.lock();
+        if let Some(live) = st.jobs.get_mut(&job.id) {
+            live.outputs = job.outputs;
+        }
+        self.finish_locked(&mut st, &job.id, JobState::Succeeded, None);
+    }
+
+    /// After (re)connecting: asks the pod about every job it should have, so that a job
+    /// that ended while nobody listened ends here too, and one the pod lost runs again.
+    async fn resync(
+        self: &Arc<Self>,
+        client: &PodClient,
+        assigned: Vec<String>,
+    ) -> Result<(), PodError> {
+        let queue = client.queue().await?;
+        for id in &assigned {
+            if queue.contains(id) {
+                if queue.is_running(id) {
+                    self.on_event(
+                        &client.name,
+                        client,
+                        PodEvent::Started {
+                            prompt_id: id.clone(),
+                        },
+                    );
+                }
+                continue;
+            }
+            let entry = client.history(id).await?;
+            if let Some(job) = self.settle(&client.name, id, entry) {
+                self.complete(job, client).await;
+            }
+        }
+        // Prompts of this gateway's client that are no longer this pod's: stop them.
+        for (id, running) in self.strays(&client.name, &client.client_id, &queue) {
+            if running {
+                client.interrupt(&id).await?;
+            } else {
+                client.delete_queued(&[&id]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends or requeues a job the pod no longer queues, from its history entry. Returns
+    /// the job when it succeeded there and its outputs are still to be stored.
+    fn settle(&self, pod: &str, id: &str, entry: Option<HistoryEntry>) -> Option<Job> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match entry {
+            Some(entry) if entry.succeeded => {
+                self.release_slot(st, pod, id);
+                let job = st.jobs.get_mut(id)?;
+                job.outputs = entry.outputs;
+                job.started_at.get_or_insert_with(now_millis);
+                Some(job.clone())
+            }
+            Some(entry) => {
+                self.release_slot(st, pod, id);
+                let cancel = st.jobs.get(id).is_some_and(|j| j.cancel_requested);
+                let (state, error) = if cancel {
+                    (JobState::Canceled, None)
+                } else {
+                    let msg = entry.error.unwrap_or_else(|| "interrupted".into());
+                    (
+                        JobState::Failed,
+                        Some(JobError::new("execution_error", msg)),
+                    )
+                };
+                self.finish_locked(st, id, state, error);
+                None
+            }
+            None => {
+                // Stored as handed off, unknown to the pod: the hand-off never arrived,
+                // or the pod restarted and lost it. Run it again.
+                self.requeue_locked(st, id, "unknown to its pod");
+                None
+            }
+        }
+    }
+
+    /// (prompt id, running) of this client's prompts on `pod` that are not its jobs.
+    fn strays(&self, pod: &str, client_id: &str, queue: &QueueView) -> Vec<(String, bool)> {
+        let st = self.lock();
+        queue
+            .running
+            .iter()
+            .map(|e| (e, true))
+            .chain(queue.pending.iter().map(|e| (e, false)))
+            .filter(|((_, c), _)| c.as_deref() == Some(client_id))
+            .filter(|((id, _), _)| {
+                st.jobs
+                    .get(id)
+                    .is_none_or(|j| j.pod.as_deref() != Some(pod))
+            })
+            .map(|((id, _), running)| (id.clone(), running))
+            .collect()
+    }
+}
+
+/// Writes jobs in order, many per commit.
+async fn persister(store: Store, mut rx: mpsc::UnboundedReceiver<PersistRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<Job> = batch.iter().map(|(j, _)| j.clone()).collect();
+        if let Err(e) = store.put_many(jobs).await {
+            tracing::error!(error = %e, "cannot store jobs");
+        }
+        for (_, ack) in batch {
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+/// One pod's worker: keeps its websocket, hands it jobs, stops what it is told to.
+async fn run_pod(
+    engine: Arc<Engine>,
+    client: PodClient,
+    mut commands: mpsc::UnboundedReceiver<PodCommand>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.events().await {
+            Ok(mut events) => {
+                backoff = Duration::from_millis(200);
+                let assigned = engine.set_connected(&client.name, true);
+                if let Err(e) = engine.resync(&client, assigned).await {
+                    tracing::warn!(pod = %client.name, error = %e, "resync failed");
+                    engine.set_connected(&client.name, false);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                engine.wake.notify_one();
+                loop {
+                    tokio::select! {
+                        event = events.next() => match event {
+                            Some(event) => engine.on_event(&client.name, &client, event),
+                            None => break,
+                        },
+                        command = commands.recv() => match command {
+                            Some(command) => handle(&engine, &client, command),
+                            None => return,
+                        },
+                    }
+                }
+                tracing::warn!(pod = %client.name, "websocket closed");
+            }
+            Err(e) => tracing::debug!(pod = %client.name, error = %e, "cannot connect"),
+        }
+        engine.set_connected(&client.name, false);
+        // Commands that came while disconnected still go out (a delete or interrupt
+        // may reach a pod whose websocket alone failed).
+        while let Ok(command) = commands.try_recv() {
+            handle(&engine, &client, command);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn handle(engine: &Arc<Engine>, client: &PodClient, command: PodCommand) {
+    let (engine, client) = (engine.clone(), client.clone());
+    tokio::spawn(async move {
+        match command {
+            PodCommand::Submit(job) => hand_off(&engine, &client, *job).await,
+            PodCommand::Interrupt(id) => {
+                if let Err(e) = client.interrupt(&id).await {
+                    tracing::warn!(job = %id, error = %e, "interrupt failed");
+                }
+            }
+            PodCommand::Delete(id) => {
+                if let Err(e) = client.delete_queued(&[&id]).await {
+                    tracing::warn!(job = %id, error = %e, "queue delete failed");
+                }
+            }
+        }
+    });
+}
+
+/// Uploads the job's inputs to the pod and queues its prompt there.
+async fn hand_off(engine: &Arc<Engine>, client: &PodClient, job: Job) {
+    if !engine.still_assigned(&job.id, &client.name) {
+        return;
+    }
+    let mut prompt = job.prompt.clone();
+    for input in &job.inputs {
+        let bytes = match engine.input_bytes(input).await {
+            Ok(b) => b,
+            Err(e) => {
+                engine.finish(
+                    &job.id,
+                    JobState::Failed,
+                    Some(JobError::new("input_failed", e)),
+                );
+                return;
+            }
+        };
+        match client.upload_image(&input.name, bytes).await {
+            Ok(stored) => rename_input(&mut prompt, &input.name, &stored),
+            Err(e) => return engine.dispatch_failed(&job.id, &client.name, &e),
+        }
+    }
+    if !engine.still_assigned(&job.id, &client.name) {
+        return;
+    }
+    match client.submit(&job.id, &prompt).await {
+        Ok(()) => {}
+        Err(PodError::Rejected {
+            message,
+            node_errors,
+        }) => {
+            let message = format!("{message}: {node_errors}");
+            engine.finish(
+                &job.id,
+                JobState::Failed,
+                Some(JobError::new("invalid_workflow", message)),
+            );
+        }
+        Err(e) => engine.dispatch_failed(&job.id, &client.name, &e),
+    }
+}

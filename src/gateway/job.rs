@@ -1,0 +1,178 @@
+//! A job: one ComfyUI prompt run for a client, from submit to a final state. Its id is
+//! the `prompt_id` it runs under on a pod, so a pod can be asked about it by name.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    Expired,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+        JobState::Expired,
+    ];
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+            JobState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Where a job is in its run: the node ComfyUI is executing and its step counter.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub value: u64,
+    pub max: u64,
+}
+
+/// One file a job produced, as ComfyUI named it and where the gateway stored it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    pub node: String,
+    pub filename: String,
+    #[serde(default)]
+    pub subfolder: String,
+    /// ComfyUI's folder type: `output` or `temp`.
+    #[serde(rename = "type", default)]
+    pub folder_type: String,
+    /// The object key in the outputs bucket, once uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// Why a job failed, typed so that clients can act on it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    /// `missing_model`, `invalid_workflow`, `execution_error`, `interrupted`,
+    /// `upload_failed`, `output_failed`, `expired`, `pod_lost`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl JobError {
+    pub fn new(kind: &str, message: impl Into<String>) -> JobError {
+        JobError {
+            kind: kind.into(),
+            message: message.into(),
+            node: None,
+        }
+    }
+}
+
+/// An input file the job brings: uploaded to the chosen pod before the prompt, and
+/// every workflow input equal to `name` is replaced by the name ComfyUI gave it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputFile {
+    pub name: String,
+    /// `base64:<data>` or `s3://bucket/key`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub fleet: String,
+    pub state: JobState,
+    /// The API-format prompt as it is sent to the pod (save prefixes rewritten).
+    pub prompt: Value,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputFile>,
+    /// The checkpoint the workflow loads, for placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    pub created_at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Millis>,
+    /// A job that has not started by then ends `expired`.
+    pub expires_at: Millis,
+    /// The pod the job was handed to (its name), while it is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Times it was handed to a pod (more than one after a pod was lost).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The pod had to load another checkpoint first.
+    #[serde(default)]
+    pub checkpoint_switch: bool,
+    /// The pod had run nothing since it came up.
+    #[serde(default)]
+    pub cold_start: bool,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<Output>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+impl Job {
+    /// Ends the job in `state` (no-op when it already ended).
+    pub fn finish(&mut self, state: JobState, error: Option<JobError>) -> bool {
+        if self.state.is_final() {
+            return false;
+        }
+        self.state = state;
+        self.error = error;
+        self.finished_at = Some(now_millis());
+        self.pod = None;
+        // Inputs were only needed to run it; keep the store small.
+        self.inputs.clear();
+        true
+    }
+}

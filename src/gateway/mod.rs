@@ -1,0 +1,240 @@
+//! `sdfleet gateway`: a job API in front of the ComfyUI pods of a namespace's fleets. It
+//! owns the queue (pods get one running plus one prefetched job), splits each pod's
+//! websocket by `prompt_id`, stores every job in an embedded store, and puts results
+//! in S3. One replica: the store is a local file (see the README).
+
+pub mod api;
+pub mod auth;
+pub mod comfy;
+pub mod discovery;
+pub mod engine;
+pub mod job;
+pub mod metrics;
+pub mod outputs;
+pub mod placement;
+pub mod store;
+pub mod webhook;
+pub mod workflow;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::sync::store::BucketLocation;
+
+#[derive(clap::Args, Debug)]
+pub struct GatewayArgs {
+    /// The namespace of the fleets.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: String,
+    /// A fleet to front: `NAME` or `NAME:MODELSET` (repeatable). Its pods are the
+    /// endpoints of the Service named like the fleet.
+    #[arg(long = "fleet", required = true, value_parser = parse_fleet)]
+    pub fleets: Vec<api::FleetConfig>,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+    /// The job store (a redb file on the gateway's volume).
+    #[arg(long, default_value = "/var/lib/sdfleet-gateway/jobs.redb")]
+    pub store: PathBuf,
+    /// Directory of API keys (the mounted Secret: key id → SHA-256 hex of the key).
+    #[arg(
+        long,
+        default_value = "/etc/sdfleet-gateway/api-keys",
+        conflicts_with = "no_auth"
+    )]
+    pub api_keys_dir: PathBuf,
+    /// Serve without API keys (only behind something that authenticates).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// A file holding the Standard Webhooks secret (`whsec_...`).
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub webhook_attempts: u32,
+    #[arg(long, default_value = "1000")]
+    pub webhook_first_delay_ms: u64,
+    /// Stored workflows (`<name>.json`, API format).
+    #[arg(long)]
+    pub workflows_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub queue_cap: usize,
+    /// A job that has not started this long after submit ends `expired`.
+    #[arg(long, default_value_t = 3600)]
+    pub job_ttl_seconds: u64,
+    #[arg(long, default_value_t = 300)]
+    pub max_wait_seconds: u64,
+    #[arg(long, default_value_t = 2)]
+    pub pod_slots: usize,
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    #[arg(long, value_enum, default_value = "affinity")]
+    pub placement: placement::Placement,
+    /// Seconds a pod may be unreachable before its jobs go to other pods.
+    #[arg(long, default_value_t = 10)]
+    pub pod_lost_seconds: u64,
+    /// The outputs bucket (results go under `<prefix><job id>/`); unset: outputs stay
+    /// on the pods and jobs list them without URLs.
+    #[arg(long)]
+    pub outputs_bucket: Option<String>,
+    #[arg(long, default_value = "")]
+    pub outputs_prefix: String,
+    #[arg(long)]
+    pub outputs_region: Option<String>,
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    /// Buckets `s3://` inputs may come from (repeatable).
+    #[arg(long = "input-bucket")]
+    pub input_buckets: Vec<String>,
+    #[arg(long, default_value_t = 3600)]
+    pub url_ttl_seconds: u64,
+    /// The websocket client id on every pod: fixed, so a restarted gateway gets the
+    /// events of the prompts it sent before.
+    #[arg(long, default_value = "sdfleet-gateway")]
+    pub client_id: String,
+}
+
+fn parse_fleet(s: &str) -> Result<api::FleetConfig, String> {
+    let (name, model_set) = match s.split_once(':') {
+        Some((n, m)) => (n, Some(m.to_string()).filter(|m| !m.is_empty())),
+        None => (s, None),
+    };
+    if name.is_empty() {
+        return Err("empty fleet name".into());
+    }
+    Ok(api::FleetConfig {
+        name: name.to_string(),
+        service: crate::names::FleetNames::new("", name).service(),
+        model_set,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::SecretError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayError> {
+    if let Some(dir) = args.store.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| GatewayError::Io(dir.display().to_string(), e))?;
+    }
+    let store = store::Store(Arc::new(store::RedbStore::open(&args.store)?));
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    let secret = match &args.webhook_secret_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| GatewayError::Io(path.display().to_string(), e))?,
+        ),
+        None => None,
+    };
+    let webhooks = Arc::new(webhook::Webhooks::new(
+        http.clone(),
+        secret.as_deref(),
+        args.webhook_attempts,
+        Duration::from_millis(args.webhook_first_delay_ms),
+    )?);
+    let url_ttl = Duration::from_secs(args.url_ttl_seconds);
+    let outputs = match &args.outputs_bucket {
+        Some(bucket) => Some(
+            outputs::OutputStore::connect(
+                &BucketLocation {
+                    bucket: bucket.clone(),
+                    prefix: args.outputs_prefix.clone(),
+                    region: args.outputs_region.clone(),
+                    endpoint: args.s3_endpoint.clone(),
+                },
+                url_ttl,
+            )
+            .await,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(metrics::GatewayMetrics::default());
+    let settings = engine::Settings {
+        client_id: args.client_id.clone(),
+        queue_cap: args.queue_cap,
+        ttl: Duration::from_secs(args.job_ttl_seconds),
+        pod_slots: args.pod_slots.max(1),
+        max_attempts: args.max_attempts.max(1),
+        placement: args.placement,
+        lost_after: Duration::from_secs(args.pod_lost_seconds),
+        orphan_grace: Duration::from_secs(args.pod_lost_seconds.max(10)),
+        input_buckets: args.input_buckets.clone(),
+    };
+    let engine = engine::Engine::new(settings, store, metrics.clone(), outputs, webhooks, http);
+    let recovered = engine.recover().await?;
+    tracing::info!(recovered, "jobs resumed from the store");
+    let catalogs = Arc::new(discovery::Catalogs::default());
+    for fleet in &args.fleets {
+        tokio::spawn(discovery::watch_pods(
+            client.clone(),
+            args.namespace.clone(),
+            fleet.name.clone(),
+            fleet.service.clone(),
+            engine.clone(),
+        ));
+        if let Some(ms) = &fleet.model_set {
+            tokio::spawn(discovery::watch_catalog(
+                client.clone(),
+                args.namespace.clone(),
+                fleet.name.clone(),
+                ms.clone(),
+                catalogs.clone(),
+            ));
+        }
+    }
+    tokio::spawn(engine.clone().run());
+    let keys = Arc::new(auth::ApiKeys::new(
+        (!args.no_auth).then(|| args.api_keys_dir.clone()),
+    ));
+    let reload = keys.clone();
+    tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
+    let state = Arc::new(api::ApiState {
+        engine,
+        keys,
+        fleets: args.fleets.clone(),
+        catalogs,
+        workflows_dir: args.workflows_dir.clone(),
+        max_wait: Duration::from_secs(args.max_wait_seconds),
+    });
+    let metrics_app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    m.encode(),
+                )
+            }
+        }),
+    );
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|e| GatewayError::Io(args.metrics_listen.to_string(), e))?;
+    tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| GatewayError::Io(args.listen.to_string(), e))?;
+    tracing::info!(addr = %args.listen, "gateway serving /api/v2");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| GatewayError::Io("serve".into(), e))
+}
