@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use sdfleet::controller::policy;
 use sdfleet::crd::ComfyUIDeployment;
 use sdfleet::render::nodeclass::Cloud;
-use sdfleet::render::settings::{AgentSettings, ClusterSettings, DEFAULT_OPERATOR_NAMESPACE};
+use sdfleet::render::settings::{
+    AgentSettings, ClusterSettings, DEFAULT_OPERATOR_NAMESPACE, GatewaySettings,
+};
 use sdfleet::render::{RenderContext, build};
 
 /// sdfleet: GPU ComfyUI fleets on Amazon EKS, from two custom resources.
@@ -126,6 +128,12 @@ struct ControllerArgs {
     /// Namespace of the leader-election Lease (default: the operator's namespace).
     #[arg(long)]
     leader_election_namespace: Option<String>,
+    /// Image of the fleets' job gateways (default: the agent's image, the same binary).
+    #[arg(long, env = "SDFLEET_GATEWAY_IMAGE")]
+    gateway_image: Option<String>,
+    /// The ClusterRole each gateway's RoleBinding names (the chart creates it).
+    #[arg(long, default_value = "sdfleet-gateway")]
+    gateway_cluster_role: String,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +229,7 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
     }
     let cluster = ClusterSettings {
         agent: AgentSettings::default(),
+        gateway: Default::default(),
         cluster_name: Some(args.cluster_name),
         region: Some(args.region),
     };
@@ -287,8 +296,12 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
                     namespace: args
                         .agent_namespace
                         .unwrap_or_else(|| args.operator_namespace.clone()),
-                    image: args.agent_image,
+                    image: args.agent_image.clone(),
                     service_account: args.agent_service_account,
+                },
+                gateway: GatewaySettings {
+                    image: args.gateway_image.unwrap_or(args.agent_image),
+                    cluster_role: args.gateway_cluster_role,
                 },
                 cluster_name: args.cluster_name.filter(|c| !c.is_empty()),
                 region: args.region.filter(|r| !r.is_empty()),

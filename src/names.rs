@@ -155,6 +155,25 @@ impl FleetNames {
         ])
     }
 
+    /// The gateway's Deployment, Service, Ingress, ServiceAccount and RoleBinding (a
+    /// fleet name has at most 50 characters, so this fits 63).
+    pub fn gateway(&self) -> String {
+        format!("{}-gateway", self.name)
+    }
+
+    /// The gateway's job store claim.
+    pub fn gateway_store(&self) -> String {
+        format!("{}-gateway-store", self.name)
+    }
+
+    /// Labels of the gateway's pod: never matched by `pod_selector` (other app name).
+    pub fn gateway_pod_selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (APP_NAME_KEY.to_string(), "sdfleet-gateway".to_string()),
+            (APP_INSTANCE_KEY.to_string(), self.name.clone()),
+        ])
+    }
+
     /// `pod_selector` as the string the scale subresource reports.
     pub fn pod_selector_string(&self) -> String {
         self.pod_selector()

@@ -44,6 +44,7 @@ fn rendered_daemonset(ns: &str) -> Value {
         cluster_name: Some("testbed".into()),
         region: Some("us-west-2".into()),
         agent: settings::AgentSettings::default(),
+        gateway: Default::default(),
     };
     let ctx = RenderContext {
         cluster: &cluster,

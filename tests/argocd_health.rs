@@ -177,3 +177,56 @@ fn model_set_health() {
         "Degraded"
     );
 }
+
+/// A fleet with a gateway, its status computed by the controller's own `observe`: Argo
+/// CD shows it Progressing until the gateway's pod is ready, then Healthy.
+#[test]
+fn comfyui_deployment_health_covers_its_gateway() {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use sdfleet::controller::fleet::status::{Facts, GatewayFacts, observe};
+    use sdfleet::crd::ComfyUIDeployment;
+    use sdfleet::names::FleetNames;
+
+    let fleet: ComfyUIDeployment = serde_json::from_value(json!({
+        "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+        "metadata": {"name": "sdxl", "namespace": "studio", "generation": 1},
+        "spec": {"image": "comfyui:1", "replicas": 1, "gateway": {"apiKeysSecret": "keys"}},
+    }))
+    .unwrap();
+    let pods_ready = DeploymentStatus {
+        replicas: Some(1),
+        ready_replicas: Some(1),
+        updated_replicas: Some(1),
+        ..Default::default()
+    };
+    let status_with = |gateway_ready: i32| {
+        let facts = Facts {
+            deployment: Some(pods_ready.clone()),
+            gateway: Some(GatewayFacts {
+                deployment: Some(DeploymentStatus {
+                    ready_replicas: Some(gateway_ready),
+                    ..Default::default()
+                }),
+                ingress: None,
+            }),
+            ..Default::default()
+        };
+        let observed = observe(&fleet, &FleetNames::new("studio", "sdxl"), &facts);
+        let conditions: Vec<Value> = observed
+            .conditions
+            .iter()
+            .map(|c| {
+                let status = if c.status { "True" } else { "False" };
+                cond(c.type_, status, c.reason.as_str(), &c.message)
+            })
+            .collect();
+        cud(1, Some(1), conditions)
+    };
+    let (status, message) = health("comfyuideployment.lua", &status_with(0));
+    assert_eq!(status, "Progressing");
+    assert!(message.starts_with("GatewayNotReady"), "{message}");
+    assert_eq!(
+        health("comfyuideployment.lua", &status_with(1)).0,
+        "Healthy"
+    );
+}

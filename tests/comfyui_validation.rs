@@ -49,6 +49,13 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
     api.patch("sdxl", &dry, &Patch::Apply(&valid()))
         .await
         .expect("the valid spec is accepted");
+    // The example fleet with a gateway, as a user applies it (in this namespace).
+    let text = std::fs::read_to_string(support::repo_root().join("examples/gateway.yaml")).unwrap();
+    let mut example: Value = serde_saphyr::from_str(&text).unwrap();
+    example["metadata"]["namespace"] = json!(ns.name);
+    api.patch("sdxl", &dry, &Patch::Apply(&example))
+        .await
+        .expect("examples/gateway.yaml is accepted");
 
     let mut long_name = valid();
     long_name["metadata"]["name"] = json!("a".repeat(60));
@@ -171,6 +178,43 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
             "spec.image",
         ),
         ("name too long for children", long_name, "metadata.name"),
+        (
+            "a gateway with neither API keys nor allowUnauthenticated",
+            with(&["spec", "gateway"], json!({"queueCap": 10})),
+            "set exactly one of gateway.apiKeysSecret and gateway.allowUnauthenticated",
+        ),
+        (
+            "a gateway with API keys and allowUnauthenticated",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "allowUnauthenticated": true}),
+            ),
+            "set exactly one of gateway.apiKeysSecret and gateway.allowUnauthenticated",
+        ),
+        (
+            "a gateway queue cap of 0",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "queueCap": 0}),
+            ),
+            "spec.gateway.queueCap",
+        ),
+        (
+            "a gateway store of no size",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "store": {"size": "0"}}),
+            ),
+            "store.size must be a positive quantity",
+        ),
+        (
+            "an unknown placement",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "placement": "Nearest"}),
+            ),
+            "spec.gateway.placement",
+        ),
     ];
     assert!(cases.len() >= 10);
     let mut failures = Vec::new();

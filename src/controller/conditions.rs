@@ -8,6 +8,7 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const NODEPOOL_READY: &str = "NodePoolReady";
 pub const MODELS_READY: &str = "ModelsReady";
+pub const GATEWAY_READY: &str = "GatewayReady";
 
 /// Every reason sdfleet writes into a condition. The README's reasons table has one
 /// row per variant (a unit test checks it).
@@ -61,11 +62,15 @@ pub enum Reason {
     ModelsSynced,
     /// ComfyUIDeployment: no ModelSet is referenced.
     NoModelSet,
+    /// ComfyUIDeployment: the job gateway's pod is ready.
+    GatewayReady,
+    /// ComfyUIDeployment: the job gateway's pod is not ready yet (or has no node).
+    GatewayNotReady,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 26] = [
         Reason::AllReplicasReady,
         Reason::ScaledToZero,
         Reason::WaitingForPods,
@@ -90,6 +95,8 @@ impl Reason {
         Reason::ModelSetNotFound,
         Reason::ModelsSynced,
         Reason::NoModelSet,
+        Reason::GatewayReady,
+        Reason::GatewayNotReady,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -118,6 +125,8 @@ impl Reason {
             Reason::ModelSetNotFound => "ModelSetNotFound",
             Reason::ModelsSynced => "ModelsSynced",
             Reason::NoModelSet => "NoModelSet",
+            Reason::GatewayReady => "GatewayReady",
+            Reason::GatewayNotReady => "GatewayNotReady",
         }
     }
 }

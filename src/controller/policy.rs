@@ -5,8 +5,8 @@
 use globset::{GlobBuilder, GlobMatcher};
 
 use crate::crd::FleetClass;
-use crate::crd::comfyui::{ComfyUIDeploymentSpec, IngressScheme};
-use crate::crd::fleetclass::FleetClassSpec;
+use crate::crd::comfyui::{ComfyUIDeploymentSpec, IngressScheme, IngressSpec};
+use crate::crd::fleetclass::{FleetClassSpec, IngressPolicy};
 use crate::crd::modelset::ModelSetSpec;
 
 /// Why no class applies.
@@ -171,57 +171,73 @@ pub fn check_fleet(
             check.bucket(&class.s3, field, &l.bucket)?;
         }
     }
-    let ingress = &spec.ingress;
-    if !ingress.enabled {
-        return Ok(());
-    }
-    let policy = &class.ingress;
-    let scheme = match ingress.scheme {
-        IngressScheme::Internal => "internal",
-        IngressScheme::InternetFacing => "internet-facing",
-    };
-    if !policy.allowed_schemes.contains(&ingress.scheme) {
-        return Err(check.deny("spec.ingress.scheme", scheme, "not an allowed scheme"));
-    }
-    if let Some(class_name) = &policy.class_name
-        && class_name != &ingress.class_name
-    {
-        return Err(check.deny(
-            "spec.ingress.className",
-            &ingress.class_name,
-            format!("fleets use IngressClass {class_name}"),
-        ));
-    }
-    for key in ingress.annotations.keys() {
-        if !matches_any(&policy.allowed_annotation_keys, key) {
-            return Err(check.deny(
-                "spec.ingress.annotations",
-                key,
-                format!("allowed keys are {:?}", policy.allowed_annotation_keys),
-            ));
+    if let Some(gateway) = &spec.gateway {
+        for bucket in &gateway.input_buckets {
+            check.bucket(&class.s3, "spec.gateway.inputBuckets", bucket)?;
         }
+        check.ingress("spec.gateway.ingress", &gateway.ingress, &class.ingress)?;
     }
-    if ingress.scheme == IngressScheme::InternetFacing {
-        if policy.internet_facing_requires_certificate
-            && ingress.certificate_arn.as_deref().is_none_or(str::is_empty)
+    check.ingress("spec.ingress", &spec.ingress, &class.ingress)
+}
+
+impl Check<'_> {
+    /// An Ingress of the fleet (`field` is where it is in the spec) against the class.
+    fn ingress(
+        &self,
+        field: &str,
+        ingress: &IngressSpec,
+        policy: &IngressPolicy,
+    ) -> Result<(), Violation> {
+        if !ingress.enabled {
+            return Ok(());
+        }
+        let scheme = match ingress.scheme {
+            IngressScheme::Internal => "internal",
+            IngressScheme::InternetFacing => "internet-facing",
+        };
+        if !policy.allowed_schemes.contains(&ingress.scheme) {
+            return Err(self.deny(&format!("{field}.scheme"), scheme, "not an allowed scheme"));
+        }
+        if let Some(class_name) = &policy.class_name
+            && class_name != &ingress.class_name
         {
-            return Err(check.deny(
-                "spec.ingress.certificateArn",
-                "",
-                "an internet-facing fleet needs a certificate",
+            return Err(self.deny(
+                &format!("{field}.className"),
+                &ingress.class_name,
+                format!("fleets use IngressClass {class_name}"),
             ));
         }
-        for key in &policy.internet_facing_required_annotations {
-            if !ingress.annotations.contains_key(key) {
-                return Err(check.deny(
-                    "spec.ingress.annotations",
+        for key in ingress.annotations.keys() {
+            if !matches_any(&policy.allowed_annotation_keys, key) {
+                return Err(self.deny(
+                    &format!("{field}.annotations"),
                     key,
-                    "an internet-facing fleet must set it (authentication)",
+                    format!("allowed keys are {:?}", policy.allowed_annotation_keys),
                 ));
             }
         }
+        if ingress.scheme == IngressScheme::InternetFacing {
+            if policy.internet_facing_requires_certificate
+                && ingress.certificate_arn.as_deref().is_none_or(str::is_empty)
+            {
+                return Err(self.deny(
+                    &format!("{field}.certificateArn"),
+                    "",
+                    "an internet-facing fleet needs a certificate",
+                ));
+            }
+            for key in &policy.internet_facing_required_annotations {
+                if !ingress.annotations.contains_key(key) {
+                    return Err(self.deny(
+                        &format!("{field}.annotations"),
+                        key,
+                        "an internet-facing fleet must set it (authentication)",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Whether a ModelSet stays within its class: its bucket, endpoint and queue.
@@ -322,6 +338,16 @@ mod tests {
             json!({"ingress": {"annotations": {"alb.ingress.kubernetes.io/group.name": "payments"}}}),
         );
         assert_eq!(annotation.value, "alb.ingress.kubernetes.io/group.name");
+        let gateway = refused(json!({"gateway": {"allowUnauthenticated": true,
+            "ingress": {"annotations": {"alb.ingress.kubernetes.io/group.name": "payments"}}}}));
+        assert_eq!(gateway.field, "spec.gateway.ingress.annotations");
+        let inputs = refused(
+            json!({"gateway": {"allowUnauthenticated": true, "inputBuckets": ["payroll"]}}),
+        );
+        assert_eq!(
+            (inputs.field.as_str(), inputs.value.as_str()),
+            ("spec.gateway.inputBuckets", "payroll")
+        );
         let no_cert = refused(json!({"ingress": {"scheme": "internet-facing",
             "annotations": {"alb.ingress.kubernetes.io/auth-type": "cognito"}}}));
         assert_eq!(no_cert.field, "spec.ingress.certificateArn");

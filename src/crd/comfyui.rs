@@ -10,6 +10,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::common::{ContainerResources, IngressScheme, IngressSpec};
+pub use super::gateway::{GatewaySpec, GatewayStatus};
+
 /// A GPU fleet of ComfyUI servers on Karpenter-provisioned nodes.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -108,6 +111,12 @@ pub struct ComfyUIDeploymentSpec {
     /// How the fleet is exposed (an ALB Ingress by default).
     #[serde(default)]
     pub ingress: IngressSpec,
+
+    /// A job API in front of the fleet's pods (`/api/v2/jobs`: ids, per-job progress,
+    /// cancel, results in the outputs bucket, webhooks, API keys). Removing it removes
+    /// the gateway and its job store claim; outputs in S3 stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -115,22 +124,6 @@ fn default_replicas() -> i32 {
 }
 fn default_port() -> i32 {
     8188
-}
-
-/// CPU and memory requests and limits, as Kubernetes quantities.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ContainerResources {
-    /// e.g. `{cpu: "4", memory: 16Gi}`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "quantity_map")]
-    #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
-    pub requests: BTreeMap<String, String>,
-    /// e.g. `{memory: 30Gi}`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "quantity_map")]
-    #[x_kube(validation = Rule::new("!('nvidia.com/gpu' in self)").message("set GPUs with gpu.count, not resources"))]
-    pub limits: BTreeMap<String, String>,
 }
 
 /// GPUs per pod, where they come from, and how many the fleet may hold.
@@ -165,19 +158,6 @@ impl Default for GpuSpec {
             limit: default_gpu_limit(),
         }
     }
-}
-
-/// Kubernetes quantities by resource name (`cpu: "4"`, `memory: 16Gi`).
-fn quantity_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "object",
-        "maxProperties": 16,
-        "additionalProperties": {
-            "type": "string",
-            "maxLength": 64,
-            "pattern": r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$",
-        },
-    })
 }
 
 /// EC2 instance types, at least one, no duplicates.
@@ -343,79 +323,6 @@ pub struct S3Location {
     pub region: Option<String>,
 }
 
-/// How the fleet is exposed.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct IngressSpec {
-    /// Create an Ingress. With `false` any Ingress created before is removed.
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// The IngressClass; `alb` is the AWS Load Balancer Controller's.
-    #[serde(default = "default_ingress_class")]
-    #[schemars(length(min = 1, max = 253))]
-    pub class_name: String,
-    /// `internal` (default) or `internet-facing`. ComfyUI has no authentication of its own.
-    #[serde(default)]
-    pub scheme: IngressScheme,
-    /// Host name to match; empty matches every host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(\*\.)?[a-z0-9]([a-z0-9.\-]*[a-z0-9])?$"))]
-    pub host: Option<String>,
-    /// An ACM certificate ARN. When set the ALB listens on 443 with TLS and redirects 80.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^arn:aws[a-z\-]*:acm:[a-z0-9\-]+:[0-9]{12}:certificate/.+$"))]
-    pub certificate_arn: Option<String>,
-    /// The ALB idle timeout. ComfyUI's `/ws` websocket drops at the ALB default of 60 s.
-    #[serde(default = "default_idle_timeout")]
-    #[schemars(range(min = 1, max = 4000))]
-    pub idle_timeout_seconds: i32,
-    /// Extra Ingress annotations, merged last (they win).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-impl Default for IngressSpec {
-    fn default() -> Self {
-        IngressSpec {
-            enabled: true,
-            class_name: default_ingress_class(),
-            scheme: IngressScheme::default(),
-            host: None,
-            certificate_arn: None,
-            idle_timeout_seconds: default_idle_timeout(),
-            annotations: BTreeMap::new(),
-        }
-    }
-}
-
-fn default_true() -> bool {
-    true
-}
-fn default_ingress_class() -> String {
-    "alb".into()
-}
-fn default_idle_timeout() -> i32 {
-    4000
-}
-
-/// The ALB scheme.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum IngressScheme {
-    #[default]
-    Internal,
-    InternetFacing,
-}
-
-impl IngressScheme {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IngressScheme::Internal => "internal",
-            IngressScheme::InternetFacing => "internet-facing",
-        }
-    }
-}
-
 /// What the controller observed. Written only when it changes.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -441,7 +348,10 @@ pub struct ComfyUIDeploymentStatus {
     /// The URL of the load balancer, once the Ingress has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
-    /// Ready, Progressing, Degraded, NodePoolReady and ModelsReady.
+    /// The fleet's job gateway, when `spec.gateway` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+    /// Ready, Progressing, Degraded, NodePoolReady, ModelsReady and GatewayReady.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

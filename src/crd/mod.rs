@@ -1,7 +1,9 @@
 //! The custom resources of sdfleet (API group `sdfleet.io`, version `v1alpha1`).
 
 pub mod comfyui;
+pub mod common;
 pub mod fleetclass;
+pub mod gateway;
 pub mod modelset;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -70,6 +70,7 @@ pub async fn watch_pods(
     fleet: String,
     service: String,
     engine: Arc<Engine>,
+    address_map: Arc<HashMap<String, String>>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
@@ -80,7 +81,16 @@ pub async fn watch_pods(
     while let Some(event) = stream.next().await {
         match event {
             Ok(Event::Init | Event::InitApply(_)) => {}
-            Ok(_) => engine.sync_pods(&fleet, endpoints(&reader.state(), "http")),
+            Ok(_) => {
+                let mut eps = endpoints(&reader.state(), "http");
+                for ep in &mut eps {
+                    let address = ep.url.trim_start_matches("http://");
+                    if let Some(to) = address_map.get(address) {
+                        ep.url = format!("http://{to}");
+                    }
+                }
+                engine.sync_pods(&fleet, eps)
+            }
             Err(e) => tracing::warn!(%fleet, error = %e, "EndpointSlice watch"),
         }
     }

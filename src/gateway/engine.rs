@@ -109,6 +109,10 @@ pub enum CancelOutcome {
 
 type PersistRequest = (Job, Option<oneshot::Sender<()>>);
 
+/// Jobs written to the in-memory state but not yet committed, with their count of
+/// writes in flight: reads see them until the store has them.
+type Unflushed = Arc<Mutex<HashMap<String, (Job, u32)>>>;
+
 pub struct Engine {
     pub settings: Settings,
     pub store: Store,
@@ -118,6 +122,7 @@ pub struct Engine {
     state: Mutex<State>,
     wake: Notify,
     persist: mpsc::UnboundedSender<PersistRequest>,
+    unflushed: Unflushed,
     http: reqwest::Client,
     started: Instant,
 }
@@ -132,7 +137,9 @@ impl Engine {
         http: reqwest::Client,
     ) -> Arc<Engine> {
         let (persist, rx) = mpsc::unbounded_channel();
+        let unflushed = Unflushed::default();
         let engine = Arc::new(Engine {
+            unflushed: unflushed.clone(),
             settings,
             store,
             metrics,
@@ -144,7 +151,7 @@ impl Engine {
             http,
             started: Instant::now(),
         });
-        tokio::spawn(persister(engine.store.clone(), rx));
+        tokio::spawn(persister(engine.store.clone(), rx, unflushed));
         engine
     }
 
@@ -154,20 +161,35 @@ impl Engine {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn track(&self, job: &Job) {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = unflushed
+            .entry(job.id.clone())
+            .or_insert_with(|| (job.clone(), 0));
+        entry.0 = job.clone();
+        entry.1 += 1;
+    }
+
     /// Queues a store write, in the order of the in-memory changes.
     fn persist_later(&self, job: &Job) {
+        self.track(job);
         let _ = self.persist.send((job.clone(), None));
     }
 
     /// Writes and waits for the commit.
     async fn persist_now(&self, job: &Job) {
+        self.track(job);
         let (tx, rx) = oneshot::channel();
         let _ = self.persist.send((job.clone(), Some(tx)));
         let _ = rx.await;
     }
 
-    fn publish(state: &mut State, job: &Job, kind: &'static str, data: Value) {
+    fn publish(state: &mut State, job: &Job, kind: &'static str, mut data: Value) {
         let last = job.state.is_final();
+        // Every event names its job, so a client can check it got only its own.
+        if let Value::Object(map) = &mut data {
+            map.insert("job".into(), Value::String(job.id.clone()));
+        }
         if let Some(tx) = state.watchers.get(&job.id) {
             let _ = tx.send(JobEvent { kind, data, last });
         }
@@ -273,6 +295,14 @@ impl Engine {
         if let Some(job) = self.lock().jobs.get(id) {
             return Ok(Some(job.clone()));
         }
+        if let Some((job, _)) = self
+            .unflushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            return Ok(Some(job.clone()));
+        }
         self.store.get(id).await
     }
 
@@ -294,7 +324,7 @@ impl Engine {
                 return Ok(Some((job, Some(rx))));
             }
         }
-        Ok(self.store.get(id).await?.map(|j| (j, None)))
+        Ok(self.get(id).await?.map(|j| (j, None)))
     }
 
     /// Jobs queued or on a pod, per fleet: (queued, in flight).
@@ -313,7 +343,7 @@ impl Engine {
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, super::store::StoreError> {
         match self.cancel_live(id) {
             Some(job) => Ok(CancelOutcome::Done(Box::new(job))),
-            None => Ok(match self.store.get(id).await? {
+            None => Ok(match self.get(id).await? {
                 Some(job) => CancelOutcome::Done(Box::new(job)),
                 None => CancelOutcome::NotFound,
             }),
@@ -389,12 +419,7 @@ impl Engine {
             })
             .inc();
         self.persist_later(&job);
-        Self::publish(
-            st,
-            &job,
-            "done",
-            serde_json::to_value(&job).unwrap_or_default(),
-        );
+        Self::publish(st, &job, "done", super::api::public_view(&job));
         if let Some(url) = &job.webhook {
             let event = format!("job.{}", state.as_str());
             self.webhooks
@@ -461,6 +486,9 @@ impl Engine {
     /// jobs back, readiness gates new hand-offs.
     pub fn sync_pods(self: &Arc<Self>, fleet: &str, endpoints: Vec<Endpoint>) {
         let mut st = self.lock();
+        // A known fleet reports its gauges from the first listing on, even with no pod
+        // and no job (autoscaling reads zeros too).
+        st.queues.entry(fleet.to_string()).or_default();
         let gone: Vec<String> = st
             .pods
             .iter()
@@ -798,6 +826,10 @@ impl Engine {
         };
         match event {
             PodEvent::Started { .. } => {
+                if job.state == JobState::Running {
+                    // Seen again on a resync after a reconnect or restart.
+                    return;
+                }
                 job.state = JobState::Running;
                 let now = now_millis();
                 job.started_at = Some(now);
@@ -989,7 +1021,11 @@ impl Engine {
 }
 
 /// Writes jobs in order, many per commit.
-async fn persister(store: Store, mut rx: mpsc::UnboundedReceiver<PersistRequest>) {
+async fn persister(
+    store: Store,
+    mut rx: mpsc::UnboundedReceiver<PersistRequest>,
+    unflushed: Unflushed,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < 256 {
@@ -999,8 +1035,20 @@ async fn persister(store: Store, mut rx: mpsc::UnboundedReceiver<PersistRequest>
             }
         }
         let jobs: Vec<Job> = batch.iter().map(|(j, _)| j.clone()).collect();
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
         if let Err(e) = store.put_many(jobs).await {
             tracing::error!(error = %e, "cannot store jobs");
+        }
+        {
+            let mut map = unflushed.lock().unwrap_or_else(|e| e.into_inner());
+            for id in ids {
+                if let Some(entry) = map.get_mut(&id) {
+                    entry.1 = entry.1.saturating_sub(1);
+                    if entry.1 == 0 {
+                        map.remove(&id);
+                    }
+                }
+            }
         }
         for (_, ack) in batch {
             if let Some(ack) = ack {

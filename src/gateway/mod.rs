@@ -90,10 +90,19 @@ pub struct GatewayArgs {
     pub input_buckets: Vec<String>,
     #[arg(long, default_value_t = 3600)]
     pub url_ttl_seconds: u64,
+    /// Reach an endpoint at another address: `IP:PORT=HOST:PORT` (repeatable). For tests,
+    /// whose fake pods listen on loopback while EndpointSlices refuse loopback addresses.
+    #[arg(long = "endpoint-map", hide = true, value_parser = parse_mapping)]
+    pub endpoint_map: Vec<(String, String)>,
     /// The websocket client id on every pod: fixed, so a restarted gateway gets the
     /// events of the prompts it sent before.
     #[arg(long, default_value = "sdfleet-gateway")]
     pub client_id: String,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    let (from, to) = s.split_once('=').ok_or("expected IP:PORT=HOST:PORT")?;
+    Ok((from.to_string(), to.to_string()))
 }
 
 fn parse_fleet(s: &str) -> Result<api::FleetConfig, String> {
@@ -176,6 +185,8 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     let recovered = engine.recover().await?;
     tracing::info!(recovered, "jobs resumed from the store");
     let catalogs = Arc::new(discovery::Catalogs::default());
+    let endpoint_map: Arc<std::collections::HashMap<String, String>> =
+        Arc::new(args.endpoint_map.iter().cloned().collect());
     for fleet in &args.fleets {
         tokio::spawn(discovery::watch_pods(
             client.clone(),
@@ -183,6 +194,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             fleet.name.clone(),
             fleet.service.clone(),
             engine.clone(),
+            endpoint_map.clone(),
         ));
         if let Some(ms) = &fleet.model_set {
             tokio::spawn(discovery::watch_catalog(

@@ -1,10 +1,11 @@
 //! Which queued job goes to which pod. Pure: the engine calls it with a snapshot.
 //!
 //! A pod that last ran a checkpoint keeps it loaded; loading another costs seconds to
-//! minutes. So a free pod first takes the oldest job (within a window of the queue) for
-//! the checkpoint it has; an idle pod with no such job takes the head of the queue; a
-//! busy pod prefetches another checkpoint only when no pod has the head's. A head that
-//! waited past `max_skip` goes first to the least loaded pod, so nothing starves.
+//! minutes. So a free pod takes the oldest job (within a window of the queue) for the
+//! checkpoint it has, idle pods first; a fresh pod takes the head; a busy pod prefetches
+//! a job of its checkpoint before an idle pod switches; a busy pod prefetches another
+//! checkpoint only when no pod has the head's. A head that waited past `max_skip` goes
+//! to the least loaded pod, so nothing starves.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -67,19 +68,33 @@ pub fn next(
     if head.waited >= max_skip {
         return least_loaded(&|_| true).map(|p| (0, p));
     }
-    // The oldest job in the window whose checkpoint a free pod has.
-    for (j, job) in queue.iter().take(WINDOW).enumerate() {
-        if let Some(p) =
-            least_loaded(&|p| job.checkpoint.is_some() && p.checkpoint == job.checkpoint)
-        {
-            return Some((j, p));
-        }
+    let matching = |idle: bool| {
+        queue.iter().take(WINDOW).enumerate().find_map(|(j, job)| {
+            let p = least_loaded(&|p| {
+                (p.assigned == 0) == idle
+                    && job.checkpoint.is_some()
+                    && p.checkpoint == job.checkpoint
+            })?;
+            Some((j, p))
+        })
+    };
+    // 1. An idle pod with a job of its checkpoint.
+    if let Some(found) = matching(true) {
+        return Some(found);
     }
-    // No match: an idle pod takes the head (a switch, but no GPU sits idle); a busy pod
-    // prefetches it only when no pod has the head's checkpoint anyway.
+    // 2. A fresh idle pod (nothing loaded: any job costs it a load) takes the head.
+    if let Some(p) = least_loaded(&|p| p.assigned == 0 && p.checkpoint.is_none()) {
+        return Some((0, p));
+    }
+    // 3. A busy pod prefetches a job of its checkpoint.
+    if let Some(found) = matching(false) {
+        return Some(found);
+    }
+    // 4. An idle pod takes the head: a switch, but no GPU sits idle.
     if let Some(p) = least_loaded(&|p| p.assigned == 0) {
         return Some((0, p));
     }
+    // 5. A busy pod prefetches another checkpoint only when no pod has the head's.
     let any_has_it =
         head.checkpoint.is_some() && pods.iter().any(|p| p.checkpoint == head.checkpoint);
     if any_has_it {
@@ -146,6 +161,15 @@ mod tests {
         let mut queue = q(&[("1", "A"), ("2", "B")]);
         queue[0].waited = SKIP;
         let pods = [pod("b", 0, Some("B"))];
+        assert_eq!(next(Placement::Affinity, &queue, &pods, SKIP), Some((0, 0)));
+    }
+
+    #[test]
+    fn a_fresh_pod_goes_before_a_prefetch_and_a_prefetch_before_a_switch() {
+        let queue = q(&[("1", "A")]);
+        let pods = [pod("a", 1, Some("A")), pod("fresh", 0, None)];
+        assert_eq!(next(Placement::Affinity, &queue, &pods, SKIP), Some((0, 1)));
+        let pods = [pod("a", 1, Some("A")), pod("b", 0, Some("B"))];
         assert_eq!(next(Placement::Affinity, &queue, &pods, SKIP), Some((0, 0)));
     }
 

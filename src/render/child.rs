@@ -1,6 +1,8 @@
 //! The kinds of child a fleet has: each knows its API and where it lives.
 
-use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, networking::v1 as net};
+use k8s_openapi::api::{
+    apps::v1 as apps, core::v1 as core, networking::v1 as net, rbac::v1 as rbac,
+};
 use kube::core::ApiResource;
 use serde_json::Value;
 
@@ -16,6 +18,10 @@ pub enum ChildKind {
     NodePool,
     PersistentVolume,
     PersistentVolumeClaim,
+    /// The gateway's identity.
+    ServiceAccount,
+    /// Binds the gateway's ServiceAccount to the chart's gateway ClusterRole.
+    RoleBinding,
     Service,
     Deployment,
     Ingress,
@@ -35,11 +41,13 @@ pub enum Scope {
 }
 
 impl ChildKind {
-    pub const ALL: [ChildKind; 8] = [
+    pub const ALL: [ChildKind; 10] = [
         ChildKind::NodeClass,
         ChildKind::NodePool,
         ChildKind::PersistentVolume,
         ChildKind::PersistentVolumeClaim,
+        ChildKind::ServiceAccount,
+        ChildKind::RoleBinding,
         ChildKind::Service,
         ChildKind::Deployment,
         ChildKind::Ingress,
@@ -55,6 +63,8 @@ impl ChildKind {
             ChildKind::PersistentVolumeClaim => {
                 ApiResource::erase::<core::PersistentVolumeClaim>(&())
             }
+            ChildKind::ServiceAccount => ApiResource::erase::<core::ServiceAccount>(&()),
+            ChildKind::RoleBinding => ApiResource::erase::<rbac::RoleBinding>(&()),
             ChildKind::Service => ApiResource::erase::<core::Service>(&()),
             ChildKind::Deployment => ApiResource::erase::<apps::Deployment>(&()),
             ChildKind::Ingress => ApiResource::erase::<net::Ingress>(&()),
@@ -69,6 +79,8 @@ impl ChildKind {
             }
             ChildKind::AgentDaemonSet => Scope::OperatorNamespace,
             ChildKind::PersistentVolumeClaim
+            | ChildKind::ServiceAccount
+            | ChildKind::RoleBinding
             | ChildKind::Service
             | ChildKind::Deployment
             | ChildKind::Ingress => Scope::FleetNamespace,

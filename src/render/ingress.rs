@@ -9,19 +9,39 @@ use crate::names::FleetNames;
 
 const ALB: &str = "alb.ingress.kubernetes.io";
 
-pub fn ingress_spec(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Value {
+/// What the ALB checks and keeps per client: differs between ComfyUI and the gateway.
+pub struct Backend<'a> {
+    pub service: String,
+    pub port: i32,
+    pub health_path: &'a str,
+    /// Pin a client to one target (ComfyUI's prompts, `/ws` and `/view` must meet).
+    pub sticky: bool,
+}
+
+impl Backend<'_> {
+    pub fn comfyui(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Backend<'static> {
+        Backend {
+            service: fleet.service(),
+            port: spec.port,
+            health_path: "/system_stats",
+            sticky: true,
+        }
+    }
+}
+
+pub fn ingress_spec(backend: &Backend, ingress: &IngressSpec) -> Value {
     let mut rule = json!({"http": {"paths": [{
         "path": "/",
         "pathType": "Prefix",
-        "backend": {"service": {"name": fleet.service(), "port": {"number": spec.port}}},
+        "backend": {"service": {"name": backend.service, "port": {"number": backend.port}}},
     }]}});
-    if let Some(host) = spec.ingress.host.as_deref().filter(|h| !h.is_empty()) {
+    if let Some(host) = ingress.host.as_deref().filter(|h| !h.is_empty()) {
         rule["host"] = json!(host);
     }
-    json!({"ingressClassName": spec.ingress.class_name, "rules": [rule]})
+    json!({"ingressClassName": ingress.class_name, "rules": [rule]})
 }
 
-pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
+pub fn annotations(backend: &Backend, ingress: &IngressSpec) -> BTreeMap<String, String> {
     let mut a = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         a.insert(format!("{ALB}/{k}"), v);
@@ -29,7 +49,7 @@ pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
     set("scheme", ingress.scheme.as_str().to_string());
     // ip targets need no NodePort and support stickiness.
     set("target-type", "ip".to_string());
-    set("healthcheck-path", "/system_stats".to_string());
+    set("healthcheck-path", backend.health_path.to_string());
     set("success-codes", "200".to_string());
     // The ALB default of 60 s drops ComfyUI's /ws websocket every minute.
     set(
@@ -39,11 +59,12 @@ pub fn annotations(ingress: &IngressSpec) -> BTreeMap<String, String> {
             ingress.idle_timeout_seconds
         ),
     );
-    // A client's prompts, websocket and /view requests must reach the same ComfyUI.
-    set(
-        "target-group-attributes",
-        "stickiness.enabled=true,stickiness.type=lb_cookie,stickiness.lb_cookie.duration_seconds=86400".to_string(),
-    );
+    if backend.sticky {
+        set(
+            "target-group-attributes",
+            "stickiness.enabled=true,stickiness.type=lb_cookie,stickiness.lb_cookie.duration_seconds=86400".to_string(),
+        );
+    }
     match ingress.certificate_arn.as_deref().filter(|c| !c.is_empty()) {
         Some(arn) => {
             set("certificate-arn", arn.to_string());
@@ -115,7 +136,13 @@ mod tests {
             "alb.ingress.kubernetes.io/auth-type".into(),
             "cognito".into(),
         );
-        let a = annotations(&ingress);
+        let backend = Backend {
+            service: "sdxl".into(),
+            port: 8188,
+            health_path: "/system_stats",
+            sticky: true,
+        };
+        let a = annotations(&backend, &ingress);
         assert_eq!(
             a["alb.ingress.kubernetes.io/certificate-arn"],
             "arn:aws:acm:us-west-2:123456789012:certificate/abc"

@@ -5,6 +5,7 @@ pub mod agent_daemonset;
 pub mod child;
 pub mod deployment;
 pub mod error;
+pub mod gateway;
 pub mod ingress;
 pub mod nodeclass;
 pub mod nodepool;
@@ -43,6 +44,11 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn push(&mut self, kind: ChildKind, name: String, spec: Value) -> &mut Value {
+        self.push_fields(kind, name, json!({"spec": spec}))
+    }
+
+    /// A child whose content is not under `spec` (RoleBinding, ServiceAccount).
+    fn push_fields(&mut self, kind: ChildKind, name: String, fields: Value) -> &mut Value {
         let api = kind.api_resource(self.ctx.node_class);
         let mut metadata = json!({"name": name, "labels": self.fleet.owner_labels()});
         if let Some(ns) = kind.namespace(&self.fleet.namespace, &self.ctx.cluster.agent) {
@@ -51,7 +57,11 @@ impl Builder<'_> {
         if kind.scope() == Scope::FleetNamespace {
             metadata["ownerReferences"] = json!([self.owner]);
         }
-        let manifest = json!({"apiVersion": api.api_version, "kind": api.kind, "metadata": metadata, "spec": spec});
+        let mut manifest =
+            json!({"apiVersion": api.api_version, "kind": api.kind, "metadata": metadata});
+        if let (Some(m), Value::Object(fields)) = (manifest.as_object_mut(), fields) {
+            m.extend(fields);
+        }
         self.children.push(Child {
             kind,
             api,
@@ -63,7 +73,7 @@ impl Builder<'_> {
     }
 }
 
-/// The desired children of `cud`, in the order of `ChildKind::ALL`.
+/// The desired children of `cud`: the fleet's in the order of `ChildKind::ALL`, then its gateway's.
 pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>, RenderError> {
     let namespace = cud.namespace().ok_or(RenderError::NoNamespace)?;
     let fleet = FleetNames::new(&namespace, &cud.name_any());
@@ -118,12 +128,16 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         deployment::deployment_spec(&fleet, spec, &volumes)?,
     );
     if spec.ingress.enabled {
+        let backend = ingress::Backend::comfyui(&fleet, spec);
         let ingress = b.push(
             ChildKind::Ingress,
             fleet.ingress(),
-            ingress::ingress_spec(&fleet, spec),
+            ingress::ingress_spec(&backend, &spec.ingress),
         );
-        ingress["metadata"]["annotations"] = json!(ingress::annotations(&spec.ingress));
+        ingress["metadata"]["annotations"] = json!(ingress::annotations(&backend, &spec.ingress));
+    }
+    if let Some(gw) = &spec.gateway {
+        push_gateway(&mut b, spec, gw);
     }
     if let Some(model_set) = spec.model_set.as_ref().filter(|_| agent_syncs) {
         b.push(
@@ -133,6 +147,54 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         );
     }
     Ok(b.children)
+}
+
+/// The gateway's children, after the fleet's own (so a fleet without one renders as
+/// before).
+fn push_gateway(
+    b: &mut Builder,
+    spec: &crate::crd::comfyui::ComfyUIDeploymentSpec,
+    gw: &crate::crd::gateway::GatewaySpec,
+) {
+    let fleet = b.fleet.clone();
+    let settings = &b.ctx.cluster.gateway;
+    let sa = b.push_fields(ChildKind::ServiceAccount, fleet.gateway(), json!({}));
+    sa["metadata"]["annotations"] = gateway::service_account_annotations(gw);
+    let (role_ref, subjects) = gateway::role_binding(&fleet, settings);
+    b.push_fields(
+        ChildKind::RoleBinding,
+        fleet.gateway(),
+        json!({"roleRef": role_ref, "subjects": subjects}),
+    );
+    b.push(
+        ChildKind::PersistentVolumeClaim,
+        fleet.gateway_store(),
+        gateway::claim_spec(gw),
+    );
+    b.push(
+        ChildKind::Service,
+        fleet.gateway(),
+        gateway::service_spec(&fleet),
+    );
+    b.push(
+        ChildKind::Deployment,
+        fleet.gateway(),
+        gateway::deployment_spec(&fleet, spec, gw, settings),
+    );
+    if gw.ingress.enabled {
+        let backend = ingress::Backend {
+            service: fleet.gateway(),
+            port: 80,
+            health_path: "/healthz",
+            sticky: false,
+        };
+        let ing = b.push(
+            ChildKind::Ingress,
+            fleet.gateway(),
+            ingress::ingress_spec(&backend, &gw.ingress),
+        );
+        ing["metadata"]["annotations"] = json!(ingress::annotations(&backend, &gw.ingress));
+    }
 }
 
 fn owner_reference(cud: &ComfyUIDeployment) -> Value {
@@ -171,6 +233,7 @@ spec:
     pub fn cluster() -> ClusterSettings {
         ClusterSettings {
             agent: Default::default(),
+            gateway: Default::default(),
             cluster_name: Some("demo".into()),
             region: Some("us-west-2".into()),
         }
@@ -300,6 +363,7 @@ spec:
         let cud = example(SDXL);
         let bare = ClusterSettings {
             agent: Default::default(),
+            gateway: Default::default(),
             cluster_name: None,
             region: None,
         };

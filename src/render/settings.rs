@@ -10,6 +10,26 @@ pub struct ClusterSettings {
     pub region: Option<String>,
     /// Where the node agents of fleets with a ModelSet run, and their image.
     pub agent: AgentSettings,
+    /// The fleets' job gateways.
+    pub gateway: GatewaySettings,
+}
+
+/// The job gateways (`spec.gateway`): this same binary, bound to the chart's gateway
+/// ClusterRole in the fleet's namespace.
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub image: String,
+    /// The ClusterRole each gateway's RoleBinding refers to (the chart creates it).
+    pub cluster_role: String,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            image: AgentSettings::default().image,
+            cluster_role: "sdfleet-gateway".into(),
+        }
+    }
 }
 
 /// The node agent DaemonSets: one per fleet that uses a ModelSet, in the operator's

@@ -5,6 +5,8 @@
 
 pub mod aws;
 pub mod chart;
+pub mod fake_comfyui;
+pub mod gateway;
 pub mod http;
 pub mod process;
 pub mod testbed;

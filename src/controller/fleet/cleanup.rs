@@ -16,7 +16,12 @@ pub const STAGES: [&[ChildKind]; 5] = [
         ChildKind::Deployment,
         ChildKind::Service,
     ],
-    &[ChildKind::PersistentVolumeClaim, ChildKind::AgentDaemonSet],
+    &[
+        ChildKind::PersistentVolumeClaim,
+        ChildKind::AgentDaemonSet,
+        ChildKind::ServiceAccount,
+        ChildKind::RoleBinding,
+    ],
     &[ChildKind::PersistentVolume],
     &[ChildKind::NodePool],
     &[ChildKind::NodeClass],

@@ -38,7 +38,7 @@ use crate::names::{
 use crate::render::{self, ChildKind, RenderContext};
 use crate::telemetry::{ControllerName, FleetLabels};
 use report::{KIND, fleet_names, mark_invalid, publish, stuck, write_status};
-use status::{Facts, ModelFacts};
+use status::{Facts, GatewayFacts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
 /// First and longest wait between looks at a fleet whose nodes are syncing models.
@@ -365,10 +365,26 @@ async fn fetch_facts(
             }
         }
     };
+    let gateway = match &cud.spec.gateway {
+        Some(gw) => Some(GatewayFacts {
+            deployment: deployments
+                .get_opt(&fleet.gateway())
+                .await?
+                .and_then(|d| d.status),
+            ingress: if gw.ingress.enabled {
+                let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
+                ingresses.get_opt(&fleet.gateway()).await?
+            } else {
+                None
+            },
+        }),
+        None => None,
+    };
     Ok(Facts {
         deployment,
         nodepool,
         ingress,
         models: Some(models),
+        gateway,
     })
 }

@@ -47,6 +47,12 @@ pub async fn write_status(
         next.replicas = o.replicas;
         next.ready_replicas = o.ready_replicas;
         next.endpoint = o.endpoint.clone();
+        next.gateway = o.gateway.clone();
+        if o.gateway.is_none() {
+            // A removed gateway leaves no condition behind.
+            next.conditions
+                .retain(|c| c.type_ != crate::controller::conditions::GATEWAY_READY);
+        }
     }
     let api = ctx.raw_api::<ComfyUIDeployment>(&fleet.namespace);
     status_writer::patch_if_changed(
@@ -56,7 +62,13 @@ pub async fn write_status(
         &fleet.name,
         &previous,
         &next,
-        |_| {},
+        // A merge patch keeps a field it does not name: a gone endpoint or gateway must
+        // be sent as null to leave the stored status.
+        |fields| {
+            for key in ["endpoint", "gateway"] {
+                fields.entry(key).or_insert(serde_json::Value::Null);
+            }
+        },
     )
     .await?;
     Ok(())

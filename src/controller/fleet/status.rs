@@ -6,9 +6,12 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::DynamicObject;
 
 use crate::controller::conditions::{
-    DEGRADED, DesiredCondition, MODELS_READY, NODEPOOL_READY, PROGRESSING, READY, Reason,
+    DEGRADED, DesiredCondition, GATEWAY_READY, MODELS_READY, NODEPOOL_READY, PROGRESSING, READY,
+    Reason,
 };
 use crate::crd::ComfyUIDeployment;
+use crate::crd::comfyui::IngressSpec;
+use crate::crd::gateway::GatewayStatus;
 use crate::crd::modelset::{ModelSetStatus, NodeSyncState};
 use crate::names::FleetNames;
 
@@ -33,6 +36,14 @@ pub struct Facts {
     pub nodepool: Option<DynamicObject>,
     pub ingress: Option<Ingress>,
     pub models: Option<ModelFacts>,
+    /// The gateway's Deployment status and Ingress, when the fleet has `spec.gateway`.
+    pub gateway: Option<GatewayFacts>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GatewayFacts {
+    pub deployment: Option<DeploymentStatus>,
+    pub ingress: Option<Ingress>,
 }
 
 /// The status fields and conditions of a fleet whose children were all applied.
@@ -41,6 +52,7 @@ pub struct FleetObservation {
     pub replicas: i32,
     pub ready_replicas: i32,
     pub endpoint: Option<String>,
+    pub gateway: Option<GatewayStatus>,
     pub conditions: Vec<DesiredCondition>,
 }
 
@@ -61,7 +73,7 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
     let want = cud.spec.replicas;
 
     let pool = nodepool_ready(fleet, facts.nodepool.as_ref());
-    let ready_condition = if want == 0 {
+    let mut ready_condition = if want == 0 {
         DesiredCondition::new(READY, true, Reason::ScaledToZero, "replicas is 0")
     } else if ready >= want {
         DesiredCondition::new(
@@ -102,11 +114,49 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
     let degraded =
         DesiredCondition::new(DEGRADED, false, Reason::AsExpected, "all children applied");
     let models = models_ready(fleet, facts.models.as_ref().unwrap_or(&ModelFacts::NotUsed));
+    let mut conditions = vec![ready_condition.clone(), progressing, degraded, pool, models];
+    let gateway = cud.spec.gateway.as_ref().map(|gw| {
+        let facts = facts.gateway.clone().unwrap_or_default();
+        let ready = facts.deployment.and_then(|d| d.ready_replicas).unwrap_or(0);
+        let condition = if ready >= 1 {
+            DesiredCondition::new(
+                GATEWAY_READY,
+                true,
+                Reason::GatewayReady,
+                "the job gateway is ready",
+            )
+        } else {
+            DesiredCondition::new(
+                GATEWAY_READY,
+                false,
+                Reason::GatewayNotReady,
+                format!("the job gateway {} has no ready pod", fleet.gateway()),
+            )
+        };
+        // The fleet is Ready only when its front door is: clients use the gateway.
+        if ready_condition.status && !condition.status {
+            ready_condition = DesiredCondition {
+                type_: READY,
+                ..condition.clone()
+            };
+            conditions[0] = ready_condition.clone();
+        }
+        conditions.push(condition);
+        GatewayStatus {
+            url: crate::render::gateway::url(fleet),
+            endpoint: facts
+                .ingress
+                .as_ref()
+                .and_then(|i| load_balancer_url(i, &gw.ingress)),
+            ready_replicas: ready,
+        }
+    });
     FleetObservation {
         replicas,
         ready_replicas: ready,
         endpoint: facts.ingress.as_ref().and_then(|i| endpoint_of(i, cud)),
-        conditions: vec![ready_condition, progressing, degraded, pool, models],
+        gateway,
+        conditions,
     }
 }
 
@@ -197,7 +247,12 @@ pub fn models_ready(fleet: &FleetNames, facts: &ModelFacts) -> DesiredCondition 
 
 /// The URL clients use: the Ingress's load balancer, or the fleet's host when it names one.
 pub fn endpoint_of(ingress: &Ingress, cud: &ComfyUIDeployment) -> Option<String> {
-    if !cud.spec.ingress.enabled {
+    load_balancer_url(ingress, &cud.spec.ingress)
+}
+
+/// An Ingress's load balancer URL, or its host when `spec` names one.
+fn load_balancer_url(ingress: &Ingress, spec: &IngressSpec) -> Option<String> {
+    if !spec.enabled {
         return None;
     }
     let lb = ingress
@@ -209,15 +264,11 @@ pub fn endpoint_of(ingress: &Ingress, cud: &ComfyUIDeployment) -> Option<String>
         .as_ref()?
         .first()?;
     let host = lb.hostname.clone().or_else(|| lb.ip.clone())?;
-    let tls = cud
-        .spec
-        .ingress
+    let tls = spec
         .certificate_arn
         .as_deref()
         .is_some_and(|c| !c.is_empty());
-    let host = cud
-        .spec
-        .ingress
+    let host = spec
         .host
         .clone()
         .filter(|h| !h.is_empty() && !h.starts_with('*'))
@@ -337,6 +388,50 @@ mod tests {
         let zero = observe(&cud(0), &fleet(), &Facts::default());
         assert_eq!(find(&zero, READY).reason, Reason::ScaledToZero);
         assert!(find(&zero, READY).status);
+    }
+
+    #[test]
+    fn a_fleet_with_a_gateway_is_ready_only_once_the_gateway_is() {
+        let mut with_gateway = cud(2);
+        with_gateway.spec.gateway =
+            Some(serde_json::from_value(json!({"apiKeysSecret": "keys"})).unwrap());
+        let all_ready = Some(DeploymentStatus {
+            replicas: Some(2),
+            ready_replicas: Some(2),
+            updated_replicas: Some(2),
+            ..Default::default()
+        });
+        let mut facts = Facts {
+            deployment: all_ready,
+            nodepool: Some(pool(Some(("True", "")))),
+            gateway: Some(GatewayFacts::default()),
+            ..Default::default()
+        };
+        let o = observe(&with_gateway, &fleet(), &facts);
+        let ready = find(&o, READY);
+        assert_eq!(
+            (ready.status, ready.reason),
+            (false, Reason::GatewayNotReady)
+        );
+        assert!(!find(&o, GATEWAY_READY).status);
+        let status = o.gateway.unwrap();
+        assert_eq!(status.url, "http://sdxl-gateway.studio.svc");
+        assert_eq!(status.ready_replicas, 0);
+
+        facts.gateway = Some(GatewayFacts {
+            deployment: Some(DeploymentStatus {
+                ready_replicas: Some(1),
+                ..Default::default()
+            }),
+            ingress: None,
+        });
+        let o = observe(&with_gateway, &fleet(), &facts);
+        assert_eq!(find(&o, READY).reason, Reason::AllReplicasReady);
+        assert_eq!(find(&o, GATEWAY_READY).reason, Reason::GatewayReady);
+        // Without spec.gateway there is no such condition, and no gateway status.
+        let o = observe(&cud(2), &fleet(), &facts);
+        assert!(o.conditions.iter().all(|c| c.type_ != GATEWAY_READY));
+        assert!(o.gateway.is_none());
     }
 
     fn entry(node: &str, revision: &str, state: NodeSyncState) -> NodeSync {

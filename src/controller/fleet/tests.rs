@@ -24,6 +24,7 @@ fn context(client: kube::Client) -> Arc<Context> {
             cluster_name: Some("test".into()),
             region: Some("us-west-2".into()),
             agent: AgentSettings::default(),
+            gateway: Default::default(),
         },
         namespace: None,
         resync: std::time::Duration::from_secs(300),
@@ -230,7 +231,7 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
     let (remaining, seen) = one_pass(vec![]).await;
     assert!(remaining.is_empty());
     // Every kind was looked at, the agent DaemonSet in the operator's namespace.
-    assert_eq!(seen.len(), 8, "{seen:?}");
+    assert_eq!(seen.len(), ChildKind::ALL.len(), "{seen:?}");
     assert!(
         seen.iter()
             .any(|s| s.path == "/apis/apps/v1/namespaces/sdfleet-system/daemonsets")

@@ -1,0 +1,158 @@
+//! `spec.gateway` of a ComfyUIDeployment: the job API (`sdfleet gateway`) in front of
+//! the fleet's pods. The operator renders its ServiceAccount, RoleBinding, store claim,
+//! Deployment, Service and Ingress. The doc comments become the CRD's descriptions.
+
+use std::collections::BTreeMap;
+
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{ContainerResources, IngressSpec};
+
+/// The job gateway of a fleet: one replica with an embedded job store on its own
+/// volume (a shared store for several replicas is on the roadmap).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.apiKeysSecret) != (has(self.allowUnauthenticated) && self.allowUnauthenticated)").message("set exactly one of gateway.apiKeysSecret and gateway.allowUnauthenticated: true"))]
+pub struct GatewaySpec {
+    /// A Secret in the fleet's namespace, created by the admin: each key is an API key
+    /// id, each value the SHA-256 hex of that key (`printf %s "$KEY" | sha256sum`), so
+    /// the cluster never holds a usable key.
+    /// Requests carry `Authorization: Bearer <key>` and are logged with the key id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub api_keys_secret: Option<String>,
+
+    /// Serve without API keys: only behind something else that authenticates.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unauthenticated: bool,
+
+    /// A Secret in the fleet's namespace whose key `secret` holds the Standard Webhooks
+    /// secret (`whsec_...`) that signs `job.succeeded` and `job.failed` deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub webhook_secret: Option<String>,
+
+    /// A ConfigMap of stored workflows (`<name>.json`, ComfyUI API format), submitted by
+    /// name with per-node input overrides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub workflows_config_map: Option<String>,
+
+    /// Jobs queued at most (not counting those on pods). A full queue answers 429 with
+    /// `Retry-After`.
+    #[serde(default = "default_queue_cap")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub queue_cap: i32,
+
+    /// A job that has not started this long after submit ends `expired`.
+    #[serde(default = "default_job_ttl")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub job_ttl_seconds: i32,
+
+    /// The longest a sync request (`?wait=`) is held before it answers with the job URL.
+    #[serde(default = "default_max_wait")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub max_wait_seconds: i32,
+
+    /// How a queued job picks its pod.
+    #[serde(default)]
+    pub placement: GatewayPlacement,
+
+    /// Buckets `s3://` inputs may be read from (each must be allowed by the FleetClass).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub input_buckets: Vec<String>,
+
+    /// The job store's volume (a ReadWriteOnce claim).
+    #[serde(default)]
+    pub store: GatewayStoreSpec,
+
+    /// CPU and memory of the gateway container. Default: 100m / 256Mi requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ContainerResources>,
+
+    /// The gateway's Ingress: the public entry of the fleet, so the fleet's own ComfyUI
+    /// Ingress can stay off or internal. The FleetClass's ingress rules apply.
+    #[serde(default)]
+    pub ingress: IngressSpec,
+
+    /// Annotations of the gateway's ServiceAccount (for example an IRSA role that may
+    /// write the outputs bucket; EKS Pod Identity needs none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_account_annotations: BTreeMap<String, String>,
+}
+
+fn default_queue_cap() -> i32 {
+    100
+}
+fn default_job_ttl() -> i32 {
+    3600
+}
+fn default_max_wait() -> i32 {
+    300
+}
+
+/// How the gateway places jobs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GatewayPlacement {
+    /// A pod that last ran the job's checkpoint first (a switch costs seconds to
+    /// minutes), then the least loaded pod.
+    #[default]
+    Affinity,
+    /// Any free pod.
+    Random,
+}
+
+impl GatewayPlacement {
+    /// The gateway's `--placement` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            GatewayPlacement::Affinity => "affinity",
+            GatewayPlacement::Random => "random",
+        }
+    }
+}
+
+/// The job store's volume.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStoreSpec {
+    /// The claim's size; 10,000 jobs take a few MiB.
+    #[serde(default = "default_store_size")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("store.size must be a positive quantity, such as 1Gi"))]
+    pub size: String,
+    /// The StorageClass; unset: the cluster's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for GatewayStoreSpec {
+    fn default() -> Self {
+        GatewayStoreSpec {
+            size: default_store_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+fn default_store_size() -> String {
+    "1Gi".into()
+}
+
+/// What the controller observed of the gateway.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// The in-cluster URL of the job API (`http://<service>.<namespace>.svc`).
+    pub url: String,
+    /// The URL of its load balancer, once the gateway's Ingress has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Gateway pods that are ready (0 or 1).
+    #[serde(default)]
+    pub ready_replicas: i32,
+}

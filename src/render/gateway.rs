@@ -1,0 +1,338 @@
+//! The fleet's job gateway (`sdfleet gateway`, this same binary): its ServiceAccount, a
+//! RoleBinding to the chart's gateway ClusterRole (read the fleet's EndpointSlices and
+//! ModelSets), the store's claim, a one-replica Deployment, its Service and Ingress.
+
+use serde_json::{Value, json};
+
+use super::settings::GatewaySettings;
+use crate::crd::comfyui::ComfyUIDeploymentSpec;
+use crate::crd::gateway::GatewaySpec;
+use crate::names::FleetNames;
+
+pub const CONTAINER_NAME: &str = "gateway";
+pub const API_PORT: i32 = 8080;
+pub const METRICS_PORT: i32 = 9090;
+/// Where the store claim is mounted, and the store file in it.
+pub const STORE_DIR: &str = "/var/lib/sdfleet-gateway";
+pub const API_KEYS_DIR: &str = "/etc/sdfleet-gateway/api-keys";
+pub const WEBHOOK_SECRET_DIR: &str = "/etc/sdfleet-gateway/webhook";
+pub const WORKFLOWS_DIR: &str = "/etc/sdfleet-gateway/workflows";
+
+/// The ServiceAccount's only content: its annotations (an IRSA role, if any).
+pub fn service_account_annotations(gateway: &GatewaySpec) -> Value {
+    json!(gateway.service_account_annotations)
+}
+
+/// `roleRef` and `subjects` of the RoleBinding (a RoleBinding has no `spec`).
+pub fn role_binding(fleet: &FleetNames, settings: &GatewaySettings) -> (Value, Value) {
+    (
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": settings.cluster_role}),
+        json!([{"kind": "ServiceAccount", "name": fleet.gateway(), "namespace": fleet.namespace}]),
+    )
+}
+
+pub fn claim_spec(gateway: &GatewaySpec) -> Value {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": gateway.store.size}},
+    });
+    if let Some(class) = &gateway.store.storage_class_name {
+        spec["storageClassName"] = json!(class);
+    }
+    spec
+}
+
+/// The gateway's command-line flags, from the fleet's spec.
+pub fn args(
+    fleet: &FleetNames,
+    spec: &ComfyUIDeploymentSpec,
+    gateway: &GatewaySpec,
+) -> Vec<String> {
+    let fleet_arg = match &spec.model_set {
+        Some(model_set) => format!("{}:{model_set}", fleet.name),
+        None => fleet.name.clone(),
+    };
+    let mut args: Vec<String> = [
+        "gateway",
+        "--fleet",
+        &fleet_arg,
+        "--listen",
+        &format!("0.0.0.0:{API_PORT}"),
+        "--metrics-listen",
+        &format!("0.0.0.0:{METRICS_PORT}"),
+        "--store",
+        &format!("{STORE_DIR}/jobs.redb"),
+        "--queue-cap",
+        &gateway.queue_cap.to_string(),
+        "--job-ttl-seconds",
+        &gateway.job_ttl_seconds.to_string(),
+        "--max-wait-seconds",
+        &gateway.max_wait_seconds.to_string(),
+        "--placement",
+        gateway.placement.as_arg(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if gateway.api_keys_secret.is_some() {
+        args.extend(["--api-keys-dir".into(), API_KEYS_DIR.into()]);
+    } else {
+        args.push("--no-auth".into());
+    }
+    if gateway.webhook_secret.is_some() {
+        args.extend([
+            "--webhook-secret-file".into(),
+            format!("{WEBHOOK_SECRET_DIR}/secret"),
+        ]);
+    }
+    if gateway.workflows_config_map.is_some() {
+        args.extend(["--workflows-dir".into(), WORKFLOWS_DIR.into()]);
+    }
+    if let Some(outputs) = &spec.storage.outputs {
+        args.extend(["--outputs-bucket".into(), outputs.bucket.clone()]);
+        if !outputs.prefix.is_empty() {
+            args.extend(["--outputs-prefix".into(), outputs.prefix.clone()]);
+        }
+        if let Some(region) = &outputs.region {
+            args.extend(["--outputs-region".into(), region.clone()]);
+        }
+    }
+    for bucket in &gateway.input_buckets {
+        args.extend(["--input-bucket".into(), bucket.clone()]);
+    }
+    args
+}
+
+pub fn deployment_spec(
+    fleet: &FleetNames,
+    spec: &ComfyUIDeploymentSpec,
+    gateway: &GatewaySpec,
+    settings: &GatewaySettings,
+) -> Value {
+    let mut mounts = vec![json!({"name": "store", "mountPath": STORE_DIR})];
+    let mut volumes = vec![
+        json!({"name": "store", "persistentVolumeClaim": {"claimName": fleet.gateway_store()}}),
+    ];
+    let mut mount = |name: &str, path: &str, kind: &str, source: Value| {
+        mounts.push(json!({"name": name, "mountPath": path, "readOnly": true}));
+        let mut volume = serde_json::Map::new();
+        volume.insert("name".into(), json!(name));
+        volume.insert(kind.into(), source);
+        volumes.push(Value::Object(volume));
+    };
+    if let Some(keys) = &gateway.api_keys_secret {
+        mount(
+            "api-keys",
+            API_KEYS_DIR,
+            "secret",
+            json!({"secretName": keys}),
+        );
+    }
+    if let Some(webhook) = &gateway.webhook_secret {
+        mount(
+            "webhook",
+            WEBHOOK_SECRET_DIR,
+            "secret",
+            json!({"secretName": webhook, "items": [{"key": "secret", "path": "secret"}]}),
+        );
+    }
+    if let Some(workflows) = &gateway.workflows_config_map {
+        mount(
+            "workflows",
+            WORKFLOWS_DIR,
+            "configMap",
+            json!({"name": workflows}),
+        );
+    }
+    let resources = match &gateway.resources {
+        Some(r) => json!({"requests": r.requests, "limits": r.limits}),
+        None => json!({"requests": {"cpu": "100m", "memory": "256Mi"}}),
+    };
+    let probe = |path: &str, period: i32| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period});
+    json!({
+        "replicas": 1,
+        // One writer of the store file: the old pod lets go of the claim first.
+        "strategy": {"type": "Recreate"},
+        "selector": {"matchLabels": fleet.gateway_pod_selector()},
+        "template": {
+            "metadata": {"labels": fleet.gateway_pod_selector()},
+            "spec": {
+                "serviceAccountName": fleet.gateway(),
+                "securityContext": {
+                    "runAsNonRoot": true,
+                    "runAsUser": 65532,
+                    "runAsGroup": 65532,
+                    "fsGroup": 65532,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                // Jobs on pods keep running: give in-flight requests time to finish.
+                "terminationGracePeriodSeconds": 30,
+                "containers": [{
+                    "name": CONTAINER_NAME,
+                    "image": settings.image,
+                    "args": args(fleet, spec, gateway),
+                    "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                    "ports": [
+                        {"name": "http", "containerPort": API_PORT, "protocol": "TCP"},
+                        {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                    ],
+                    "readinessProbe": probe("/readyz", 5),
+                    "livenessProbe": probe("/healthz", 10),
+                    "resources": resources,
+                    "volumeMounts": mounts,
+                    "securityContext": {
+                        "allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }],
+                "volumes": volumes,
+            },
+        },
+    })
+}
+
+pub fn service_spec(fleet: &FleetNames) -> Value {
+    json!({
+        "type": "ClusterIP",
+        "selector": fleet.gateway_pod_selector(),
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+            {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+        ],
+    })
+}
+
+/// The in-cluster URL of the job API.
+pub fn url(fleet: &FleetNames) -> String {
+    format!("http://{}.{}.svc", fleet.gateway(), fleet.namespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::nodeclass::Cloud;
+    use crate::render::tests::{SDXL, example, render};
+    use crate::render::{Child, ChildKind};
+
+    fn with_gateway(extra: &str) -> Vec<Child> {
+        let yaml = format!("{SDXL}  gateway: {{apiKeysSecret: sdxl-keys{extra}}}\n");
+        render(&example(&yaml), Cloud::Kwok)
+    }
+
+    fn gateway_child(children: &[Child], kind: ChildKind) -> &Value {
+        &children
+            .iter()
+            .find(|c| c.kind == kind && c.name.starts_with("sdxl-gateway"))
+            .unwrap_or_else(|| panic!("no gateway {kind:?}"))
+            .manifest
+    }
+
+    #[test]
+    fn a_gateway_adds_its_children_beside_the_fleets() {
+        let children = with_gateway("");
+        let names: Vec<_> = children.iter().map(|c| (c.kind, c.name.as_str())).collect();
+        for wanted in [
+            (ChildKind::ServiceAccount, "sdxl-gateway"),
+            (ChildKind::RoleBinding, "sdxl-gateway"),
+            (ChildKind::PersistentVolumeClaim, "sdxl-gateway-store"),
+            (ChildKind::Service, "sdxl-gateway"),
+            (ChildKind::Deployment, "sdxl-gateway"),
+            (ChildKind::Ingress, "sdxl-gateway"),
+        ] {
+            assert!(names.contains(&wanted), "{wanted:?} in {names:?}");
+        }
+        // The fleet's own children are unchanged.
+        let without = render(&example(SDXL), Cloud::Kwok);
+        for child in &without {
+            assert!(children.contains(child), "{} changed", child.name);
+        }
+        let rb = gateway_child(&children, ChildKind::RoleBinding);
+        assert_eq!(rb["roleRef"]["name"], "sdfleet-gateway");
+        assert_eq!(rb["subjects"][0]["name"], "sdxl-gateway");
+        assert_eq!(rb["subjects"][0]["namespace"], "studio");
+        assert!(rb.get("spec").is_none());
+    }
+
+    #[test]
+    fn the_gateway_pods_are_not_the_fleets_and_run_locked_down() {
+        let children = with_gateway("");
+        let d = gateway_child(&children, ChildKind::Deployment);
+        let fleet_service = children
+            .iter()
+            .find(|c| c.kind == ChildKind::Service && c.name == "sdxl")
+            .unwrap();
+        let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+        let fleet_selector = fleet_service.manifest["spec"]["selector"]
+            .as_object()
+            .unwrap();
+        assert!(
+            fleet_selector.iter().any(|(k, v)| &pod_labels[k] != v),
+            "the fleet's Service would select the gateway"
+        );
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let c = &pod["containers"][0];
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert!(
+            pod["tolerations"].is_null(),
+            "no GPU toleration: a CPU node runs it"
+        );
+    }
+
+    #[test]
+    fn args_carry_the_fleet_outputs_keys_and_limits() {
+        let children = with_gateway(", queueCap: 7, webhookSecret: hooks, inputBuckets: [in-a]");
+        let d = gateway_child(&children, ChildKind::Deployment);
+        let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let flag = |name: &str| {
+            let i = args
+                .iter()
+                .position(|a| *a == name)
+                .unwrap_or_else(|| panic!("{name} in {args:?}"));
+            args[i + 1]
+        };
+        assert_eq!(args[0], "gateway");
+        assert_eq!(flag("--fleet"), "sdxl");
+        assert_eq!(flag("--queue-cap"), "7");
+        assert_eq!(flag("--outputs-bucket"), "comfyui-outputs-demo");
+        assert_eq!(flag("--outputs-prefix"), "sdxl/");
+        assert_eq!(flag("--api-keys-dir"), API_KEYS_DIR);
+        assert_eq!(
+            flag("--webhook-secret-file"),
+            "/etc/sdfleet-gateway/webhook/secret"
+        );
+        assert_eq!(flag("--input-bucket"), "in-a");
+        assert!(!args.contains(&"--no-auth"));
+        let volumes = &d["spec"]["template"]["spec"]["volumes"];
+        assert_eq!(
+            volumes[0]["persistentVolumeClaim"]["claimName"],
+            "sdxl-gateway-store"
+        );
+        assert_eq!(volumes[1]["secret"]["secretName"], "sdxl-keys");
+        assert_eq!(volumes[2]["secret"]["secretName"], "hooks");
+    }
+
+    #[test]
+    fn the_gateway_ingress_points_at_its_service_and_checks_its_health() {
+        let children = with_gateway("");
+        let ing = gateway_child(&children, ChildKind::Ingress);
+        let backend = &ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"];
+        assert_eq!(backend["name"], "sdxl-gateway");
+        assert_eq!(backend["port"]["number"], 80);
+        let a = &ing["metadata"]["annotations"];
+        assert_eq!(a["alb.ingress.kubernetes.io/healthcheck-path"], "/healthz");
+        assert!(
+            a.get("alb.ingress.kubernetes.io/target-group-attributes")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! The gateway as a process of the test, its API over loopback, and the cluster side of
+//! fake ComfyUI pods: EndpointSlices of the fleet's Service that point at them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use super::fake_comfyui::FakeComfy;
+use super::process::{free_port, sdfleet_bin};
+use super::testbed::{Testbed, eventually};
+
+/// `sdfleet gateway`, killed on drop. `restart_after_kill` keeps its store.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    pub log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts the gateway with `args` (after `gateway`); listen addresses are added here.
+    pub fn start(tb: &Testbed, args: Vec<String>) -> GatewayProcess {
+        Self::start_as(tb, args, tb.kubeconfig())
+    }
+
+    /// As `start`, with the identity of `kubeconfig` (e.g. the gateway's ServiceAccount).
+    pub fn start_as(tb: &Testbed, args: Vec<String>, kubeconfig: &Path) -> GatewayProcess {
+        let mut env: Vec<(String, String)> = tb
+            .aws_env()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        Self::spawn(args, env)
+    }
+
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>) -> GatewayProcess {
+        let (port, metrics_port) = (free_port(), free_port());
+        let log = std::env::temp_dir().join(format!(
+            "sdfleet-gateway-{port}-{}.log",
+            super::unique_suffix()
+        ));
+        let child = std::process::Command::new(sdfleet_bin())
+            .arg("gateway")
+            .args(&args)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env("RUST_LOG", "info,sdfleet=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start sdfleet gateway");
+        GatewayProcess {
+            child,
+            port,
+            metrics_port,
+            args,
+            env,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGKILL, then the same flags and store again (on new ports).
+    pub fn restart_after_kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        *self = Self::spawn(self.args.clone(), self.env.clone());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A metric's value (first sample whose line starts with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let text = super::http::http_get(self.metrics_port, "/metrics").await?;
+        text.lines()
+            .find(|l| l.starts_with(prefix))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Waits until it serves and dispatches to `pods` pods of `fleet`.
+    pub async fn wait_ready(&self, fleet: &str, pods: usize) {
+        let prefix = format!("sdfleet_gateway_ready_pods{{fleet=\"{fleet}\"}} {pods}");
+        eventually(
+            &format!("gateway with {pods} pods ({})", self.log.display()),
+            Duration::from_secs(60),
+            || async {
+                let text = super::http::http_get(self.metrics_port, "/metrics").await?;
+                text.lines().any(|l| l == prefix).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A text-to-image workflow in ComfyUI's API format: checkpoint, prompt, latent,
+/// sampler (`steps` progress events), decode, save.
+pub fn sdxl_workflow(ckpt: &str, steps: u64) -> Value {
+    json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"steps": steps, "seed": 7, "model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    })
+}
+
+/// The pod IP a fake pod has in its EndpointSlice (the apiserver refuses loopback
+/// addresses there); the gateway maps `pod_ip:8188` to the fake with `--endpoint-map`.
+pub fn pod_ip(index: usize) -> String {
+    format!("10.200.{}.{}", index / 250, index % 250 + 1)
+}
+
+/// `--endpoint-map` for the fakes: pod address → loopback address.
+pub fn endpoint_map_args(fakes: &[FakeComfy]) -> Vec<String> {
+    fakes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| {
+            [
+                "--endpoint-map".to_string(),
+                format!("{}:8188={}", pod_ip(i), f.addr),
+            ]
+        })
+        .collect()
+}
+
+/// An EndpointSlice of `service` with one ready endpoint, the fake pod number `index`,
+/// as the EndpointSlice controller would list a real pod.
+pub async fn publish_pod(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    index: usize,
+    fake: &FakeComfy,
+) {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-{}", fake.name),
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "sdfleet-tests",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8188, "protocol": "TCP"}],
+        "endpoints": [{
+            "addresses": [pod_ip(index)],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": namespace, "name": fake.name},
+        }],
+    });
+    api.patch(
+        &format!("{service}-{}", fake.name),
+        &PatchParams::apply("sdfleet-tests").force(),
+        &Patch::Apply(slice),
+    )
+    .await
+    .expect("apply EndpointSlice");
+}
+
+/// The pod leaves the Service (deleted, or no longer ready).
+pub async fn unpublish_pod(client: &Client, namespace: &str, service: &str, fake: &FakeComfy) {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    let _ = api
+        .delete(
+            &format!("{service}-{}", fake.name),
+            &DeleteParams::default(),
+        )
+        .await;
+}
+
+/// A client of the gateway's API with one key.
+#[derive(Clone)]
+pub struct ApiClient {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub key: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, key: &str) -> ApiClient {
+        ApiClient {
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
+
+    /// Submits; returns (status, body).
+    pub async fn submit(&self, body: Value) -> (u16, Value) {
+        let resp = self.post("/api/v2/jobs").json(&body).send().await.unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.get(&format!("/api/v2/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until the job is in a final state (bounded).
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Value {
+        eventually(&format!("job {id} to end"), timeout, || async {
+            let job = self.job(id).await;
+            let state = job["state"].as_str().unwrap_or("");
+            ["succeeded", "failed", "canceled", "expired"]
+                .contains(&state)
+                .then_some(job)
+        })
+        .await
+    }
+
+    /// The job's SSE stream until it closes or `timeout`: (event, data) pairs.
+    pub async fn events(&self, id: &str, timeout: Duration) -> Vec<(String, Value)> {
+        let resp = self
+            .get(&format!("/api/v2/jobs/{id}/events"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let mut event = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim().to_string();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                if !data.is_empty() {
+                    out.push((
+                        event,
+                        serde_json::from_str(&data).unwrap_or(Value::String(data)),
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A directory holding one API key as the admin's Secret would (id → SHA-256 hex), as
+/// the kubelet mounts it.
+pub fn api_keys_dir(dir: &Path, id: &str, key: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(id), sdfleet::gateway::auth::hash_key(key)).unwrap();
+}
