@@ -298,22 +298,7 @@ async fn fleet_lifecycle_under_the_charts_rbac() {
     );
     lifecycle(tb, &client, &ns, &mut controller).await;
     drop(controller);
-    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
-        .args([
-            "uninstall",
-            &release,
-            "--namespace",
-            &release_ns,
-            "--kubeconfig",
-        ])
-        .arg(tb.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::uninstall_release(tb, &release, &release_ns);
 }
 
 async fn lifecycle(

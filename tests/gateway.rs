@@ -223,14 +223,10 @@ async fn a_job_runs_to_succeeded_with_outputs_in_s3_and_sync_mode_returns_the_re
     assert_eq!(body, s3_text(&env, key).await);
 
     // Sync mode: the answer is the finished job.
-    let resp = api
-        .post("/api/v2/jobs?wait=30")
-        .json(&json!({"prompt": workflow(CKPT, 3)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let job: Value = resp.json().await.unwrap();
+    let (status, job) = api
+        .submit_and_wait(json!({"prompt": workflow(CKPT, 3)}), 30)
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["timings"]["cold_start"], false);
     assert!(job["outputs"][0]["url"].is_string(), "{job}");

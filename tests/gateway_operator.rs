@@ -384,20 +384,5 @@ async fn a_fleets_gateway_is_applied_repaired_and_pruned_and_serves_as_rendered_
     assert!(controller.is_running());
     drop(controller);
     let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
-    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
-        .args([
-            "uninstall",
-            &release,
-            "--namespace",
-            &release_ns,
-            "--kubeconfig",
-        ])
-        .arg(tb.kubeconfig())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm uninstall: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::uninstall_release(tb, &release, &release_ns);
 }

@@ -51,6 +51,26 @@ pub fn install_release(tb: &Testbed, name: &str) -> (String, String) {
     (release, namespace)
 }
 
+/// `helm uninstall` of a release from `install_release` (asserting it succeeds).
+pub fn uninstall_release(tb: &Testbed, release: &str, namespace: &str) {
+    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
+        .args([
+            "uninstall",
+            release,
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+        ])
+        .arg(tb.kubeconfig())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A kubeconfig that acts as the ServiceAccount `namespace/name` (impersonation), so a
 /// process using it has exactly that account's RBAC.
 pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> PathBuf {

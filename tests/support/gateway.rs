@@ -237,6 +237,20 @@ impl ApiClient {
         )
     }
 
+    /// Submits in sync mode (`?wait=SECS`); returns (status, body).
+    pub async fn submit_and_wait(&self, body: Value, secs: u64) -> (u16, Value) {
+        let resp = self
+            .post(&format!("/api/v2/jobs?wait={secs}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     pub async fn job(&self, id: &str) -> Value {
         self.get(&format!("/api/v2/jobs/{id}"))
             .send()

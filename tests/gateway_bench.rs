@@ -1,0 +1,419 @@
+//! Gateway benchmarks on the testbed (ignored by the suite; `bench/gateway-bench.sh` runs
+//! them and writes `bench/gateway.md`). Each measures the gateway beside a peer in the
+//! same run, with fake ComfyUI pods on loopback found through EndpointSlices:
+//! 1. added latency per job: the gateway (sync mode, with and without S3 outputs)
+//!    against the same workflow sent to a fake ComfyUI directly (`/prompt` + `/ws`),
+//!    interleaved job by job;
+//! 2. placement: 1,000 jobs of 3 checkpoints on 10 pods, checkpoint affinity against
+//!    random placement: jobs that ran without a checkpoint switch, and the total time;
+//! 3. the gateway's memory (RSS) with 10,000 finished jobs in its store.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::Client;
+use serde_json::{Value, json};
+use support::fake_comfyui::{FakeComfy, FakeConfig};
+use support::gateway::*;
+use support::*;
+
+const CHECKPOINTS: [&str; 3] = [
+    "sd_xl_base_1.0.safetensors",
+    "dreamshaper_8.safetensors",
+    "juggernaut_xl.safetensors",
+];
+
+fn models() -> Vec<String> {
+    CHECKPOINTS
+        .iter()
+        .map(|c| format!("checkpoints/{c}"))
+        .collect()
+}
+
+/// Fake pods with the benchmark's three checkpoints.
+fn fake_config(step_ms: u64, switch_ms: u64, output_dir: PathBuf) -> FakeConfig {
+    FakeConfig {
+        step_time: Duration::from_millis(step_ms),
+        switch_penalty: Duration::from_millis(switch_ms),
+        models: models(),
+        output_dir,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Fake pods `first..first+n` of `fleet`, each listed in the fleet Service's slice.
+async fn pods(
+    client: &Client,
+    ns: &str,
+    fleet: &str,
+    first: usize,
+    n: usize,
+    config: &FakeConfig,
+) -> Vec<FakeComfy> {
+    let mut out = Vec::new();
+    for i in first..first + n {
+        let fake = FakeComfy::start(&format!("{fleet}-{i}"), config.clone()).await;
+        publish_pod(client, ns, fleet, i, &fake).await;
+        out.push(fake);
+    }
+    out
+}
+
+fn map_args(fakes: &[FakeComfy], first: usize) -> Vec<String> {
+    fakes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| {
+            [
+                "--endpoint-map".to_string(),
+                format!("{}:8188={}", pod_ip(first + i), f.addr),
+            ]
+        })
+        .collect()
+}
+
+struct Gateway {
+    process: GatewayProcess,
+    api: ApiClient,
+}
+
+async fn gateway(
+    tb: &Testbed,
+    ns: &str,
+    fleet: &str,
+    work: &Path,
+    fakes: &[FakeComfy],
+    first: usize,
+    extra: &[String],
+) -> Gateway {
+    let key = format!("key-{}", unique_suffix());
+    let dir = work.join(format!("{fleet}-keys"));
+    api_keys_dir(&dir, "bench", &key);
+    let mut args: Vec<String> = vec![
+        "--namespace".into(),
+        ns.into(),
+        "--fleet".into(),
+        fleet.into(),
+        "--store".into(),
+        work.join(format!("{fleet}.redb")).display().to_string(),
+        "--api-keys-dir".into(),
+        dir.display().to_string(),
+        "--client-id".into(),
+        format!("gw-{fleet}"),
+        "--queue-cap".into(),
+        "20000".into(),
+    ];
+    args.extend(map_args(fakes, first));
+    args.extend(extra.iter().cloned());
+    let process = GatewayProcess::start(tb, args);
+    process.wait_ready(fleet, fakes.len()).await;
+    let api = ApiClient::new(&process.url(""), &key);
+    Gateway { process, api }
+}
+
+/// One job straight to a fake ComfyUI: POST /prompt, then its ws until success.
+async fn direct_job(
+    http: &reqwest::Client,
+    pod: &FakeComfy,
+    ws: &mut (
+             impl futures::Stream<
+        Item = Result<
+            tokio_tungstenite::tungstenite::Message,
+            tokio_tungstenite::tungstenite::Error,
+        >,
+    > + Unpin
+         ),
+    client_id: &str,
+    workflow: &Value,
+) -> Duration {
+    let id = uuid::Uuid::new_v4().to_string();
+    let start = Instant::now();
+    let resp = http
+        .post(format!("{}/prompt", pod.url()))
+        .json(&json!({"prompt": workflow, "client_id": client_id, "prompt_id": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = msg {
+            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+            if v["type"] == "execution_success" && v["data"]["prompt_id"] == id.as_str() {
+                return start.elapsed();
+            }
+        }
+    }
+    panic!("direct job {id} did not finish");
+}
+
+async fn gateway_job(api: &ApiClient, workflow: &Value) -> Duration {
+    let start = Instant::now();
+    let (status, job) = api.submit_and_wait(json!({"prompt": workflow}), 30).await;
+    assert_eq!(
+        (status, job["state"].as_str()),
+        (200, Some("succeeded")),
+        "{job}"
+    );
+    start.elapsed()
+}
+
+fn summary(name: &str, samples: &mut [f64]) -> String {
+    samples.sort_by(f64::total_cmp);
+    format!(
+        "| {name} | {:.1} | {:.1} | {:.1} |\n",
+        percentile(samples, 0.5),
+        percentile(samples, 0.99),
+        samples[samples.len() - 1]
+    )
+}
+
+async fn latency(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
+    const JOBS: usize = 200;
+    let config = fake_config(1, 0, work.join("lat-output"));
+    let direct = pods(client, ns, "lat-direct", 0, 1, &config)
+        .await
+        .remove(0);
+    let plain_pod = pods(client, ns, "lat-gw", 1, 1, &config).await;
+    let s3_pod = pods(client, ns, "lat-s3", 2, 1, &config).await;
+    let plain = gateway(tb, ns, "lat-gw", work, &plain_pod, 1, &[]).await;
+    let s3 = s3_client(tb).await;
+    let bucket = create_bucket(&s3, "gw-bench").await;
+    let with_s3 = gateway(
+        tb,
+        ns,
+        "lat-s3",
+        work,
+        &s3_pod,
+        2,
+        &[
+            "--outputs-bucket".into(),
+            bucket,
+            "--outputs-region".into(),
+            "us-west-2".into(),
+            "--s3-endpoint".into(),
+            tb.var("AWS_ENDPOINT_URL").into(),
+        ],
+    )
+    .await;
+    let client_id = "bench-direct";
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?clientId={client_id}", direct.addr))
+            .await
+            .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let workflow = sdxl_workflow(CHECKPOINTS[0], 1);
+    // Warm every path once (checkpoint load, connections).
+    direct_job(&http, &direct, &mut ws, client_id, &workflow).await;
+    gateway_job(&plain.api, &workflow).await;
+    gateway_job(&with_s3.api, &workflow).await;
+    let (mut d, mut g, mut gs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..JOBS {
+        d.push(
+            direct_job(&http, &direct, &mut ws, client_id, &workflow)
+                .await
+                .as_secs_f64()
+                * 1000.0,
+        );
+        g.push(gateway_job(&plain.api, &workflow).await.as_secs_f64() * 1000.0);
+        gs.push(gateway_job(&with_s3.api, &workflow).await.as_secs_f64() * 1000.0);
+    }
+    let _ = ws.close(None).await;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(v, 0.5)
+    };
+    let (md, mg, mgs) = (
+        median(&mut d.clone()),
+        median(&mut g.clone()),
+        median(&mut gs.clone()),
+    );
+    writeln!(
+        report,
+        "### Added latency per job ({JOBS} jobs each, interleaved; 1 sampler step of 1 ms)\n"
+    )
+    .unwrap();
+    report.push_str("| path | p50 ms | p99 ms | max ms |\n|---|---|---|---|\n");
+    report.push_str(&summary(
+        "ComfyUI directly (`POST /prompt`, wait for `execution_success` on `/ws`)",
+        &mut d,
+    ));
+    report.push_str(&summary(
+        "gateway, sync mode (`POST /api/v2/jobs?wait=30`), outputs left on the pod",
+        &mut g,
+    ));
+    report.push_str(&summary("gateway, sync mode, outputs fetched from `/view` and put in S3 (moto) with a presigned URL", &mut gs));
+    writeln!(
+        report,
+        "\nAdded at the median: {:.1} ms without S3, {:.1} ms with the S3 upload.\n",
+        mg - md,
+        mgs - md
+    )
+    .unwrap();
+}
+
+/// A deterministic checkpoint sequence (the same for both placements).
+fn checkpoint_of(i: usize) -> &'static str {
+    let x = (i as u64)
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    CHECKPOINTS[((x >> 33) % 3) as usize]
+}
+
+async fn placement_run(
+    tb: &Testbed,
+    client: &Client,
+    ns: &str,
+    work: &Path,
+    placement: &str,
+    first: usize,
+) -> (f64, f64, usize) {
+    const JOBS: usize = 1000;
+    const PODS: usize = 10;
+    let fleet = format!("pl-{placement}");
+    let config = fake_config(5, 100, work.join(format!("{fleet}-output")));
+    let fakes = pods(client, ns, &fleet, first, PODS, &config).await;
+    let gw = gateway(
+        tb,
+        ns,
+        &fleet,
+        work,
+        &fakes,
+        first,
+        &["--placement".into(), placement.into()],
+    )
+    .await;
+    let start = Instant::now();
+    for i in 0..JOBS {
+        let (code, body) = gw
+            .api
+            .submit(json!({"prompt": sdxl_workflow(checkpoint_of(i), 10)}))
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let done =
+        format!("sdfleet_gateway_jobs_finished_total{{fleet=\"{fleet}\",state=\"succeeded\"}}");
+    eventually(
+        &format!("{JOBS} jobs to succeed ({placement})"),
+        Duration::from_secs(600),
+        || async { (gw.process.metric(&done).await? >= JOBS as f64).then_some(()) },
+    )
+    .await;
+    let total = start.elapsed().as_secs_f64();
+    let started: usize = fakes.iter().map(|f| f.started().len()).sum();
+    assert_eq!(started, JOBS, "every job ran exactly once");
+    let switches: usize = fakes.iter().map(|f| f.switches()).sum();
+    let without = 1.0 - switches as f64 / JOBS as f64;
+    (without, total, switches)
+}
+
+async fn placement(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
+    let (a_share, a_time, a_sw) = placement_run(tb, client, ns, work, "affinity", 10).await;
+    let (r_share, r_time, r_sw) = placement_run(tb, client, ns, work, "random", 30).await;
+    report.push_str("### Placement (1,000 jobs, 3 checkpoints, 10 pods; 10 steps × 5 ms, 100 ms per checkpoint switch)\n\n");
+    report.push_str(
+        "| placement | jobs without a switch | switches | total time s |\n|---|---|---|---|\n",
+    );
+    writeln!(
+        report,
+        "| checkpoint affinity | {:.1}% | {a_sw} | {a_time:.1} |",
+        a_share * 100.0
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "| random | {:.1}% | {r_sw} | {r_time:.1} |",
+        r_share * 100.0
+    )
+    .unwrap();
+    writeln!(report, "\nA fresh pod's first load counts as a switch.\n").unwrap();
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn memory(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
+    const JOBS: usize = 10_000;
+    let config = fake_config(1, 0, work.join("mem-output"));
+    let fakes = pods(client, ns, "mem", 50, 10, &config).await;
+    let gw = gateway(tb, ns, "mem", work, &fakes, 50, &[]).await;
+    let before = rss_kib(gw.process.child.id());
+    for i in 0..JOBS {
+        let (code, body) = gw
+            .api
+            .submit(json!({"prompt": sdxl_workflow(checkpoint_of(i), 1)}))
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let done = "sdfleet_gateway_jobs_finished_total{fleet=\"mem\",state=\"succeeded\"}";
+    eventually(
+        "10,000 jobs to succeed",
+        Duration::from_secs(900),
+        || async { (gw.process.metric(done).await? >= JOBS as f64).then_some(()) },
+    )
+    .await;
+    let after = rss_kib(gw.process.child.id());
+    let store = std::fs::metadata(work.join("mem.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    report.push_str("### Memory with 10,000 jobs stored\n\n| | RSS MiB |\n|---|---|\n");
+    writeln!(
+        report,
+        "| gateway started, 10 pods, no jobs | {:.1} |",
+        before as f64 / 1024.0
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "| after 10,000 jobs succeeded (all in the store) | {:.1} |",
+        after as f64 / 1024.0
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "\nStore file: {:.1} MiB.\n",
+        store as f64 / (1024.0 * 1024.0)
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+#[ignore = "benchmark: bench/gateway-bench.sh"]
+async fn gateway_benchmarks() {
+    let tb = Testbed::get();
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "gw-bench").await;
+    let work = std::env::temp_dir().join(format!("gw-bench-{}", ns.name));
+    std::fs::create_dir_all(&work).unwrap();
+    let mut report = String::new();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    writeln!(
+        report,
+        "## Gateway benchmarks\n\n`bench/gateway-bench.sh` ({}; {cpus} cores; release build; testbed apiserver, moto, fake ComfyUI pods on loopback).\n",
+        jiff::Timestamp::now().strftime("%Y-%m-%d")
+    )
+    .unwrap();
+    latency(tb, &client, &ns.name, &work, &mut report).await;
+    placement(tb, &client, &ns.name, &work, &mut report).await;
+    memory(tb, &client, &ns.name, &work, &mut report).await;
+    println!("{report}");
+    if let Ok(out) = std::env::var("SDFLEET_BENCH_OUT") {
+        std::fs::write(out, &report).unwrap();
+    }
+}
