@@ -44,12 +44,21 @@ pub async fn missing(
             ));
         }
     }
-    if spec.ingress.enabled {
-        let classes: Api<IngressClass> = Api::all(client.clone());
-        if classes.get_opt(&spec.ingress.class_name).await?.is_none() {
+    let mut ingresses = vec![("ingress", &spec.ingress)];
+    if let Some(gateway) = &spec.gateway {
+        ingresses.push(("gateway.ingress", &gateway.ingress));
+    }
+    let classes: Api<IngressClass> = Api::all(client.clone());
+    let mut checked = Vec::new();
+    for (field, ingress) in ingresses {
+        if !ingress.enabled || checked.contains(&&ingress.class_name) {
+            continue;
+        }
+        checked.push(&ingress.class_name);
+        if classes.get_opt(&ingress.class_name).await?.is_none() {
             missing.push(format!(
-                "IngressClass {} does not exist: install the AWS Load Balancer Controller (it provides class alb), or set ingress.enabled: false",
-                spec.ingress.class_name
+                "IngressClass {} does not exist: install the AWS Load Balancer Controller (it provides class alb), or set {field}.enabled: false",
+                ingress.class_name
             ));
         }
     }
