@@ -85,6 +85,28 @@ struct Gateway {
     api: ApiClient,
 }
 
+impl Gateway {
+    /// Submits `jobs` jobs of `steps` sampler steps (checkpoints by `checkpoint_of`) to
+    /// `fleet`, then waits (up to `timeout`) until all have succeeded.
+    async fn run_jobs(&self, fleet: &str, jobs: usize, steps: u64, timeout: Duration) {
+        for i in 0..jobs {
+            let (code, body) = self
+                .api
+                .submit(json!({"prompt": sdxl_workflow(checkpoint_of(i), steps)}))
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let done =
+            format!("sdfleet_gateway_jobs_finished_total{{fleet=\"{fleet}\",state=\"succeeded\"}}");
+        eventually(
+            &format!("{jobs} jobs of {fleet} to succeed"),
+            timeout,
+            || async { (self.process.metric(&done).await? >= jobs as f64).then_some(()) },
+        )
+        .await;
+    }
+}
+
 async fn gateway(
     tb: &Testbed,
     ns: &str,
@@ -292,21 +314,8 @@ async fn placement_run(
     )
     .await;
     let start = Instant::now();
-    for i in 0..JOBS {
-        let (code, body) = gw
-            .api
-            .submit(json!({"prompt": sdxl_workflow(checkpoint_of(i), 10)}))
-            .await;
-        assert_eq!(code, 201, "{body}");
-    }
-    let done =
-        format!("sdfleet_gateway_jobs_finished_total{{fleet=\"{fleet}\",state=\"succeeded\"}}");
-    eventually(
-        &format!("{JOBS} jobs to succeed ({placement})"),
-        Duration::from_secs(600),
-        || async { (gw.process.metric(&done).await? >= JOBS as f64).then_some(()) },
-    )
-    .await;
+    gw.run_jobs(&fleet, JOBS, 10, Duration::from_secs(600))
+        .await;
     let total = start.elapsed().as_secs_f64();
     let started: usize = fakes.iter().map(|f| f.started().len()).sum();
     assert_eq!(started, JOBS, "every job ran exactly once");
@@ -352,20 +361,7 @@ async fn memory(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &m
     let fakes = pods(client, ns, "mem", 50, 10, &config).await;
     let gw = gateway(tb, ns, "mem", work, &fakes, 50, &[]).await;
     let before = rss_kib(gw.process.child.id());
-    for i in 0..JOBS {
-        let (code, body) = gw
-            .api
-            .submit(json!({"prompt": sdxl_workflow(checkpoint_of(i), 1)}))
-            .await;
-        assert_eq!(code, 201, "{body}");
-    }
-    let done = "sdfleet_gateway_jobs_finished_total{fleet=\"mem\",state=\"succeeded\"}";
-    eventually(
-        "10,000 jobs to succeed",
-        Duration::from_secs(900),
-        || async { (gw.process.metric(done).await? >= JOBS as f64).then_some(()) },
-    )
-    .await;
+    gw.run_jobs("mem", JOBS, 1, Duration::from_secs(900)).await;
     let after = rss_kib(gw.process.child.id());
     let store = std::fs::metadata(work.join("mem.redb"))
         .map(|m| m.len())

@@ -191,12 +191,12 @@ impl Check<'_> {
         if !ingress.enabled {
             return Ok(());
         }
-        let scheme = match ingress.scheme {
-            IngressScheme::Internal => "internal",
-            IngressScheme::InternetFacing => "internet-facing",
-        };
         if !policy.allowed_schemes.contains(&ingress.scheme) {
-            return Err(self.deny(&format!("{field}.scheme"), scheme, "not an allowed scheme"));
+            return Err(self.deny(
+                &format!("{field}.scheme"),
+                ingress.scheme.as_str(),
+                "not an allowed scheme",
+            ));
         }
         if let Some(class_name) = &policy.class_name
             && class_name != &ingress.class_name

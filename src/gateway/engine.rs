@@ -163,11 +163,16 @@ impl Engine {
 
     fn track(&self, job: &Job) {
         let mut unflushed = self.unflushed.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = unflushed
-            .entry(job.id.clone())
-            .or_insert_with(|| (job.clone(), 0));
-        entry.0 = job.clone();
-        entry.1 += 1;
+        // One copy of the job per write (a job carries its whole workflow).
+        match unflushed.get_mut(&job.id) {
+            Some(entry) => {
+                entry.0 = job.clone();
+                entry.1 += 1;
+            }
+            None => {
+                unflushed.insert(job.id.clone(), (job.clone(), 1));
+            }
+        }
     }
 
     /// Queues a store write, in the order of the in-memory changes.

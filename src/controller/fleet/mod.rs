@@ -333,8 +333,8 @@ async fn fetch_facts(
         .and_then(|d| d.status);
     let pools = dynamic_api(client, &render::nodepool::api_resource(), None);
     let nodepool = pools.get_opt(&fleet.nodepool()).await?;
+    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
     let ingress = if cud.spec.ingress.enabled {
-        let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
         ingresses.get_opt(&fleet.ingress()).await?
     } else {
         None
@@ -372,7 +372,6 @@ async fn fetch_facts(
                 .await?
                 .and_then(|d| d.status),
             ingress: if gw.ingress.enabled {
-                let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
                 ingresses.get_opt(&fleet.gateway()).await?
             } else {
                 None

@@ -73,7 +73,7 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
     let want = cud.spec.replicas;
 
     let pool = nodepool_ready(fleet, facts.nodepool.as_ref());
-    let mut ready_condition = if want == 0 {
+    let ready_condition = if want == 0 {
         DesiredCondition::new(READY, true, Reason::ScaledToZero, "replicas is 0")
     } else if ready >= want {
         DesiredCondition::new(
@@ -114,7 +114,7 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
     let degraded =
         DesiredCondition::new(DEGRADED, false, Reason::AsExpected, "all children applied");
     let models = models_ready(fleet, facts.models.as_ref().unwrap_or(&ModelFacts::NotUsed));
-    let mut conditions = vec![ready_condition.clone(), progressing, degraded, pool, models];
+    let mut conditions = vec![ready_condition, progressing, degraded, pool, models];
     let gateway = cud.spec.gateway.as_ref().map(|gw| {
         let facts = facts.gateway.clone().unwrap_or_default();
         let ready = facts.deployment.and_then(|d| d.ready_replicas).unwrap_or(0);
@@ -134,12 +134,11 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
             )
         };
         // The fleet is Ready only when its front door is: clients use the gateway.
-        if ready_condition.status && !condition.status {
-            ready_condition = DesiredCondition {
+        if conditions[0].status && !condition.status {
+            conditions[0] = DesiredCondition {
                 type_: READY,
                 ..condition.clone()
             };
-            conditions[0] = ready_condition.clone();
         }
         conditions.push(condition);
         GatewayStatus {
