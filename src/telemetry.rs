@@ -75,6 +75,16 @@ pub struct FleetLabels {
     pub name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScalingLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `up` or `down`.
+    pub direction: String,
+    /// `Demand`, `Idle` or `Bounds`.
+    pub reason: String,
+}
+
 /// The controller's metrics, served on `/metrics`.
 pub struct Metrics {
     pub registry: Registry,
@@ -85,6 +95,7 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     pub desired_replicas: Family<FleetLabels, Gauge>,
     pub ready_replicas: Family<FleetLabels, Gauge>,
+    pub scaling_decisions: Family<ScalingLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,7 +137,7 @@ impl Default for Metrics {
         let desired_replicas = Family::<FleetLabels, Gauge>::default();
         registry.register(
             "fleet_desired_replicas",
-            "spec.replicas of each fleet",
+            "Replicas each fleet's Deployment is given (spec.replicas, or the autoscaler's)",
             desired_replicas.clone(),
         );
         let ready_replicas = Family::<FleetLabels, Gauge>::default();
@@ -135,7 +146,14 @@ impl Default for Metrics {
             "Ready ComfyUI pods of each fleet",
             ready_replicas.clone(),
         );
+        let scaling_decisions = Family::<ScalingLabels, Counter>::default();
+        registry.register(
+            "fleet_scaling_decisions",
+            "Autoscaling changes of replicas, by fleet, direction and reason",
+            scaling_decisions.clone(),
+        );
         Metrics {
+            scaling_decisions,
             registry,
             reconciles,
             errors,

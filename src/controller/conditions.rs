@@ -9,6 +9,7 @@ pub const DEGRADED: &str = "Degraded";
 pub const NODEPOOL_READY: &str = "NodePoolReady";
 pub const MODELS_READY: &str = "ModelsReady";
 pub const GATEWAY_READY: &str = "GatewayReady";
+pub use crate::crd::autoscaling::CAPACITY_AVAILABLE;
 
 /// Every reason sdfleet writes into a condition. The README's reasons table has one
 /// row per variant (a unit test checks it).
@@ -66,11 +67,16 @@ pub enum Reason {
     GatewayReady,
     /// ComfyUIDeployment: the job gateway's pod is not ready yet (or has no node).
     GatewayNotReady,
+    /// ComfyUIDeployment (autoscaling): every pod has a node, or one is launching.
+    CapacityAvailable,
+    /// ComfyUIDeployment (autoscaling): pods wait for nodes that cannot come: the
+    /// NodePool is at its GPU limit, or launches fail; the message says which.
+    NoCapacity,
 }
 
 impl Reason {
     /// Every reason, for documentation checks.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AllReplicasReady,
         Reason::ScaledToZero,
         Reason::WaitingForPods,
@@ -97,6 +103,8 @@ impl Reason {
         Reason::NoModelSet,
         Reason::GatewayReady,
         Reason::GatewayNotReady,
+        Reason::CapacityAvailable,
+        Reason::NoCapacity,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -127,6 +135,8 @@ impl Reason {
             Reason::NoModelSet => "NoModelSet",
             Reason::GatewayReady => "GatewayReady",
             Reason::GatewayNotReady => "GatewayNotReady",
+            Reason::CapacityAvailable => "CapacityAvailable",
+            Reason::NoCapacity => "NoCapacity",
         }
     }
 }

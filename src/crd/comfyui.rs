@@ -10,6 +10,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::autoscaling::{AutoscalingSpec, AutoscalingStatus, DemandStatus};
 pub use super::common::{ContainerResources, IngressScheme, IngressSpec};
 pub use super::gateway::{GatewaySpec, GatewayStatus};
 
@@ -35,6 +36,7 @@ pub use super::gateway::{GatewaySpec, GatewayStatus};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.autoscaling) || has(self.gateway)").message("autoscaling needs spec.gateway: the gateway's queue is the demand it scales on"))]
 pub struct ComfyUIDeploymentSpec {
     /// The ComfyUI container image, from your registry, e.g. `comfyui:latest`.
     #[schemars(length(min = 1))]
@@ -46,7 +48,9 @@ pub struct ComfyUIDeploymentSpec {
     pub command: Vec<String>,
 
     /// Number of ComfyUI pods. Exposed through the scale subresource: point an HPA or
-    /// KEDA at this resource, never at the Deployment it owns.
+    /// KEDA at this resource, never at the Deployment it owns. Not read while
+    /// `autoscaling` is set: the operator then decides the replicas and never writes
+    /// this field, so a GitOps tool sees no drift.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
@@ -117,6 +121,11 @@ pub struct ComfyUIDeploymentSpec {
     /// the gateway and its job store claim; outputs in S3 stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySpec>,
+
+    /// Replicas from the gateway's queue (queued plus running jobs), down to zero.
+    /// Unset: `replicas` pods, always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -351,7 +360,14 @@ pub struct ComfyUIDeploymentStatus {
     /// The fleet's job gateway, when `spec.gateway` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayStatus>,
-    /// Ready, Progressing, Degraded, NodePoolReady, ModelsReady and GatewayReady.
+    /// The gateway's demand (written by the gateway, only with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand: Option<DemandStatus>,
+    /// The operator's scaling decisions (only with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+    /// Ready, Progressing, Degraded, NodePoolReady, ModelsReady, GatewayReady and
+    /// CapacityAvailable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

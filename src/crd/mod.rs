@@ -1,5 +1,6 @@
 //! The custom resources of sdfleet (API group `sdfleet.io`, version `v1alpha1`).
 
+pub mod autoscaling;
 pub mod comfyui;
 pub mod common;
 pub mod fleetclass;

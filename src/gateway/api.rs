@@ -44,6 +44,8 @@ pub struct ApiState {
     pub workflows_dir: Option<PathBuf>,
     /// The longest a sync request waits before it answers with the job's URL.
     pub max_wait: Duration,
+    /// With autoscaling: the longest a sync request waits on a fleet with no ready pod.
+    pub max_cold_start_wait: Option<Duration>,
 }
 
 /// The key a request was authenticated with (its id, never the key).
@@ -173,6 +175,7 @@ pub fn public_view(job: &Job) -> Value {
             "queue_seconds": secs(Some(job.created_at), job.started_at),
             "run_seconds": secs(job.started_at, job.finished_at),
             "cold_start": job.cold_start,
+            "cold_start_phases": job.cold_start_phases,
             "checkpoint_switch": job.checkpoint_switch,
         },
         "expires_at": rfc3339(job.expires_at),
@@ -186,6 +189,16 @@ pub fn public_view(job: &Job) -> Value {
 /// The view with a fresh presigned URL per stored output.
 async fn view(state: &ApiState, job: &Job) -> Value {
     let mut v = public_view(job);
+    if job.state == JobState::Queued && job.pod.is_none() {
+        // Why it waits, when it is not just the queue.
+        let signal = state.engine.signals.get(&job.fleet);
+        if let Some(message) = signal.no_capacity {
+            v["waiting"] = json!({"reason": "NoCapacity", "message": message});
+        } else if state.max_cold_start_wait.is_some() && state.engine.ready_pods(&job.fleet) == 0 {
+            v["waiting"] = json!({"reason": "ColdStart",
+                "message": "the fleet has no ready pod: one is starting (node, models, image)"});
+        }
+    }
     if let (Some(store), Some(outputs)) = (&state.engine.outputs, v["outputs"].as_array_mut()) {
         for out in outputs.iter_mut() {
             if let Some(key) = out.get("key").and_then(Value::as_str).map(str::to_string) {
@@ -429,6 +442,7 @@ async fn submit(
         attempts: 0,
         checkpoint_switch: false,
         cold_start: false,
+        cold_start_phases: None,
         cancel_requested: false,
         progress: None,
         outputs: vec![],
@@ -453,7 +467,11 @@ async fn submit(
         .wait
         .or_else(|| prefer_wait(&headers))
         .map(Duration::from_secs)
-        .map(|w| w.min(state.max_wait));
+        .map(|w| w.min(state.max_wait))
+        .map(|w| match state.max_cold_start_wait {
+            Some(cold) if state.engine.ready_pods(&job.fleet) == 0 => w.min(cold),
+            _ => w,
+        });
     let job = match wait {
         Some(wait) if !job.state.is_final() => {
             wait_for_end(&state, &job.id, wait).await?.unwrap_or(job)

@@ -63,6 +63,42 @@ pub fn endpoints(slices: &[Arc<EndpointSlice>], port_name: &str) -> Vec<Endpoint
     out
 }
 
+/// Where to reach an endpoint instead of its address (tests: fake pods on loopback).
+#[derive(Default)]
+pub struct EndpointMap {
+    /// `IP:PORT` → `HOST:PORT`.
+    pub fixed: HashMap<String, String>,
+    /// Lines `IP:PORT=HOST:PORT` or `POD=HOST:PORT`, read at each look.
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl EndpointMap {
+    fn apply(&self, eps: &mut [Endpoint]) {
+        let from_file: HashMap<String, String> = self
+            .file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ep in eps {
+            let address = ep.url.trim_start_matches("http://").to_string();
+            let to = self
+                .fixed
+                .get(&address)
+                .or_else(|| from_file.get(&address))
+                .or_else(|| from_file.get(&ep.name));
+            if let Some(to) = to {
+                ep.url = format!("http://{to}");
+            }
+        }
+    }
+}
+
 /// Keeps the engine's pods of `fleet` in step with its Service's EndpointSlices.
 pub async fn watch_pods(
     client: Client,
@@ -70,7 +106,7 @@ pub async fn watch_pods(
     fleet: String,
     service: String,
     engine: Arc<Engine>,
-    address_map: Arc<HashMap<String, String>>,
+    address_map: Arc<EndpointMap>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
@@ -78,21 +114,29 @@ pub async fn watch_pods(
     let mut stream = reflector(writer, watcher::watcher(api, config))
         .default_backoff()
         .boxed();
-    while let Some(event) = stream.next().await {
+    let mut listed = false;
+    let mut reread = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => match event {
+                Some(event) => Some(event),
+                None => return,
+            },
+            // A mapping file can change while the slices do not.
+            _ = reread.tick(), if address_map.file.is_some() && listed => None,
+        };
         match event {
-            Ok(Event::Init | Event::InitApply(_)) => {}
-            Ok(_) => {
-                let mut eps = endpoints(&reader.state(), "http");
-                for ep in &mut eps {
-                    let address = ep.url.trim_start_matches("http://");
-                    if let Some(to) = address_map.get(address) {
-                        ep.url = format!("http://{to}");
-                    }
-                }
-                engine.sync_pods(&fleet, eps)
+            Some(Ok(Event::Init | Event::InitApply(_))) => continue,
+            Some(Err(e)) => {
+                tracing::warn!(%fleet, error = %e, "EndpointSlice watch");
+                continue;
             }
-            Err(e) => tracing::warn!(%fleet, error = %e, "EndpointSlice watch"),
+            Some(Ok(_)) | None => {}
         }
+        listed = true;
+        let mut eps = endpoints(&reader.state(), "http");
+        address_map.apply(&mut eps);
+        engine.sync_pods(&fleet, eps)
     }
 }
 

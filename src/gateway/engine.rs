@@ -125,6 +125,8 @@ pub struct Engine {
     unflushed: Unflushed,
     http: reqwest::Client,
     started: Instant,
+    /// What the operator reports about each fleet (capacity, cold starts).
+    pub signals: Arc<super::demand::FleetSignals>,
 }
 
 impl Engine {
@@ -150,6 +152,7 @@ impl Engine {
             persist,
             http,
             started: Instant::now(),
+            signals: Arc::default(),
         });
         tokio::spawn(persister(engine.store.clone(), rx, unflushed));
         engine
@@ -343,6 +346,37 @@ impl Engine {
             .map(|p| p.assigned.len())
             .sum();
         (queued, in_flight)
+    }
+
+    /// A fleet's demand for autoscaling: queued and on-pod jobs, and the pods holding one.
+    pub fn demand(&self, fleet: &str) -> super::demand::Demand {
+        let st = self.lock();
+        let mut busy_pods: Vec<String> = st
+            .pods
+            .iter()
+            .filter(|(_, p)| p.fleet == fleet && !p.assigned.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
+        busy_pods.sort();
+        super::demand::Demand {
+            queued: st.queues.get(fleet).map_or(0, |q| q.len()),
+            running: st
+                .pods
+                .values()
+                .filter(|p| p.fleet == fleet)
+                .map(|p| p.assigned.len())
+                .sum(),
+            busy_pods,
+        }
+    }
+
+    /// Pods of `fleet` that may get jobs now.
+    pub fn ready_pods(&self, fleet: &str) -> usize {
+        self.lock()
+            .pods
+            .values()
+            .filter(|p| p.fleet == fleet && p.ready && p.connected)
+            .count()
     }
 
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, super::store::StoreError> {
@@ -925,9 +959,13 @@ impl Engine {
                 }
             }
         }
+        let cold = self.signals.get(&job.fleet).cold_start;
         let mut st = self.lock();
         if let Some(live) = st.jobs.get_mut(&job.id) {
             live.outputs = job.outputs;
+            if let (Some(cold), Some(started)) = (cold, live.started_at) {
+                live.cold_start_phases = super::demand::phases_for(&cold, live.created_at, started);
+            }
         }
         self.finish_locked(&mut st, &job.id, JobState::Succeeded, None);
     }

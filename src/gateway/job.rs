@@ -151,6 +151,10 @@ pub struct Job {
     /// The pod had run nothing since it came up.
     #[serde(default)]
     pub cold_start: bool,
+    /// The phases of the fleet's start from no ready pod that this job waited on
+    /// (node, models, image, ready; seconds), from the operator's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start_phases: Option<Value>,
     #[serde(default)]
     pub cancel_requested: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

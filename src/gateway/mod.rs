@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod comfy;
+pub mod demand;
 pub mod discovery;
 pub mod engine;
 pub mod job;
@@ -94,6 +95,18 @@ pub struct GatewayArgs {
     /// whose fake pods listen on loopback while EndpointSlices refuse loopback addresses.
     #[arg(long = "endpoint-map", hide = true, value_parser = parse_mapping)]
     pub endpoint_map: Vec<(String, String)>,
+    /// The same as a file of `IP:PORT=HOST:PORT` or `POD=HOST:PORT` lines, read again
+    /// every half second. For tests whose pods appear while the gateway runs.
+    #[arg(long, hide = true)]
+    pub endpoint_map_file: Option<PathBuf>,
+    /// Publish each fleet's demand into its status (the fleet has `spec.autoscaling`),
+    /// and read back its capacity and cold starts.
+    #[arg(long)]
+    pub publish_demand: bool,
+    /// With `--publish-demand`: the longest a sync request waits on a fleet with no
+    /// ready pod.
+    #[arg(long, default_value_t = 30)]
+    pub max_cold_start_wait_seconds: u64,
     /// The websocket client id on every pod: fixed, so a restarted gateway gets the
     /// events of the prompts it sent before.
     #[arg(long, default_value = "sdfleet-gateway")]
@@ -185,8 +198,10 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     let recovered = engine.recover().await?;
     tracing::info!(recovered, "jobs resumed from the store");
     let catalogs = Arc::new(discovery::Catalogs::default());
-    let endpoint_map: Arc<std::collections::HashMap<String, String>> =
-        Arc::new(args.endpoint_map.iter().cloned().collect());
+    let endpoint_map = Arc::new(discovery::EndpointMap {
+        fixed: args.endpoint_map.iter().cloned().collect(),
+        file: args.endpoint_map_file.clone(),
+    });
     for fleet in &args.fleets {
         tokio::spawn(discovery::watch_pods(
             client.clone(),
@@ -206,6 +221,22 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             ));
         }
     }
+    if args.publish_demand {
+        for fleet in &args.fleets {
+            tokio::spawn(demand::watch_fleet(
+                client.clone(),
+                args.namespace.clone(),
+                fleet.name.clone(),
+                engine.signals.clone(),
+            ));
+        }
+        tokio::spawn(demand::publish(
+            client.clone(),
+            args.namespace.clone(),
+            args.fleets.iter().map(|f| f.name.clone()).collect(),
+            engine.clone(),
+        ));
+    }
     tokio::spawn(engine.clone().run());
     let keys = Arc::new(auth::ApiKeys::new(
         (!args.no_auth).then(|| args.api_keys_dir.clone()),
@@ -219,6 +250,9 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         catalogs,
         workflows_dir: args.workflows_dir.clone(),
         max_wait: Duration::from_secs(args.max_wait_seconds),
+        max_cold_start_wait: args
+            .publish_demand
+            .then(|| Duration::from_secs(args.max_cold_start_wait_seconds)),
     });
     let metrics_app = axum::Router::new().route(
         "/metrics",

@@ -189,6 +189,7 @@ mod tests {
             attempts: 0,
             checkpoint_switch: false,
             cold_start: false,
+            cold_start_phases: None,
             cancel_requested: false,
             progress: None,
             outputs: vec![],

@@ -100,6 +100,13 @@ pub fn args(
     for bucket in &gateway.input_buckets {
         args.extend(["--input-bucket".into(), bucket.clone()]);
     }
+    if let Some(autoscaling) = &spec.autoscaling {
+        args.extend([
+            "--publish-demand".into(),
+            "--max-cold-start-wait-seconds".into(),
+            autoscaling.max_cold_start_wait_seconds.to_string(),
+        ]);
+    }
     args
 }
 
@@ -220,6 +227,20 @@ mod tests {
         render(&example(&yaml), Cloud::Kwok)
     }
 
+    #[test]
+    fn an_autoscaled_fleets_gateway_publishes_demand_and_caps_cold_sync_waits() {
+        let yaml = format!(
+            "{SDXL}  gateway: {{allowUnauthenticated: true}}\n  autoscaling: {{minReplicas: 0, maxReplicas: 4, maxColdStartWaitSeconds: 20}}\n"
+        );
+        let children = render(&example(&yaml), Cloud::Kwok);
+        let d = gateway_child(&children, ChildKind::Deployment);
+        let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(
+            args.contains(r#""--publish-demand","--max-cold-start-wait-seconds","20""#),
+            "{args}"
+        );
+    }
+
     fn gateway_child(children: &[Child], kind: ChildKind) -> &Value {
         &children
             .iter()
@@ -312,6 +333,10 @@ mod tests {
         );
         assert_eq!(flag("--input-bucket"), "in-a");
         assert!(!args.contains(&"--no-auth"));
+        assert!(
+            !args.contains(&"--publish-demand"),
+            "no autoscaling, no demand writes"
+        );
         let volumes = &d["spec"]["template"]["spec"]["volumes"];
         assert_eq!(
             volumes[0]["persistentVolumeClaim"]["claimName"],

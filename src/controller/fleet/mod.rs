@@ -3,6 +3,7 @@
 //! (pure, `render`) → apply + prune (`FleetResources`) → observe (`status`) → write status.
 //! Deletion runs through a finalizer and `cleanup`, which removes children in stages.
 
+pub mod autoscale;
 pub mod cleanup;
 pub mod report;
 pub mod status;
@@ -14,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -210,7 +211,7 @@ async fn within_class(
 async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
     let fleet = fleet_names(cud);
     let provider = ctx.settings.cloud.provider();
-    let effective = match within_class(cud, ctx).await? {
+    let mut effective = match within_class(cud, ctx).await? {
         Ok(effective) => effective,
         Err(action) => return Ok(action),
     };
@@ -238,6 +239,14 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         }
         None => None,
     };
+    // Autoscaling decides the Deployment's replicas; the CR's spec stays as written.
+    let scaling = match &cud.spec.autoscaling {
+        Some(spec) => Some(scale(ctx, cud, &fleet, spec).await?),
+        None => None,
+    };
+    if let Some(s) = &scaling {
+        effective.spec.replicas = s.plan.status.desired_replicas;
+    }
     let rctx = RenderContext {
         cluster: &ctx.settings.cluster,
         node_class: provider,
@@ -292,7 +301,39 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     }
 
     let facts = fetch_facts(ctx, cud, &fleet, model_set).await?;
-    let observed = status::observe(cud, &fleet, &facts);
+    let mut observed = status::observe(&effective, &fleet, &facts);
+    let mut recheck = None;
+    if let Some(s) = scaling {
+        let claims = dynamic_api(&ctx.client, &nodeclaim_resource(), None)
+            .list(&ListParams::default().labels(&format!("{NODEPOOL_LABEL}={}", fleet.nodepool())))
+            .await?
+            .items;
+        observed.conditions.push(autoscale::capacity(
+            &s.pods,
+            facts.nodepool.as_ref(),
+            &claims,
+        ));
+        if let Some(d) = &s.plan.decision {
+            let direction = if d.to > d.from { "up" } else { "down" };
+            ctx.metrics
+                .scaling_decisions
+                .get_or_create(&crate::telemetry::ScalingLabels {
+                    namespace: fleet.namespace.clone(),
+                    name: fleet.name.clone(),
+                    direction: direction.into(),
+                    reason: d.reason.clone(),
+                })
+                .inc();
+            let note = format!(
+                "{} → {} replicas ({}): {}",
+                d.from, d.to, d.reason, d.message
+            );
+            tracing::info!(fleet = %format!("{}/{}", fleet.namespace, fleet.name), from = d.from, to = d.to, reason = %d.reason, "{}", d.message);
+            publish(ctx, cud, EventType::Normal, "Scaled", &note).await;
+        }
+        recheck = s.plan.recheck;
+        observed.autoscaling = Some(s.plan.status);
+    }
     write_status(ctx, cud, &observed.conditions, Some(&observed)).await?;
     let labels = FleetLabels {
         namespace: fleet.namespace.clone(),
@@ -301,7 +342,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     ctx.metrics
         .desired_replicas
         .get_or_create(&labels)
-        .set(cud.spec.replicas.into());
+        .set(effective.spec.replicas.into());
     ctx.metrics
         .ready_replicas
         .get_or_create(&labels)
@@ -309,12 +350,107 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     // The ModelSet's per-node status is not watched: look again soon while syncing,
     // less often the longer it takes.
     let poll_key = format!("models/{}/{}", fleet.namespace, fleet.name);
-    Ok(if observed.syncing_models() {
-        Action::requeue(ctx.poll_delay(&poll_key, MODELS_POLL))
+    let next = if observed.syncing_models() {
+        ctx.poll_delay(&poll_key, MODELS_POLL)
     } else {
         ctx.reset_poll(&poll_key);
-        ctx.steady_requeue()
-    })
+        ctx.settings.resync
+    };
+    Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
+}
+
+/// One autoscaling pass: the decision, and the busy pods' annotations put right
+/// before any pod goes (a scale-down waits a pass for them).
+struct Scaling {
+    plan: autoscale::Plan,
+    pods: Vec<Pod>,
+}
+
+/// The autoscaler's field manager on pods (their disruption annotations only).
+const AUTOSCALER_MANAGER: &str = "sdfleet-autoscaler";
+/// A scale-down held for the pods' annotations is looked at again this soon.
+const ANNOTATION_SETTLE: Duration = Duration::from_secs(1);
+
+async fn scale(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    fleet: &FleetNames,
+    spec: &crate::crd::autoscaling::AutoscalingSpec,
+) -> Result<Scaling, Error> {
+    let status = cud.status.clone().unwrap_or_default();
+    let previous = status.autoscaling.as_ref();
+    let current = match previous {
+        Some(p) => p.desired_replicas,
+        // Autoscaling just turned on: start from what the Deployment runs.
+        None => Api::<Deployment>::namespaced(ctx.client.clone(), &fleet.namespace)
+            .get_opt(&fleet.deployment())
+            .await?
+            .and_then(|d| d.spec?.replicas)
+            .unwrap_or(spec.min_replicas),
+    };
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&fleet.pod_selector_string()))
+        .await?
+        .items;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut plan = autoscale::decide(
+        spec,
+        current,
+        status.demand.as_ref(),
+        previous,
+        status.ready_replicas,
+        now,
+    );
+    let busy: std::collections::BTreeSet<String> = status
+        .demand
+        .as_ref()
+        .map(|d| d.busy_pods.iter().cloned().collect())
+        .unwrap_or_default();
+    let changes = autoscale::annotation_changes(&pods, &busy);
+    for (name, annotations) in &changes {
+        let body = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations},
+        });
+        ctx.metrics.record_write("apply", "Pod");
+        pods_api
+            .patch(
+                name,
+                &PatchParams::apply(AUTOSCALER_MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await?;
+    }
+    if !changes.is_empty() && plan.status.desired_replicas < current {
+        // The ReplicaSet picks by deletion cost: let it see the new costs first.
+        plan.status.desired_replicas = current;
+        plan.decision = None;
+        plan.recheck = Some(ANNOTATION_SETTLE);
+    }
+    if let Some(cold) = plan
+        .status
+        .cold_start
+        .clone()
+        .filter(|c| c.ready_at.is_none())
+    {
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
+        let nodes = nodes
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items;
+        plan.status.cold_start = Some(autoscale::cold_start_phases(&cold, &pods, &nodes));
+    }
+    Ok(Scaling { plan, pods })
+}
+
+fn nodeclaim_resource() -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+        "karpenter.sh",
+        "v1",
+        "NodeClaim",
+    ))
 }
 
 /// Reads what the status is computed from: the Deployment, the NodePool, the Ingress,

@@ -48,11 +48,21 @@ pub async fn write_status(
         next.ready_replicas = o.ready_replicas;
         next.endpoint = o.endpoint.clone();
         next.gateway = o.gateway.clone();
+        next.autoscaling = o.autoscaling.clone();
+        if o.autoscaling.is_none() {
+            next.conditions
+                .retain(|c| c.type_ != crate::controller::conditions::CAPACITY_AVAILABLE);
+        }
         if o.gateway.is_none() {
             // A removed gateway leaves no condition behind.
             next.conditions
                 .retain(|c| c.type_ != crate::controller::conditions::GATEWAY_READY);
         }
+    }
+    // Without autoscaling the gateway publishes no demand: a left-over copy goes.
+    let clear_demand = cud.spec.autoscaling.is_none();
+    if clear_demand {
+        next.demand = None;
     }
     let api = ctx.raw_api::<ComfyUIDeployment>(&fleet.namespace);
     status_writer::patch_if_changed(
@@ -62,10 +72,17 @@ pub async fn write_status(
         &fleet.name,
         &previous,
         &next,
-        // A merge patch keeps a field it does not name: a gone endpoint or gateway must
-        // be sent as null to leave the stored status.
+        // A merge patch keeps a field it does not name: a gone endpoint, gateway or
+        // autoscaling status must be sent as null to leave the stored status. The
+        // demand is the gateway's (its own field manager): never sent, so a stale copy
+        // read with the object cannot overwrite a newer one.
         |fields| {
-            for key in ["endpoint", "gateway"] {
+            if clear_demand {
+                fields.insert("demand".into(), serde_json::Value::Null);
+            } else {
+                fields.remove("demand");
+            }
+            for key in ["endpoint", "gateway", "autoscaling"] {
                 fields.entry(key).or_insert(serde_json::Value::Null);
             }
         },

@@ -53,6 +53,8 @@ pub struct FleetObservation {
     pub ready_replicas: i32,
     pub endpoint: Option<String>,
     pub gateway: Option<GatewayStatus>,
+    /// Set by the reconciler's autoscaling pass (not from the children).
+    pub autoscaling: Option<crate::crd::autoscaling::AutoscalingStatus>,
     pub conditions: Vec<DesiredCondition>,
 }
 
@@ -155,6 +157,7 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
         ready_replicas: ready,
         endpoint: facts.ingress.as_ref().and_then(|i| endpoint_of(i, cud)),
         gateway,
+        autoscaling: None,
         conditions,
     }
 }

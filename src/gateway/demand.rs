@@ -1,0 +1,202 @@
+//! The gateway's side of autoscaling. It publishes each fleet's demand (queued and
+//! running jobs, busy pods) into the fleet's `status.demand`, with server-side apply
+//! under its own field manager, so that the operator's watch sees a change at once. It
+//! also reads back what the operator decided: whether capacity is missing (queued jobs
+//! show it) and the last cold start's phases (jobs that waited on it carry them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+use super::engine::Engine;
+use crate::crd::ComfyUIDeployment;
+use crate::crd::autoscaling::{CAPACITY_AVAILABLE, ColdStart};
+
+/// The gateway's field manager on its fleets' status.
+pub const FIELD_MANAGER: &str = "sdfleet-gateway";
+/// How often demand is compared with what was published (a write only on change).
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+
+/// One fleet's demand as the engine sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Demand {
+    pub queued: usize,
+    pub running: usize,
+    pub busy_pods: Vec<String>,
+}
+
+/// What the operator reports about a fleet, as the gateway last read it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FleetSignal {
+    /// `NoCapacity`'s message while pods wait for nodes that cannot come.
+    pub no_capacity: Option<String>,
+    pub cold_start: Option<ColdStart>,
+}
+
+#[derive(Default)]
+pub struct FleetSignals(RwLock<HashMap<String, FleetSignal>>);
+
+impl FleetSignals {
+    pub fn get(&self, fleet: &str) -> FleetSignal {
+        self.0
+            .read()
+            .map(|m| m.get(fleet).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    pub fn set(&self, fleet: &str, signal: FleetSignal) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(fleet.to_string(), signal);
+        }
+    }
+}
+
+/// The signal in a fleet's status.
+pub fn signal_of(cud: &ComfyUIDeployment) -> FleetSignal {
+    let status = cud.status.as_ref();
+    FleetSignal {
+        no_capacity: status
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == CAPACITY_AVAILABLE))
+            .filter(|c| c.status == "False")
+            .map(|c| c.message.clone()),
+        cold_start: status
+            .and_then(|s| s.autoscaling.as_ref())
+            .and_then(|a| a.cold_start.clone()),
+    }
+}
+
+/// The cold-start phases a job that waited on the fleet's start carries in its timings:
+/// the start's first pod became ready after the job came in and before it started.
+pub fn phases_for(cold: &ColdStart, created_at_ms: u64, started_at_ms: u64) -> Option<Value> {
+    let ready = cold.ready_at.as_ref()?.0.as_millisecond();
+    let begun = cold.started_at.0.as_millisecond();
+    let created = created_at_ms as i64;
+    // The decision follows the job within a second or so; the start must be this one.
+    if ready < created || ready > started_at_ms as i64 + 1000 || begun + 1000 < created {
+        return None;
+    }
+    Some(json!({
+        "node_seconds": cold.node_seconds,
+        "models_seconds": cold.models_seconds,
+        "image_seconds": cold.image_seconds,
+        "ready_seconds": cold.ready_seconds,
+    }))
+}
+
+/// Keeps `signals` in step with the fleet's status.
+pub async fn watch_fleet(
+    client: Client,
+    namespace: String,
+    fleet: String,
+    signals: Arc<FleetSignals>,
+) {
+    let api: Api<ComfyUIDeployment> = Api::namespaced(client, &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={fleet}"));
+    let mut stream = watcher::watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(cud) => signals.set(&fleet, signal_of(&cud)),
+            Err(e) => tracing::warn!(%fleet, error = %e, "fleet watch"),
+        }
+    }
+}
+
+/// The status patch of one fleet's demand.
+pub fn demand_patch(fleet: &str, demand: &Demand) -> Value {
+    json!({
+        "apiVersion": "sdfleet.io/v1alpha1",
+        "kind": "ComfyUIDeployment",
+        "metadata": {"name": fleet},
+        "status": {"demand": {
+            "queued": demand.queued,
+            "running": demand.running,
+            "busyPods": demand.busy_pods,
+            "observedAt": k8s_openapi::jiff::Timestamp::now().to_string(),
+        }},
+    })
+}
+
+/// Publishes each fleet's demand whenever it changes, until the process ends.
+pub async fn publish(client: Client, namespace: String, fleets: Vec<String>, engine: Arc<Engine>) {
+    let api: Api<ComfyUIDeployment> = Api::namespaced(client, &namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut published: HashMap<String, Demand> = HashMap::new();
+    loop {
+        for fleet in &fleets {
+            let demand = engine.demand(fleet);
+            if published.get(fleet) == Some(&demand) {
+                continue;
+            }
+            let patch = demand_patch(fleet, &demand);
+            match api
+                .patch_status(fleet, &params, &Patch::Apply(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::debug!(%fleet, queued = demand.queued, running = demand.running, "demand published");
+                    published.insert(fleet.clone(), demand);
+                }
+                Err(e) => tracing::warn!(%fleet, error = %e, "cannot publish demand"),
+            }
+        }
+        tokio::time::sleep(PUBLISH_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn cold(started: i64, ready: Option<i64>) -> ColdStart {
+        ColdStart {
+            started_at: Time(Timestamp::from_millisecond(started).unwrap()),
+            ready_at: ready.map(|r| Time(Timestamp::from_millisecond(r).unwrap())),
+            node_seconds: Some(30.0),
+            models_seconds: Some(20.0),
+            image_seconds: Some(5.0),
+            ready_seconds: Some(10.0),
+        }
+    }
+
+    #[test]
+    fn a_job_carries_the_phases_of_the_start_it_waited_on_only() {
+        let c = cold(10_300, Some(75_000));
+        let phases = phases_for(&c, 10_000, 75_400).unwrap();
+        assert_eq!(phases["node_seconds"], 30.0);
+        // Came in after the pod was ready: it waited on nothing.
+        assert!(phases_for(&c, 80_000, 80_100).is_none());
+        // A start long before the job is another one's.
+        assert!(phases_for(&cold(1_000, Some(75_000)), 10_000, 75_400).is_none());
+        assert!(phases_for(&cold(10_300, None), 10_000, 75_400).is_none());
+    }
+
+    #[test]
+    fn the_signal_reads_no_capacity_and_the_cold_start() {
+        let cud: ComfyUIDeployment = serde_json::from_value(json!({
+            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+            "metadata": {"name": "f"}, "spec": {"image": "i"},
+            "status": {"conditions": [{"type": "CapacityAvailable", "status": "False", "reason": "NoCapacity",
+                "message": "NodePool f holds 4 of its 4", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "autoscaling": {"desiredReplicas": 1, "coldStart": {"startedAt": "2026-01-01T00:00:00Z"}}},
+        }))
+        .unwrap();
+        let s = signal_of(&cud);
+        assert_eq!(
+            s.no_capacity.as_deref(),
+            Some("NodePool f holds 4 of its 4")
+        );
+        assert!(s.cold_start.is_some());
+    }
+}
