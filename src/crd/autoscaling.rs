@@ -3,7 +3,7 @@
 //! operator decides the Deployment's replicas from it and reports the decision in
 //! `status.autoscaling`. `spec.replicas` is then not read, and never written.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -102,7 +102,8 @@ pub struct ScalingDecision {
     /// `Demand`, `Idle`, `Bounds`.
     pub reason: String,
     pub message: String,
-    pub time: Time,
+    /// When it was decided (microseconds: the delay from a job's arrival is sub-second).
+    pub time: MicroTime,
 }
 
 /// A start from no ready pod: when it began (the scale-up decision) and how long each

@@ -316,3 +316,38 @@ pub fn api_keys_dir(dir: &Path, id: &str, key: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join(id), sdfleet::gateway::auth::hash_key(key)).unwrap();
 }
+
+/// Whether `as_user` may `verb` `resource` in `ns` (`kubectl auth can-i`).
+pub fn can_i(tb: &Testbed, as_user: &str, verb: &str, resource: &str, ns: &str) -> bool {
+    let out = tb
+        .kubectl()
+        .args(["auth", "can-i", verb, resource, "-n", ns, "--as", as_user])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
+/// The rendered container args with the paths and addresses of this machine: the
+/// store and keys in a temporary directory, S3 on moto, the fake pods' addresses.
+pub fn local_args(rendered: &[String], ns: &str, work: &Path, tb: &Testbed) -> Vec<String> {
+    let mut out = vec!["--namespace".to_string(), ns.to_string()];
+    let mut it = rendered.iter().skip(1); // "gateway"
+    while let Some(flag) = it.next() {
+        let value = match flag.as_str() {
+            "--no-auth" | "--publish-demand" => {
+                out.push(flag.clone());
+                continue;
+            }
+            _ => it.next().cloned().unwrap_or_default(),
+        };
+        match flag.as_str() {
+            // The test picks free loopback ports.
+            "--listen" | "--metrics-listen" => {}
+            "--store" => out.extend([flag.clone(), work.join("jobs.redb").display().to_string()]),
+            "--api-keys-dir" => out.extend([flag.clone(), work.join("keys").display().to_string()]),
+            _ => out.extend([flag.clone(), value]),
+        }
+    }
+    out.extend(["--s3-endpoint".into(), tb.var("AWS_ENDPOINT_URL").into()]);
+    out
+}

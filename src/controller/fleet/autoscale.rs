@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::DynamicObject;
@@ -51,7 +51,7 @@ pub fn decide(
         to,
         reason: reason.into(),
         message,
-        time: Time(now),
+        time: MicroTime(now),
     };
     let bounded = current.clamp(spec.min_replicas, spec.max_replicas);
     let mut plan = Plan {
@@ -100,8 +100,9 @@ pub fn decide(
     plan.status.below_since = Some(Time(since));
     let delay = Duration::from_secs(spec.scale_down_delay_seconds.max(0) as u64);
     let waited = now.duration_since(since).unsigned_abs();
-    if floor >= bounded {
-        // Every pod is busy: look again when they finish (a demand change wakes us).
+    if floor >= bounded || demand.queued > 0 {
+        // Every pod is busy, or a queued job is about to go to one of the idle pods:
+        // look again when that changes (a demand change wakes us).
         return plan.finish(bounded, ready_replicas, now);
     }
     if waited < delay {
@@ -141,9 +142,12 @@ impl Plan {
         }
         self.status.desired_replicas = to;
         match &mut self.decision {
-            Some(d) if d.to == d.from => self.decision = None,
+            Some(d) if to == d.from => self.decision = None,
             Some(d) => d.to = to,
             None => {}
+        }
+        if self.decision.is_some() {
+            self.status.last_decision = self.decision.clone();
         }
         self
     }
@@ -350,6 +354,11 @@ mod tests {
         assert_eq!(plan.status.desired_replicas, 6);
         let d = plan.decision.unwrap();
         assert_eq!((d.from, d.to, d.reason.as_str()), (0, 6, "Demand"));
+        assert_eq!(
+            plan.status.last_decision,
+            Some(d.clone()),
+            "recorded in status"
+        );
         assert!(
             d.message.contains("need 10; capped at maxReplicas 6"),
             "{}",
@@ -393,6 +402,23 @@ mod tests {
         );
         assert_eq!(drained.status.desired_replicas, 1);
         assert!(drained.status.below_since.is_none());
+    }
+
+    #[test]
+    fn no_scale_down_while_jobs_wait_for_a_pod() {
+        // A queued job is about to land on some idle pod: none goes until it has.
+        let s = spec(0, 6, 4, 0);
+        let plan = decide(&s, 6, Some(&demand(1, 0, &[])), None, 6, at(0));
+        assert_eq!(plan.status.desired_replicas, 6);
+        let plan = decide(
+            &s,
+            6,
+            Some(&demand(0, 1, &["a"])),
+            Some(&plan.status),
+            6,
+            at(1),
+        );
+        assert_eq!(plan.status.desired_replicas, 1);
     }
 
     #[test]
@@ -459,7 +485,7 @@ mod tests {
             "metadata": {"name": "pool"}, "spec": {"limits": {"nvidia.com/gpu": "4"}},
             "status": {"resources": {"nvidia.com/gpu": "4"}}}))
             .unwrap();
-        let c = capacity(&[waiting.clone()], Some(&pool), &[]);
+        let c = capacity(std::slice::from_ref(&waiting), Some(&pool), &[]);
         assert!(!c.status);
         assert_eq!(c.reason, Reason::NoCapacity);
         assert!(
@@ -470,7 +496,7 @@ mod tests {
         let claim: DynamicObject = serde_json::from_value(json!({"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim",
             "metadata": {"name": "c"}, "status": {"conditions": [{"type": "Launched", "status": "False", "message": "InsufficientInstanceCapacity"}]}}))
         .unwrap();
-        let c = capacity(&[waiting.clone()], None, &[claim]);
+        let c = capacity(std::slice::from_ref(&waiting), None, &[claim]);
         assert!(!c.status && c.message.contains("InsufficientInstanceCapacity"));
         let c = capacity(&[waiting], None, &[]);
         assert!(c.status && c.message.contains("being launched"));

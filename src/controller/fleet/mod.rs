@@ -425,6 +425,7 @@ async fn scale(
     if !changes.is_empty() && plan.status.desired_replicas < current {
         // The ReplicaSet picks by deletion cost: let it see the new costs first.
         plan.status.desired_replicas = current;
+        plan.status.last_decision = previous.and_then(|p| p.last_decision.clone());
         plan.decision = None;
         plan.recheck = Some(ANNOTATION_SETTLE);
     }

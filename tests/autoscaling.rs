@@ -1,0 +1,538 @@
+//! Autoscaling on the testbed, end to end, under the Helm chart's RBAC and admission
+//! policies: the controller as the chart's ServiceAccount, the gateway exactly as
+//! rendered as its own ServiceAccount, Karpenter (kwok) launching and consolidating GPU
+//! nodes, and fake ComfyUI processes standing in for the fleet's kwok pods (each pod,
+//! once it has an address, is mapped to a free fake; see `bridge`).
+//!
+//! One fleet goes through the whole day: from zero on one job (cold start), a burst
+//! capped first by maxReplicas then by the NodePool's GPU limit, a scale-down that keeps
+//! the pod still running a job, back to zero with its nodes consolidated; its spec is
+//! never touched by any of it.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use sdfleet::crd::ComfyUIDeployment;
+use serde_json::{Value, json};
+use support::fake_comfyui::{FakeComfy, FakeConfig};
+use support::gateway::*;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(180);
+const CKPT: &str = "sd_xl_base_1.0.safetensors";
+const POD_SELECTOR: &str = "app.kubernetes.io/name=comfyui,app.kubernetes.io/instance=sdxl";
+
+fn fleet_manifest(bucket: &str) -> Value {
+    json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+    "metadata": {"name": "sdxl"},
+    "spec": {
+        "image": "comfyui:test",
+        "gpu": {"instanceTypes": ["g5.2xlarge"], "limit": 4},
+        "disruption": {"consolidateAfter": "5s"},
+        "storage": {"outputs": {"bucket": bucket, "prefix": "out/"}},
+        "ingress": {"enabled": false},
+        "gateway": {"allowUnauthenticated": true, "queueCap": 100},
+        "autoscaling": {"minReplicas": 0, "maxReplicas": 6, "targetJobsPerReplica": 4,
+                        "scaleDownDelaySeconds": 10, "maxColdStartWaitSeconds": 1},
+    }})
+}
+
+/// Gives each fleet pod, once it has an address, a fake ComfyUI of its own (a new pod
+/// is a fresh ComfyUI), mapped in the gateway's `--endpoint-map-file`, until `stop`.
+/// Bounded: 20 minutes and 100 pods at most.
+fn bridge(client: Client, ns: String, output_dir: PathBuf, file: PathBuf, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let mut fakes: BTreeMap<String, FakeComfy> = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && fakes.len() < 100 {
+            if let Ok(list) = pods.list(&ListParams::default().labels(POD_SELECTOR)).await {
+                for pod in &list.items {
+                    let name = pod.name_any();
+                    let has_ip = pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.as_ref())
+                        .is_some();
+                    if has_ip && !fakes.contains_key(&name) {
+                        let config = FakeConfig {
+                            step_time: Duration::from_millis(200),
+                            switch_penalty: Duration::ZERO,
+                            models: vec![format!("checkpoints/{CKPT}")],
+                            output_dir: output_dir.clone(),
+                        };
+                        fakes.insert(name.clone(), FakeComfy::start(&name, config).await);
+                    }
+                }
+                let text: String = fakes
+                    .iter()
+                    .map(|(pod, fake)| format!("{pod}={}\n", fake.addr))
+                    .collect();
+                let tmp = file.with_extension("tmp");
+                if std::fs::write(&tmp, text).is_ok() {
+                    let _ = std::fs::rename(&tmp, &file);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+async fn nodes_of_pool(client: &Client, pool: &str) -> usize {
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|n| n.metadata.deletion_timestamp.is_none())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn deployment_replicas(deployments: &Api<Deployment>) -> Option<i32> {
+    deployments.get("sdxl").await.ok()?.spec?.replicas
+}
+
+#[tokio::test]
+async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_pods_and_its_spec() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let (release, release_ns) = install_release(tb, "as");
+    let controller_sa = format!("{release}-sdfleet");
+    let ns = TestNamespace::new(&client, "autoscale").await;
+    let kubeconfig = impersonating_kubeconfig(tb, &release_ns, &controller_sa);
+    let gateway_role = format!("{controller_sa}-gateway");
+    let _controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &[
+            "--agent-namespace",
+            &release_ns,
+            "--gateway-cluster-role",
+            &gateway_role,
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let s3 = s3_client(tb).await;
+    let bucket = create_bucket(&s3, "autoscale").await;
+    // The gateway's store volume (the testbed has no provisioner).
+    let pv_name = format!("{}-gateway-store", ns.name);
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
+                 "hostPath": {"path": format!("/tmp/{pv_name}")},
+                 "claimRef": {"namespace": ns.name, "name": "sdxl-gateway-store"}},
+    }))
+    .unwrap();
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+
+    let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let manifest = fleet_manifest(&bucket);
+    cuds.patch(
+        "sdxl",
+        &PatchParams::apply("test-user").force(),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .unwrap();
+    let applied = cuds.get("sdxl").await.unwrap();
+    let (generation, spec) = (applied.metadata.generation, applied.spec.clone());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    eventually(
+        "the gateway's Deployment and the fleet's at 0 replicas",
+        WAIT,
+        || async {
+            deployments.get("sdxl-gateway").await.ok()?;
+            (deployment_replicas(&deployments).await? == 0).then_some(())
+        },
+    )
+    .await;
+    let pool = eventually("the fleet's NodePool in its status", WAIT, || async {
+        cuds.get("sdxl").await.ok()?.status?.node_pool
+    })
+    .await;
+    assert_eq!(
+        nodes_of_pool(&client, &pool).await,
+        0,
+        "no GPU node at zero"
+    );
+
+    // The gateway as rendered, as its ServiceAccount, in front of the fakes.
+    let rendered: Vec<String> = deployments
+        .get("sdxl-gateway")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        rendered.contains(&"--publish-demand".to_string()),
+        "{rendered:?}"
+    );
+    let work = std::env::temp_dir().join(format!("autoscale-{}", ns.name));
+    std::fs::create_dir_all(&work).unwrap();
+    let map_file = work.join("endpoints");
+    std::fs::write(&map_file, "").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    bridge(
+        client.clone(),
+        ns.name.clone(),
+        work.join("output"),
+        map_file.clone(),
+        stop.clone(),
+    );
+    let mut args = local_args(&rendered, &ns.name, &work, tb);
+    args.extend(["--endpoint-map-file".into(), map_file.display().to_string()]);
+    let as_gateway = impersonating_kubeconfig(tb, &ns.name, "sdxl-gateway");
+    let gateway = GatewayProcess::start_as(tb, args, &as_gateway);
+    gateway.wait_ready("sdxl", 0).await;
+    let api = ApiClient::new(&gateway.url(""), "unused");
+    // The gateway reports an empty fleet: demand 0, nothing decided.
+    eventually("demand 0 published", WAIT, || async {
+        let d = cuds.get("sdxl").await.ok()?.status?.demand?;
+        (d.jobs() == 0).then_some(())
+    })
+    .await;
+
+    // 1. From zero: one job is held (cold start), a node launches, the job runs.
+    let submitted = k8s_openapi::jiff::Timestamp::now();
+    let asked = Instant::now();
+    let (code, job) = api
+        .submit_and_wait(json!({"prompt": sdxl_workflow(CKPT, 2)}), 30)
+        .await;
+    // maxColdStartWaitSeconds (1; Karpenter alone batches pods for 1 s) caps the sync wait while no pod is ready.
+    assert_eq!(code, 202, "{job}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "the cold-start wait caps the sync wait"
+    );
+    assert_eq!(job["waiting"]["reason"], "ColdStart", "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let decision = eventually("a scale-up decision", WAIT, || async {
+        let d = cuds
+            .get("sdxl")
+            .await
+            .ok()?
+            .status?
+            .autoscaling?
+            .last_decision?;
+        (d.to >= 1).then_some(d)
+    })
+    .await;
+    let decided_after = decision.time.0.duration_since(submitted);
+    println!(
+        "scale-up decision {} ms after the job was submitted: {}",
+        decided_after.as_millis(),
+        decision.message
+    );
+    assert_eq!(
+        (decision.from, decision.to, decision.reason.as_str()),
+        (0, 1, "Demand")
+    );
+    // From a watch event, not a requeue timer (the fastest of those is 5 s).
+    assert!(
+        decided_after < k8s_openapi::jiff::SignedDuration::from_secs(5),
+        "{decided_after:?}"
+    );
+    let done = api.wait_final(&id, WAIT).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", gateway.log_text());
+    assert!(
+        nodes_of_pool(&client, &pool).await >= 1,
+        "Karpenter launched a node"
+    );
+    assert_eq!(done["timings"]["cold_start"], true, "{done}");
+    let phases = &done["timings"]["cold_start_phases"];
+    assert!(
+        phases["node_seconds"].as_f64().unwrap() > 0.0,
+        "a node had to launch: {done}"
+    );
+    for phase in ["models_seconds", "image_seconds", "ready_seconds"] {
+        assert!(phases[phase].as_f64().is_some(), "{phase} in {done}");
+    }
+    let cold = cuds
+        .get("sdxl")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .autoscaling
+        .unwrap()
+        .cold_start
+        .unwrap();
+    assert!(cold.ready_at.is_some());
+
+    // A long job (80 s) starts before the burst: when the burst has drained and the
+    // idle delay passed, the scale-down keeps its pod (busy: the highest deletion
+    // cost, do-not-disrupt) and it finishes there.
+    let (code, long) = api
+        .submit(json!({"prompt": sdxl_workflow(CKPT, 400)}))
+        .await;
+    assert_eq!(code, 201);
+    let long_id = long["id"].as_str().unwrap().to_string();
+    let busy_pod = eventually("the long job running", WAIT, || async {
+        let j = api.job(&long_id).await;
+        (j["state"] == "running")
+            .then(|| j["pod"].as_str().map(str::to_string))
+            .flatten()
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the busy pod marked do-not-disrupt", WAIT, || async {
+        let p = pods.get(&busy_pod).await.ok()?;
+        (p.annotations()
+            .get("karpenter.sh/do-not-disrupt")
+            .map(String::as_str)
+            == Some("true"))
+        .then_some(())
+    })
+    .await;
+    // 2. A burst of 40 at 4 per replica: 10 wanted, maxReplicas 6, and the NodePool's
+    // limit of 4 GPUs lets 4 run; the status says why the other 2 wait.
+    let mut burst = Vec::new();
+    for _ in 0..40 {
+        let (code, job) = api.submit(json!({"prompt": sdxl_workflow(CKPT, 5)})).await;
+        assert_eq!(code, 201, "{job}");
+        burst.push(job["id"].as_str().unwrap().to_string());
+    }
+    eventually("6 replicas decided", WAIT, || async {
+        let a = cuds.get("sdxl").await.ok()?.status?.autoscaling?;
+        (a.desired_replicas == 6).then_some(())
+    })
+    .await;
+    assert_eq!(deployment_replicas(&deployments).await, Some(6));
+    let status = eventually("CapacityAvailable False (NoCapacity)", WAIT, || async {
+        let s = cuds.get("sdxl").await.ok()?.status?;
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "CapacityAvailable" && c.status == "False")
+            .cloned()
+    })
+    .await;
+    assert_eq!(status.reason, "NoCapacity");
+    assert!(
+        status.message.contains("holds 4 of its 4 nvidia.com/gpu"),
+        "{}",
+        status.message
+    );
+    let last = burst.last().unwrap();
+    let waiting = api.job(last).await;
+    if waiting["state"] == "queued" {
+        assert_eq!(waiting["waiting"]["reason"], "NoCapacity", "{waiting}");
+    }
+    assert_eq!(
+        nodes_of_pool(&client, &pool).await,
+        4,
+        "capped at the NodePool's limit"
+    );
+
+    // 3. The burst drains (one of its jobs waits behind the long one on its pod), the
+    // delay passes: down to the busy pod, while its job still runs.
+    eventually("scaled down to the busy pod", WAIT, || async {
+        (deployment_replicas(&deployments).await? == 1).then_some(())
+    })
+    .await;
+    let still = api.job(&long_id).await;
+    assert_eq!(
+        still["state"], "running",
+        "scale-down began while it ran: {still}"
+    );
+    // The status follows the Deployment within the same pass.
+    let down = eventually("the Idle decision in status", WAIT, || async {
+        let d = cuds
+            .get("sdxl")
+            .await
+            .ok()?
+            .status?
+            .autoscaling?
+            .last_decision?;
+        (d.to == 1).then_some(d)
+    })
+    .await;
+    assert_eq!(down.reason, "Idle", "{}", down.message);
+    let done = api.wait_final(&long_id, WAIT).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 1, "never handed to another pod: {done}");
+    assert!(
+        pods.get(&busy_pod).await.is_ok(),
+        "the busy pod stayed to the end of its job"
+    );
+    for id in &burst {
+        let done = api.wait_final(id, WAIT).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+
+    // Back to minReplicas 0 after the delay, and the empty nodes go.
+    eventually("0 replicas", WAIT, || async {
+        (deployment_replicas(&deployments).await? == 0).then_some(())
+    })
+    .await;
+    eventually("the GPU nodes consolidated away", WAIT, || async {
+        (nodes_of_pool(&client, &pool).await == 0).then_some(())
+    })
+    .await;
+
+    // 4. No drift for Argo CD: scaling never wrote the spec.
+    let after = cuds.get("sdxl").await.unwrap();
+    assert_eq!(
+        after.metadata.generation, generation,
+        "the spec was never written"
+    );
+    assert_eq!(after.spec, spec);
+    let spec_managers: BTreeSet<String> = after
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .iter()
+        .filter(|m| m.subresource.is_none())
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.get("f:spec").is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    assert_eq!(spec_managers, BTreeSet::from(["test-user".to_string()]));
+    // The gateway wrote the demand, and only that, under its own manager.
+    let events = tb
+        .kubectl()
+        .args([
+            "get",
+            "events",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            "reason=Scaled",
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&events.stdout).trim().is_empty(),
+        "Scaled events"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    drop(gateway);
+    cuds.delete("sdxl", &Default::default()).await.unwrap();
+    eventually("the fleet gone", WAIT, || async {
+        cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    uninstall_release(tb, &release, &release_ns);
+}
+
+/// The admission policy: a gateway writes only `status.demand`, and only its own fleet's.
+#[tokio::test]
+async fn a_gateway_may_write_only_its_own_fleets_demand() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let (release, release_ns) = install_release(tb, "asp");
+    let ns = TestNamespace::new(&client, "autoscale-policy").await;
+    let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["mine", "theirs"] {
+        let mut m = fleet_manifest("bucket-x");
+        m["metadata"]["name"] = json!(name);
+        cuds.patch(
+            name,
+            &PatchParams::apply("test-user").force(),
+            &Patch::Apply(&m),
+        )
+        .await
+        .unwrap();
+    }
+    // The gateway's RBAC as the controller would bind it (no controller runs here).
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "mine-gateway", "namespace": ns.name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("{release}-sdfleet-gateway")},
+        "subjects": [{"kind": "ServiceAccount", "name": "mine-gateway", "namespace": ns.name}]});
+    let bindings: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+        )),
+    );
+    bindings
+        .patch(
+            "mine-gateway",
+            &PatchParams::apply("test-user"),
+            &Patch::Apply(&binding),
+        )
+        .await
+        .unwrap();
+    let as_gateway = impersonating_kubeconfig(tb, &ns.name, "mine-gateway");
+    let gw = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&as_gateway).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let gw_cuds: Api<ComfyUIDeployment> = Api::namespaced(gw, &ns.name);
+    let params = PatchParams::apply(sdfleet::gateway::demand::FIELD_MANAGER).force();
+    let demand = |name: &str| {
+        sdfleet::gateway::demand::demand_patch(
+            name,
+            &sdfleet::gateway::demand::Demand {
+                queued: 3,
+                running: 1,
+                busy_pods: vec!["p".into()],
+            },
+        )
+    };
+    gw_cuds
+        .patch_status("mine", &params, &Patch::Apply(demand("mine")))
+        .await
+        .expect("its own demand");
+    let stored = cuds
+        .get("mine")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .demand
+        .unwrap();
+    assert_eq!((stored.queued, stored.running), (3, 1));
+    let err = gw_cuds
+        .patch_status("theirs", &params, &Patch::Apply(demand("theirs")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("its own fleet only"), "{err}");
+    let mut forged = demand("mine");
+    forged["status"]["autoscaling"] = json!({"desiredReplicas": 6});
+    let err = gw_cuds
+        .patch_status("mine", &params, &Patch::Apply(forged))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("only status.demand"), "{err}");
+    uninstall_release(tb, &release, &release_ns);
+}
