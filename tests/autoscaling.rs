@@ -24,12 +24,11 @@ use kube::{Client, ResourceExt};
 use sdfleet::crd::ComfyUIDeployment;
 use serde_json::{Value, json};
 use support::fake_comfyui::{FakeComfy, FakeConfig};
+use support::fleet::*;
 use support::gateway::*;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(180);
-const CKPT: &str = "sd_xl_base_1.0.safetensors";
-const POD_SELECTOR: &str = "app.kubernetes.io/name=comfyui,app.kubernetes.io/instance=sdxl";
 
 fn fleet_manifest(bucket: &str) -> Value {
     json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
@@ -46,61 +45,6 @@ fn fleet_manifest(bucket: &str) -> Value {
     }})
 }
 
-/// Gives each fleet pod, once it has an address, a fake ComfyUI of its own (a new pod
-/// is a fresh ComfyUI), mapped in the gateway's `--endpoint-map-file`, until `stop`.
-/// Bounded: 20 minutes and 100 pods at most.
-fn bridge(client: Client, ns: String, output_dir: PathBuf, file: PathBuf, stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        let pods: Api<Pod> = Api::namespaced(client, &ns);
-        let mut fakes: BTreeMap<String, FakeComfy> = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(1200);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && fakes.len() < 100 {
-            if let Ok(list) = pods.list(&ListParams::default().labels(POD_SELECTOR)).await {
-                for pod in &list.items {
-                    let name = pod.name_any();
-                    let has_ip = pod
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.pod_ip.as_ref())
-                        .is_some();
-                    if has_ip && !fakes.contains_key(&name) {
-                        let config = FakeConfig {
-                            step_time: Duration::from_millis(200),
-                            switch_penalty: Duration::ZERO,
-                            models: vec![format!("checkpoints/{CKPT}")],
-                            output_dir: output_dir.clone(),
-                        };
-                        fakes.insert(name.clone(), FakeComfy::start(&name, config).await);
-                    }
-                }
-                let text: String = fakes
-                    .iter()
-                    .map(|(pod, fake)| format!("{pod}={}\n", fake.addr))
-                    .collect();
-                let tmp = file.with_extension("tmp");
-                if std::fs::write(&tmp, text).is_ok() {
-                    let _ = std::fs::rename(&tmp, &file);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-}
-
-async fn nodes_of_pool(client: &Client, pool: &str) -> usize {
-    let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|n| n.metadata.deletion_timestamp.is_none())
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 async fn deployment_replicas(deployments: &Api<Deployment>) -> Option<i32> {
     deployments.get("sdxl").await.ok()?.spec?.replicas
 }
@@ -111,37 +55,11 @@ async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_po
     install_crds(tb);
     let client = tb.client().await;
     let (release, release_ns) = install_release(tb, "as");
-    let controller_sa = format!("{release}-sdfleet");
     let ns = TestNamespace::new(&client, "autoscale").await;
-    let kubeconfig = impersonating_kubeconfig(tb, &release_ns, &controller_sa);
-    let gateway_role = format!("{controller_sa}-gateway");
-    let _controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &[
-            "--agent-namespace",
-            &release_ns,
-            "--gateway-cluster-role",
-            &gateway_role,
-        ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    );
+    let _controller = start_controller(tb, &ns.name, &release, &release_ns);
     let s3 = s3_client(tb).await;
     let bucket = create_bucket(&s3, "autoscale").await;
-    // The gateway's store volume (the testbed has no provisioner).
-    let pv_name = format!("{}-gateway-store", ns.name);
-    let pv: PersistentVolume = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                 "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
-                 "hostPath": {"path": format!("/tmp/{pv_name}")},
-                 "claimRef": {"namespace": ns.name, "name": "sdxl-gateway-store"}},
-    }))
-    .unwrap();
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &pv)
-        .await
-        .unwrap();
+    create_gateway_store(&client, &ns.name).await;
 
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
     let manifest = fleet_manifest(&bucket);
@@ -175,40 +93,12 @@ async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_po
     );
 
     // The gateway as rendered, as its ServiceAccount, in front of the fakes.
-    let rendered: Vec<String> = deployments
-        .get("sdxl-gateway")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-        .args
-        .clone()
-        .unwrap();
+    let rendered = rendered_gateway_args(&client, &ns.name).await;
     assert!(
         rendered.contains(&"--publish-demand".to_string()),
         "{rendered:?}"
     );
-    let work = std::env::temp_dir().join(format!("autoscale-{}", ns.name));
-    std::fs::create_dir_all(&work).unwrap();
-    let map_file = work.join("endpoints");
-    std::fs::write(&map_file, "").unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    bridge(
-        client.clone(),
-        ns.name.clone(),
-        work.join("output"),
-        map_file.clone(),
-        stop.clone(),
-    );
-    let mut args = local_args(&rendered, &ns.name, &work, tb);
-    args.extend(["--endpoint-map-file".into(), map_file.display().to_string()]);
-    let as_gateway = impersonating_kubeconfig(tb, &ns.name, "sdxl-gateway");
-    let gateway = GatewayProcess::start_as(tb, args, &as_gateway);
-    gateway.wait_ready("sdxl", 0).await;
+    let (gateway, bridge) = start_rendered_gateway(tb, &client, &ns.name).await;
     let api = ApiClient::new(&gateway.url(""), "unused");
     // The gateway reports an empty fleet: demand 0, nothing decided.
     eventually("demand 0 published", WAIT, || async {
@@ -435,7 +325,7 @@ async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_po
         "Scaled events"
     );
 
-    stop.store(true, Ordering::Relaxed);
+    drop(bridge);
     drop(gateway);
     cuds.delete("sdxl", &Default::default()).await.unwrap();
     eventually("the fleet gone", WAIT, || async {

@@ -49,13 +49,21 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
     api.patch("sdxl", &dry, &Patch::Apply(&valid()))
         .await
         .expect("the valid spec is accepted");
-    // The example fleet with a gateway, as a user applies it (in this namespace).
-    let text = std::fs::read_to_string(support::repo_root().join("examples/gateway.yaml")).unwrap();
-    let mut example: Value = serde_saphyr::from_str(&text).unwrap();
-    example["metadata"]["namespace"] = json!(ns.name);
-    api.patch("sdxl", &dry, &Patch::Apply(&example))
-        .await
-        .expect("examples/gateway.yaml is accepted");
+    // The example fleets with a gateway, and autoscaled, as a user applies them (in
+    // this namespace).
+    for file in ["examples/gateway.yaml", "examples/autoscaling.yaml"] {
+        let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
+        let mut example: Value = serde_saphyr::from_str(&text).unwrap();
+        example["metadata"]["namespace"] = json!(ns.name);
+        api.patch("sdxl", &dry, &Patch::Apply(&example))
+            .await
+            .unwrap_or_else(|e| panic!("{file} is accepted: {e}"));
+    }
+    let autoscaled = |autoscaling: Value| {
+        let mut o = with(&["spec", "gateway"], json!({"allowUnauthenticated": true}));
+        o["spec"]["autoscaling"] = autoscaling;
+        o
+    };
 
     let mut long_name = valid();
     long_name["metadata"]["name"] = json!("a".repeat(60));
@@ -214,6 +222,29 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
                 json!({"apiKeysSecret": "k", "placement": "Nearest"}),
             ),
             "spec.gateway.placement",
+        ),
+        (
+            "autoscaling without a gateway",
+            with(
+                &["spec", "autoscaling"],
+                json!({"minReplicas": 0, "maxReplicas": 2}),
+            ),
+            "autoscaling needs spec.gateway",
+        ),
+        (
+            "minReplicas above maxReplicas",
+            autoscaled(json!({"minReplicas": 3, "maxReplicas": 2})),
+            "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+        ),
+        (
+            "maxReplicas 0",
+            autoscaled(json!({"minReplicas": 0, "maxReplicas": 0})),
+            "spec.autoscaling.maxReplicas",
+        ),
+        (
+            "no target jobs per replica",
+            autoscaled(json!({"minReplicas": 0, "maxReplicas": 2, "targetJobsPerReplica": 0})),
+            "spec.autoscaling.targetJobsPerReplica",
         ),
     ];
     assert!(cases.len() >= 10);

@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod chart;
 pub mod fake_comfyui;
+pub mod fleet;
 pub mod gateway;
 pub mod http;
 pub mod process;
