@@ -28,5 +28,7 @@ cargo test --locked --test autoscaling_bench -- --ignored --nocapture 2>&1 | tee
   grep -E '^[0-9]+ jobs over' "$out"
   echo
   grep -E '^\|' "$out"
+  echo
+  cat bench/autoscaling-notes.md
 } >bench/autoscaling.md
 echo "wrote bench/autoscaling.md"

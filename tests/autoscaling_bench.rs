@@ -175,13 +175,23 @@ async fn a_day_of_bursty_traffic_fixed_against_autoscaled_min_1_and_min_0() {
         let pools = pools.clone();
         tokio::spawn(async move {
             let mut node_seconds = vec![0.0; pools.len()];
-            let step = Duration::from_millis(500);
+            let mut nodes = vec![0usize; pools.len()];
+            let mut last = Instant::now();
             while start.elapsed() < day {
-                for (i, pool) in pools.iter().enumerate() {
-                    node_seconds[i] +=
-                        nodes_of_pool(&client, pool).await as f64 * step.as_secs_f64();
+                // Each count holds from its sample to the next (the lists take time too).
+                let now = Instant::now();
+                for (i, n) in nodes.iter().enumerate() {
+                    node_seconds[i] += *n as f64 * (now - last).as_secs_f64();
                 }
-                tokio::time::sleep(step).await;
+                last = now;
+                for (i, pool) in pools.iter().enumerate() {
+                    nodes[i] = nodes_of_pool(&client, pool).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let end = Instant::now().min(start + day);
+            for (i, n) in nodes.iter().enumerate() {
+                node_seconds[i] += *n as f64 * end.saturating_duration_since(last).as_secs_f64();
             }
             node_seconds
         })

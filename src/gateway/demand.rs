@@ -76,10 +76,8 @@ pub fn signal_of(cud: &ComfyUIDeployment) -> FleetSignal {
 /// the start's first pod became ready after the job came in and before it started.
 pub fn phases_for(cold: &ColdStart, created_at_ms: u64, started_at_ms: u64) -> Option<Value> {
     let ready = cold.ready_at.as_ref()?.0.as_millisecond();
-    let begun = cold.started_at.0.as_millisecond();
-    let created = created_at_ms as i64;
-    // The decision follows the job within a second or so; the start must be this one.
-    if ready < created || ready > started_at_ms as i64 + 1000 || begun + 1000 < created {
+    // The first pod came up while the job waited (ready_at has second precision).
+    if ready + 1000 < created_at_ms as i64 || ready > started_at_ms as i64 + 1000 {
         return None;
     }
     Some(json!({
@@ -177,8 +175,10 @@ mod tests {
         assert_eq!(phases["node_seconds"], 30.0);
         // Came in after the pod was ready: it waited on nothing.
         assert!(phases_for(&c, 80_000, 80_100).is_none());
-        // A start long before the job is another one's.
-        assert!(phases_for(&cold(1_000, Some(75_000)), 10_000, 75_400).is_none());
+        // A job that came in while the fleet was starting waited on that start too.
+        assert!(phases_for(&cold(1_000, Some(75_000)), 10_000, 75_400).is_some());
+        // A start that ended long before the job is not its own.
+        assert!(phases_for(&c, 90_000, 90_100).is_none());
         assert!(phases_for(&cold(10_300, None), 10_000, 75_400).is_none());
     }
 
