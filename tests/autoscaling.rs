@@ -395,10 +395,23 @@ async fn a_gateway_may_write_only_its_own_fleets_demand() {
             },
         )
     };
-    gw_cuds
-        .patch_status("mine", &params, &Patch::Apply(demand("mine")))
-        .await
-        .expect("its own demand");
+    // A new RoleBinding takes a moment to reach the apiserver's authorizer: only a 403
+    // is retried.
+    eventually(
+        "its own demand written",
+        Duration::from_secs(30),
+        || async {
+            match gw_cuds
+                .patch_status("mine", &params, &Patch::Apply(demand("mine")))
+                .await
+            {
+                Ok(_) => Some(()),
+                Err(kube::Error::Api(e)) if e.code == 403 => None,
+                Err(e) => panic!("its own demand: {e}"),
+            }
+        },
+    )
+    .await;
     let stored = cuds
         .get("mine")
         .await
