@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use sdfleet::crd::ComfyUIDeployment;
+use sdfleet::crd::autoscaling::ScalingDecision;
 use serde_json::{Value, json};
 use support::fleet::*;
 use support::gateway::*;
@@ -39,6 +40,25 @@ fn fleet_manifest(bucket: &str) -> Value {
         "autoscaling": {"minReplicas": 0, "maxReplicas": 6, "targetJobsPerReplica": 4,
                         "scaleDownDelaySeconds": 10, "maxColdStartWaitSeconds": 1},
     }})
+}
+
+/// The fleet's last scaling decision, once `wanted` holds for it.
+async fn decision_where(
+    cuds: &Api<ComfyUIDeployment>,
+    what: &str,
+    wanted: impl Fn(&ScalingDecision) -> bool,
+) -> ScalingDecision {
+    eventually(what, WAIT, || async {
+        let d = cuds
+            .get("sdxl")
+            .await
+            .ok()?
+            .status?
+            .autoscaling?
+            .last_decision?;
+        wanted(&d).then_some(d)
+    })
+    .await
 }
 
 async fn deployment_replicas(deployments: &Api<Deployment>) -> Option<i32> {
@@ -117,17 +137,7 @@ async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_po
     );
     assert_eq!(job["waiting"]["reason"], "ColdStart", "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    let decision = eventually("a scale-up decision", WAIT, || async {
-        let d = cuds
-            .get("sdxl")
-            .await
-            .ok()?
-            .status?
-            .autoscaling?
-            .last_decision?;
-        (d.to >= 1).then_some(d)
-    })
-    .await;
+    let decision = decision_where(&cuds, "a scale-up decision", |d| d.to >= 1).await;
     let decided_after = decision.time.0.duration_since(submitted);
     println!(
         "scale-up decision {} ms after the job was submitted: {}",
@@ -246,17 +256,7 @@ async fn a_fleet_scales_from_zero_on_demand_to_its_caps_and_back_keeping_busy_po
         "scale-down began while it ran: {still}"
     );
     // The status follows the Deployment within the same pass.
-    let down = eventually("the Idle decision in status", WAIT, || async {
-        let d = cuds
-            .get("sdxl")
-            .await
-            .ok()?
-            .status?
-            .autoscaling?
-            .last_decision?;
-        (d.to == 1).then_some(d)
-    })
-    .await;
+    let down = decision_where(&cuds, "the Idle decision in status", |d| d.to == 1).await;
     assert_eq!(down.reason, "Idle", "{}", down.message);
     let done = api.wait_final(&long_id, WAIT).await;
     assert_eq!(done["state"], "succeeded", "{done}");

@@ -337,15 +337,8 @@ impl Engine {
 
     /// Jobs queued or on a pod, per fleet: (queued, in flight).
     pub fn load(&self, fleet: &str) -> (usize, usize) {
-        let st = self.lock();
-        let queued = st.queues.get(fleet).map_or(0, |q| q.len());
-        let in_flight = st
-            .pods
-            .values()
-            .filter(|p| p.fleet == fleet)
-            .map(|p| p.assigned.len())
-            .sum();
-        (queued, in_flight)
+        let d = self.demand(fleet);
+        (d.queued, d.running)
     }
 
     /// A fleet's demand for autoscaling: queued and on-pod jobs, and the pods holding one.

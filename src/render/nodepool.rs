@@ -25,6 +25,11 @@ pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodePool"))
 }
 
+/// Karpenter's NodeClaims (read only: a failed launch is why a fleet's pods wait).
+pub fn nodeclaim_api_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("karpenter.sh", "v1", "NodeClaim"))
+}
+
 pub fn nodepool_spec(
     fleet: &FleetNames,
     spec: &ComfyUIDeploymentSpec,

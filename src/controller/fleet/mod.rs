@@ -304,10 +304,14 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     let mut observed = status::observe(&effective, &fleet, &facts);
     let mut recheck = None;
     if let Some(s) = scaling {
-        let claims = dynamic_api(&ctx.client, &nodeclaim_resource(), None)
-            .list(&ListParams::default().labels(&format!("{NODEPOOL_LABEL}={}", fleet.nodepool())))
-            .await?
-            .items;
+        let claims = dynamic_api(
+            &ctx.client,
+            &render::nodepool::nodeclaim_api_resource(),
+            None,
+        )
+        .list(&ListParams::default().labels(&format!("{NODEPOOL_LABEL}={}", fleet.nodepool())))
+        .await?
+        .items;
         observed.conditions.push(autoscale::capacity(
             &s.pods,
             facts.nodepool.as_ref(),
@@ -444,14 +448,6 @@ async fn scale(
         plan.status.cold_start = Some(autoscale::cold_start_phases(&cold, &pods, &nodes));
     }
     Ok(Scaling { plan, pods })
-}
-
-fn nodeclaim_resource() -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-        "karpenter.sh",
-        "v1",
-        "NodeClaim",
-    ))
 }
 
 /// Reads what the status is computed from: the Deployment, the NodePool, the Ingress,
