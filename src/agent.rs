@@ -1,7 +1,13 @@
-//! The node agent: on one node, syncs the ModelSets of the fleets whose NodePool the
-//! node belongs to, reports its own entry in each ModelSet's `status.nodes`, and lifts
-//! the node's `sdfleet.io/models-not-ready` startup taint after the first complete sync.
+//! The node agent: on one node, syncs the ModelSet its fleet uses (the node's labels name
+//! both: the NodePool's template puts them there), reports in its own `ModelSync` object,
+//! and lifts the node's `sdfleet.io/models-not-ready` startup taint after the first
+//! complete sync.
+//!
+//! It watches only what concerns its node: the Node itself and that one ModelSet, each by
+//! a field selector. A steady agent sends no request: its node and ModelSet come from
+//! those watches' stores, and what it last reported is kept in memory.
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,15 +15,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
-use crate::crd::ComfyUIDeployment;
+use crate::crd::ModelSync;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
-use crate::names::{FleetNames, MODELS_NOT_READY_TAINT, NODEPOOL_LABEL, models_dir, safe_name};
+use crate::names::{
+    MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
+    models_dir,
+};
 use crate::sync::store::S3Store;
 use crate::sync::{self, SyncOptions};
 
@@ -25,7 +36,14 @@ use crate::sync::{self, SyncOptions};
 pub enum AgentError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the watch of {0} has not listed yet")]
+    NotListed(String),
 }
+
+/// The field manager of the agents' reports (each report has this one writer).
+const MANAGER: &str = "sdfleet-agent";
+/// How long a pass waits for a watch's first listing.
+const LIST_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Agent {
     pub client: Client,
@@ -34,15 +52,97 @@ pub struct Agent {
     pub region: Option<String>,
 }
 
+/// The ModelSet a node's labels name: `(namespace, name)`.
+fn wanted(node: &Node) -> Option<(String, String)> {
+    let labels = node.labels();
+    labels.get(NODEPOOL_LABEL)?;
+    Some((
+        labels.get(OWNER_NAMESPACE_KEY)?.clone(),
+        labels.get(MODELSET_LABEL)?.clone(),
+    ))
+}
+
+/// A watch filling `store`, waking `changed` when `what` of an object changes.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    what: fn(&K) -> Option<u64>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = Writer::default();
+    let store = writer.as_reader();
+    let task = tokio::spawn(async move {
+        let events = reflector::reflector(writer, watcher(api, config).default_backoff())
+            .applied_objects()
+            .predicate_filter(what, PredicateConfig::default());
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
+            }
+        }
+    });
+    (store, task)
+}
+
+fn by_name(name: &str) -> watcher::Config {
+    watcher::Config::default().fields(&format!("metadata.name={name}"))
+}
+
+async fn listed<K>(store: &Store<K>, what: &str) -> Result<(), AgentError>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    match tokio::time::timeout(LIST_WAIT, store.wait_until_ready()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(AgentError::NotListed(what.to_string())),
+    }
+}
+
+/// The one ModelSet being watched.
+struct Watched {
+    key: (String, String),
+    store: Store<ModelSet>,
+    task: JoinHandle<()>,
+}
+
+/// The agent's state between passes: what it watches and what it last reported.
+struct State {
+    model_set: Option<Watched>,
+    /// The last report per ModelSync name; absent until read once.
+    reported: HashMap<String, Option<NodeSync>>,
+}
+
 impl Agent {
-    /// Syncs, reports and lifts the taint until `shutdown`: at once when a ModelSet's
-    /// catalog or spec or a fleet changes (watched), and every `resync` regardless.
+    /// Syncs, reports and lifts the taint until `shutdown`: at once when the node's
+    /// labels or taints or its ModelSet's spec or revision change (watched), and every
+    /// `resync` regardless (which repairs local changes).
     pub async fn run(&self, resync: Duration, shutdown: impl std::future::Future<Output = ()>) {
         let changed = Arc::new(Notify::new());
-        let watching = tokio::spawn(watch_changes(self.client.clone(), changed.clone()));
+        let (node, node_task) = watch(
+            Api::<Node>::all(self.client.clone()),
+            by_name(&self.node),
+            changed.clone(),
+            node_changes,
+        );
+        let mut state = State {
+            model_set: None,
+            reported: HashMap::new(),
+        };
         tokio::pin!(shutdown);
         loop {
-            if let Err(e) = self.pass().await {
+            if let Err(e) = self.pass(&node, &mut state, &changed).await {
                 tracing::warn!(node = %self.node, error = %e, "agent pass failed; retrying");
             }
             tokio::select! {
@@ -52,75 +152,108 @@ impl Agent {
                 _ = changed.notified() => tracing::debug!(node = %self.node, "change seen; syncing"),
             }
         }
-        watching.abort();
+        node_task.abort();
+        if let Some(w) = state.model_set {
+            w.task.abort();
+        }
     }
 
-    /// One pass: returns once every ModelSet of the node's fleets was visited.
-    pub async fn pass(&self) -> Result<(), AgentError> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let node = nodes.get(&self.node).await?;
-        let Some(pool) = node.labels().get(NODEPOOL_LABEL).cloned() else {
-            tracing::debug!(node = %self.node, "not a Karpenter node; nothing to sync");
+    /// One pass over the node's ModelSet, read from the watches' stores.
+    async fn pass(
+        &self,
+        nodes: &Store<Node>,
+        state: &mut State,
+        changed: &Arc<Notify>,
+    ) -> Result<(), AgentError> {
+        listed(nodes, "its Node").await?;
+        let Some(node) = nodes.get(&ObjectRef::new(&self.node)) else {
+            tracing::debug!(node = %self.node, "node not found; waiting");
             return Ok(());
         };
-        let cuds: Api<ComfyUIDeployment> = Api::all(self.client.clone());
-        let mut wanted: Vec<(String, String)> = cuds
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter_map(|cud| {
-                let ns = cud.namespace()?;
-                let fleet = FleetNames::new(&ns, &cud.name_any());
-                (fleet.nodepool() == pool)
-                    .then(|| Some((ns, cud.spec.model_set.clone()?)))
-                    .flatten()
-            })
-            .collect();
-        wanted.sort();
-        wanted.dedup();
-
-        let mut all_synced = !wanted.is_empty();
-        for (ns, name) in wanted {
-            let api: Api<ModelSet> = Api::namespaced(self.client.clone(), &ns);
-            let Some(ms) = api.get_opt(&name).await? else {
-                tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not found; waiting");
-                all_synced = false;
-                continue;
-            };
-            if !admitted(&ms) {
-                // The controller has not (or no longer) listed it under its FleetClass:
-                // the bucket is not for this agent to read.
-                tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not admitted by the controller; waiting");
-                all_synced = false;
-                continue;
+        let Some((ns, name)) = wanted(&node) else {
+            tracing::debug!(node = %self.node, "no fleet with a ModelSet on this node; nothing to sync");
+            return Ok(());
+        };
+        // Watch that one ModelSet (a new one when the node's labels name another).
+        if state.model_set.as_ref().map(|w| &w.key) != Some(&(ns.clone(), name.clone())) {
+            if let Some(old) = state.model_set.take() {
+                old.task.abort();
             }
-            all_synced &= self.sync_one(&api, &ms, &ns).await?;
+            let (store, task) = watch(
+                Api::<ModelSet>::namespaced(self.client.clone(), &ns),
+                by_name(&name),
+                changed.clone(),
+                model_set_changes,
+            );
+            state.model_set = Some(Watched {
+                key: (ns.clone(), name.clone()),
+                store,
+                task,
+            });
         }
-        if all_synced {
-            self.lift_taint(&nodes).await?;
+        let Some(watched) = &state.model_set else {
+            return Ok(());
+        };
+        listed(&watched.store, "its ModelSet").await?;
+        let Some(ms) = watched.store.get(&ObjectRef::new(&name).within(&ns)) else {
+            tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not found; waiting");
+            return Ok(());
+        };
+        if !admitted(&ms) {
+            // The controller has not (or no longer) listed it under its FleetClass:
+            // the bucket is not for this agent to read.
+            tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not admitted by the controller; waiting");
+            return Ok(());
+        }
+        let reports = Reports {
+            api: Api::namespaced(self.client.clone(), &ns),
+            node: &node,
+            model_set: &ms,
+        };
+        let key = ModelSync::name_for(&name, &self.node);
+        if !state.reported.contains_key(&key) {
+            let last = reports.api.get_opt(&key).await?.map(|r| r.spec.report);
+            state.reported.insert(key.clone(), last);
+        }
+        let mine = state.reported.get_mut(&key);
+        let Some(mine) = mine else {
+            return Ok(());
+        };
+        if self.sync_one(&reports, mine, &ns).await? && has_startup_taint(&node) {
+            self.lift_taint(&Api::all(self.client.clone())).await?;
         }
         Ok(())
     }
-
     /// Brings the node to the ModelSet's catalog; true when the node holds it.
     async fn sync_one(
         &self,
-        api: &Api<ModelSet>,
-        ms: &ModelSet,
+        reports: &Reports<'_>,
+        mine: &mut Option<NodeSync>,
         ns: &str,
     ) -> Result<bool, AgentError> {
+        let ms = reports.model_set;
         let name = ms.name_any();
         let status = ms.status.clone().unwrap_or_default();
         let dest = models_dir(&self.root, ns, &name);
-        let mine = status.node(&self.node);
+        let last = mine.clone();
         // Already at the catalog's revision, and nothing removed locally since.
-        if mine.is_some_and(|m| m.is_synced_at(&status.revision)) && sync::has_manifest(&dest) {
+        if last
+            .as_ref()
+            .is_some_and(|m| m.is_synced_at(&status.revision))
+            && sync::has_manifest(&dest)
+        {
             return Ok(true);
         }
-        if mine.map(|m| m.state) != Some(NodeSyncState::Syncing) {
-            self.report(api, &name, NodeSyncState::Syncing, &status.revision, 0, "")
-                .await?;
+        if last.map(|m| m.state) != Some(NodeSyncState::Syncing) {
+            self.report(
+                reports,
+                mine,
+                NodeSyncState::Syncing,
+                &status.revision,
+                0,
+                "",
+            )
+            .await?;
         }
         let spec = &ms.spec;
         let result = async {
@@ -151,8 +284,8 @@ impl Agent {
                 );
                 tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync incomplete");
                 self.report(
-                    api,
-                    &name,
+                    reports,
+                    mine,
                     NodeSyncState::Failed,
                     &catalog.revision(),
                     catalog.total_bytes(),
@@ -167,8 +300,8 @@ impl Agent {
                     fetched = report.downloaded, bytes = report.bytes, resumed_bytes = report.resumed, deleted = report.deleted, "synced"
                 );
                 self.report(
-                    api,
-                    &name,
+                    reports,
+                    mine,
                     NodeSyncState::Synced,
                     &catalog.revision(),
                     catalog.total_bytes(),
@@ -180,8 +313,8 @@ impl Agent {
             Err(message) => {
                 tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync failed");
                 self.report(
-                    api,
-                    &name,
+                    reports,
+                    mine,
                     NodeSyncState::Failed,
                     &status.revision,
                     0,
@@ -193,12 +326,11 @@ impl Agent {
         }
     }
 
-    /// Applies this node's entry of `status.nodes` (a list map keyed by node): each
-    /// agent owns its entry under its own field manager, so none clobbers another.
+    /// Applies this node's report (its own `ModelSync`, one writer each).
     async fn report(
         &self,
-        api: &Api<ModelSet>,
-        name: &str,
+        reports: &Reports<'_>,
+        mine: &mut Option<NodeSync>,
         state: NodeSyncState,
         revision: &str,
         bytes_done: u64,
@@ -212,14 +344,24 @@ impl Agent {
             message: NodeSync::bounded(message),
             command_id: None,
         };
-        let body = ModelSet::node_entries_patch(name, &[entry]);
-        let manager = format!("sdfleet-agent-{}", self.node);
-        api.patch_status(
-            name,
-            &PatchParams::apply(&safe_name(&manager, 128)).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
+        let owners: std::collections::BTreeMap<String, String> = reports
+            .node
+            .labels()
+            .iter()
+            .filter(|(k, _)| *k == OWNER_NAMESPACE_KEY || *k == OWNER_NAME_KEY)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = ModelSync::apply_body(reports.model_set, reports.node, &owners, &entry);
+        let name = ModelSync::name_for(&reports.model_set.name_any(), &self.node);
+        reports
+            .api
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(body),
+            )
+            .await?;
+        *mine = Some(entry);
         Ok(())
     }
 
@@ -274,48 +416,42 @@ fn admitted(ms: &ModelSet) -> bool {
             .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-/// A hash of what of an object can change what the agent does: its spec (generation)
-/// and, for a ModelSet, its catalog revision. Status writes (the agents' own entries
-/// among them) change neither, so they wake nobody.
-fn spec_and_revision<K: Resource>(object: &K, revision: Option<&str>) -> Option<u64> {
+/// Where a pass reports: the node's ModelSync objects in the ModelSet's namespace.
+struct Reports<'a> {
+    api: Api<ModelSync>,
+    node: &'a Node,
+    model_set: &'a ModelSet,
+}
+
+fn has_startup_taint(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == MODELS_NOT_READY_TAINT))
+}
+
+/// What of its node can change what the agent does: the labels naming the fleet and
+/// ModelSet, and the taints. Not the kubelet's status heartbeats.
+fn node_changes(node: &Node) -> Option<u64> {
     let mut h = DefaultHasher::new();
-    (object.meta().generation, revision).hash(&mut h);
+    node.metadata.labels.hash(&mut h);
+    serde_json::to_string(&node.spec.as_ref().map(|s| &s.taints))
+        .unwrap_or_default()
+        .hash(&mut h);
     Some(h.finish())
 }
 
-/// Watches ModelSets and ComfyUIDeployments and notifies `changed` when one of them
-/// changes in a way that matters (kube-runtime's predicate filter keeps the last hash of
-/// each object). Watch errors are retried with backoff; meanwhile the periodic resync
-/// still runs.
-async fn watch_changes(client: Client, changed: Arc<Notify>) {
-    let sets = watcher(
-        Api::<ModelSet>::all(client.clone()),
-        watcher::Config::default(),
+/// What of its ModelSet can change what the agent does: the spec (generation), the
+/// catalog revision and whether the controller admitted it.
+fn model_set_changes(ms: &ModelSet) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    (
+        ms.metadata.generation,
+        ms.status.as_ref().map(|s| s.revision.as_str()),
+        admitted(ms),
     )
-    .default_backoff()
-    .applied_objects()
-    .predicate_filter(
-        |ms: &ModelSet| spec_and_revision(ms, ms.status.as_ref().map(|s| s.revision.as_str())),
-        PredicateConfig::default(),
-    )
-    .map(|r| r.map(|_| ()))
-    .boxed();
-    let fleets = watcher(
-        Api::<ComfyUIDeployment>::all(client),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .applied_objects()
-    .predicate_filter(predicates::generation, PredicateConfig::default())
-    .map(|r| r.map(|_| ()))
-    .boxed();
-    let mut events = futures::stream::select(sets, fleets);
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(()) => changed.notify_one(),
-            Err(e) => tracing::warn!(error = %e, "watching ModelSets and fleets; retrying"),
-        }
-    }
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 pub mod docs;
 pub mod gateway;
+pub mod latency;
 pub mod leader;
 #[cfg(test)]
 pub mod mock_apiserver;

@@ -196,6 +196,11 @@ pub fn safe_name(name: &str, max: usize) -> String {
     format!("{head}-{}", &digest[..8])
 }
 
+/// `value` as a label value (at most 63 characters; longer ones keep a hash).
+pub fn label_value(value: &str) -> String {
+    safe_name(value, 63)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

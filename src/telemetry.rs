@@ -96,6 +96,8 @@ pub struct Metrics {
     pub desired_replicas: Family<FleetLabels, Gauge>,
     pub ready_replicas: Family<FleetLabels, Gauge>,
     pub scaling_decisions: Family<ScalingLabels, Counter>,
+    /// Raw reconcile and queue-to-done samples (`/debug/latency`).
+    pub latency: crate::latency::Latency,
 }
 
 impl Default for Metrics {
@@ -153,6 +155,7 @@ impl Default for Metrics {
             scaling_decisions.clone(),
         );
         Metrics {
+            latency: Default::default(),
             scaling_decisions,
             registry,
             reconciles,
@@ -226,6 +229,7 @@ pub fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/debug/latency", get(latency_handler))
         .route("/readyz", get(readyz_handler))
         .with_state(health)
 }
@@ -237,6 +241,13 @@ async fn metrics_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         h.metrics.encode(),
+    )
+}
+
+async fn latency_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        h.metrics.latency.report(),
     )
 }
 

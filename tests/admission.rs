@@ -1,6 +1,6 @@
 //! The chart's admission policies, evaluated by the real apiserver: an agent's token
 //! (which sits on every GPU node) may only lift sdfleet's taint from its own node and
-//! write its own entry; the controller's may only write objects sdfleet labels.
+//! write its own node's report (ModelSync); the controller's may only write objects sdfleet labels.
 
 mod support;
 
@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use sdfleet::crd::ModelSet;
+use sdfleet::crd::ModelSync;
 use serde_json::{Value, json};
 use support::{TestNamespace, Testbed, install_crds, unique_suffix};
 
@@ -132,43 +132,44 @@ async fn an_agent_may_change_only_its_own_node_and_entry() {
         .await
         .expect("its own node's startup taint");
 
-    // ModelSet status: its own entry only.
+    // Reports: its own node's ModelSync only.
     let ns = TestNamespace::new(&admin, "admission").await;
-    let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "m"},
-        "spec": {"source": {"s3": {"bucket": "models-bucket"}}}});
-    Api::<ModelSet>::namespaced(admin.clone(), &ns.name)
-        .patch("m", &PatchParams::apply("test-user"), &Patch::Apply(ms))
-        .await
-        .unwrap();
-    let sets: Api<ModelSet> = Api::namespaced(agent.clone(), &ns.name);
-    let entry = |node: &str| {
-        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "m"},
-            "status": {"nodes": [{"node": node, "revision": "r", "state": "Synced"}]}})
+    let syncs: Api<ModelSync> = Api::namespaced(agent.clone(), &ns.name);
+    let report = |node: &str| {
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSync",
+            "metadata": {"name": format!("m.{node}")},
+            "spec": {"modelSet": "m", "node": node, "revision": "r", "state": "Synced"}})
     };
     refused(
-        sets.patch_status(
-            "m",
-            &PatchParams::apply("sdfleet-agent-x").force(),
-            &Patch::Apply(entry(&other)),
-        )
-        .await,
-        "may only write its own entry",
+        syncs
+            .patch(
+                &format!("m.{other}"),
+                &PatchParams::apply("sdfleet-agent").force(),
+                &Patch::Apply(report(&other)),
+            )
+            .await,
+        "may only write the ModelSync of its own node",
     );
-    sets.patch_status(
-        "m",
-        &PatchParams::apply("sdfleet-agent-mine").force(),
-        &Patch::Apply(entry(&mine)),
-    )
-    .await
-    .expect("its own entry");
-    refused(
-        sets.patch_status(
-            "m",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"revision": "forged"}})),
+    syncs
+        .patch(
+            &format!("m.{mine}"),
+            &PatchParams::apply("sdfleet-agent").force(),
+            &Patch::Apply(report(&mine)),
         )
-        .await,
-        "may only write status.nodes",
+        .await
+        .expect("its own node's report");
+    // Renaming its report to another node's is an update the policy refuses too.
+    let mut forged = report(&other);
+    forged["metadata"]["name"] = format!("m.{mine}").into();
+    refused(
+        syncs
+            .patch(
+                &format!("m.{mine}"),
+                &PatchParams::apply("sdfleet-agent").force(),
+                &Patch::Apply(forged),
+            )
+            .await,
+        "may only write the ModelSync of its own node",
     );
     // A token that names no node may change nothing.
     let nameless = client_from(&support::impersonating_kubeconfig(

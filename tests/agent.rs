@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::modelset::NodeSyncState;
-use sdfleet::crd::{ComfyUIDeployment, ModelSet};
+use sdfleet::crd::{ComfyUIDeployment, ModelSet, ModelSync};
 use serde_json::{Value, json};
 use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
 
@@ -184,8 +184,8 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     }
 
     // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC and its
-    // admission policy are what let it read fleets and ModelSets, watch them, report
-    // its own entry and lift its own node's taint.
+    // admission policy are what let it watch its node and its ModelSet, report in its
+    // own node's ModelSync and lift its own node's taint.
     let as_agent = support::agent_kubeconfig(tb, &release_ns, &node_name);
 
     // The models root as kubelet creates a DirectoryOrCreate hostPath: root:root 0755.
@@ -241,13 +241,16 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
             .unwrap(),
     );
     let dir = root.join(&ns.name).join("sdxl-models");
+    // The agent reports in its own node's ModelSync.
+    let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);
+    let report_name = ModelSync::name_for("sdxl-models", &node_name);
 
     let revision = eventually(
         "the agent to report Synced at the revision",
         WAIT,
         || async {
             let status = sets.get("sdxl-models").await.ok()?.status?;
-            let mine = status.nodes.iter().find(|n| n.node == node_name)?;
+            let mine = reports.get(&report_name).await.ok()?.spec.report;
             (mine.state == NodeSyncState::Synced
                 && mine.revision == status.revision
                 && !status.revision.is_empty())
@@ -310,8 +313,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     put("loras/clash", b"a file").await;
     put("loras/clash/inner", b"a file in a folder of the same name").await;
     let failed = eventually("the agent to report the refused key", WAIT, || async {
-        let status = sets.get("sdxl-models").await.ok()?.status?;
-        let mine = status.nodes.iter().find(|n| n.node == node_name)?;
+        let mine = reports.get(&report_name).await.ok()?.spec.report;
         (mine.state == NodeSyncState::Failed).then(|| mine.message.clone())
     })
     .await;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first. A module may import from lower layers and
 /// from itself, never from its own layer's other modules or from above.
 const LAYERS: &[&[&str]] = &[
+    &["latency"],
     &["names", "aws", "telemetry", "leader", "mock_apiserver"],
     &["sync"],
     &["crd"],

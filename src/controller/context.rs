@@ -10,6 +10,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
+use super::cache::{Caches, NotListed};
 use super::error::Error;
 use super::modelset::sqs::SqsWatchers;
 use super::policy::{self, ClassError};
@@ -17,7 +18,7 @@ use crate::crd::FleetClass;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::ClusterSettings;
 use crate::telemetry::{ControllerName, Metrics};
-use kube::api::{Api, DynamicObject, ListParams};
+use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -40,6 +41,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// SQS listeners of ModelSets (None in contexts that run no ModelSet controller).
     pub sqs: Option<SqsWatchers>,
+    /// The watch caches the reconciles read (None until the controllers start).
+    pub caches: Option<Caches>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Consecutive polls per object and purpose, so waiting polls back off too.
@@ -58,6 +61,7 @@ impl Context {
             settings,
             metrics,
             sqs: None,
+            caches: None,
             failures: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
         }
@@ -106,15 +110,26 @@ impl Context {
         )
     }
 
-    /// The FleetClass named `name`, or the default one (`Err` inside: why none applies).
-    pub async fn fleet_class(
+    /// The watch caches; an error where no controller started them.
+    pub fn caches(&self) -> Result<&Caches, Error> {
+        self.caches
+            .as_ref()
+            .ok_or_else(|| Error::CacheNotReady(NotListed("any kind (no caches started)".into())))
+    }
+
+    /// The FleetClass named `name`, or the default one, as the cache holds them (`Err`
+    /// inside: why none applies).
+    pub fn cached_fleet_class(
         &self,
         name: Option<&str>,
-    ) -> Result<Result<FleetClass, ClassError>, kube::Error> {
-        let classes = Api::<FleetClass>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await?
-            .items;
+    ) -> Result<Result<FleetClass, ClassError>, Error> {
+        let classes: Vec<FleetClass> = self
+            .caches()?
+            .classes
+            .state()
+            .iter()
+            .map(|c| (**c).clone())
+            .collect();
         Ok(policy::resolve(name, &classes).cloned())
     }
 
@@ -166,18 +181,35 @@ where
 }
 
 impl Context {
-    /// Records one reconcile's duration and result; a success forgets the object's
-    /// failures, so its next error starts the backoff again.
+    /// A reconcile of `obj` starts: when the first watch event that asked for it came.
+    pub fn started<K>(
+        &self,
+        controller: ControllerName,
+        obj: &DeserializeGuard<K>,
+    ) -> Option<std::time::Instant>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        self.metrics
+            .latency
+            .started(controller.as_str(), &object_key(obj))
+    }
+
+    /// Records one reconcile's duration, queue-to-done time and result; a success
+    /// forgets the object's failures, so its next error starts the backoff again.
     pub fn finished<K>(
         &self,
         controller: ControllerName,
         obj: &DeserializeGuard<K>,
-        took: Duration,
+        (took, asked_at): (Duration, Option<std::time::Instant>),
         ok: bool,
     ) where
         K: Resource<DynamicType = ()>,
     {
         self.metrics.record_reconcile(controller, took, ok);
+        self.metrics
+            .latency
+            .finished(controller.as_str(), took, asked_at);
         if ok {
             self.reset_backoff(&backoff_key(controller, obj));
         }
@@ -206,17 +238,6 @@ impl Context {
     /// installed after a MissingDependency).
     pub fn steady_requeue(&self) -> Action {
         Action::requeue(self.settings.resync)
-    }
-}
-
-/// The API of `K` in the watched namespace, or in all namespaces.
-pub fn watched_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
     }
 }
 

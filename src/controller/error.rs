@@ -20,6 +20,8 @@ pub enum Error {
     Catalog(String),
     #[error("SSM sync: {0}")]
     Ssm(#[from] SsmError),
+    #[error("{0}")]
+    CacheNotReady(#[from] super::cache::NotListed),
 }
 
 impl Error {
@@ -33,6 +35,7 @@ impl Error {
             Error::List(_) => "ListFailed",
             Error::Catalog(_) => "CatalogFailed",
             Error::Ssm(_) => "SsmSyncFailed",
+            Error::CacheNotReady(_) => "CacheNotReady",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `context` is what every reconcile shares, `resources` applies and prunes a fleet's
 //! children, `status` writes status, `error` is the error both return.
 
+pub mod cache;
 pub mod conditions;
 pub mod context;
 pub mod error;
@@ -26,6 +27,15 @@ pub async fn run(
 ) {
     let (watchers, triggers) = modelset::sqs::SqsWatchers::new();
     ctx.sqs = Some(watchers);
+    let mut watches = tokio::task::JoinSet::new();
+    let settings = &ctx.settings;
+    let (caches, fleet_triggers) = cache::Caches::start(
+        &ctx.client,
+        (settings.namespace.as_deref(), &settings.cluster.agent),
+        settings.cloud.provider(),
+        &mut watches,
+    );
+    ctx.caches = Some(caches);
     let ctx = Arc::new(ctx);
     // One shutdown signal for both controllers.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -37,8 +47,9 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::join!(
-        fleet::run(ctx.clone(), stopped(stop_rx.clone())),
+        fleet::run(ctx.clone(), fleet_triggers, stopped(stop_rx.clone())),
         modelset::run(ctx.clone(), triggers, stopped(stop_rx)),
     );
+    watches.abort_all();
     tracing::info!("controller stopped");
 }

@@ -16,6 +16,8 @@ use crate::render::settings::AgentSettings;
 use crate::render::{Child, ChildKind, Scope};
 use crate::telemetry::Metrics;
 
+use super::cache::{Caches, dynamic_api};
+
 pub const FIELD_MANAGER: &str = "sdfleet";
 
 #[derive(Debug, thiserror::Error)]
@@ -56,18 +58,6 @@ pub enum Applied {
     Updated,
 }
 
-/// The API of `api` within `namespace`, or cluster-wide / in all namespaces.
-pub fn dynamic_api(
-    client: &Client,
-    api: &ApiResource,
-    namespace: Option<&str>,
-) -> Api<DynamicObject> {
-    match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, api),
-        None => Api::all_with(client.clone(), api),
-    }
-}
-
 /// Who the owner labels of a live object name, for a NameConflict message.
 fn owner_of(labels: &std::collections::BTreeMap<String, String>) -> String {
     match (labels.get(OWNER_NAMESPACE_KEY), labels.get(OWNER_NAME_KEY)) {
@@ -87,6 +77,9 @@ pub struct FleetResources<'a> {
     pub fleet: &'a FleetNames,
     pub node_class: &'a dyn NodeClassProvider,
     pub agent: &'a AgentSettings,
+    /// Where `apply` and `prune` read the live children; the apiserver when None
+    /// (cleanup must never miss a child the cache has not seen yet).
+    pub cache: Option<&'a Caches>,
 }
 
 impl FleetResources<'_> {
@@ -108,7 +101,16 @@ impl FleetResources<'_> {
             name: child.name.clone(),
             source,
         };
-        let live = api.get_opt(&child.name).await.map_err(err)?;
+        // The cache holds what sdfleet labels. A child it lacks is read from the
+        // apiserver: an object of that name that sdfleet did not make (so not watched)
+        // must be found, and never taken over. Only a missing child costs this read.
+        let cached = self
+            .cache
+            .and_then(|cache| cache.child(child.kind, child.namespace(), &child.name));
+        let live = match cached {
+            Some(live) => Some((*live).clone()),
+            None => api.get_opt(&child.name).await.map_err(err)?,
+        };
         if let Some(live) = &live {
             // Never take over what another fleet, or a person, made under this name.
             if !self.fleet.owns(live.labels()) {
@@ -119,7 +121,7 @@ impl FleetResources<'_> {
                 });
             }
             let live = serde_json::to_value(live).unwrap_or(Value::Null);
-            match first_difference(&live, &child.manifest) {
+            match first_difference(&live, &identity_free(&child.manifest)) {
                 None => return Ok(Applied::Unchanged),
                 Some(path) => {
                     tracing::info!(kind = %child.api.kind, name = %child.name, field = %path, "child differs; applying")
@@ -192,13 +194,25 @@ impl FleetResources<'_> {
         }
     }
 
+    /// The fleet's children of `kind`, from the cache when there is one.
+    async fn live(&self, kind: ChildKind) -> Result<Vec<DynamicObject>, ApplyError> {
+        match self.cache {
+            Some(cache) => Ok(cache
+                .children_of(kind, |labels| self.fleet.owns(labels))
+                .iter()
+                .map(|o| (**o).clone())
+                .collect()),
+            None => self.list(kind).await,
+        }
+    }
+
     /// Deletes every child of the fleet that `desired` does not hold. Returns what it
     /// deleted, as `Kind name`.
     pub async fn prune(&self, desired: &[Child]) -> Result<Vec<String>, ApplyError> {
         let mut pruned = Vec::new();
         for kind in ChildKind::ALL {
             let keep = |name: &str| desired.iter().any(|c| c.kind == kind && c.name == name);
-            for object in self.list(kind).await? {
+            for object in self.live(kind).await? {
                 let name = object.name_any();
                 if keep(&name) || object.metadata.deletion_timestamp.is_some() {
                     continue;
@@ -213,6 +227,17 @@ impl FleetResources<'_> {
         }
         Ok(pruned)
     }
+}
+
+/// `desired` without apiVersion and kind: the objects a watch lists carry neither, and
+/// a child read from its kind's cache is of that kind.
+fn identity_free(desired: &Value) -> Value {
+    let mut desired = desired.clone();
+    if let Some(fields) = desired.as_object_mut() {
+        fields.remove("apiVersion");
+        fields.remove("kind");
+    }
+    desired
 }
 
 /// True when `live` holds every field of `desired` with the same value. Lists must have

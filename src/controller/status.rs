@@ -10,13 +10,15 @@ use crate::telemetry::Metrics;
 
 /// Merge-patches `next` as the status of `name` unless it equals `previous`. `shape`
 /// adjusts the body first (drop fields another writer owns, null out cleared ones).
-/// Returns whether it wrote.
+/// With `computed_from` (the resourceVersion `previous` was read at), the apiserver
+/// refuses the write with 409 when the object changed since: a status computed from a
+/// cached copy never overwrites a newer one. Returns whether it wrote.
 pub async fn patch_if_changed<S: Serialize + PartialEq>(
     api: &Api<DynamicObject>,
     metrics: &Metrics,
     kind: &str,
     name: &str,
-    previous: &S,
+    (previous, computed_from): (&S, Option<&str>),
     next: &S,
     shape: impl FnOnce(&mut serde_json::Map<String, Value>),
 ) -> Result<bool, kube::Error> {
@@ -31,7 +33,10 @@ pub async fn patch_if_changed<S: Serialize + PartialEq>(
     api.patch_status(
         name,
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": body })),
+        &Patch::Merge(match computed_from {
+            Some(version) => json!({ "metadata": {"resourceVersion": version}, "status": body }),
+            None => json!({ "status": body }),
+        }),
     )
     .await?;
     Ok(true)

@@ -6,6 +6,7 @@ pub mod common;
 pub mod fleetclass;
 pub mod gateway;
 pub mod modelset;
+pub mod modelsync;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -13,10 +14,16 @@ use kube::CustomResourceExt;
 pub use comfyui::ComfyUIDeployment;
 pub use fleetclass::FleetClass;
 pub use modelset::ModelSet;
+pub use modelsync::ModelSync;
 
 /// Every CRD of sdfleet, in the order `sdfleet crds` prints them.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![ComfyUIDeployment::crd(), ModelSet::crd(), FleetClass::crd()]
+    vec![
+        ComfyUIDeployment::crd(),
+        ModelSet::crd(),
+        ModelSync::crd(),
+        FleetClass::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream (what `crds/` and the chart hold).

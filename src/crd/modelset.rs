@@ -267,7 +267,8 @@ pub struct ModelSetStatus {
     /// The full catalog, when it is larger than `models`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog_ref: Option<CatalogRef>,
-    /// Per node: written by each node's agent (or by the controller for SSM), one entry each.
+    /// SSM only: per instance, written by the controller. (Node agents report in
+    /// `ModelSync` objects of their own, so that this object does not grow with nodes.)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
     pub nodes: Vec<NodeSync>,

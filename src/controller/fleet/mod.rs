@@ -10,29 +10,32 @@ pub mod status;
 #[cfg(test)]
 mod tests;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 
+use super::cache::watched_api;
+use super::cache::{Caches, FleetTriggers};
 use super::conditions::Reason;
-use super::context::{Context, error_policy, matching, watched_api};
+use super::context::{Context, error_policy, matching, object_key};
 use super::error::Error;
 use super::finalizer;
-use super::resources::{Applied, ApplyError, FleetResources, dynamic_api};
+use super::resources::{Applied, ApplyError, FleetResources};
 use super::{policy, preflight};
 use crate::crd::modelset::{ModelSet, SyncMethod};
-use crate::crd::{ComfyUIDeployment, FleetClass};
+use crate::crd::{ComfyUIDeployment, ModelSync};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
@@ -42,64 +45,89 @@ use report::{KIND, fleet_names, mark_invalid, publish, stuck, write_status};
 use status::{Facts, GatewayFacts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
-/// First and longest wait between looks at a fleet whose nodes are syncing models.
-const MODELS_POLL: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(60));
 /// First and longest wait between looks at a fleet whose children are being deleted.
 const CLEANUP_POLL: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(30));
 type Guarded = DeserializeGuard<ComfyUIDeployment>;
 
 /// Runs the fleet controller: fleets, and every child sdfleet labels (mapped back to
-/// its fleet by the owner labels).
+/// its fleet by the owner labels). Every watch fills a store the reconciles read.
 pub async fn run(
     ctx: Arc<Context>,
+    triggers: FleetTriggers,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
     let watch_ns = ctx.settings.namespace.as_deref();
     let fleets: Api<Guarded> = watched_api(&client, watch_ns);
-    let mut controller = Controller::new(fleets, watcher::Config::default().any_semantic());
-    let selector = format!("{MANAGED_BY_KEY}={MANAGED_BY}");
-    let provider = ctx.settings.cloud.provider();
-    for kind in ChildKind::ALL {
-        let ar = kind.api_resource(provider);
-        let ns = kind.watch_namespace(watch_ns, &ctx.settings.cluster.agent);
-        let scope = ctx.settings.namespace.clone();
-        controller = controller.watches_with(
-            dynamic_api(&client, &ar, ns),
+    let writer = Writer::default();
+    let reader = writer.as_reader();
+    let latency = ctx.metrics.clone();
+    // Only what can change the children or the decisions starts a reconcile: not our own
+    // status writes.
+    let own = reflector::reflector(
+        writer,
+        watcher(fleets, watcher::Config::default().any_semantic()).default_backoff(),
+    )
+    .applied_objects()
+    .predicate_filter(fleet_changes, PredicateConfig::default())
+    .inspect(move |fleet| {
+        if let Ok(fleet) = fleet {
+            latency.latency.asked(FLEET.as_str(), &object_key(fleet));
+        }
+    });
+    let mut controller = Controller::for_stream(own, reader);
+    let scope = ctx.settings.namespace.clone();
+    for (ar, children) in triggers.children {
+        let scope = scope.clone();
+        let metrics = ctx.metrics.clone();
+        controller = controller.watches_stream_with(
+            children,
+            move |child| {
+                let owner = owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope);
+                asked(&metrics, owner)
+            },
             ar,
-            watcher::Config::default().labels(&selector),
-            move |child| owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope),
         );
     }
-    // A ModelSet's new catalog or a node's report reaches the fleets using it at once
-    // (ModelsReady), not at the next poll or resync.
+    // A node's report reaches its fleet at once (ModelsReady): the agent copies the
+    // fleet's owner labels from its node onto the report.
+    let metrics = ctx.metrics.clone();
+    let scope = ctx.settings.namespace.clone();
+    controller = controller.watches_stream(triggers.reports, move |report: ModelSync| {
+        let owner = owner_from(report.labels()).filter(|o| scope.is_none() || o.namespace == scope);
+        asked(&metrics, owner)
+    });
+    // A ModelSet's new catalog reaches the fleets using it at once, not at the next
+    // resync.
     let users = controller.store();
-    controller = controller.watches(
-        watched_api::<ModelSet>(&client, watch_ns),
-        watcher::Config::default(),
+    let metrics = ctx.metrics.clone();
+    controller = controller.watches_stream(
+        triggers
+            .model_sets
+            .predicate_filter(model_set_changes, PredicateConfig::default())
+            .boxed(),
         move |ms| {
-            matching(&users, |cud: &ComfyUIDeployment| {
+            let users = matching(&users, |cud: &ComfyUIDeployment| {
                 cud.metadata.namespace == ms.metadata.namespace
                     && cud.spec.model_set.as_deref() == ms.metadata.name.as_deref()
-            })
+            });
+            asked(&metrics, users)
         },
     );
     // A changed FleetClass applies to its fleets at once, not at the next resync.
     let fleets = controller.store();
-    controller = controller.watches(
-        Api::<FleetClass>::all(client.clone()),
-        watcher::Config::default(),
-        move |class| {
-            matching(&fleets, |cud: &ComfyUIDeployment| {
-                policy::follows(cud.spec.class_name.as_deref(), &class)
-            })
-        },
-    );
+    let metrics = ctx.metrics.clone();
+    controller = controller.watches_stream(triggers.classes, move |class| {
+        let users = matching(&fleets, |cud: &ComfyUIDeployment| {
+            policy::follows(cud.spec.class_name.as_deref(), &class)
+        });
+        asked(&metrics, users)
+    });
     controller
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,
-            |obj, error, ctx| error_policy(ControllerName::ComfyUIDeployment, &obj, error, &ctx),
+            |obj, error, ctx| error_policy(FLEET, &obj, error, &ctx),
             ctx,
         )
         .for_each(|result| async move {
@@ -111,9 +139,65 @@ pub async fn run(
         .await;
 }
 
+const FLEET: ControllerName = ControllerName::ComfyUIDeployment;
+
+/// Notes when watch events asked for fleets (their queue-to-done time starts).
+fn asked<I: IntoIterator<Item = ObjectRef<Guarded>>>(
+    metrics: &crate::telemetry::Metrics,
+    refs: I,
+) -> Vec<ObjectRef<Guarded>> {
+    let refs: Vec<_> = refs.into_iter().collect();
+    for r in &refs {
+        let key = format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name);
+        metrics.latency.asked(FLEET.as_str(), &key);
+    }
+    refs
+}
+
+/// What of a fleet starts a reconcile: its spec (generation), its deletion and
+/// finalizers, its labels and annotations, and the gateway's demand (autoscaling).
+/// The controller's own status writes change none of these.
+fn fleet_changes(fleet: &Guarded) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    let meta = match &fleet.0 {
+        Ok(cud) => {
+            serde_json::to_string(&cud.status.as_ref().map(|s| &s.demand))
+                .unwrap_or_default()
+                .hash(&mut h);
+            &cud.metadata
+        }
+        Err(invalid) => &invalid.metadata,
+    };
+    (
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        &meta.finalizers,
+        &meta.labels,
+        &meta.annotations,
+    )
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+/// What of a ModelSet its fleets' status reads: the spec, the catalog revision and
+/// conditions (and, with SSM, the instances' entries). Not the controller's
+/// bookkeeping around them.
+fn model_set_changes(ms: &ModelSet) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    ms.metadata.generation.hash(&mut h);
+    serde_json::to_string(&ms.status)
+        .unwrap_or_default()
+        .hash(&mut h);
+    Some(h.finish())
+}
+
 /// The owning fleet of a labelled child.
 fn owner_of(child: &DynamicObject) -> Option<ObjectRef<Guarded>> {
-    let labels = child.labels();
+    owner_from(child.labels())
+}
+
+/// The fleet that owner labels name.
+fn owner_from(labels: &std::collections::BTreeMap<String, String>) -> Option<ObjectRef<Guarded>> {
     if labels.get(MANAGED_BY_KEY).map(String::as_str) != Some(MANAGED_BY) {
         return None;
     }
@@ -123,6 +207,7 @@ fn owner_of(child: &DynamicObject) -> Option<ObjectRef<Guarded>> {
 }
 
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let asked_at = ctx.started(FLEET, &obj);
     let start = Instant::now();
     let result = match &obj.0 {
         Ok(cud) => reconcile_with_finalizer(cud, &ctx).await,
@@ -134,14 +219,21 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
                 .map(|()| Action::await_change())
         }
     };
-    ctx.finished(
-        ControllerName::ComfyUIDeployment,
-        &obj,
-        start.elapsed(),
-        result.is_ok(),
-    );
+    // A status computed from a copy older than the stored object was refused: the
+    // event that brings the store up to date reconciles again.
+    let result = match result {
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            tracing::debug!(object = %object_key(&obj), "stale cache: status refused; waiting for the watch");
+            Ok(Action::requeue(STALE_RETRY))
+        }
+        other => other,
+    };
+    ctx.finished(FLEET, &obj, (start.elapsed(), asked_at), result.is_ok());
     result
 }
+
+/// When a status write found the cache behind the apiserver, the next look.
+const STALE_RETRY: Duration = Duration::from_secs(1);
 
 /// Adds our finalizer before anything is created, and removes it only once cleanup has
 /// deleted every child.
@@ -176,6 +268,7 @@ fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> 
         fleet,
         node_class: ctx.settings.cloud.provider(),
         agent: &ctx.settings.cluster.agent,
+        cache: None,
     }
 }
 
@@ -185,7 +278,7 @@ async fn within_class(
     cud: &ComfyUIDeployment,
     ctx: &Context,
 ) -> Result<Result<ComfyUIDeployment, Action>, Error> {
-    let class = match ctx.fleet_class(cud.spec.class_name.as_deref()).await? {
+    let class = match ctx.cached_fleet_class(cud.spec.class_name.as_deref())? {
         Ok(class) => class,
         Err(e) => {
             let message = e.to_string();
@@ -211,17 +304,18 @@ async fn within_class(
 async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
     let fleet = fleet_names(cud);
     let provider = ctx.settings.cloud.provider();
+    let caches = ctx.caches()?;
+    caches.ready().await?;
     let mut effective = match within_class(cud, ctx).await? {
         Ok(effective) => effective,
         Err(action) => return Ok(action),
     };
     let missing = preflight::missing(
-        &ctx.client,
+        caches,
         cud,
         &provider.api_resource(),
         &render::nodepool::api_resource(),
-    )
-    .await?;
+    );
     if !missing.is_empty() {
         let message = missing.join("; ");
         let mut conditions = stuck(Reason::MissingDependency, &message);
@@ -231,17 +325,17 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         return Err(Error::MissingDependency(message));
     }
 
+    caches.children_ready().await?;
     // Dereference: the ModelSet says how its models reach the nodes.
-    let model_set = match cud.spec.model_set.as_deref() {
-        Some(name) => {
-            let sets: Api<ModelSet> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
-            sets.get_opt(name).await?
-        }
-        None => None,
-    };
+    let model_set = cud.spec.model_set.as_deref().and_then(|name| {
+        caches
+            .model_sets
+            .get(&ObjectRef::new(name).within(&fleet.namespace))
+            .map(|ms| (*ms).clone())
+    });
     // Autoscaling decides the Deployment's replicas; the CR's spec stays as written.
     let scaling = match &cud.spec.autoscaling {
-        Some(spec) => Some(scale(ctx, cud, &fleet, spec).await?),
+        Some(spec) => Some(scale(ctx, caches, cud, &fleet, spec).await?),
         None => None,
     };
     if let Some(s) = &scaling {
@@ -265,7 +359,8 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         }
     };
 
-    let resources = resources(ctx, &fleet);
+    let mut resources = resources(ctx, &fleet);
+    resources.cache = Some(caches);
     let spec_unchanged =
         cud.status.as_ref().and_then(|s| s.observed_generation) == cud.metadata.generation;
     for child in &children {
@@ -300,18 +395,17 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         publish(ctx, cud, EventType::Normal, "Pruned", &note).await;
     }
 
-    let facts = fetch_facts(ctx, cud, &fleet, model_set).await?;
+    let facts = fetch_facts(caches, cud, &fleet, model_set);
     let mut observed = status::observe(&effective, &fleet, &facts);
     let mut recheck = None;
     if let Some(s) = scaling {
-        let claims = dynamic_api(
-            &ctx.client,
-            &render::nodepool::nodeclaim_api_resource(),
-            None,
-        )
-        .list(&ListParams::default().labels(&format!("{NODEPOOL_LABEL}={}", fleet.nodepool())))
-        .await?
-        .items;
+        let pool = fleet.nodepool();
+        let claims: Vec<DynamicObject> = caches
+            .node_claims
+            .state_filter(|c| c.labels().get(NODEPOOL_LABEL) == Some(&pool))
+            .into_iter()
+            .map(|c| (*c).clone())
+            .collect();
         observed.conditions.push(autoscale::capacity(
             &s.pods,
             facts.nodepool.as_ref(),
@@ -351,15 +445,8 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .ready_replicas
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
-    // The ModelSet's per-node status is not watched: look again soon while syncing,
-    // less often the longer it takes.
-    let poll_key = format!("models/{}/{}", fleet.namespace, fleet.name);
-    let next = if observed.syncing_models() {
-        ctx.poll_delay(&poll_key, MODELS_POLL)
-    } else {
-        ctx.reset_poll(&poll_key);
-        ctx.settings.resync
-    };
+    // The nodes' reports are watched (the ModelSet's): no poll while models sync.
+    let next = ctx.settings.resync;
     Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
 }
 
@@ -377,6 +464,7 @@ const ANNOTATION_SETTLE: Duration = Duration::from_secs(1);
 
 async fn scale(
     ctx: &Context,
+    caches: &Caches,
     cud: &ComfyUIDeployment,
     fleet: &FleetNames,
     spec: &crate::crd::autoscaling::AutoscalingSpec,
@@ -386,17 +474,26 @@ async fn scale(
     let current = match previous {
         Some(p) => p.desired_replicas,
         // Autoscaling just turned on: start from what the Deployment runs.
-        None => Api::<Deployment>::namespaced(ctx.client.clone(), &fleet.namespace)
-            .get_opt(&fleet.deployment())
-            .await?
+        None => caches
+            .typed_child::<Deployment>(
+                ChildKind::Deployment,
+                Some(&fleet.namespace),
+                &fleet.deployment(),
+            )
             .and_then(|d| d.spec?.replicas)
             .unwrap_or(spec.min_replicas),
     };
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &fleet.namespace);
-    let pods = pods_api
-        .list(&ListParams::default().labels(&fleet.pod_selector_string()))
-        .await?
-        .items;
+    let selector = fleet.pod_selector();
+    let pods: Vec<Pod> = caches
+        .pods
+        .state_filter(|p| {
+            p.metadata.namespace.as_deref() == Some(fleet.namespace.as_str())
+                && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+        })
+        .into_iter()
+        .map(|p| (*p).clone())
+        .collect();
     let now = k8s_openapi::jiff::Timestamp::now();
     let mut plan = autoscale::decide(
         spec,
@@ -439,50 +536,37 @@ async fn scale(
         .clone()
         .filter(|c| c.ready_at.is_none())
     {
-        let nodes: Api<Node> = Api::all(ctx.client.clone());
-        let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
-        let nodes = nodes
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items;
+        let nodes = caches.nodes_of_pool(&fleet.nodepool());
         plan.status.cold_start = Some(autoscale::cold_start_phases(&cold, &pods, &nodes));
     }
     Ok(Scaling { plan, pods })
 }
 
-/// Reads what the status is computed from: the Deployment, the NodePool, the Ingress,
-/// and, with the ModelSet read before, the NodePool's nodes.
-async fn fetch_facts(
-    ctx: &Context,
+/// What the status is computed from, as the caches hold it: the Deployment, the
+/// NodePool, the Ingress, and, with the ModelSet read before, the NodePool's nodes.
+fn fetch_facts(
+    caches: &Caches,
     cud: &ComfyUIDeployment,
     fleet: &FleetNames,
     model_set: Option<ModelSet>,
-) -> Result<Facts, Error> {
-    let client = &ctx.client;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &fleet.namespace);
-    let deployment = deployments
-        .get_opt(&fleet.deployment())
-        .await?
-        .and_then(|d| d.status);
-    let pools = dynamic_api(client, &render::nodepool::api_resource(), None);
-    let nodepool = pools.get_opt(&fleet.nodepool()).await?;
-    let ingresses: Api<Ingress> = Api::namespaced(client.clone(), &fleet.namespace);
-    let ingress = if cud.spec.ingress.enabled {
-        ingresses.get_opt(&fleet.ingress()).await?
-    } else {
-        None
+) -> Facts {
+    let ns = Some(fleet.namespace.as_str());
+    let deployment = |name: &str| {
+        caches
+            .typed_child::<Deployment>(ChildKind::Deployment, ns, name)
+            .and_then(|d| d.status)
     };
+    let ingress = |name: &str| caches.typed_child::<Ingress>(ChildKind::Ingress, ns, name);
+    let nodepool = caches
+        .child(ChildKind::NodePool, None, &fleet.nodepool())
+        .map(|p| (*p).clone());
     let models = match (cud.spec.model_set.as_deref(), model_set) {
         (None, _) => ModelFacts::NotUsed,
         (Some(name), None) => ModelFacts::NotFound(name.to_string()),
-        (Some(_), Some(ms)) => {
-            let nodes: Api<Node> = Api::all(client.clone());
-            let selector = format!("{NODEPOOL_LABEL}={}", fleet.nodepool());
+        (Some(name), Some(ms)) => {
             let ssm = ms.spec.sync.method == SyncMethod::Ssm;
-            let nodes = nodes
-                .list(&ListParams::default().labels(&selector))
-                .await?
-                .items
+            let nodes = caches
+                .nodes_of_pool(&fleet.nodepool())
                 .iter()
                 // SSM reports by EC2 instance id: the last part of the providerID.
                 .map(
@@ -492,31 +576,35 @@ async fn fetch_facts(
                     },
                 )
                 .collect();
+            let mut status = ms.status.unwrap_or_default();
+            // The agents report in ModelSync objects; SSM's entries stay in the status
+            // (the controller writes them, one patch per pass).
+            if !ssm {
+                status.nodes = caches.reports_of(&fleet.namespace, name);
+            }
             ModelFacts::Found {
-                status: Box::new(ms.status.unwrap_or_default()),
+                status: Box::new(status),
                 nodes,
             }
         }
     };
-    let gateway = match &cud.spec.gateway {
-        Some(gw) => Some(GatewayFacts {
-            deployment: deployments
-                .get_opt(&fleet.gateway())
-                .await?
-                .and_then(|d| d.status),
-            ingress: if gw.ingress.enabled {
-                ingresses.get_opt(&fleet.gateway()).await?
-            } else {
-                None
-            },
-        }),
-        None => None,
-    };
-    Ok(Facts {
-        deployment,
+    let gateway = cud.spec.gateway.as_ref().map(|gw| GatewayFacts {
+        deployment: deployment(&fleet.gateway()),
+        ingress: if gw.ingress.enabled {
+            ingress(&fleet.gateway())
+        } else {
+            None
+        },
+    });
+    Facts {
+        deployment: deployment(&fleet.deployment()),
         nodepool,
-        ingress,
+        ingress: if cud.spec.ingress.enabled {
+            ingress(&fleet.ingress())
+        } else {
+            None
+        },
         models: Some(models),
         gateway,
-    })
+    }
 }

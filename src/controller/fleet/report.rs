@@ -70,7 +70,7 @@ pub async fn write_status(
         &ctx.metrics,
         KIND,
         &fleet.name,
-        &previous,
+        (&previous, cud.metadata.resource_version.as_deref()),
         &next,
         // A merge patch keeps a field it does not name: a gone endpoint, gateway or
         // autoscaling status must be sent as null to leave the stored status. The
@@ -116,8 +116,16 @@ pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Re
         return Ok(());
     };
     let next = merged(&previous, generation, &stuck(Reason::InvalidSpec, message));
-    status_writer::patch_if_changed(&api, &ctx.metrics, KIND, &name, &previous, &next, |_| {})
-        .await?;
+    status_writer::patch_if_changed(
+        &api,
+        &ctx.metrics,
+        KIND,
+        &name,
+        (&previous, None),
+        &next,
+        |_| {},
+    )
+    .await?;
     Ok(())
 }
 

@@ -152,6 +152,7 @@ async fn one_pass(children: Vec<(&'static str, Value)>) -> (Vec<String>, Vec<See
         fleet: &fleet,
         node_class: Cloud::Kwok.provider(),
         agent: &agent,
+        cache: None,
     };
     let remaining = cleanup(&resources).await.unwrap();
     let seen = seen.lock().unwrap().clone();

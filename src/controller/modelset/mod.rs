@@ -7,6 +7,7 @@ pub mod sqs;
 pub mod ssm;
 pub mod status;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,19 +16,21 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, store::Writer};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
+use super::cache::watched_api;
 use super::conditions::{DesiredCondition, READY, Reason};
-use super::context::{Context, error_policy, matching, watched_api};
+use super::context::{Context, error_policy, matching, object_key};
 use super::error::Error;
 use super::{finalizer, policy};
-use crate::crd::FleetClass;
 use crate::crd::modelset::{ModelSet, SyncMethod};
+use crate::crd::{FleetClass, ModelSync};
+use crate::names::{MODELSET_LABEL, label_value};
 use crate::sync::store::S3Store;
 use crate::telemetry::ControllerName;
-use status::{KIND, prune_departed_nodes, write_raw_status, write_status};
+use status::{KIND, write_raw_status, write_status};
 
 /// How soon SSM invocations in flight are looked at again.
 const SSM_POLL: Duration = Duration::from_secs(5);
@@ -42,8 +45,34 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<Guarded> = watched_api(&ctx.client, ctx.settings.namespace.as_deref());
-    let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx));
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let metrics = ctx.metrics.clone();
+    let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx)).inspect(
+        move |ms: &ObjectRef<Guarded>| {
+            let key = format!(
+                "{}/{}",
+                ms.namespace.as_deref().unwrap_or_default(),
+                ms.name
+            );
+            metrics.latency.asked(MODELSET.as_str(), &key);
+        },
+    );
+    let writer = Writer::default();
+    let reader = writer.as_reader();
+    let metrics = ctx.metrics.clone();
+    // A ModelSet is relisted on its spec, its deletion, its timer and S3 events: never on
+    // status writes (the nodes' reports, or its own).
+    let own = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
+    )
+    .applied_objects()
+    .predicate_filter(spec_changes, PredicateConfig::default())
+    .inspect(move |ms| {
+        if let Ok(ms) = ms {
+            metrics.latency.asked(MODELSET.as_str(), &object_key(ms));
+        }
+    });
+    let controller = Controller::for_stream(own, reader);
     // A changed FleetClass applies to its ModelSets at once.
     let sets = controller.store();
     controller
@@ -60,7 +89,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,
-            |obj, error, ctx| error_policy(ControllerName::ModelSet, &obj, error, &ctx),
+            |obj, error, ctx| error_policy(MODELSET, &obj, error, &ctx),
             ctx,
         )
         .for_each(|result| async move {
@@ -74,7 +103,7 @@ pub async fn run(
 /// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue; otherwise
 /// the reason and message for its status.
 async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
-    let class = match ctx.fleet_class(ms.spec.class_name.as_deref()).await? {
+    let class = match ctx.cached_fleet_class(ms.spec.class_name.as_deref())? {
         Ok(class) => class,
         Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
     };
@@ -104,7 +133,29 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (n.is_empty() && total > 0).then(|| Duration::from_secs(total))
 }
 
+const MODELSET: ControllerName = ControllerName::ModelSet;
+
+/// What of a ModelSet starts a relisting: its spec, its deletion and finalizers, its
+/// labels and annotations. Status writes change none of these.
+fn spec_changes(ms: &Guarded) -> Option<u64> {
+    let meta = match &ms.0 {
+        Ok(ms) => &ms.metadata,
+        Err(invalid) => &invalid.metadata,
+    };
+    let mut h = DefaultHasher::new();
+    (
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        &meta.finalizers,
+        &meta.labels,
+        &meta.annotations,
+    )
+        .hash(&mut h);
+    Some(h.finish())
+}
+
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let asked_at = ctx.started(MODELSET, &obj);
     let start = Instant::now();
     let result = match &obj.0 {
         Ok(ms) => reconcile_modelset(ms, &ctx).await,
@@ -121,16 +172,12 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
                 .map(|()| Action::await_change())
         }
     };
-    ctx.finished(
-        ControllerName::ModelSet,
-        &obj,
-        start.elapsed(),
-        result.is_ok(),
-    );
+    ctx.finished(MODELSET, &obj, (start.elapsed(), asked_at), result.is_ok());
     result
 }
 
 async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Error> {
+    ctx.caches()?.ready().await?;
     let key = format!("{}/{}", ms.namespace().unwrap_or_default(), ms.name_any());
     let me = ObjectRef::<Guarded>::new(&ms.name_any()).within(&ms.namespace().unwrap_or_default());
     let api = ctx.raw_api::<ModelSet>(&ms.namespace().unwrap_or_default());
@@ -140,6 +187,17 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
         if let Some(w) = &ctx.sqs {
             w.ensure(&key, None, me, String::new(), None);
         }
+        // Its nodes' reports go with it (their owner, the Node, may well stay).
+        let reports: Api<ModelSync> =
+            Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
+        let selector = format!("{MODELSET_LABEL}={}", label_value(&ms.name_any()));
+        ctx.metrics.record_write("delete", "ModelSync");
+        reports
+            .delete_collection(
+                &kube::api::DeleteParams::default(),
+                &kube::api::ListParams::default().labels(&selector),
+            )
+            .await?;
         finalizer::set(&api, &ctx.metrics, KIND, ms, FINALIZER, false).await?;
         return Ok(Action::await_change());
     }
@@ -161,12 +219,16 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             _ => Ok(Action::requeue(poll)),
         };
     }
-    // Whatever the bucket does, entries of nodes that are gone are dropped: agents report
-    // under node names (SSM entries are instance ids, re-applied whole on each sync).
-    let live = match ms.spec.sync.method {
-        SyncMethod::Agent => Some(prune_departed_nodes(ctx, ms).await?),
+    // The agents' reports, as the cache holds them (a departed node's report is gone
+    // with its Node: the garbage collector removes it). SSM's are in the status.
+    let reports = match ms.spec.sync.method {
+        SyncMethod::Agent => Some(
+            ctx.caches()?
+                .reports_of(&ms.namespace().unwrap_or_default(), &ms.name_any()),
+        ),
         SyncMethod::Ssm => None,
     };
+    let live = reports.as_deref();
     let default_region = ctx.settings.cluster.region.as_deref();
     let location = ms.spec.source.s3.location(default_region);
     if let Some(w) = &ctx.sqs {
@@ -194,7 +256,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::InvalidSpec,
                 e.to_string(),
             )];
-            write_status(ctx, ms, None, &invalid, live.as_ref()).await?;
+            write_status(ctx, ms, None, &invalid, live).await?;
             return Ok(Action::await_change());
         }
     };
@@ -208,7 +270,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
                 Reason::ListFailed,
                 &message,
             )];
-            write_status(ctx, ms, None, &failed, live.as_ref()).await?;
+            write_status(ctx, ms, None, &failed, live).await?;
             return Err(Error::List(message));
         }
     };
@@ -224,7 +286,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
         ),
     );
     let catalog_status = Some((&catalog, catalog_ref));
-    write_status(ctx, ms, catalog_status, &[listed], live.as_ref()).await?;
+    write_status(ctx, ms, catalog_status, &[listed], live).await?;
     if ms.spec.sync.method == SyncMethod::Ssm {
         let in_flight = ssm::sync_instances(
             &ctx.client,

@@ -1,85 +1,26 @@
 //! A ModelSet's status: the catalog and conditions the controller writes (never
-//! `status.nodes`, which the agents own), the Synced condition from the nodes' entries,
-//! and the pruning of entries of nodes that are gone.
+//! `status.nodes`, SSM's instance entries, written apart), and the Synced condition from
+//! the nodes' reports (the agents' `ModelSync` objects, or SSM's entries).
 
-use std::collections::BTreeSet;
-
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::catalog_maps::MODELS_IN_STATUS;
 use crate::controller::conditions::{self, DesiredCondition, Reason};
 use crate::controller::context::Context;
 use crate::controller::error::Error;
 use crate::controller::status as status_writer;
-use crate::crd::modelset::{CatalogRef, ModelEntry, ModelSet, ModelSetStatus};
+use crate::crd::modelset::{CatalogRef, ModelEntry, ModelSet, ModelSetStatus, NodeSync};
 use crate::sync::catalog::{Catalog, model_type};
 
 pub const SYNCED: &str = "Synced";
 pub const KIND: &str = "ModelSet";
 
-/// Removes the `status.nodes` entries of nodes that no longer exist (each agent writes
-/// only its own, so nobody else would), and returns the names of the nodes that do.
-/// Each removal first tests that the entry at that index is still the departed node's,
-/// so a concurrent agent write is never removed by mistake.
-pub async fn prune_departed_nodes(ctx: &Context, ms: &ModelSet) -> Result<BTreeSet<String>, Error> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let live: BTreeSet<String> = nodes
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
-    let entries = ms
-        .status
-        .as_ref()
-        .map(|s| s.nodes.as_slice())
-        .unwrap_or_default();
-    let mut ops = Vec::new();
-    // From the end, so earlier indices stay valid within the one patch.
-    for (i, entry) in entries.iter().enumerate().rev() {
-        if !live.contains(&entry.node) {
-            ops.push(json!({"op": "test", "path": format!("/status/nodes/{i}/node"), "value": entry.node}));
-            ops.push(json!({"op": "remove", "path": format!("/status/nodes/{i}")}));
-        }
-    }
-    if ops.is_empty() {
-        return Ok(live);
-    }
-    let patch: json_patch::Patch =
-        serde_json::from_value(Value::Array(ops)).map_err(|e| Error::Catalog(e.to_string()))?;
-    ctx.metrics.record_write("patch-status", KIND);
-    let api = ctx.raw_api::<ModelSet>(&ms.namespace().unwrap_or_default());
-    match api
-        .patch_status(
-            &ms.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(live),
-        // The list changed meanwhile (a test failed): the next pass prunes.
-        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Ok(live),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The Synced condition from the per-node entries the agents (or SSM) wrote, counting
-/// only the nodes in `live` when given.
-pub fn synced_condition(
-    status: &ModelSetStatus,
-    live: Option<&BTreeSet<String>>,
-) -> DesiredCondition {
-    let entries: Vec<_> = status
-        .nodes
-        .iter()
-        .filter(|n| live.is_none_or(|l| l.contains(&n.node)))
-        .collect();
+/// The Synced condition from the nodes' reports: the agents' (`reports`, one per live
+/// node: the garbage collector removes a departed node's), else SSM's `status.nodes`.
+pub fn synced_condition(status: &ModelSetStatus, reports: Option<&[NodeSync]>) -> DesiredCondition {
+    let entries: Vec<&NodeSync> = reports.unwrap_or(&status.nodes).iter().collect();
     let failed = entries
         .iter()
         .find(|n| n.state == crate::crd::modelset::NodeSyncState::Failed);
@@ -126,7 +67,7 @@ fn next_status(
     generation: Option<i64>,
     catalog: Option<(&Catalog, Option<CatalogRef>)>,
     conditions: &[DesiredCondition],
-    live: Option<&BTreeSet<String>>,
+    reports: Option<&[NodeSync]>,
 ) -> ModelSetStatus {
     let mut status = previous.clone();
     status.observed_generation = generation;
@@ -150,7 +91,7 @@ fn next_status(
         status.catalog_ref = catalog_ref;
     }
     let mut all = conditions.to_vec();
-    all.push(synced_condition(&status, live));
+    all.push(synced_condition(&status, reports));
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     status.conditions = conditions::merge(&previous.conditions, &all, generation, &now);
     status
@@ -171,7 +112,7 @@ async fn patch(
         &ctx.metrics,
         KIND,
         name,
-        previous,
+        (previous, None),
         next,
         |body| {
             body.remove("nodes");
@@ -189,10 +130,16 @@ pub async fn write_status(
     ms: &ModelSet,
     catalog: Option<(&Catalog, Option<CatalogRef>)>,
     conditions: &[DesiredCondition],
-    live: Option<&BTreeSet<String>>,
+    reports: Option<&[NodeSync]>,
 ) -> Result<(), Error> {
     let previous = ms.status.clone().unwrap_or_default();
-    let next = next_status(&previous, ms.meta().generation, catalog, conditions, live);
+    let next = next_status(
+        &previous,
+        ms.meta().generation,
+        catalog,
+        conditions,
+        reports,
+    );
     patch(
         ctx,
         &ms.namespace().unwrap_or_default(),
@@ -225,10 +172,10 @@ pub async fn write_raw_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::modelset::{NodeSync, NodeSyncState};
+    use crate::crd::modelset::NodeSyncState;
 
     #[test]
-    fn synced_counts_only_live_nodes() {
+    fn synced_counts_the_reports_not_the_status_entries() {
         let entry = |node: &str, revision: &str| NodeSync {
             node: node.into(),
             revision: revision.into(),
@@ -239,12 +186,11 @@ mod tests {
         };
         let status = ModelSetStatus {
             revision: "r2".into(),
-            // n-old was replaced: its entry is stale and must not hold Synced down.
+            // Left from before the reports moved to ModelSync objects: not counted.
             nodes: vec![entry("n1", "r2"), entry("n-old", "r1")],
             ..Default::default()
         };
-        let live: BTreeSet<String> = ["n1".to_string()].into();
-        let c = synced_condition(&status, Some(&live));
+        let c = synced_condition(&status, Some(&[entry("n1", "r2")]));
         assert_eq!((c.status, c.reason), (true, Reason::AllNodesSynced));
         assert_eq!(c.message, "1/1 nodes at r2");
         let all = synced_condition(&status, None);

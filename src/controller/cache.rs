@@ -1,0 +1,353 @@
+//! The controllers' watch caches. Every kind a reconcile reads is watched once, and read
+//! from its reflector store: a steady reconcile sends no request at all.
+//!
+//! A store can lag behind the apiserver. What is read from one only decides whether to
+//! write (an apply that finds its child already as desired is skipped; a lagging copy
+//! costs one idempotent apply, never a wrong skip for long, since the event that brings
+//! the store up to date triggers the next reconcile), and every status write carries the
+//! resourceVersion it was computed from, so a stale copy fails with a conflict instead of
+//! overwriting newer state. Deletion (cleanup) lists from the apiserver, never from here:
+//! a child the cache has not seen yet must not be left behind.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::{FutureExt, Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::networking::v1::IngressClass;
+use k8s_openapi::api::storage::v1::CSIDriver;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject};
+use kube::core::NamespaceResourceScope;
+use kube::core::{ApiResource, PartialObjectMeta};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+
+use crate::crd::FleetClass;
+use crate::crd::ModelSync;
+use crate::crd::modelset::{ModelSet, NodeSync};
+use crate::names::{APP_NAME_KEY, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL};
+use crate::render::nodeclass::NodeClassProvider;
+use crate::render::settings::AgentSettings;
+use crate::render::storage::CSI_DRIVER;
+use crate::render::{self, ChildKind};
+
+/// A reflector's events, for a controller to map into reconciles.
+pub type Triggers<K> = BoxStream<'static, Result<K, watcher::Error>>;
+
+/// A watch whose first listing did not come in time (a CRD not installed, the
+/// apiserver unreachable): the reconcile fails, and retries.
+#[derive(Debug, thiserror::Error)]
+#[error("the watch cache of {0} has not listed yet")]
+pub struct NotListed(pub String);
+
+/// The stores every reconcile reads.
+pub struct Caches {
+    children: BTreeMap<ChildKind, (ApiResource, Store<DynamicObject>)>,
+    pub model_sets: Store<ModelSet>,
+    /// The nodes' reports (`ModelSync`), written by the agents.
+    pub reports: Store<ModelSync>,
+    pub classes: Store<FleetClass>,
+    /// Karpenter's nodes (those with a NodePool label).
+    pub nodes: Store<Node>,
+    /// The fleets' ComfyUI pods.
+    pub pods: Store<Pod>,
+    pub node_claims: Store<DynamicObject>,
+    /// The CRDs preflight needs, each watched by name (RBAC grants them by name).
+    crds: BTreeMap<String, Store<PartialObjectMeta<CustomResourceDefinition>>>,
+    pub csi_drivers: Store<PartialObjectMeta<CSIDriver>>,
+    pub ingress_classes: Store<PartialObjectMeta<IngressClass>>,
+}
+
+/// The watches whose events start fleet reconciles (the rest only fill their stores).
+pub struct FleetTriggers {
+    pub children: Vec<(ApiResource, Triggers<DynamicObject>)>,
+    pub model_sets: Triggers<ModelSet>,
+    pub reports: Triggers<ModelSync>,
+    pub classes: Triggers<FleetClass>,
+}
+
+/// The API of `K` in the watched namespace, or in all namespaces.
+pub fn watched_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The API of `api` within `namespace`, or cluster-wide / in all namespaces.
+pub fn dynamic_api(
+    client: &Client,
+    api: &ApiResource,
+    namespace: Option<&str>,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, api),
+        None => Api::all_with(client.clone(), api),
+    }
+}
+
+/// A store and the reflector stream that fills it (it fills only while polled).
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+) -> (Store<K>, Triggers<K>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let writer = Writer::new(dyntype);
+    let store = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
+        .touched_objects()
+        .boxed();
+    (store, stream)
+}
+
+/// A metadata-only store (`Api<PartialObjectMeta<K>>` watches metadata only): for kinds
+/// read only to know what exists; only the object `name` when given.
+fn reflect_metadata<K>(
+    client: &Client,
+    name: Option<&str>,
+    tasks: &mut JoinSet<()>,
+) -> Store<PartialObjectMeta<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let config = match name {
+        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
+        None => watcher::Config::default(),
+    };
+    let (store, events) = reflect(Api::<PartialObjectMeta<K>>::all(client.clone()), config, ());
+    drain(events, tasks);
+    store
+}
+
+/// Keeps a store filled that no controller maps into reconciles.
+fn drain<S, K>(stream: S, tasks: &mut JoinSet<()>)
+where
+    S: Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    tasks.spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::debug!(error = %e, "watch failed; retrying");
+            }
+        }
+    });
+}
+
+impl Caches {
+    /// Starts every watch: the store-only ones run on `tasks`; the fleet controller
+    /// polls the returned triggers.
+    pub fn start(
+        client: &Client,
+        (watch_ns, agent): (Option<&str>, &AgentSettings),
+        provider: &dyn NodeClassProvider,
+        tasks: &mut JoinSet<()>,
+    ) -> (Caches, FleetTriggers) {
+        let managed = format!("{MANAGED_BY_KEY}={MANAGED_BY}");
+        let mut children = BTreeMap::new();
+        let mut child_triggers = Vec::new();
+        for kind in ChildKind::ALL {
+            let ar = kind.api_resource(provider);
+            let ns = kind.watch_namespace(watch_ns, agent);
+            let (store, triggers) = reflect(
+                dynamic_api(client, &ar, ns),
+                watcher::Config::default().labels(&managed),
+                ar.clone(),
+            );
+            children.insert(kind, (ar.clone(), store));
+            child_triggers.push((ar, triggers));
+        }
+        let (model_sets, model_set_triggers) = reflect(
+            watched_api::<ModelSet>(client, watch_ns),
+            watcher::Config::default(),
+            (),
+        );
+        let (reports, report_triggers) = reflect(
+            watched_api::<ModelSync>(client, watch_ns),
+            watcher::Config::default().labels(&managed),
+            (),
+        );
+        let (classes, class_triggers) = reflect(
+            Api::<FleetClass>::all(client.clone()),
+            watcher::Config::default(),
+            (),
+        );
+        let (nodes, node_events) = reflect(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().labels(NODEPOOL_LABEL),
+            (),
+        );
+        drain(node_events, tasks);
+        let (pods, pod_events) = reflect(
+            watched_api::<Pod>(client, watch_ns),
+            watcher::Config::default().labels(&format!("{APP_NAME_KEY}=comfyui,{managed}")),
+            (),
+        );
+        drain(pod_events, tasks);
+        let claim_api = render::nodepool::nodeclaim_api_resource();
+        let (node_claims, claim_events) = reflect(
+            dynamic_api(client, &claim_api, None),
+            watcher::Config::default(),
+            claim_api,
+        );
+        drain(claim_events, tasks);
+        let caches = Caches {
+            children,
+            model_sets,
+            reports,
+            classes,
+            nodes,
+            pods,
+            node_claims,
+            crds: [render::nodepool::api_resource(), provider.api_resource()]
+                .iter()
+                .map(|ar| {
+                    let name = format!("{}.{}", ar.plural, ar.group);
+                    let store = reflect_metadata(client, Some(&name), tasks);
+                    (name, store)
+                })
+                .collect(),
+            csi_drivers: reflect_metadata(client, Some(CSI_DRIVER), tasks),
+            ingress_classes: reflect_metadata(client, None, tasks),
+        };
+        let triggers = FleetTriggers {
+            children: child_triggers,
+            model_sets: model_set_triggers,
+            reports: report_triggers,
+            classes: class_triggers,
+        };
+        (caches, triggers)
+    }
+
+    /// Whether the CRD `name` (one preflight needs) is installed.
+    pub fn crd_installed(&self, name: &str) -> bool {
+        self.crds
+            .get(name)
+            .is_some_and(|s| s.get(&ObjectRef::new(name)).is_some())
+    }
+
+    /// The live child of `kind` named `name`, as last seen.
+    pub fn child(
+        &self,
+        kind: ChildKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Option<Arc<DynamicObject>> {
+        let (ar, store) = self.children.get(&kind)?;
+        let mut key = ObjectRef::new_with(name, ar.clone());
+        if let Some(ns) = namespace {
+            key = key.within(ns);
+        }
+        store.get(&key)
+    }
+
+    /// A child read as its typed kind (a store's listed objects carry no apiVersion
+    /// and kind: they are put back first).
+    pub fn typed_child<K>(&self, kind: ChildKind, namespace: Option<&str>, name: &str) -> Option<K>
+    where
+        K: k8s_openapi::Resource + DeserializeOwned,
+    {
+        let live = self.child(kind, namespace, name)?;
+        let mut value = serde_json::to_value(&*live).ok()?;
+        value["apiVersion"] = K::API_VERSION.into();
+        value["kind"] = K::KIND.into();
+        serde_json::from_value(value).ok()
+    }
+
+    /// The live children of `kind` whose labels `owned` accepts.
+    pub fn children_of(
+        &self,
+        kind: ChildKind,
+        owned: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Vec<Arc<DynamicObject>> {
+        self.children
+            .get(&kind)
+            .map(|(_, store)| store.state_filter(|o| owned(o.labels())))
+            .unwrap_or_default()
+    }
+
+    /// The nodes' reports of ModelSet `namespace/name`.
+    pub fn reports_of(&self, namespace: &str, name: &str) -> Vec<NodeSync> {
+        self.reports
+            .state_filter(|r| {
+                r.metadata.namespace.as_deref() == Some(namespace) && r.spec.model_set == name
+            })
+            .iter()
+            .map(|r| r.spec.report.clone())
+            .collect()
+    }
+
+    /// The nodes of a NodePool.
+    pub fn nodes_of_pool(&self, pool: &str) -> Vec<Node> {
+        self.nodes
+            .state_filter(|n| n.labels().get(NODEPOOL_LABEL).map(String::as_str) == Some(pool))
+            .into_iter()
+            .map(|n| (*n).clone())
+            .collect()
+    }
+
+    /// Waits until the stores every reconcile reads hold their first full listing
+    /// (before that, an empty store would read as "nothing there"). Bounded: a watch
+    /// that cannot list (a CRD not installed) fails the reconcile, which retries.
+    pub async fn ready(&self) -> Result<(), NotListed> {
+        const WAIT: Duration = Duration::from_secs(30);
+        let waits = [
+            ("ModelSet", self.model_sets.wait_until_ready().boxed()),
+            ("ModelSync", self.reports.wait_until_ready().boxed()),
+            ("FleetClass", self.classes.wait_until_ready().boxed()),
+            ("Node", self.nodes.wait_until_ready().boxed()),
+            ("Pod", self.pods.wait_until_ready().boxed()),
+            ("CSIDriver", self.csi_drivers.wait_until_ready().boxed()),
+            (
+                "IngressClass",
+                self.ingress_classes.wait_until_ready().boxed(),
+            ),
+        ];
+        for (kind, wait) in waits {
+            Self::bounded(kind, wait, WAIT).await?;
+        }
+        for (name, store) in &self.crds {
+            Self::bounded(name, store.wait_until_ready().boxed(), WAIT).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the stores of the children (their CRDs exist: preflight checked).
+    pub async fn children_ready(&self) -> Result<(), NotListed> {
+        for (ar, store) in self.children.values() {
+            Self::bounded(
+                &ar.kind,
+                store.wait_until_ready().boxed(),
+                Duration::from_secs(30),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn bounded(
+        kind: &str,
+        wait: futures::future::BoxFuture<'_, Result<(), reflector::store::WriterDropped>>,
+        limit: Duration,
+    ) -> Result<(), NotListed> {
+        match tokio::time::timeout(limit, wait).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(NotListed(kind.to_string())),
+        }
+    }
+}
