@@ -271,8 +271,8 @@ def run_tree(tree, cluster, args):
         cluster.k("apply", "--server-side", "--force-conflicts", "-f", f"{ROOT}/tests/testbed/fleetclass.yaml")
         time.sleep(3)
         sh(cluster.env["SDFLEET_TESTBED_HELM"], "install", release, f"{tree.dir}/charts/sdfleet", "--namespace", release_ns,
-           "--create-namespace", "--kubeconfig", cluster.env["KUBECONFIG"], "--kube-version", "1.35.0",
-           "--set", "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok,replicaCount=0",
+           "--create-namespace", "--kubeconfig", cluster.env["KUBECONFIG"],
+           "--set", "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok,replicaCount=1",
            "--skip-crds")
         controller_user = f"system:serviceaccount:{release_ns}:{release}-sdfleet"
         agent_user = f"system:serviceaccount:{release_ns}:sdfleet-agent"
@@ -476,7 +476,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
     args = ap.parse_args()
 
-    subprocess.run([TESTBED, "up"], check=True, stdout=subprocess.DEVNULL)
+    if subprocess.run([TESTBED, "status"], capture_output=True).returncode != 0:
+        subprocess.run([TESTBED, "up"], check=True, stdout=subprocess.DEVNULL)
     cluster = Cluster(env_file())
     trees = []
     if args.only != "baseline":
