@@ -18,9 +18,15 @@ use crate::crd::FleetClass;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::ClusterSettings;
 use crate::telemetry::{ControllerName, Metrics};
+use futures::{Stream, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::hash::{DefaultHasher, Hash};
 
 /// Settings of one controller process, from its flags.
 #[derive(Clone, Debug)]
@@ -256,4 +262,52 @@ where
         .filter(|o| o.0.as_ref().is_ok_and(&wanted))
         .map(|o| ObjectRef::from_obj(&*o))
         .collect()
+}
+
+/// `namespace/name` of a reference: the key of its queue-to-done time.
+pub fn ref_key<K: Resource>(r: &ObjectRef<K>) -> String {
+    format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name)
+}
+
+/// Hashes what of an object's metadata starts its reconcile: its spec (generation), its
+/// deletion and finalizers, its labels and annotations. Status writes change none of them.
+pub fn hash_metadata(meta: &ObjectMeta, h: &mut DefaultHasher) {
+    (
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        &meta.finalizers,
+        &meta.labels,
+        &meta.annotations,
+    )
+        .hash(h);
+}
+
+/// A controller's watch of its own kind: the store it reads, and the events whose
+/// `changes` hash moved, each noted as asking for a reconcile (queue-to-done starts).
+pub fn own_watch<K>(
+    api: Api<DeserializeGuard<K>>,
+    changes: fn(&DeserializeGuard<K>) -> Option<u64>,
+    metrics: Arc<Metrics>,
+    controller: ControllerName,
+) -> (
+    Store<DeserializeGuard<K>>,
+    impl Stream<Item = Result<DeserializeGuard<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let writer = Writer::default();
+    let store = writer.as_reader();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
+    )
+    .applied_objects()
+    .predicate_filter(changes, PredicateConfig::default())
+    .inspect(move |obj| {
+        if let Ok(obj) = obj {
+            metrics.latency.asked(controller.as_str(), &object_key(obj));
+        }
+    });
+    (store, events)
 }

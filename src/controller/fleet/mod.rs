@@ -23,13 +23,14 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, store::Writer};
-use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{PredicateConfig, WatchStreamExt};
 
-use super::cache::watched_api;
-use super::cache::{Caches, FleetTriggers};
+use super::cache::{Caches, FleetTriggers, watched_api};
 use super::conditions::Reason;
-use super::context::{Context, error_policy, matching, object_key};
+use super::context::{
+    Context, error_policy, hash_metadata, matching, object_key, own_watch, ref_key,
+};
 use super::error::Error;
 use super::finalizer;
 use super::resources::{Applied, ApplyError, FleetResources};
@@ -59,22 +60,9 @@ pub async fn run(
     let client = ctx.client.clone();
     let watch_ns = ctx.settings.namespace.as_deref();
     let fleets: Api<Guarded> = watched_api(&client, watch_ns);
-    let writer = Writer::default();
-    let reader = writer.as_reader();
-    let latency = ctx.metrics.clone();
     // Only what can change the children or the decisions starts a reconcile: not our own
     // status writes.
-    let own = reflector::reflector(
-        writer,
-        watcher(fleets, watcher::Config::default().any_semantic()).default_backoff(),
-    )
-    .applied_objects()
-    .predicate_filter(fleet_changes, PredicateConfig::default())
-    .inspect(move |fleet| {
-        if let Ok(fleet) = fleet {
-            latency.latency.asked(FLEET.as_str(), &object_key(fleet));
-        }
-    });
+    let (reader, own) = own_watch(fleets, fleet_changes, ctx.metrics.clone(), FLEET);
     let mut controller = Controller::for_stream(own, reader);
     let scope = ctx.settings.namespace.clone();
     for (ar, children) in triggers.children {
@@ -148,15 +136,13 @@ fn asked<I: IntoIterator<Item = ObjectRef<Guarded>>>(
 ) -> Vec<ObjectRef<Guarded>> {
     let refs: Vec<_> = refs.into_iter().collect();
     for r in &refs {
-        let key = format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name);
-        metrics.latency.asked(FLEET.as_str(), &key);
+        metrics.latency.asked(FLEET.as_str(), &ref_key(r));
     }
     refs
 }
 
-/// What of a fleet starts a reconcile: its spec (generation), its deletion and
-/// finalizers, its labels and annotations, and the gateway's demand (autoscaling).
-/// The controller's own status writes change none of these.
+/// What of a fleet starts a reconcile: its metadata's part (`hash_metadata`) and the
+/// gateway's demand (autoscaling). The controller's own status writes change neither.
 fn fleet_changes(fleet: &Guarded) -> Option<u64> {
     let mut h = DefaultHasher::new();
     let meta = match &fleet.0 {
@@ -168,14 +154,7 @@ fn fleet_changes(fleet: &Guarded) -> Option<u64> {
         }
         Err(invalid) => &invalid.metadata,
     };
-    (
-        meta.generation,
-        meta.deletion_timestamp.is_some(),
-        &meta.finalizers,
-        &meta.labels,
-        &meta.annotations,
-    )
-        .hash(&mut h);
+    hash_metadata(meta, &mut h);
     Some(h.finish())
 }
 
@@ -445,7 +424,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .ready_replicas
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
-    // The nodes' reports are watched (the ModelSet's): no poll while models sync.
+    // The nodes' reports (ModelSync) are watched: no poll while models sync.
     let next = ctx.settings.resync;
     Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
 }

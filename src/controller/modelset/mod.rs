@@ -7,7 +7,7 @@ pub mod sqs;
 pub mod ssm;
 pub mod status;
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{DefaultHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,13 +16,13 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, store::Writer};
-use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::cache::watched_api;
 use super::conditions::{DesiredCondition, READY, Reason};
-use super::context::{Context, error_policy, matching, object_key};
+use super::context::{Context, error_policy, hash_metadata, matching, own_watch, ref_key};
 use super::error::Error;
 use super::{finalizer, policy};
 use crate::crd::modelset::{ModelSet, SyncMethod};
@@ -47,31 +47,11 @@ pub async fn run(
     let api: Api<Guarded> = watched_api(&ctx.client, ctx.settings.namespace.as_deref());
     let metrics = ctx.metrics.clone();
     let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx)).inspect(
-        move |ms: &ObjectRef<Guarded>| {
-            let key = format!(
-                "{}/{}",
-                ms.namespace.as_deref().unwrap_or_default(),
-                ms.name
-            );
-            metrics.latency.asked(MODELSET.as_str(), &key);
-        },
+        move |ms: &ObjectRef<Guarded>| metrics.latency.asked(MODELSET.as_str(), &ref_key(ms)),
     );
-    let writer = Writer::default();
-    let reader = writer.as_reader();
-    let metrics = ctx.metrics.clone();
     // A ModelSet is relisted on its spec, its deletion, its timer and S3 events: never on
-    // status writes (the nodes' reports, or its own).
-    let own = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
-    )
-    .applied_objects()
-    .predicate_filter(spec_changes, PredicateConfig::default())
-    .inspect(move |ms| {
-        if let Ok(ms) = ms {
-            metrics.latency.asked(MODELSET.as_str(), &object_key(ms));
-        }
-    });
+    // status writes (its own).
+    let (reader, own) = own_watch(api, spec_changes, ctx.metrics.clone(), MODELSET);
     let controller = Controller::for_stream(own, reader);
     // A changed FleetClass applies to its ModelSets at once.
     let sets = controller.store();
@@ -135,22 +115,14 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 const MODELSET: ControllerName = ControllerName::ModelSet;
 
-/// What of a ModelSet starts a relisting: its spec, its deletion and finalizers, its
-/// labels and annotations. Status writes change none of these.
+/// What of a ModelSet starts a relisting: its metadata's part (`hash_metadata`).
 fn spec_changes(ms: &Guarded) -> Option<u64> {
     let meta = match &ms.0 {
         Ok(ms) => &ms.metadata,
         Err(invalid) => &invalid.metadata,
     };
     let mut h = DefaultHasher::new();
-    (
-        meta.generation,
-        meta.deletion_timestamp.is_some(),
-        &meta.finalizers,
-        &meta.labels,
-        &meta.annotations,
-    )
-        .hash(&mut h);
+    hash_metadata(meta, &mut h);
     Some(h.finish())
 }
 
