@@ -58,15 +58,6 @@ pub struct FleetObservation {
     pub conditions: Vec<DesiredCondition>,
 }
 
-impl FleetObservation {
-    /// True while the fleet's nodes do not all hold its models yet.
-    pub fn syncing_models(&self) -> bool {
-        self.conditions
-            .iter()
-            .any(|c| c.type_ == MODELS_READY && !c.status)
-    }
-}
-
 pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> FleetObservation {
     let status = facts.deployment.clone().unwrap_or_default();
     let replicas = status.replicas.unwrap_or(0);
@@ -368,8 +359,8 @@ mod tests {
         assert!(find(&o, PROGRESSING).status);
         assert_eq!((o.replicas, o.ready_replicas), (2, 1));
         // No modelSet: ModelsReady is true, and nothing waits on models.
-        assert_eq!(find(&o, MODELS_READY).reason, Reason::NoModelSet);
-        assert!(!o.syncing_models());
+        let models = find(&o, MODELS_READY);
+        assert_eq!((models.status, models.reason), (true, Reason::NoModelSet));
     }
 
     #[test]
