@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::ModelSet;
 use sdfleet::crd::modelset::ModelSetStatus;
 use sdfleet::sync::catalog::{Catalog, Object};
@@ -165,7 +165,11 @@ async fn large_catalog_goes_to_configmaps() {
     api.patch(
         "many",
         &PatchParams::apply("test-user").force(),
-        &Patch::Apply(modelset("many", &b, json!({}))),
+        &Patch::Apply(modelset(
+            "many",
+            &b,
+            json!({"sync": {"pollInterval": "2s"}}),
+        )),
     )
     .await
     .unwrap();
@@ -194,6 +198,38 @@ async fn large_catalog_goes_to_configmaps() {
     let want = expected(&s3, &b, "models/").await;
     assert_eq!(tsv, want.to_tsv(), "the stored catalog is the whole bucket");
     assert_eq!(s.revision, want.revision());
+
+    // Shrunk to what the status holds: the ConfigMaps go (the controller finds them in
+    // its watch cache, not by a list per relisting).
+    futures::future::join_all((50..n).map(|i| {
+        let (s3, b) = (s3.clone(), b.clone());
+        async move {
+            s3.delete_object()
+                .bucket(&b)
+                .key(format!("models/loras/lora_{i:05}.safetensors"))
+                .send()
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let s = eventually("the catalog shrunk", Duration::from_secs(60), || async {
+        status(&api, "many").await.filter(|s| s.object_count == 50)
+    })
+    .await;
+    assert_eq!(s.catalog_ref, None);
+    eventually(
+        "the catalog ConfigMaps deleted",
+        Duration::from_secs(30),
+        || async {
+            let left = cms
+                .list(&ListParams::default().labels("sdfleet.io/catalog-of=many"))
+                .await
+                .unwrap();
+            left.items.is_empty().then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sdfleet::crd::modelset::{NODE_MESSAGE_MAX, NodeSync, NodeSyncState};
 use sdfleet::crd::{ModelSet, ModelSync};
 use serde_json::json;
-use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
+use support::{
+    ControllerProcess, TestNamespace, Testbed, eventually, impersonating_kubeconfig, install_crds,
+    install_release, uninstall_release, unique_suffix,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -113,8 +116,14 @@ async fn reports_stay_small_and_go_with_their_node_or_model_set() {
     })
     .await;
     // The ModelSet goes: the controller deletes its reports (its finalizer holds the
-    // ModelSet until then).
-    let _controller = ControllerProcess::start_with_env(tb, &ns.name, &[], &tb.aws_env());
+    // ModelSet until then). The controller acts as the chart's ServiceAccount, so its
+    // RBAC on the reports (deletecollection) is the chart's.
+    let (release, release_ns) = install_release(tb, "reports");
+    let as_controller = impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
+    let mut env = tb.aws_env();
+    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
+    let controller =
+        ControllerProcess::start_with_env(tb, &ns.name, &["--agent-namespace", &release_ns], &env);
     eventually(
         "the controller's finalizer on the ModelSet",
         WAIT,
@@ -134,4 +143,6 @@ async fn reports_stay_small_and_go_with_their_node_or_model_set() {
     for n in &all {
         let _ = nodes.delete(n, &DeleteParams::default()).await;
     }
+    drop(controller);
+    uninstall_release(tb, &release, &release_ns);
 }

@@ -11,7 +11,8 @@ same run), it builds that tree's release `sdfleet` and its simulated agents
    per node syncs the bucket (moto) and reports, acting as the chart's agent
    ServiceAccount with a token naming its node. Time until every fleet is Ready and
    ModelsReady; reconcile and queue-to-done latency (raw samples where the tree serves
-   them on /debug/latency, else the histogram's bucket bounds and its exact mean).
+   them on /debug/latency, else the histogram's bucket bounds and its exact mean), for
+   this phase and, apart, for each of the next two.
 2. A steady state of S seconds: apiserver requests per minute by client (controller,
    agents) and verb, from the audit log (watches counted as they start).
 3. One new model in the bucket: time until every node reports the new revision, the
@@ -217,44 +218,53 @@ def largest_report_object(cluster, ns):
     return sizes
 
 
-def latency(port):
-    """Reconcile figures: exact from raw samples when served, else histogram bounds."""
+def latency_snapshot(port):
+    """The controller's reconcile figures so far: raw samples where the tree serves them on
+    /debug/latency, else its histogram (bucket counts, sum, count)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/latency", timeout=10) as r:
             raw = json.loads(r.read())
-        out = {}
-        for name in ("comfyuideployment", "modelset"):
-            series = raw.get(name, {})
-            for key, field in (("reconcile", "reconcileSeconds"), ("queueToDone", "queueToDoneSeconds")):
-                v = sorted(series.get(field, []))
-                if v:
-                    out[f"{name}.{key}"] = {"source": "raw samples", "count": len(v), "p50": quantile(v, 0.5),
-                                            "p99": quantile(v, 0.99), "max": v[-1]}
-        return out
+        return {"raw": {f"{name}.{key}": raw.get(name, {}).get(field, [])
+                        for name in ("comfyuideployment", "modelset")
+                        for key, field in (("reconcile", "reconcileSeconds"), ("queueToDone", "queueToDoneSeconds"))}}
     except urllib.error.HTTPError:
         pass
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
-    out = {}
+    hist = {}
     for name in ("comfyuideployment", "modelset"):
-        buckets = []
-        total = count = 0.0
+        h = hist.setdefault(f"{name}.reconcile", {"buckets": {}, "sum": 0.0, "count": 0.0})
         for line in text.splitlines():
             m = re.match(r'sdfleet_reconcile_duration_seconds_bucket\{le="([^"]+)",controller="%s"\} (\S+)' % name, line)
             if m:
-                buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+                h["buckets"][float("inf") if m.group(1) == "+Inf" else float(m.group(1))] = float(m.group(2))
             m = re.match(r'sdfleet_reconcile_duration_seconds_(sum|count)\{controller="%s"\} (\S+)' % name, line)
             if m:
-                if m.group(1) == "sum":
-                    total = float(m.group(2))
-                else:
-                    count = float(m.group(2))
-        if buckets and count:
-            buckets.sort()
-            bound = lambda q: next(le for le, c in buckets if c >= q * count)
-            out[f"{name}.reconcile"] = {"source": "histogram bucket bounds (p50, p99 are upper bounds; mean exact)",
-                                        "count": int(count), "p50": bound(0.5), "p99": bound(0.99),
-                                        "mean": total / count}
+                h[m.group(1)] = float(m.group(2))
+    return {"histogram": hist}
+
+
+def latency_between(before, after):
+    """p50/p99/max of the reconciles that ran between two snapshots (the raw rings keep
+    the newest 100,000 samples, far more than a run makes, so a phase is a slice)."""
+    out = {}
+    if "raw" in after:
+        for key, samples in after["raw"].items():
+            v = sorted(samples[len((before or {}).get("raw", {}).get(key, [])):])
+            if v:
+                out[key] = {"source": "raw samples", "count": len(v), "p50": quantile(v, 0.5),
+                            "p99": quantile(v, 0.99), "max": v[-1]}
+        return out
+    for key, h in after["histogram"].items():
+        b = (before or {}).get("histogram", {}).get(key, {"buckets": {}, "sum": 0.0, "count": 0.0})
+        count = h["count"] - b["count"]
+        if not count:
+            continue
+        buckets = sorted((le, c - b["buckets"].get(le, 0.0)) for le, c in h["buckets"].items())
+        bound = lambda q: next(le for le, c in buckets if c >= q * count)
+        out[key] = {"source": "histogram bucket bounds (p50, p99 are upper bounds; mean exact)",
+                    "count": int(count), "p50": bound(0.5), "p99": bound(0.99),
+                    "mean": (h["sum"] - b["sum"]) / count}
     return out
 
 
@@ -339,12 +349,14 @@ def run_tree(tree, cluster, args):
         r["converged"] = {"ready": last[0][0], "models_ready": last[0][1], "fleets": last[0][2]}
         r["converge_requests"] = _per_client(cluster.requests_since(offset, users))
         usage1 = proc_usage(controller.pid)
-        r["latency"] = latency(port)
+        lat1 = latency_snapshot(port)
+        r["latency"] = latency_between(None, lat1)
         r["converge_controller"] = {"rss_mib": round(usage1[0], 1), "cpu_seconds": round(usage1[1] - usage0[1], 1)}
         log(f"[{tree.label}] converged: {r['converge_seconds']} s {r['converged']}")
 
         # 2. Steady state.
         time.sleep(15)
+        lat1 = latency_snapshot(port)
         offset = cluster.audit_offset()
         usage1 = proc_usage(controller.pid)
         t1 = time.time()
@@ -352,8 +364,10 @@ def run_tree(tree, cluster, args):
         minutes = (time.time() - t1) / 60
         counts = cluster.requests_since(offset, users)
         usage2 = proc_usage(controller.pid)
-        r["steady"] = {"seconds": round(minutes * 60), "per_minute": {f"{c} {v}": round(n / minutes, 2) for (c, v), n in sorted(counts.items())},
+        lat2 = latency_snapshot(port)
+        r["steady"] = {"latency": latency_between(lat1, lat2), "seconds": round(minutes * 60), "per_minute": {f"{c} {v}": round(n / minutes, 2) for (c, v), n in sorted(counts.items())},
                        "controller_per_fleet_per_minute": round(sum(n for (c, _), n in counts.items() if c == "controller") / minutes / args.fleets, 4),
+                       "controller_per_fleet_per_minute_besides_watches": round(sum(n for (c, v), n in counts.items() if c == "controller" and v != "watch") / minutes / args.fleets, 4),
                        "writes_per_minute": round(sum(n for (_, v), n in counts.items() if v not in ("get", "list", "watch")) / minutes, 2),
                        "controller_rss_mib": round(usage2[0], 1),
                        "controller_cpu_seconds_per_minute": round((usage2[1] - usage1[1]) / minutes, 2)}
@@ -378,7 +392,8 @@ def run_tree(tree, cluster, args):
         done = revision and wait_for("every node at the new revision", args.converge_limit, everywhere, every=1)
         t3 = time.time()
         usage3 = proc_usage(controller.pid)
-        r["revision"] = {"listed_after_seconds": round(t_listed - t2, 1),
+        r["revision"] = {"latency": latency_between(lat2, latency_snapshot(port)),
+                         "listed_after_seconds": round(t_listed - t2, 1),
                          "all_nodes_after_listing_seconds": round(t3 - t_listed, 1) if done else None,
                          "nodes_reporting": count[0], "nodes": total_nodes,
                          "requests": _per_client(cluster.requests_since(offset, users)),
@@ -440,8 +455,8 @@ def table(results):
                 cells.append("—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    def lat(r, key):
-        v = r["latency"][key]
+    def lat(r, key, phase=None):
+        v = (r[phase]["latency"] if phase else r["latency"])[key]
         if v["source"] == "raw samples":
             return f"p50 {v['p50'] * 1000:.1f} / p99 {v['p99'] * 1000:.1f} / max {v['max'] * 1000:.1f} ms (n={v['count']})"
         return f"p50 ≤ {v['p50'] * 1000:.0f} / p99 ≤ {v['p99'] * 1000:.0f} ms, mean {v['mean'] * 1000:.1f} ms (n={v['count']}, buckets)"
@@ -450,8 +465,14 @@ def table(results):
     row("fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile"))
     row("fleet queue-to-done", lambda r: lat(r, "comfyuideployment.queueToDone"))
     row("ModelSet reconcile", lambda r: lat(r, "modelset.reconcile"))
+    row("steady: fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile", "steady"))
+    row("steady: ModelSet reconcile", lambda r: lat(r, "modelset.reconcile", "steady"))
+    row("new revision: fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile", "revision"))
+    row("new revision: fleet queue-to-done", lambda r: lat(r, "comfyuideployment.queueToDone", "revision"))
+    row("new revision: ModelSet reconcile", lambda r: lat(r, "modelset.reconcile", "revision"))
     row("steady: requests/min (client verb)", lambda r: ", ".join(f"{k} {v}" for k, v in r["steady"]["per_minute"].items()) or "0")
     row("steady: controller requests per fleet per minute", lambda r: r["steady"]["controller_per_fleet_per_minute"])
+    row("steady: the same without watch restarts", lambda r: r["steady"]["controller_per_fleet_per_minute_besides_watches"])
     row("steady: writes/min", lambda r: r["steady"]["writes_per_minute"])
     row("new revision: listed after", lambda r: f"{r['revision']['listed_after_seconds']} s")
     row("new revision: on every node after listing", lambda r: f"{r['revision']['all_nodes_after_listing_seconds']} s" if r["revision"]["all_nodes_after_listing_seconds"] is not None else f"{r['revision']['nodes_reporting']}/{r['revision']['nodes']} nodes by the limit")

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::api::networking::v1::IngressClass;
 use k8s_openapi::api::storage::v1::CSIDriver;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use crate::crd::FleetClass;
 use crate::crd::ModelSync;
 use crate::crd::modelset::{ModelSet, NodeSync};
-use crate::names::{APP_NAME_KEY, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL};
+use crate::names::{APP_NAME_KEY, CATALOG_OF_KEY, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL};
 use crate::render::nodeclass::NodeClassProvider;
 use crate::render::settings::AgentSettings;
 use crate::render::storage::CSI_DRIVER;
@@ -64,6 +64,8 @@ pub struct Caches {
     crds: BTreeMap<String, Store<PartialObjectMeta<CustomResourceDefinition>>>,
     pub csi_drivers: Store<PartialObjectMeta<CSIDriver>>,
     pub ingress_classes: Store<PartialObjectMeta<IngressClass>>,
+    /// The ModelSets' catalog ConfigMaps (metadata: their names and revisions).
+    catalog_maps: Store<PartialObjectMeta<ConfigMap>>,
 }
 
 /// The watches whose events start fleet reconciles (the rest only fill their stores).
@@ -206,6 +208,12 @@ impl Caches {
             claim_api,
         );
         drain(claim_events, tasks);
+        let (catalog_maps, catalog_events) = reflect(
+            watched_api::<PartialObjectMeta<ConfigMap>>(client, watch_ns),
+            watcher::Config::default().labels(&format!("{CATALOG_OF_KEY},{managed}")),
+            (),
+        );
+        drain(catalog_events, tasks);
         let caches = Caches {
             children,
             model_sets,
@@ -224,6 +232,7 @@ impl Caches {
                 .collect(),
             csi_drivers: reflect_metadata(client, Some(CSI_DRIVER), tasks),
             ingress_classes: reflect_metadata(client, None, tasks),
+            catalog_maps,
         };
         let triggers = FleetTriggers {
             children: child_triggers,
@@ -292,6 +301,18 @@ impl Caches {
             .collect()
     }
 
+    /// The catalog ConfigMaps of ModelSet `namespace/name`, as last seen.
+    pub fn catalog_maps_of(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<Arc<PartialObjectMeta<ConfigMap>>> {
+        self.catalog_maps.state_filter(|cm| {
+            cm.metadata.namespace.as_deref() == Some(namespace)
+                && cm.labels().get(CATALOG_OF_KEY).map(String::as_str) == Some(name)
+        })
+    }
+
     /// The nodes of a NodePool.
     pub fn nodes_of_pool(&self, pool: &str) -> Vec<Node> {
         self.nodes
@@ -317,6 +338,7 @@ impl Caches {
                 "IngressClass",
                 self.ingress_classes.wait_until_ready().boxed(),
             ),
+            ("ConfigMap", self.catalog_maps.wait_until_ready().boxed()),
         ];
         for (kind, wait) in waits {
             Self::bounded(kind, wait, WAIT).await?;

@@ -6,7 +6,7 @@
 use std::io::Write;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 
 use crate::controller::context::Context;
@@ -33,15 +33,13 @@ pub async fn store_catalog(
     let ns = ms.namespace().unwrap_or_default();
     let name = ms.name_any();
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let selector = format!("{CATALOG_OF_KEY}={name}");
-    let existing = api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items;
+    // From the watch cache: a relisting whose catalog did not change sends nothing. A
+    // lagging copy costs at most an idempotent apply, or a delete that finds nothing.
+    let existing = ctx.caches()?.catalog_maps_of(&ns, &name);
     if catalog.objects.len() <= MODELS_IN_STATUS {
         for cm in existing {
             ctx.metrics.record_write("delete", "ConfigMap");
-            api.delete(&cm.name_any(), &DeleteParams::default()).await?;
+            delete(&api, &cm.name_any()).await?;
         }
         return Ok(None);
     }
@@ -114,11 +112,20 @@ pub async fn store_catalog(
     }
     for cm in existing.iter().filter(|cm| !names.contains(&cm.name_any())) {
         ctx.metrics.record_write("delete", "ConfigMap");
-        api.delete(&cm.name_any(), &DeleteParams::default()).await?;
+        delete(&api, &cm.name_any()).await?;
     }
     Ok(Some(CatalogRef {
         config_maps: names,
         format: "tsv+gzip".into(),
         objects: catalog.objects.len() as u64,
     }))
+}
+
+/// Deletes a catalog ConfigMap; one already gone (a lagging cache) is no error.
+async fn delete(api: &Api<ConfigMap>, name: &str) -> Result<(), Error> {
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
