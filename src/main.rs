@@ -182,6 +182,10 @@ struct SyncArgs {
     /// Objects larger than this are fetched in ranged GETs of this size (MiB).
     #[arg(long, default_value_t = 64)]
     part_size_mib: u64,
+    /// Write where the time went (phases, and bytes, GETs, fsyncs and the kernel's
+    /// dirty pages every 100 ms) to this JSON file.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -394,6 +398,12 @@ fn run_sync(args: SyncArgs) -> ExitCode {
             region: args.region.filter(|r| !r.is_empty()),
             endpoint: args.endpoint.filter(|e| !e.is_empty()),
         };
+        let timeline = args
+            .timeline
+            .as_ref()
+            .map(|_| std::sync::Arc::new(sync::timeline::Timeline::new()));
+        let sampler = timeline.as_ref().map(|t| t.sampler());
+        let listing = sync::timeline::span(timeline.as_deref(), sync::timeline::Phase::List);
         let (store, catalog) = match S3Store::open_catalog(&location, &filter).await {
             Ok(opened) => opened,
             Err(e) => {
@@ -401,12 +411,23 @@ fn run_sync(args: SyncArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        drop(listing);
         let mut opts = SyncOptions::new(&args.dest);
         opts.delete = args.delete;
         opts.concurrency = args.concurrency;
         opts.part_size = args.part_size_mib.max(1) << 20;
         opts.multipart_threshold = opts.part_size;
-        match sync::sync(&store, &catalog, &opts).await {
+        opts.timeline = timeline.clone();
+        let result = sync::sync(&store, &catalog, &opts).await;
+        if let (Some(path), Some(t)) = (&args.timeline, &timeline) {
+            if let Some(s) = sampler {
+                s.abort();
+            }
+            if let Err(e) = std::fs::write(path, t.to_json().to_string()) {
+                eprintln!("error: {}: {e}", path.display());
+            }
+        }
+        match result {
             Ok(report) => {
                 let secs = started.elapsed().as_secs_f64();
                 println!(

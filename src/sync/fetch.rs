@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 
 use super::catalog::Object;
 use super::store::{self, ObjectStore};
+use super::timeline::{Phase, Timeline, span};
 use super::{SyncError, SyncOptions, io, paths, resume, writeback};
 
 /// The temporary file of `key`, unique per key and never at a final path.
@@ -37,6 +38,7 @@ pub(super) async fn fetch<S: ObjectStore>(
     };
     let mut fetched = object.size;
     let mut journal = None;
+    let timeline = opts.timeline.as_deref();
 
     let file = if object.size > opts.multipart_threshold {
         let part_size = opts.part_size.max(1 << 20);
@@ -58,12 +60,16 @@ pub(super) async fn fetch<S: ObjectStore>(
         futures::stream::iter(ranges.into_iter().map(Ok::<_, SyncError>))
             .try_for_each_concurrent(None, |(index, start, end)| {
                 let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
+                let recorder = opts.timeline.clone();
                 async move {
                     let permit = permits.acquire().await.map_err(closed)?;
+                    let get = span(timeline, Phase::Get);
                     let body = store
                         .get(&object.key, Some((start, end)), &object.etag)
                         .await?;
-                    let written = write_body(&file, &part, body.chunks, start, None).await?;
+                    let written =
+                        write_body(&file, &part, body.chunks, start, None, timeline).await?;
+                    drop(get);
                     // The network slot goes to the next range while this one is made durable.
                     drop(permit);
                     if written != end + 1 - start {
@@ -75,6 +81,7 @@ pub(super) async fn fetch<S: ObjectStore>(
                     }
                     // Durable first, then journalled: a resumed part is always real bytes.
                     blocking(&part, move || {
+                        let _fsync = span(recorder.as_deref(), Phase::Fsync);
                         file.sync_data()?;
                         parts
                             .lock()
@@ -92,9 +99,11 @@ pub(super) async fn fetch<S: ObjectStore>(
         file.set_len(object.size).map_err(io(&part))?;
         let file = Arc::new(file);
         let _permit = permits.acquire().await.map_err(closed)?;
+        let get = span(timeline, Phase::Get);
         let body = store.get(&object.key, None, &object.etag).await?;
         let mut md5 = Md5::new();
-        let written = write_body(&file, &part, body.chunks, 0, Some(&mut md5)).await?;
+        let written = write_body(&file, &part, body.chunks, 0, Some(&mut md5), timeline).await?;
+        drop(get);
         if written != object.size {
             return Err(SyncError::SizeMismatch {
                 key: object.key.clone(),
@@ -131,7 +140,12 @@ pub(super) async fn fetch<S: ObjectStore>(
     // way to disk (see `write_body`), so this mostly waits for the tail.
     if journal.is_none() {
         let synced = file.clone();
-        blocking(&part, move || synced.sync_data()).await?;
+        let recorder = opts.timeline.clone();
+        blocking(&part, move || {
+            let _fsync = span(recorder.as_deref(), Phase::Fsync);
+            synced.sync_data()
+        })
+        .await?;
     }
     drop(file);
 
@@ -144,9 +158,11 @@ pub(super) async fn fetch<S: ObjectStore>(
             .await
             .map_err(io(parent))?;
     }
+    let renaming = span(timeline, Phase::Rename);
     tokio::fs::rename(&part, &target)
         .await
         .map_err(io(&target))?;
+    drop(renaming);
     if let Some(journal) = journal {
         journal.remove();
     }
@@ -179,15 +195,22 @@ async fn write_body(
     mut body: store::ByteChunks,
     offset: u64,
     mut md5: Option<&mut Md5>,
+    timeline: Option<&Timeline>,
 ) -> Result<u64, SyncError> {
     let mut at = offset;
     let mut unflushed = offset;
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
+        if let Some(t) = timeline {
+            t.received(chunk.len() as u64);
+        }
         if let Some(md5) = md5.as_deref_mut() {
             md5.update(&chunk);
         }
         std::os::unix::fs::FileExt::write_all_at(file, &chunk, at).map_err(io(path))?;
+        if let Some(t) = timeline {
+            t.written(chunk.len() as u64);
+        }
         at += chunk.len() as u64;
         if at - unflushed >= WRITEBACK_WINDOW {
             writeback::start(file, unflushed, at - unflushed);

@@ -16,6 +16,7 @@ pub mod paths;
 pub mod plan;
 mod resume;
 pub mod store;
+pub mod timeline;
 mod writeback;
 
 use std::collections::BTreeSet;
@@ -31,6 +32,7 @@ use fetch::{fetch, temp_path};
 use paths::{STATE_DIR, UnsafeKey};
 use plan::{Manifest, ManifestEntry, Plan};
 use store::{ObjectStore, StoreError};
+use timeline::{Phase, Timeline, span};
 
 /// True when `dest` holds the manifest of a finished sync (files removed by hand since
 /// are found by the next full sync, not here).
@@ -49,6 +51,8 @@ pub struct SyncOptions {
     /// Objects larger than this are fetched in ranges of `part_size`.
     pub multipart_threshold: u64,
     pub part_size: u64,
+    /// Records where the time goes (`sdfleet sync --timeline`); None costs nothing.
+    pub timeline: Option<Arc<Timeline>>,
 }
 
 impl SyncOptions {
@@ -59,6 +63,7 @@ impl SyncOptions {
             concurrency: 32,
             multipart_threshold: 64 << 20,
             part_size: 64 << 20,
+            timeline: None,
         }
     }
 }
@@ -164,6 +169,8 @@ pub async fn sync<S: ObjectStore>(
     // or two SSM commands) never share temporary files or the manifest.
     let _lock = lock(&state)?;
     let manifest = Manifest::load(&state).await.map_err(io(&state))?;
+    let timeline = opts.timeline.as_deref();
+    let planning = span(timeline, Phase::Plan);
     let plan = plan::plan(catalog, &manifest, dest, opts.delete);
     // An interrupted run's temporary files are kept only for objects still to fetch
     // (their journals say which parts are done); the rest is dropped.
@@ -182,6 +189,7 @@ pub async fn sync<S: ObjectStore>(
         }
     }
     check_space(dest, &plan, &manifest, &tmp)?;
+    drop(planning);
 
     let progress = Arc::new(Mutex::new(Progress::new(manifest)));
     let permits = Arc::new(Semaphore::new(opts.concurrency.max(1)));
@@ -230,6 +238,7 @@ pub async fn sync<S: ObjectStore>(
                 // Checkpoint now and then, so a crash loses little.
                 if p.files_since_save >= CHECKPOINT_FILES || p.bytes_since_save >= CHECKPOINT_BYTES
                 {
+                    let _span = span(timeline, Phase::Checkpoint);
                     p.checkpoint(&state).await?;
                 }
                 Ok(())
@@ -238,7 +247,9 @@ pub async fn sync<S: ObjectStore>(
         .await;
     // What did arrive is kept even when another object failed: the rerun skips it.
     let mut p = progress.lock().await;
+    let last = span(timeline, Phase::Checkpoint);
     p.checkpoint(&state).await?;
+    drop(last);
     fetched?;
 
     p.checkpoint(&state).await?;
