@@ -43,7 +43,8 @@ pub(super) async fn fetch<S: ObjectStore>(
     let file = if object.size > opts.multipart_threshold {
         let part_size = opts.part_size.max(1 << 20);
         let (file, parts, done) = resume::open(&part, object, part_size).map_err(io(&part))?;
-        let (file, parts) = (Arc::new(file), Arc::new(std::sync::Mutex::new(parts)));
+        let file = Arc::new(file);
+        let commits = Arc::new(resume::GroupCommit::new(file.clone(), parts));
         let ranges: Vec<(u64, u64, u64)> = (0..object.size)
             .step_by(part_size as usize)
             .enumerate()
@@ -59,7 +60,7 @@ pub(super) async fn fetch<S: ObjectStore>(
         fetched = ranges.iter().map(|(_, start, end)| end + 1 - start).sum();
         futures::stream::iter(ranges.into_iter().map(Ok::<_, SyncError>))
             .try_for_each_concurrent(None, |(index, start, end)| {
-                let (file, part, parts) = (file.clone(), part.clone(), parts.clone());
+                let (file, part, commits) = (file.clone(), part.clone(), commits.clone());
                 let recorder = opts.timeline.clone();
                 async move {
                     let permit = permits.acquire().await.map_err(closed)?;
@@ -80,19 +81,11 @@ pub(super) async fn fetch<S: ObjectStore>(
                         });
                     }
                     // Durable first, then journalled: a resumed part is always real bytes.
-                    blocking(&part, move || {
-                        let _fsync = span(recorder.as_deref(), Phase::Fsync);
-                        file.sync_data()?;
-                        parts
-                            .lock()
-                            .map_err(|_| std::io::Error::other("part journal poisoned"))?
-                            .record(index)
-                    })
-                    .await
+                    commits.commit(index, recorder).await.map_err(io(&part))
                 }
             })
             .await?;
-        journal = Arc::into_inner(parts).and_then(|m| m.into_inner().ok());
+        journal = Arc::into_inner(commits).and_then(resume::GroupCommit::into_journal);
         file
     } else {
         let file = std::fs::File::create(&part).map_err(io(&part))?;

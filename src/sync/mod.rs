@@ -219,8 +219,12 @@ pub async fn sync<S: ObjectStore>(
         }
     }
     let downloaded = download.len();
+    // More files in flight than GETs: a file waiting on its fdatasync or rename holds no
+    // network slot, so the GETs never wait for the disk (files in flight hold no buffers,
+    // only their open temporary files).
+    let files_in_flight = opts.concurrency.max(1) * FILES_PER_GET;
     let fetched = futures::stream::iter(download.into_iter().map(Ok::<Object, SyncError>))
-        .try_for_each_concurrent(opts.concurrency.max(1), |object| {
+        .try_for_each_concurrent(files_in_flight, |object| {
             let (permits, progress, bytes, resumed, tmp) = (
                 permits.clone(),
                 progress.clone(),
@@ -262,6 +266,9 @@ pub async fn sync<S: ObjectStore>(
         refused,
     })
 }
+
+/// Files in flight per concurrent GET.
+const FILES_PER_GET: usize = 4;
 
 /// Checkpoint the manifest after this many files or bytes.
 const CHECKPOINT_FILES: usize = 64;

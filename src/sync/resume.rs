@@ -11,8 +11,10 @@ use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::catalog::Object;
+use super::timeline::{Phase, Timeline, span};
 
 /// The journal of one temporary file, open for appending.
 pub struct PartJournal {
@@ -92,9 +94,11 @@ pub fn open(
 }
 
 impl PartJournal {
-    /// Records part `index` as done. Call only once its bytes are durable.
-    pub fn record(&mut self, index: u64) -> std::io::Result<()> {
-        self.file.write_all(format!("{index}\n").as_bytes())?;
+    /// Records parts as done, in one write and one fdatasync. Call only once their
+    /// bytes are durable.
+    pub fn record_all(&mut self, indices: &[u64]) -> std::io::Result<()> {
+        let lines: String = indices.iter().map(|i| format!("{i}\n")).collect();
+        self.file.write_all(lines.as_bytes())?;
         self.file.sync_data()
     }
 
@@ -104,12 +108,97 @@ impl PartJournal {
     }
 }
 
+/// Makes the finished parts of one file durable and journals them, many per fdatasync
+/// (a group commit): a part that finishes while an fdatasync of its file runs waits for
+/// the next one, which covers every part finished by then. Each part's fdatasync used to
+/// flush the whole file, other parts' pages included: 32 parts of a 2 GiB file meant 32
+/// overlapping flushes of it, and as many journal fsyncs.
+pub struct GroupCommit {
+    file: Arc<File>,
+    journal: Arc<Mutex<PartJournal>>,
+    finished: Mutex<Vec<u64>>,
+    /// One commit of the file at a time.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl GroupCommit {
+    pub fn new(file: Arc<File>, journal: PartJournal) -> GroupCommit {
+        GroupCommit {
+            file,
+            journal: Arc::new(Mutex::new(journal)),
+            finished: Mutex::new(Vec::new()),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Returns once part `index` (its bytes written) is durable and journalled, or an
+    /// error of the commit that was to cover it.
+    pub async fn commit(&self, index: u64, timeline: Option<Arc<Timeline>>) -> std::io::Result<()> {
+        lock(&self.finished)?.push(index);
+        let _turn = self.turn.lock().await;
+        // Everything finished by now: bytes written before they were listed here.
+        let batch = std::mem::take(&mut *lock(&self.finished)?);
+        if !batch.contains(&index) {
+            // An earlier commit, already done (it held the turn), covered this part; had
+            // it failed, its error fails the whole object.
+            return Ok(());
+        }
+        let (file, journal) = (self.file.clone(), self.journal.clone());
+        tokio::task::spawn_blocking(move || {
+            let _fsync = span(timeline.as_deref(), Phase::Fsync);
+            file.sync_data()?;
+            lock(&journal)?.record_all(&batch)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// The journal back, once every part is committed.
+    pub fn into_journal(self) -> Option<PartJournal> {
+        Arc::into_inner(self.journal).and_then(|m| m.into_inner().ok())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::io::Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| std::io::Error::other("part journal poisoned"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn object(size: u64, etag: &str) -> Object {
         crate::sync::catalog::obj("checkpoints/a", size, etag)
+    }
+
+    #[tokio::test]
+    async fn parts_finished_together_share_one_fdatasync_and_all_are_journalled() {
+        let dir = std::env::temp_dir().join(format!("sdfleet-commit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let temp = dir.join("x.part");
+        let v1 = object(16 << 20, "ccc-16");
+        let (file, journal, _) = open(&temp, &v1, 1 << 20).unwrap();
+        let commits = GroupCommit::new(Arc::new(file), journal);
+        let timeline = Arc::new(Timeline::new());
+        // 16 parts finish while the first one's commit runs.
+        futures::future::try_join_all((0..16).map(|i| commits.commit(i, Some(timeline.clone()))))
+            .await
+            .unwrap();
+        let fsyncs = timeline.to_json()["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["phase"] == "fsync")
+            .count();
+        assert_eq!(
+            fsyncs, 2,
+            "the first part's commit, then one for the other 15"
+        );
+        drop(commits.into_journal());
+        let (_, _, done) = open(&temp, &v1, 1 << 20).unwrap();
+        assert_eq!(done, (0..16).collect());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -121,8 +210,8 @@ mod tests {
 
         let (_, mut journal, done) = open(&temp, &v1, 4 << 20).unwrap();
         assert!(done.is_empty(), "a first run resumes nothing");
-        journal.record(0).unwrap();
-        journal.record(2).unwrap();
+        journal.record_all(&[0]).unwrap();
+        journal.record_all(&[2]).unwrap();
         // A run killed while appending leaves a torn line: not a part.
         std::fs::OpenOptions::new()
             .append(true)
@@ -139,7 +228,7 @@ mod tests {
         // Another part size, another version, or a short file: start over.
         assert!(open(&temp, &v1, 8 << 20).unwrap().2.is_empty());
         let (_, mut journal, _) = open(&temp, &v1, 4 << 20).unwrap();
-        journal.record(1).unwrap();
+        journal.record_all(&[1]).unwrap();
         drop(journal);
         assert!(
             open(&temp, &object(10 << 20, "bbb-3"), 4 << 20)
@@ -148,7 +237,7 @@ mod tests {
                 .is_empty()
         );
         let (_, mut journal, _) = open(&temp, &v1, 4 << 20).unwrap();
-        journal.record(1).unwrap();
+        journal.record_all(&[1]).unwrap();
         drop(journal);
         std::fs::OpenOptions::new()
             .write(true)
