@@ -20,6 +20,22 @@ use super::cache::{Caches, dynamic_api};
 
 pub const FIELD_MANAGER: &str = "sdfleet";
 
+/// Deletes `name`; one already gone (deleted meanwhile, or a lagging cache) is no error.
+pub async fn delete_if_present<K>(
+    api: &Api<K>,
+    name: &str,
+    params: &DeleteParams,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("applying {kind} {name}: {source}")]
@@ -183,15 +199,13 @@ impl FleetResources<'_> {
             propagation_policy: Some(propagation),
             ..Default::default()
         };
-        match api.delete(name, &params).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(source) => Err(ApplyError::Delete {
+        delete_if_present(&api, name, &params)
+            .await
+            .map_err(|source| ApplyError::Delete {
                 kind: ar.kind,
                 name: name.to_string(),
                 source,
-            }),
-        }
+            })
     }
 
     /// The fleet's children of `kind`, from the cache when there is one.

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::controller::context::Context;
 use crate::controller::error::Error;
-use crate::controller::resources::FIELD_MANAGER;
+use crate::controller::resources::{FIELD_MANAGER, delete_if_present};
 use crate::crd::modelset::{CatalogRef, ModelSet};
 use crate::names::{CATALOG_OF_KEY, MANAGED_BY, MANAGED_BY_KEY};
 use crate::sync::catalog::Catalog;
@@ -38,8 +38,7 @@ pub async fn store_catalog(
     let existing = ctx.caches()?.catalog_maps_of(&ns, &name);
     if catalog.objects.len() <= MODELS_IN_STATUS {
         for cm in existing {
-            ctx.metrics.record_write("delete", "ConfigMap");
-            delete(&api, &cm.name_any()).await?;
+            delete(ctx, &api, &cm.name_any()).await?;
         }
         return Ok(None);
     }
@@ -111,8 +110,7 @@ pub async fn store_catalog(
         .await?;
     }
     for cm in existing.iter().filter(|cm| !names.contains(&cm.name_any())) {
-        ctx.metrics.record_write("delete", "ConfigMap");
-        delete(&api, &cm.name_any()).await?;
+        delete(ctx, &api, &cm.name_any()).await?;
     }
     Ok(Some(CatalogRef {
         config_maps: names,
@@ -121,11 +119,8 @@ pub async fn store_catalog(
     }))
 }
 
-/// Deletes a catalog ConfigMap; one already gone (a lagging cache) is no error.
-async fn delete(api: &Api<ConfigMap>, name: &str) -> Result<(), Error> {
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+/// Deletes a catalog ConfigMap (one already gone, a lagging cache, is no error).
+async fn delete(ctx: &Context, api: &Api<ConfigMap>, name: &str) -> Result<(), Error> {
+    ctx.metrics.record_write("delete", "ConfigMap");
+    Ok(delete_if_present(api, name, &DeleteParams::default()).await?)
 }
