@@ -11,7 +11,8 @@ Data sets, one after the other (each uploaded, measured, removed):
   about 7 GB at 1.0; SCALE shrinks the count).
 Per set: ROUNDS rounds, each tool into an empty directory, the starting tool rotated per
 round. Reports medians with the range and the worst round against the median, MB/s and
-ratios, the flush of what the tool left unwritten, a no-change and a one-file-changed
+ratios, the flush of what the tool left unwritten, a first read of every synced file (page
+cache or disk), a no-change and a one-file-changed
 resync, the tools' and the server's CPU, the kernel's peak dirty pages and the disk's
 writes during each run; for sdfleet, a timeline of every run (`sdfleet sync
 --timeline`: listing, first byte, network done, fsync waits, checkpoints, stalls), and
@@ -41,6 +42,9 @@ VENV = os.path.join(CACHE, "venv-bench")
 TARGET = os.path.join(CACHE, "target-release")
 # SDFLEET_BIN: an already built sdfleet (then nothing is built for it).
 SDFLEET = os.environ.get("SDFLEET_BIN") or os.path.join(TARGET, "release", "sdfleet")
+# SDFLEET_BEFORE: an earlier sdfleet build, run as one more tool side by side (a change's before and after).
+BEFORE = os.environ.get("SDFLEET_BEFORE")
+BEFORE_TOOL = "sdfleet sync (before)"
 BUCKET = "bench-models"
 KEYS = {"AWS_ACCESS_KEY_ID": "benchkey", "AWS_SECRET_ACCESS_KEY": "benchsecret", "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -226,6 +230,19 @@ def timeline_summary(path, total):
     }
 
 
+def read_all(root, skip=".sdfleet"):
+    """Reads every file under `root` once, in 8 MiB blocks; the seconds it took."""
+    t = time.monotonic()
+    for r, _, fs in os.walk(root):
+        if skip in r:
+            continue
+        for name in fs:
+            with open(os.path.join(r, name), "rb", buffering=0) as f:
+                while f.read(8 << 20):
+                    pass
+    return time.monotonic() - t
+
+
 def dir_bytes(d):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs if ".sdfleet" not in r)
 
@@ -299,6 +316,9 @@ def run_set(shape, scale, rounds, keep_data):
         tools = {
             "sdfleet sync": lambda d, tl: [SDFLEET, "sync", "--bucket", BUCKET, "--endpoint", endpoint, "--region",
                                            "us-east-1", "--dest", d, "--delete"] + (["--timeline", tl] if tl else []),
+            **({BEFORE_TOOL: lambda d, tl: [BEFORE, "sync", "--bucket", BUCKET, "--endpoint", endpoint, "--region",
+                                             "us-east-1", "--dest", d, "--delete"] + (["--timeline", tl] if tl else [])}
+               if BEFORE else {}),
             "s5cmd sync": lambda d, tl: [s5, "--endpoint-url", endpoint, "sync", "--delete", f"s3://{BUCKET}/*", d + "/"],
             "aws s3 sync": lambda d, tl: [os.path.join(VENV, "bin", "aws"), "--endpoint-url", endpoint, "s3", "sync",
                                           "--delete", "--only-show-errors", f"s3://{BUCKET}", d],
@@ -310,9 +330,14 @@ def run_set(shape, scale, rounds, keep_data):
             # Each round starts with a different tool, so none always runs first (or last).
             for name in names[r % len(names):] + names[:r % len(names)]:
                 cmd = tools[name]
-                d = os.path.join(dests, name.split()[0])
+                slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+                d = os.path.join(dests, slug)
                 os.makedirs(d)
-                tl = os.path.join(timelines, f"round{r + 1}.json") if name == "sdfleet sync" else None
+                ours = name.startswith("sdfleet")
+                tl = os.path.join(timelines, f"{slug}-round{r + 1}.json") if ours else None
+                # The server serves every tool from memory: a run after one that filled the
+                # page cache with its own writes would otherwise read its source from disk.
+                read_all(gw_root)
                 log(f"{shape}:{scale} round {r + 1}: {name}: full sync")
                 run = {"set": f"{shape}:{scale}", "tool": name, "round": r + 1, **measured(cmd(d, tl), env, gw.pid, disk)}
                 # sdfleet's files are durable when it exits; the peers leave dirty pages behind.
@@ -324,6 +349,9 @@ def run_set(shape, scale, rounds, keep_data):
                     raise SystemExit(f"{name} synced {got} bytes, expected {total}")
                 if tl:
                     run["timeline"] = timeline_summary(tl, total)
+                # What a model server's first load of the files would see, just after the
+                # sync: page cache (what the tool left there) or disk.
+                run["first_read"] = read_all(d)
                 log(f"  {run['seconds']:.1f} s" + (f" {run['timeline']}" if tl else ""))
                 run["nochange"] = measured(cmd(d, None), env, gw.pid, disk)["seconds"]
                 # Replace one object with new bytes of the same size, then resync.
@@ -361,8 +389,8 @@ def table(shape, scale, rounds, total, count, whole, ranged, runs):
         "",
         "| tool | full sync (median) | range | worst / median | MB/s | sdfleet's throughput vs this | "
         "then `sync` (flush) | to durable (median) | tool CPU | server CPU | peak dirty | "
-        "no-change resync | one-file-changed resync | changed file fetched |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "first read after | no-change resync | one-file-changed resync | changed file fetched |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in by_tool.items():
         full = [r["seconds"] for r in rs]
@@ -373,20 +401,28 @@ def table(shape, scale, rounds, total, count, whole, ranged, runs):
         lines.append(f"| {name} | {m:.1f} s | {min(full):.1f}-{max(full):.1f} s | {max(full) / m:.2f}x | {mb / m:.0f} | "
                      f"{m / base:.2f}x | {med(name, 'flush'):.2f} s | {durable:.1f} s | {med(name, 'cpu'):.1f} s | "
                      f"{med(name, 'server_cpu'):.1f} s | {med(name, 'peak_dirty_mib'):.0f} MiB | "
+                     f"{med(name, 'first_read'):.1f} s ({mb / med(name, 'first_read'):.0f} MB/s) | "
                      f"{med(name, 'nochange'):.2f} s | {med(name, 'onechanged'):.2f} s | {fetched} |")
-    ours = sorted(by_tool["sdfleet sync"], key=lambda r: r["seconds"])
+    for name in [n for n in by_tool if n.startswith("sdfleet")]:
+        lines += timeline_table(name, sorted(by_tool[name], key=lambda r: r["seconds"]))
+    return "\n".join(lines)
+
+
+def timeline_table(name, ours):
+    """One sdfleet binary's timeline per round, and its fastest round against its slowest."""
+    lines = []
     if ours and "timeline" in ours[0]:
         keys = ["seconds", "list", "plan", "first_byte", "half_received", "network_done", "after_network", "stalled",
                 "fsyncs", "fsync_seconds", "fsync_max", "fsync_p99", "checkpoint_seconds", "peak_dirty_mib",
                 "max_gets", "max_fsyncs"]
-        lines += ["", "sdfleet's timeline per round (seconds unless named; `stalled`: 100 ms intervals with under a "
+        lines += ["", f"`{name}`'s timeline per round (seconds unless named; `stalled`: 100 ms intervals with under a "
                   "tenth of the mean rate, between the first byte and the network's end):", "",
                   "| round | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for r in ours:
             lines.append(f"| {r['round']} | " + " | ".join(str(r["timeline"][k]) for k in keys) + " |")
         for label, r in (("fastest", ours[0]), ("slowest", ours[-1])):
             lines.append(f"\nMB received per second, {label} round ({r['round']}): {r['timeline']['mb_per_second']}")
-    return "\n".join(lines)
+    return lines
 
 
 def main():
@@ -406,8 +442,10 @@ def main():
         all_runs += runs
         tables.append(text)
     header = (f"Machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB RAM; "
-              f"server: versitygw {VGW_VERSION} on 127.0.0.1; each tool into an empty directory, the starting tool "
-              "rotated per round; medians, with the range of the full syncs.")
+              f"server: versitygw {VGW_VERSION} on 127.0.0.1, its files read into the page cache before each "
+              "run; each tool into an empty directory, the starting tool rotated per round; medians, with the "
+              "range of the full syncs. `first read after`: one pass over every synced file right after the "
+              "sync and its flush, as a model server's first load would.")
     with open(os.path.join(ROOT, "bench/sync-runs.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": header, "runs": all_runs}, f, indent=1)
     with open(os.path.join(ROOT, "bench/results.md"), "w") as f:

@@ -182,6 +182,12 @@ struct SyncArgs {
     /// Objects larger than this are fetched in ranged GETs of this size (MiB).
     #[arg(long, default_value_t = 64)]
     part_size_mib: u64,
+    /// Write through the page cache instead of with direct I/O (O_DIRECT). Direct
+    /// writes are several times faster where the kernel's writeback is the limit; the
+    /// page cache keeps what was written in memory for a first load on a node with RAM
+    /// to spare.
+    #[arg(long)]
+    buffered_writes: bool,
     /// Write where the time went (phases, and bytes, GETs, fsyncs and the kernel's
     /// dirty pages every 100 ms) to this JSON file.
     #[arg(long)]
@@ -417,6 +423,7 @@ fn run_sync(args: SyncArgs) -> ExitCode {
         opts.concurrency = args.concurrency;
         opts.part_size = args.part_size_mib.max(1) << 20;
         opts.multipart_threshold = opts.part_size;
+        opts.direct_io = !args.buffered_writes;
         opts.timeline = timeline.clone();
         let result = sync::sync(&store, &catalog, &opts).await;
         if let (Some(path), Some(t)) = (&args.timeline, &timeline) {

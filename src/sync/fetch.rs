@@ -10,9 +10,10 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 
 use super::catalog::Object;
+use super::direct::{StreamWriter, TempFile};
 use super::store::{self, ObjectStore};
-use super::timeline::{Phase, Timeline, span};
-use super::{SyncError, SyncOptions, io, paths, resume, writeback};
+use super::timeline::{Phase, span};
+use super::{SyncError, SyncOptions, io, paths, resume};
 
 /// The temporary file of `key`, unique per key and never at a final path.
 pub(super) fn temp_path(tmp: &Path, key: &str) -> PathBuf {
@@ -43,8 +44,8 @@ pub(super) async fn fetch<S: ObjectStore>(
     let file = if object.size > opts.multipart_threshold {
         let part_size = opts.part_size.max(1 << 20);
         let (file, parts, done) = resume::open(&part, object, part_size).map_err(io(&part))?;
-        let file = Arc::new(file);
-        let commits = Arc::new(resume::GroupCommit::new(file.clone(), parts));
+        let file = Arc::new(TempFile::new(file, &part, opts.direct_io));
+        let commits = Arc::new(resume::GroupCommit::new(file.buffered.clone(), parts));
         let ranges: Vec<(u64, u64, u64)> = (0..object.size)
             .step_by(part_size as usize)
             .enumerate()
@@ -68,8 +69,8 @@ pub(super) async fn fetch<S: ObjectStore>(
                     let body = store
                         .get(&object.key, Some((start, end)), &object.etag)
                         .await?;
-                    let written =
-                        write_body(&file, &part, body.chunks, start, None, timeline).await?;
+                    let writer = StreamWriter::new(file, start, end + 1 - start, timeline);
+                    let written = write_body(writer, &part, body.chunks, None).await?;
                     drop(get);
                     // The network slot goes to the next range while this one is made durable.
                     drop(permit);
@@ -90,12 +91,13 @@ pub(super) async fn fetch<S: ObjectStore>(
     } else {
         let file = std::fs::File::create(&part).map_err(io(&part))?;
         file.set_len(object.size).map_err(io(&part))?;
-        let file = Arc::new(file);
+        let file = Arc::new(TempFile::new(file, &part, opts.direct_io));
         let _permit = permits.acquire().await.map_err(closed)?;
         let get = span(timeline, Phase::Get);
         let body = store.get(&object.key, None, &object.etag).await?;
         let mut md5 = Md5::new();
-        let written = write_body(&file, &part, body.chunks, 0, Some(&mut md5), timeline).await?;
+        let writer = StreamWriter::new(file.clone(), 0, object.size, timeline);
+        let written = write_body(writer, &part, body.chunks, Some(&mut md5)).await?;
         drop(get);
         if written != object.size {
             return Err(SyncError::SizeMismatch {
@@ -120,6 +122,7 @@ pub(super) async fn fetch<S: ObjectStore>(
         file
     };
 
+    let file = file.buffered.clone();
     let len = file.metadata().map_err(io(&part))?.len();
     if len != object.size {
         return Err(SyncError::SizeMismatch {
@@ -129,8 +132,9 @@ pub(super) async fn fetch<S: ObjectStore>(
         });
     }
     // Durable before it is renamed into place. A ranged object already is: each part
-    // was fdatasynced before it was journalled. For the rest, most pages are on their
-    // way to disk (see `write_body`), so this mostly waits for the tail.
+    // was fdatasynced before it was journalled. For the rest, the blocks went direct
+    // (or their writeback was started as they were written), so this mostly flushes
+    // the device's cache and the file's block map.
     if journal.is_none() {
         let synced = file.clone();
         let recorder = opts.timeline.clone();
@@ -175,42 +179,25 @@ async fn blocking(
         .map_err(io(path))
 }
 
-/// Pages written since the last writeback request; past this, writeback is started.
-const WRITEBACK_WINDOW: u64 = 8 << 20;
-
-/// Streams `body` into `file` from `offset`, feeding `md5` if given; returns the bytes
-/// written. Writeback of each full window is started at once (without waiting), so the
-/// disk works while the network does and dirty pages never pile up into a long stall
-/// at the final fsync or in the kernel's dirty-page throttling.
+/// Streams `body` through `writer`, feeding `md5` if given; returns the bytes written.
 async fn write_body(
-    file: &std::fs::File,
+    mut writer: StreamWriter<'_>,
     path: &Path,
     mut body: store::ByteChunks,
-    offset: u64,
     mut md5: Option<&mut Md5>,
-    timeline: Option<&Timeline>,
 ) -> Result<u64, SyncError> {
-    let mut at = offset;
-    let mut unflushed = offset;
+    let mut received = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
-        if let Some(t) = timeline {
-            t.received(chunk.len() as u64);
-        }
+        writer.received(chunk.len() as u64);
         if let Some(md5) = md5.as_deref_mut() {
             md5.update(&chunk);
         }
-        std::os::unix::fs::FileExt::write_all_at(file, &chunk, at).map_err(io(path))?;
-        if let Some(t) = timeline {
-            t.written(chunk.len() as u64);
-        }
-        at += chunk.len() as u64;
-        if at - unflushed >= WRITEBACK_WINDOW {
-            writeback::start(file, unflushed, at - unflushed);
-            unflushed = at;
-        }
+        writer.write(&chunk).await.map_err(io(path))?;
+        received += chunk.len() as u64;
     }
-    Ok(at - offset)
+    writer.finish().await.map_err(io(path))?;
+    Ok(received)
 }
 
 fn is_md5_etag(etag: &str) -> bool {

@@ -9,6 +9,7 @@
 //! reruns cheap and idempotent, and bounds `--delete` to files sdfleet wrote.
 
 pub mod catalog;
+mod direct;
 pub mod events;
 mod fetch;
 pub mod models_dir;
@@ -51,6 +52,8 @@ pub struct SyncOptions {
     /// Objects larger than this are fetched in ranges of `part_size`.
     pub multipart_threshold: u64,
     pub part_size: u64,
+    /// Writes whole aligned blocks with O_DIRECT, past the page cache (`direct`).
+    pub direct_io: bool,
     /// Records where the time goes (`sdfleet sync --timeline`); None costs nothing.
     pub timeline: Option<Arc<Timeline>>,
 }
@@ -63,6 +66,7 @@ impl SyncOptions {
             concurrency: 32,
             multipart_threshold: 64 << 20,
             part_size: 64 << 20,
+            direct_io: true,
             timeline: None,
         }
     }
