@@ -48,15 +48,15 @@ pub struct TempFile {
 impl TempFile {
     /// `buffered` open for writing at `path`; direct I/O when the filesystem allows it.
     pub fn new(buffered: File, path: &Path, direct_io: bool) -> TempFile {
-        let direct = direct_io
-            .then(|| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(path)
-                    .ok()
-            })
-            .flatten();
+        let direct = if direct_io {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+        } else {
+            None
+        };
         TempFile {
             buffered: Arc::new(buffered),
             direct,
@@ -83,8 +83,10 @@ impl TempFile {
                     self.refused.store(true, Ordering::Relaxed);
                 }
                 done => {
-                    self.direct_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    if done.is_ok() {
+                        self.direct_bytes
+                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
                     return done;
                 }
             }

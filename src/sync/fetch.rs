@@ -213,11 +213,11 @@ mod tests {
     use bytes::Bytes;
     use std::sync::Mutex;
 
-    /// A store that serves `data` for any key, says whether its ETag is an MD5, and
+    /// A store that serves `data` for any key, says how its bodies are checked, and
     /// records the ETag each GET was pinned to.
     struct Fake {
         data: Vec<u8>,
-        etag_is_md5: bool,
+        check: BodyCheck,
         pinned: Mutex<Vec<String>>,
     }
 
@@ -238,11 +238,7 @@ mod tests {
             };
             Ok(Body {
                 chunks: futures::stream::iter([Ok(Bytes::from(bytes))]).boxed(),
-                check: if self.etag_is_md5 {
-                    BodyCheck::EtagMd5
-                } else {
-                    BodyCheck::SizeOnly
-                },
+                check: self.check,
             })
         }
     }
@@ -271,7 +267,7 @@ mod tests {
     async fn every_get_is_pinned_to_the_planned_etag() {
         let store = Fake {
             data: vec![7; 3 << 20],
-            etag_is_md5: true,
+            check: BodyCheck::EtagMd5,
             pinned: Mutex::new(Vec::new()),
         };
         // Ranged: three parts of 1 MiB, each pinned.
@@ -287,7 +283,7 @@ mod tests {
         let not_md5 = "0123456789abcdef0123456789abcdef";
         let kms = Fake {
             data: b"weights".to_vec(),
-            etag_is_md5: false,
+            check: BodyCheck::SizeOnly,
             pinned: Mutex::new(Vec::new()),
         };
         fetch_one(&kms, &obj("kms", 7, not_md5), 64 << 20)
@@ -296,7 +292,7 @@ mod tests {
         // The same ETag on a plain object is a real mismatch.
         let plain = Fake {
             data: b"weights".to_vec(),
-            etag_is_md5: true,
+            check: BodyCheck::EtagMd5,
             pinned: Mutex::new(Vec::new()),
         };
         let err = fetch_one(&plain, &obj("plain", 7, not_md5), 64 << 20)

@@ -62,7 +62,7 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 /// takes the first of CRC64NVME, CRC32C, CRC32, SHA-1, SHA-256 that is present, and
 /// checks it unless it is part-level (a multipart upload's "<base64>-<parts>"; base64
 /// itself has no '-'). Only a whole-object GET carries a full-object checksum.
-pub fn sdk_verifies(checksums_in_priority_order: &[Option<&str>]) -> bool {
+fn sdk_verifies(checksums_in_priority_order: &[Option<&str>]) -> bool {
     checksums_in_priority_order
         .iter()
         .flatten()
