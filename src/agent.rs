@@ -96,7 +96,7 @@ where
 }
 
 fn by_name(name: &str) -> watcher::Config {
-    watcher::Config::default().fields(&format!("metadata.name={name}"))
+    crate::watch::config().fields(&format!("metadata.name={name}"))
 }
 
 async fn listed<K>(store: &Store<K>, what: &str) -> Result<(), AgentError>

@@ -17,3 +17,4 @@ pub mod names;
 pub mod render;
 pub mod sync;
 pub mod telemetry;
+pub mod watch;

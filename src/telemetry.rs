@@ -93,6 +93,8 @@ pub struct Metrics {
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub writes: Family<WriteLabels, Counter>,
     pub drift_repairs: Counter,
+    /// Events dropped because the publisher's queue was full.
+    pub events_dropped: Counter,
     pub desired_replicas: Family<FleetLabels, Gauge>,
     pub ready_replicas: Family<FleetLabels, Gauge>,
     pub scaling_decisions: Family<ScalingLabels, Counter>,
@@ -136,6 +138,12 @@ impl Default for Metrics {
             "Children changed or deleted by hand that were put back",
             drift_repairs.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Events not published: the publisher's queue was full",
+            events_dropped.clone(),
+        );
         let desired_replicas = Family::<FleetLabels, Gauge>::default();
         registry.register(
             "fleet_desired_replicas",
@@ -163,6 +171,7 @@ impl Default for Metrics {
             reconcile_duration,
             writes,
             drift_repairs,
+            events_dropped,
             desired_replicas,
             ready_replicas,
         }

@@ -9,7 +9,14 @@ use std::path::{Path, PathBuf};
 /// from itself, never from its own layer's other modules or from above.
 const LAYERS: &[&[&str]] = &[
     &["latency"],
-    &["names", "aws", "telemetry", "leader", "mock_apiserver"],
+    &[
+        "names",
+        "aws",
+        "telemetry",
+        "leader",
+        "mock_apiserver",
+        "watch",
+    ],
     &["sync"],
     &["crd"],
     &["render"],

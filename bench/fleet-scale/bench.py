@@ -140,10 +140,15 @@ class Cluster:
     def audit_offset(self):
         return os.path.getsize(self.audit)
 
-    def requests_since(self, offset, users):
+    def requests_since(self, offset, users, detail=None):
         """Requests by (client, verb) in the audit log after `offset`; `users` maps an
-        (impersonated) username to a client name. Watches count when they start."""
+        (impersonated) username to a client name. Watches count when they start. With
+        `detail` (a dict), also fills detail["controller"] with the controller's requests
+        by verb and resource, and detail["latency"] with each client's request latencies
+        (received to completed, watches left out) as p50/p99/max seconds."""
         counts = {}
+        by_resource = {}
+        latencies = {}
         with open(self.audit, "rb") as f:
             f.seek(offset)
             for line in f:
@@ -161,7 +166,52 @@ class Cluster:
                 client = users.get(user)
                 if client:
                     counts[(client, verb)] = counts.get((client, verb), 0) + 1
+                    if detail is None:
+                        continue
+                    ref = e.get("objectRef") or {}
+                    resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+                    if client == "controller":
+                        key = f"{verb} {resource}"
+                        by_resource[key] = by_resource.get(key, 0) + 1
+                    if verb != "watch":
+                        took = _seconds(e.get("stageTimestamp")) - _seconds(e.get("requestReceivedTimestamp"))
+                        latencies.setdefault(client, []).append(took)
+        if detail is not None:
+            detail["controller"] = dict(sorted(by_resource.items(), key=lambda kv: -kv[1]))
+            detail["latency"] = {c: _summary(sorted(v)) for c, v in sorted(latencies.items())}
         return counts
+
+
+def _seconds(stamp):
+    """An audit timestamp (RFC 3339, microseconds) as epoch seconds."""
+    if not stamp:
+        return 0.0
+    day, _, frac = stamp.rstrip("Z").partition(".")
+    return time.mktime(time.strptime(day, "%Y-%m-%dT%H:%M:%S")) + (float(f"0.{frac}") if frac else 0.0)
+
+
+def _summary(v):
+    return {"count": len(v), "p50": round(quantile(v, 0.5), 4), "p99": round(quantile(v, 0.99), 4),
+            "max": round(v[-1], 4)} if v else {}
+
+
+def testbed_cpu():
+    """CPU seconds so far of each testbed component (the processes in its pid files)."""
+    out = {}
+    pids = os.path.join(ROOT, ".testbed/pids")
+    for name in sorted(os.listdir(pids)) if os.path.isdir(pids) else []:
+        if name.endswith(".exe"):
+            continue
+        try:
+            pid = int(open(os.path.join(pids, name)).read().strip())
+            out[name] = proc_usage(pid)[1]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def cpu_between(before, after):
+    return {k: round(after[k] - before.get(k, 0.0), 1) for k in after}
 
 
 def kubeconfig_as(env, path, user, groups):
@@ -328,6 +378,7 @@ def run_tree(tree, cluster, args):
 
         # 1. One apply: the ModelSet, the fleets, the nodes; the agents start with their nodes.
         usage0 = proc_usage(controller.pid)
+        cpu0 = testbed_cpu()
         offset = cluster.audit_offset()
         t0 = time.time()
         cluster.apply([model_set] + fleets)
@@ -347,8 +398,12 @@ def run_tree(tree, cluster, args):
         ok = wait_for("every fleet Ready and ModelsReady", args.converge_limit, converged, every=2)
         r["converge_seconds"] = round(time.time() - t0, 1) if ok else None
         r["converged"] = {"ready": last[0][0], "models_ready": last[0][1], "fleets": last[0][2]}
-        r["converge_requests"] = _per_client(cluster.requests_since(offset, users))
+        detail = {}
+        r["converge_requests"] = _per_client(cluster.requests_since(offset, users, detail))
+        r["converge_detail"] = detail
         usage1 = proc_usage(controller.pid)
+        r["converge_cpu"] = {**cpu_between(cpu0, testbed_cpu()), "agents": round(proc_usage(agents.pid)[1], 1),
+                             "controller": round(usage1[1] - usage0[1], 1)}
         lat1 = latency_snapshot(port)
         r["latency"] = latency_between(None, lat1)
         r["converge_controller"] = {"rss_mib": round(usage1[0], 1), "cpu_seconds": round(usage1[1] - usage0[1], 1)}
@@ -359,10 +414,12 @@ def run_tree(tree, cluster, args):
         lat1 = latency_snapshot(port)
         offset = cluster.audit_offset()
         usage1 = proc_usage(controller.pid)
+        cpu1, agents1 = testbed_cpu(), proc_usage(agents.pid)[1]
         t1 = time.time()
         time.sleep(args.steady_seconds)
         minutes = (time.time() - t1) / 60
-        counts = cluster.requests_since(offset, users)
+        detail = {}
+        counts = cluster.requests_since(offset, users, detail)
         usage2 = proc_usage(controller.pid)
         lat2 = latency_snapshot(port)
         r["steady"] = {"latency": latency_between(lat1, lat2), "seconds": round(minutes * 60), "per_minute": {f"{c} {v}": round(n / minutes, 2) for (c, v), n in sorted(counts.items())},
@@ -370,13 +427,17 @@ def run_tree(tree, cluster, args):
                        "controller_per_fleet_per_minute_besides_watches": round(sum(n for (c, v), n in counts.items() if c == "controller" and v != "watch") / minutes / args.fleets, 4),
                        "writes_per_minute": round(sum(n for (_, v), n in counts.items() if v not in ("get", "list", "watch")) / minutes, 2),
                        "controller_rss_mib": round(usage2[0], 1),
-                       "controller_cpu_seconds_per_minute": round((usage2[1] - usage1[1]) / minutes, 2)}
+                       "controller_cpu_seconds_per_minute": round((usage2[1] - usage1[1]) / minutes, 2),
+                       "detail": detail,
+                       "cpu": {**cpu_between(cpu1, testbed_cpu()), "agents": round(proc_usage(agents.pid)[1] - agents1, 1),
+                               "controller": round(usage2[1] - usage1[1], 1)}}
         log(f"[{tree.label}] steady: {r['steady']}")
 
         # 3. One new model: the revision reaches every node.
         before = cluster.get_json("-n", ns, "modelset", "models").get("status", {}).get("revision", "")
         offset = cluster.audit_offset()
         usage2 = proc_usage(controller.pid)
+        cpu2, agents2 = testbed_cpu(), proc_usage(agents.pid)[1]
         t2 = time.time()
         cluster.put_object(bucket, "loras/new.safetensors", b"new lora" * 10)
         revision = wait_for("the new revision listed", args.poll_seconds * 3 + 60, lambda: (
@@ -392,11 +453,15 @@ def run_tree(tree, cluster, args):
         done = revision and wait_for("every node at the new revision", args.converge_limit, everywhere, every=1)
         t3 = time.time()
         usage3 = proc_usage(controller.pid)
-        r["revision"] = {"latency": latency_between(lat2, latency_snapshot(port)),
+        detail = {}
+        revision_requests = _per_client(cluster.requests_since(offset, users, detail))
+        r["revision"] = {"detail": detail,
+                         "cpu": {**cpu_between(cpu2, testbed_cpu()), "agents": round(proc_usage(agents.pid)[1] - agents2, 1),
+                                 "controller": round(usage3[1] - usage2[1], 1)},"latency": latency_between(lat2, latency_snapshot(port)),
                          "listed_after_seconds": round(t_listed - t2, 1),
                          "all_nodes_after_listing_seconds": round(t3 - t_listed, 1) if done else None,
                          "nodes_reporting": count[0], "nodes": total_nodes,
-                         "requests": _per_client(cluster.requests_since(offset, users)),
+                         "requests": revision_requests,
                          "largest_object_bytes": largest_report_object(cluster, ns),
                          "controller_cpu_seconds": round(usage3[1] - usage2[1], 1),
                          "controller_rss_mib": round(usage3[0], 1)}
@@ -478,6 +543,14 @@ def table(results):
     row("new revision: on every node after listing", lambda r: f"{r['revision']['all_nodes_after_listing_seconds']} s" if r["revision"]["all_nodes_after_listing_seconds"] is not None else f"{r['revision']['nodes_reporting']}/{r['revision']['nodes']} nodes by the limit")
     row("new revision: requests", lambda r: "; ".join(f"{c}: " + ", ".join(f"{v} {n}" for v, n in vs.items()) for c, vs in r["revision"]["requests"].items()))
     row("largest report object", lambda r: ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in r["revision"]["largest_object_bytes"].items()))
+    row("apiserver latency p50/p99 (s): converge; revision", lambda r: "; ".join(
+        ", ".join(f"{c} {v['p50']}/{v['p99']}" for c, v in r[k]["latency"].items())
+        for k in ("converge_detail",) if k in r) + "; " + ", ".join(
+        f"{c} {v['p50']}/{v['p99']}" for c, v in r["revision"]["detail"]["latency"].items()))
+    row("controller writes: converge", lambda r: ", ".join(f"{k} {n}" for k, n in r["converge_detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))))
+    row("controller writes: revision", lambda r: ", ".join(f"{k} {n}" for k, n in r["revision"]["detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))) or "0")
+    row("CPU seconds by process: converge", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r["converge_cpu"].items(), key=lambda kv: -kv[1])))
+    row("CPU seconds by process: revision", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r["revision"]["cpu"].items(), key=lambda kv: -kv[1])))
     row("controller RSS (after the revision)", lambda r: f"{r['revision']['controller_rss_mib']} MiB")
     row("controller CPU: converge / steady per min / revision", lambda r: f"{r['converge_controller']['cpu_seconds']} s / {r['steady']['controller_cpu_seconds_per_minute']} s / {r['revision']['controller_cpu_seconds']} s")
     return "\n".join(lines)

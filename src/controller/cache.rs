@@ -128,8 +128,8 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let config = match name {
-        Some(name) => watcher::Config::default().fields(&format!("metadata.name={name}")),
-        None => watcher::Config::default(),
+        Some(name) => crate::watch::config().fields(&format!("metadata.name={name}")),
+        None => crate::watch::config(),
     };
     let (store, events) = reflect(Api::<PartialObjectMeta<K>>::all(client.clone()), config, ());
     drain(events, tasks);
@@ -168,7 +168,7 @@ impl Caches {
             let ns = kind.watch_namespace(watch_ns, agent);
             let (store, triggers) = reflect(
                 dynamic_api(client, &ar, ns),
-                watcher::Config::default().labels(&managed),
+                crate::watch::config().labels(&managed),
                 ar.clone(),
             );
             children.insert(kind, (ar.clone(), store));
@@ -176,41 +176,41 @@ impl Caches {
         }
         let (model_sets, model_set_triggers) = reflect(
             watched_api::<ModelSet>(client, watch_ns),
-            watcher::Config::default(),
+            crate::watch::config(),
             (),
         );
         let (reports, report_triggers) = reflect(
             watched_api::<ModelSync>(client, watch_ns),
-            watcher::Config::default().labels(&managed),
+            crate::watch::config().labels(&managed),
             (),
         );
         let (classes, class_triggers) = reflect(
             Api::<FleetClass>::all(client.clone()),
-            watcher::Config::default(),
+            crate::watch::config(),
             (),
         );
         let (nodes, node_events) = reflect(
             Api::<Node>::all(client.clone()),
-            watcher::Config::default().labels(NODEPOOL_LABEL),
+            crate::watch::config().labels(NODEPOOL_LABEL),
             (),
         );
         drain(node_events, tasks);
         let (pods, pod_events) = reflect(
             watched_api::<Pod>(client, watch_ns),
-            watcher::Config::default().labels(&format!("{APP_NAME_KEY}=comfyui,{managed}")),
+            crate::watch::config().labels(&format!("{APP_NAME_KEY}=comfyui,{managed}")),
             (),
         );
         drain(pod_events, tasks);
         let claim_api = render::nodepool::nodeclaim_api_resource();
         let (node_claims, claim_events) = reflect(
             dynamic_api(client, &claim_api, None),
-            watcher::Config::default(),
+            crate::watch::config(),
             claim_api,
         );
         drain(claim_events, tasks);
         let (catalog_maps, catalog_events) = reflect(
             watched_api::<PartialObjectMeta<ConfigMap>>(client, watch_ns),
-            watcher::Config::default().labels(&format!("{CATALOG_OF_KEY},{managed}")),
+            crate::watch::config().labels(&format!("{CATALOG_OF_KEY},{managed}")),
             (),
         );
         drain(catalog_events, tasks);

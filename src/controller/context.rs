@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -28,6 +29,37 @@ use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash};
 
+/// Events queued for the publisher before new ones are dropped.
+const EVENT_QUEUE: usize = 4096;
+/// Event writes the publisher keeps in flight.
+const EVENTS_IN_FLIGHT: usize = 16;
+
+/// Starts the task that writes queued events, a few at once; it ends when the context
+/// that holds the sender goes. None outside a Tokio runtime (no events then).
+fn spawn_event_publisher(
+    recorder: Recorder,
+    metrics: &Arc<Metrics>,
+) -> Option<tokio::sync::mpsc::Sender<(ObjectReference, Event)>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ObjectReference, Event)>(EVENT_QUEUE);
+    let metrics = metrics.clone();
+    runtime.spawn(async move {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+            .for_each_concurrent(EVENTS_IN_FLIGHT, |(reference, event)| {
+                let recorder = &recorder;
+                let metrics = &metrics;
+                async move {
+                    metrics.record_write("event", "Event");
+                    if let Err(e) = recorder.publish(&event, &reference).await {
+                        tracing::warn!(error = %e, "cannot publish event");
+                    }
+                }
+            })
+            .await;
+    });
+    Some(tx)
+}
+
 /// Settings of one controller process, from its flags.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -44,7 +76,8 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    /// Events waiting for the publisher task (see `publish`).
+    events: Option<tokio::sync::mpsc::Sender<(ObjectReference, Event)>>,
     /// SQS listeners of ModelSets (None in contexts that run no ModelSet controller).
     pub sqs: Option<SqsWatchers>,
     /// The watch caches the reconciles read (None until the controllers start).
@@ -61,8 +94,9 @@ impl Context {
             controller: "sdfleet".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let events = spawn_event_publisher(Recorder::new(client.clone(), reporter), &metrics);
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events,
             client,
             settings,
             metrics,
@@ -139,14 +173,10 @@ impl Context {
         Ok(policy::resolve(name, &classes).cloned())
     }
 
-    /// Publishes an event about `reference`; a failure is logged, never fatal.
-    pub async fn publish(
-        &self,
-        reference: &k8s_openapi::api::core::v1::ObjectReference,
-        type_: EventType,
-        reason: &str,
-        note: &str,
-    ) {
+    /// Queues an event about `reference` for the publisher task: a reconcile never waits
+    /// for an Event's write. A full queue drops the event (logged and counted), as
+    /// client-go's recorder does: events inform, they are not state.
+    pub fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -154,9 +184,13 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        self.metrics.record_write("event", "Event");
-        if let Err(e) = self.recorder.publish(&event, reference).await {
-            tracing::warn!(error = %e, "cannot publish event");
+        let sent = self
+            .events
+            .as_ref()
+            .is_some_and(|tx| tx.try_send((reference.clone(), event)).is_ok());
+        if !sent {
+            self.metrics.events_dropped.inc();
+            tracing::warn!(reason, "event queue full or closed; event dropped");
         }
     }
 }
@@ -300,7 +334,7 @@ where
     let store = writer.as_reader();
     let events = reflector::reflector(
         writer,
-        watcher(api, watcher::Config::default().any_semantic()).default_backoff(),
+        watcher(api, crate::watch::config().any_semantic()).default_backoff(),
     )
     .applied_objects()
     .predicate_filter(changes, PredicateConfig::default())

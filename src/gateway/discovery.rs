@@ -109,7 +109,7 @@ pub async fn watch_pods(
     address_map: Arc<EndpointMap>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let config = crate::watch::config().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
     let (reader, writer) = reflector::store();
     let mut stream = reflector(writer, watcher::watcher(api, config))
         .default_backoff()
@@ -191,7 +191,7 @@ pub async fn watch_catalog(
 ) {
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &namespace);
     let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={model_set}"));
+    let config = crate::watch::config().fields(&format!("metadata.name={model_set}"));
     let mut stream = watcher::watcher(api, config)
         .default_backoff()
         .applied_objects()

@@ -21,7 +21,7 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::DeserializeGuard;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{PredicateConfig, WatchStreamExt};
@@ -46,6 +46,10 @@ use report::{KIND, fleet_names, mark_invalid, publish, stuck, write_status};
 use status::{Facts, GatewayFacts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
+/// How long a fleet's triggers gather before it is reconciled: a first apply's ten
+/// children, or nodes reporting together, come as a burst of watch events that one
+/// reconcile (and one status write) answers.
+const DEBOUNCE: Duration = Duration::from_millis(500);
 /// First and longest wait between looks at a fleet whose children are being deleted.
 const CLEANUP_POLL: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(30));
 type Guarded = DeserializeGuard<ComfyUIDeployment>;
@@ -63,7 +67,8 @@ pub async fn run(
     // Only what can change the children or the decisions starts a reconcile: not our own
     // status writes.
     let (reader, own) = own_watch(fleets, fleet_changes, ctx.metrics.clone(), FLEET);
-    let mut controller = Controller::for_stream(own, reader);
+    let mut controller = Controller::for_stream(own, reader)
+        .with_config(controller::Config::default().debounce(DEBOUNCE));
     let scope = ctx.settings.namespace.clone();
     for (ar, children) in triggers.children {
         let scope = scope.clone();
@@ -262,7 +267,7 @@ async fn within_class(
         Err(e) => {
             let message = e.to_string();
             write_status(ctx, cud, &stuck(Reason::FleetClassNotFound, &message), None).await?;
-            publish(ctx, cud, EventType::Warning, "FleetClassNotFound", &message).await;
+            publish(ctx, cud, EventType::Warning, "FleetClassNotFound", &message);
             return Err(Error::Class(message));
         }
     };
@@ -270,7 +275,7 @@ async fn within_class(
     if let Err(v) = policy::check_fleet(&cud.spec, &class_name, &class.spec) {
         let message = v.to_string();
         write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
-        publish(ctx, cud, EventType::Warning, "ClassForbids", &message).await;
+        publish(ctx, cud, EventType::Warning, "ClassForbids", &message);
         // An edit of the fleet, or the admin widening the class, is needed.
         return Ok(Err(ctx.steady_requeue()));
     }
@@ -300,7 +305,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         let mut conditions = stuck(Reason::MissingDependency, &message);
         conditions[1].message = "waiting for dependencies".into();
         write_status(ctx, cud, &conditions, None).await?;
-        publish(ctx, cud, EventType::Warning, "MissingDependency", &message).await;
+        publish(ctx, cud, EventType::Warning, "MissingDependency", &message);
         return Err(Error::MissingDependency(message));
     }
 
@@ -333,7 +338,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         Err(e) => {
             let message = e.to_string();
             write_status(ctx, cud, &stuck(Reason::InvalidSpec, &message), None).await?;
-            publish(ctx, cud, EventType::Warning, "InvalidSpec", &message).await;
+            publish(ctx, cud, EventType::Warning, "InvalidSpec", &message);
             return Ok(Action::await_change());
         }
     };
@@ -342,8 +347,11 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     resources.cache = Some(caches);
     let spec_unchanged =
         cud.status.as_ref().and_then(|s| s.observed_generation) == cud.metadata.generation;
-    for child in &children {
-        let applied = match resources.apply(child).await {
+    // The children are applied at once: a first reconcile waits for one round trip, not
+    // one per child (none depends on another existing first).
+    let results = futures::future::join_all(children.iter().map(|c| resources.apply(c))).await;
+    for (child, applied) in children.iter().zip(results) {
+        let applied = match applied {
             Ok(a) => a,
             Err(e) => {
                 let reason = match e {
@@ -352,7 +360,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
                 };
                 let message = e.to_string();
                 write_status(ctx, cud, &stuck(reason, &message), None).await?;
-                publish(ctx, cud, EventType::Warning, reason.as_str(), &message).await;
+                publish(ctx, cud, EventType::Warning, reason.as_str(), &message);
                 return Err(e.into());
             }
         };
@@ -366,12 +374,12 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
                 "Updated"
             };
             let note = format!("{verb} {} {}", child.api.kind, child.name);
-            publish(ctx, cud, EventType::Normal, verb, &note).await;
+            publish(ctx, cud, EventType::Normal, verb, &note);
         }
     }
     for pruned in resources.prune(&children).await? {
         let note = format!("Deleted {pruned}: no longer wanted");
-        publish(ctx, cud, EventType::Normal, "Pruned", &note).await;
+        publish(ctx, cud, EventType::Normal, "Pruned", &note);
     }
 
     let facts = fetch_facts(caches, cud, &fleet, model_set);
@@ -406,7 +414,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
                 d.from, d.to, d.reason, d.message
             );
             tracing::info!(fleet = %format!("{}/{}", fleet.namespace, fleet.name), from = d.from, to = d.to, reason = %d.reason, "{}", d.message);
-            publish(ctx, cud, EventType::Normal, "Scaled", &note).await;
+            publish(ctx, cud, EventType::Normal, "Scaled", &note);
         }
         recheck = s.plan.recheck;
         observed.autoscaling = Some(s.plan.status);

@@ -129,13 +129,7 @@ pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Re
     Ok(())
 }
 
-pub async fn publish(
-    ctx: &Context,
-    cud: &ComfyUIDeployment,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
+pub fn publish(ctx: &Context, cud: &ComfyUIDeployment, type_: EventType, reason: &str, note: &str) {
     let reference: ObjectReference = cud.object_ref(&());
-    ctx.publish(&reference, type_, reason, note).await;
+    ctx.publish(&reference, type_, reason, note);
 }

@@ -17,7 +17,6 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use tokio::sync::mpsc;
 
 use super::cache::watched_api;
@@ -58,7 +57,7 @@ pub async fn run(
     controller
         .watches(
             Api::<FleetClass>::all(ctx.client.clone()),
-            watcher::Config::default(),
+            crate::watch::config(),
             move |class| {
                 matching(&sets, |ms: &ModelSet| {
                     policy::follows(ms.spec.class_name.as_deref(), &class)
