@@ -86,6 +86,35 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Consecutive polls per object and purpose, so waiting polls back off too.
     polls: Mutex<HashMap<String, u32>>,
+    /// When each fleet's status was last written (progress is written spaced out).
+    pub status_writes: RecentWrites,
+}
+
+/// When each object's status was last written, by `namespace/name`.
+#[derive(Default)]
+pub struct RecentWrites(Mutex<HashMap<String, std::time::Instant>>);
+
+/// Entries kept before the old ones are dropped (one per fleet written recently).
+const RECENT_WRITES: usize = 10_000;
+
+impl RecentWrites {
+    /// How much of `interval` is left since `key`'s last write; None when it has passed
+    /// or nothing was written.
+    pub fn too_soon(&self, key: &str, interval: Duration) -> Option<Duration> {
+        let writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let left = interval.checked_sub(writes.get(key)?.elapsed())?;
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// `key`'s status was written now.
+    pub fn wrote(&self, key: &str) {
+        let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if writes.len() >= RECENT_WRITES {
+            // Only entries younger than a minute still space anything out.
+            writes.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        }
+        writes.insert(key.to_string(), std::time::Instant::now());
+    }
 }
 
 impl Context {
@@ -104,6 +133,7 @@ impl Context {
             caches: None,
             failures: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
+            status_writes: RecentWrites::default(),
         }
     }
 

@@ -42,7 +42,7 @@ use crate::names::{
 };
 use crate::render::{self, ChildKind, RenderContext};
 use crate::telemetry::{ControllerName, FleetLabels};
-use report::{KIND, fleet_names, mark_invalid, publish, stuck, write_status};
+use report::{KIND, StatusWrite, fleet_names, mark_invalid, publish, stuck, write_status};
 use status::{Facts, GatewayFacts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
@@ -419,7 +419,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         recheck = s.plan.recheck;
         observed.autoscaling = Some(s.plan.status);
     }
-    write_status(ctx, cud, &observed.conditions, Some(&observed)).await?;
+    let written = write_status(ctx, cud, &observed.conditions, Some(&observed)).await?;
     let labels = FleetLabels {
         namespace: fleet.namespace.clone(),
         name: fleet.name.clone(),
@@ -433,8 +433,15 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
     // The nodes' reports (ModelSync) are watched: no poll while models sync.
-    let next = ctx.settings.resync;
-    Ok(Action::requeue(recheck.map_or(next, |r| r.min(next))))
+    let deferred = match written {
+        StatusWrite::Deferred(wait) => Some(wait),
+        StatusWrite::Done => None,
+    };
+    let soonest = [recheck, deferred]
+        .into_iter()
+        .flatten()
+        .fold(ctx.settings.resync, Duration::min);
+    Ok(Action::requeue(soonest))
 }
 
 /// One autoscaling pass: the decision, and the busy pods' annotations put right

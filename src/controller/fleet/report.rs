@@ -1,6 +1,8 @@
 //! What the fleet reconciler tells the user: the status, written only when it changed
 //! (an unreadable object's too), and Events.
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::runtime::events::EventType;
@@ -30,13 +32,30 @@ pub fn stuck(reason: Reason, message: &str) -> Vec<DesiredCondition> {
     ]
 }
 
-/// Writes the fleet's status when it differs from what is stored.
+/// A status whose only change is in its conditions' messages (nodes or replicas being
+/// counted up) is written at most this often per fleet: with 1,000 nodes reporting, every
+/// report would otherwise be a status write. A condition that changes its status or
+/// reason, and every other field, is written at once.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What `write_status` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// Written, or already as stored.
+    Done,
+    /// Only progress changed, and the fleet's status was written less than
+    /// `PROGRESS_INTERVAL` ago: look again after this long.
+    Deferred(Duration),
+}
+
+/// Writes the fleet's status when it differs from what is stored (progress alone at
+/// most every `PROGRESS_INTERVAL`).
 pub async fn write_status(
     ctx: &Context,
     cud: &ComfyUIDeployment,
     conditions: &[DesiredCondition],
     observation: Option<&FleetObservation>,
-) -> Result<(), Error> {
+) -> Result<StatusWrite, Error> {
     let previous = cud.status.clone().unwrap_or_default();
     let fleet = fleet_names(cud);
     let mut next = merged(&previous, cud.metadata.generation, conditions);
@@ -64,8 +83,14 @@ pub async fn write_status(
     if clear_demand {
         next.demand = None;
     }
+    let key = format!("{}/{}", fleet.namespace, fleet.name);
+    if only_progress(&previous, &next)
+        && let Some(wait) = ctx.status_writes.too_soon(&key, PROGRESS_INTERVAL)
+    {
+        return Ok(StatusWrite::Deferred(wait));
+    }
     let api = ctx.raw_api::<ComfyUIDeployment>(&fleet.namespace);
-    status_writer::patch_if_changed(
+    let wrote = status_writer::patch_if_changed(
         &api,
         &ctx.metrics,
         KIND,
@@ -88,7 +113,26 @@ pub async fn write_status(
         },
     )
     .await?;
-    Ok(())
+    if wrote {
+        ctx.status_writes.wrote(&key);
+    }
+    Ok(StatusWrite::Done)
+}
+
+/// Whether `next` differs from `previous` in its conditions' messages and nowhere else.
+fn only_progress(previous: &ComfyUIDeploymentStatus, next: &ComfyUIDeploymentStatus) -> bool {
+    if previous == next || previous.conditions.len() != next.conditions.len() {
+        return false;
+    }
+    let mut without_messages = next.clone();
+    for (n, p) in without_messages
+        .conditions
+        .iter_mut()
+        .zip(&previous.conditions)
+    {
+        n.message = p.message.clone();
+    }
+    &without_messages == previous
 }
 
 /// `previous` with this generation and `conditions` merged in.
@@ -132,4 +176,52 @@ pub async fn mark_invalid(ctx: &Context, meta: &ObjectMeta, message: &str) -> Re
 pub fn publish(ctx: &Context, cud: &ComfyUIDeployment, type_: EventType, reason: &str, note: &str) {
     let reference: ObjectReference = cud.object_ref(&());
     ctx.publish(&reference, type_, reason, note);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::conditions::MODELS_READY;
+
+    fn status(ready: bool, message: &str) -> ComfyUIDeploymentStatus {
+        let at = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let reason = if ready {
+            Reason::ModelsSynced
+        } else {
+            Reason::Syncing
+        };
+        ComfyUIDeploymentStatus {
+            conditions: conditions::merge(
+                &[],
+                &[DesiredCondition::new(MODELS_READY, ready, reason, message)],
+                Some(1),
+                &at,
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_counted_message_is_progress() {
+        let before = status(false, "1/5 nodes at r2");
+        assert!(only_progress(&before, &status(false, "2/5 nodes at r2")));
+        // Nothing changed: nothing to write, so nothing to space out.
+        assert!(!only_progress(&before, &before.clone()));
+        // A condition that turns is written at once.
+        assert!(!only_progress(&before, &status(true, "5/5 nodes at r2")));
+        let mut replicas = status(false, "2/5 nodes at r2");
+        replicas.ready_replicas = 3;
+        assert!(!only_progress(&before, &replicas));
+    }
+
+    #[test]
+    fn a_write_spaces_out_the_next_progress_only() {
+        let writes = crate::controller::context::RecentWrites::default();
+        assert_eq!(writes.too_soon("ns/f", PROGRESS_INTERVAL), None);
+        writes.wrote("ns/f");
+        let left = writes.too_soon("ns/f", PROGRESS_INTERVAL).unwrap();
+        assert!(left <= PROGRESS_INTERVAL && left > Duration::from_secs(4));
+        assert_eq!(writes.too_soon("ns/other", PROGRESS_INTERVAL), None);
+        assert_eq!(writes.too_soon("ns/f", Duration::ZERO), None);
+    }
 }
