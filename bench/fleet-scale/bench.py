@@ -171,7 +171,9 @@ class Cluster:
                     ref = e.get("objectRef") or {}
                     resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
                     if client == "controller":
-                        key = f"{verb} {resource}"
+                        code = (e.get("responseStatus") or {}).get("code", 0)
+                        # Refused requests apart: a 409 is a status computed from a stale copy.
+                        key = f"{verb} {resource}" + (f" ({code})" if code >= 300 else "")
                         by_resource[key] = by_resource.get(key, 0) + 1
                     if verb != "watch":
                         took = _seconds(e.get("stageTimestamp")) - _seconds(e.get("requestReceivedTimestamp"))
@@ -276,7 +278,8 @@ def latency_snapshot(port):
             raw = json.loads(r.read())
         return {"raw": {f"{name}.{key}": raw.get(name, {}).get(field, [])
                         for name in ("comfyuideployment", "modelset")
-                        for key, field in (("reconcile", "reconcileSeconds"), ("queueToDone", "queueToDoneSeconds"))}}
+                        for key, field in (("reconcile", "reconcileSeconds"), ("queueToDone", "queueToDoneSeconds"),
+                                               ("reconcileOwn", "reconcileOwnSeconds"))}}
     except urllib.error.HTTPError:
         pass
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
@@ -528,11 +531,13 @@ def table(results):
     row("fleets / nodes", lambda r: f"{r['fleets']} / {r['nodes']}")
     row("all Ready + ModelsReady after one apply", lambda r: f"{r['converge_seconds']} s" if r["converge_seconds"] else f"not after the limit ({r['converged']})")
     row("fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile"))
+    row("fleet reconcile less its apiserver waits", lambda r: lat(r, "comfyuideployment.reconcileOwn"))
     row("fleet queue-to-done", lambda r: lat(r, "comfyuideployment.queueToDone"))
     row("ModelSet reconcile", lambda r: lat(r, "modelset.reconcile"))
     row("steady: fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile", "steady"))
     row("steady: ModelSet reconcile", lambda r: lat(r, "modelset.reconcile", "steady"))
     row("new revision: fleet reconcile", lambda r: lat(r, "comfyuideployment.reconcile", "revision"))
+    row("new revision: fleet reconcile less its apiserver waits", lambda r: lat(r, "comfyuideployment.reconcileOwn", "revision"))
     row("new revision: fleet queue-to-done", lambda r: lat(r, "comfyuideployment.queueToDone", "revision"))
     row("new revision: ModelSet reconcile", lambda r: lat(r, "modelset.reconcile", "revision"))
     row("steady: requests/min (client verb)", lambda r: ", ".join(f"{k} {v}" for k, v in r["steady"]["per_minute"].items()) or "0")

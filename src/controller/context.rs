@@ -16,6 +16,7 @@ use super::error::Error;
 use super::modelset::sqs::SqsWatchers;
 use super::policy::{self, ClassError};
 use crate::crd::FleetClass;
+use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::ClusterSettings;
 use crate::telemetry::{ControllerName, Metrics};
@@ -87,33 +88,84 @@ pub struct Context {
     /// Consecutive polls per object and purpose, so waiting polls back off too.
     polls: Mutex<HashMap<String, u32>>,
     /// When each fleet's status was last written (progress is written spaced out).
-    pub status_writes: RecentWrites,
+    pub status_writes: StatusWrites,
 }
 
-/// When each object's status was last written, by `namespace/name`.
+/// Each fleet's last status write, by `namespace/name`: when (progress is written
+/// spaced out), and what it wrote over and left, so that a reconcile whose cached copy
+/// is still the one that write replaced computes from the write instead (else it would
+/// be refused with a conflict, and look again a second later).
 #[derive(Default)]
-pub struct RecentWrites(Mutex<HashMap<String, std::time::Instant>>);
+pub struct StatusWrites(Mutex<HashMap<String, LastWrite>>);
+
+struct LastWrite {
+    at: std::time::Instant,
+    /// The resourceVersions our writes replaced since the cache last caught up.
+    replaced: Vec<String>,
+    /// The resourceVersion and status the last write left.
+    version: String,
+    status: ComfyUIDeploymentStatus,
+}
 
 /// Entries kept before the old ones are dropped (one per fleet written recently).
-const RECENT_WRITES: usize = 10_000;
+const STATUS_WRITES: usize = 10_000;
+/// Replaced versions remembered per fleet (writes the cache has not seen yet).
+const REPLACED: usize = 8;
 
-impl RecentWrites {
+impl StatusWrites {
     /// How much of `interval` is left since `key`'s last write; None when it has passed
     /// or nothing was written.
     pub fn too_soon(&self, key: &str, interval: Duration) -> Option<Duration> {
         let writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let left = interval.checked_sub(writes.get(key)?.elapsed())?;
+        let left = interval.checked_sub(writes.get(key)?.at.elapsed())?;
         (!left.is_zero()).then_some(left)
     }
 
-    /// `key`'s status was written now.
-    pub fn wrote(&self, key: &str) {
+    /// The status and resourceVersion our last write left, when the cached copy (at
+    /// `cached`) is one of those our writes replaced: the cache is behind our own write.
+    pub fn newer_than(
+        &self,
+        key: &str,
+        cached: Option<&str>,
+    ) -> Option<(ComfyUIDeploymentStatus, String)> {
         let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if writes.len() >= RECENT_WRITES {
-            // Only entries younger than a minute still space anything out.
-            writes.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        let last = writes.get_mut(key)?;
+        let cached = cached?;
+        if last.replaced.iter().any(|v| v == cached) {
+            return Some((last.status.clone(), last.version.clone()));
         }
-        writes.insert(key.to_string(), std::time::Instant::now());
+        if last.version == cached {
+            last.replaced.clear();
+        }
+        None
+    }
+
+    /// `key`'s status became `status` at `version`, replacing `over`.
+    pub fn wrote(
+        &self,
+        key: &str,
+        over: Option<&str>,
+        version: String,
+        status: ComfyUIDeploymentStatus,
+    ) {
+        let mut writes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if writes.len() >= STATUS_WRITES {
+            // Only entries younger than a minute still matter.
+            writes.retain(|_, w| w.at.elapsed() < Duration::from_secs(60));
+        }
+        let mut replaced = writes.remove(key).map(|w| w.replaced).unwrap_or_default();
+        replaced.extend(over.map(String::from));
+        let keep_from = replaced.len().saturating_sub(REPLACED);
+        replaced.drain(..keep_from);
+        writes.insert(
+            key.to_string(),
+            LastWrite {
+                at: std::time::Instant::now(),
+                replaced,
+                version,
+                status,
+            },
+        );
     }
 }
 
@@ -133,7 +185,7 @@ impl Context {
             caches: None,
             failures: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
-            status_writes: RecentWrites::default(),
+            status_writes: StatusWrites::default(),
         }
     }
 
@@ -271,7 +323,7 @@ impl Context {
         &self,
         controller: ControllerName,
         obj: &DeserializeGuard<K>,
-        (took, asked_at): (Duration, Option<std::time::Instant>),
+        (took, waited, asked_at): (Duration, Duration, Option<std::time::Instant>),
         ok: bool,
     ) where
         K: Resource<DynamicType = ()>,
@@ -279,7 +331,7 @@ impl Context {
         self.metrics.record_reconcile(controller, took, ok);
         self.metrics
             .latency
-            .finished(controller.as_str(), took, asked_at);
+            .finished(controller.as_str(), (took, waited), asked_at);
         if ok {
             self.reset_backoff(&backoff_key(controller, obj));
         }

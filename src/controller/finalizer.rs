@@ -34,11 +34,11 @@ pub async fn set<K: Resource>(
     let patch =
         json!({"metadata": {"finalizers": next, "resourceVersion": obj.resource_version()}});
     metrics.record_write("patch", kind);
-    api.patch(
+    crate::latency::waiting(api.patch(
         &obj.name_any(),
         &PatchParams::default(),
         &Patch::Merge(&patch),
-    )
+    ))
     .await?;
     Ok(true)
 }

@@ -29,7 +29,7 @@ pub async fn delete_if_present<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match api.delete(name, params).await {
+    match crate::latency::waiting(api.delete(name, params)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e),
@@ -125,7 +125,9 @@ impl FleetResources<'_> {
             .and_then(|cache| cache.child(child.kind, child.namespace(), &child.name));
         let live = match cached {
             Some(live) => Some((*live).clone()),
-            None => api.get_opt(&child.name).await.map_err(err)?,
+            None => crate::latency::waiting(api.get_opt(&child.name))
+                .await
+                .map_err(err)?,
         };
         if let Some(live) = &live {
             // Never take over what another fleet, or a person, made under this name.
@@ -154,7 +156,7 @@ impl FleetResources<'_> {
                 PatchParams::apply(FIELD_MANAGER).force()
             }
         };
-        api.patch(&child.name, &params, &Patch::Apply(&child.manifest))
+        crate::latency::waiting(api.patch(&child.name, &params, &Patch::Apply(&child.manifest)))
             .await
             .map_err(|source| ApplyError::Apply {
                 kind: child.api.kind.clone(),
@@ -171,9 +173,10 @@ impl FleetResources<'_> {
     /// The fleet's children of `kind` (none when the kind's CRD is not installed).
     pub async fn list(&self, kind: ChildKind) -> Result<Vec<DynamicObject>, ApplyError> {
         let (ar, api) = self.api(kind);
-        match api
-            .list(&ListParams::default().labels(&self.fleet.owner_selector()))
-            .await
+        match crate::latency::waiting(
+            api.list(&ListParams::default().labels(&self.fleet.owner_selector())),
+        )
+        .await
         {
             Ok(list) => Ok(list.items),
             // A CRD uninstalled before the fleet: nothing of that kind can be left.

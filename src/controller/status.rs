@@ -12,7 +12,8 @@ use crate::telemetry::Metrics;
 /// adjusts the body first (drop fields another writer owns, null out cleared ones).
 /// With `computed_from` (the resourceVersion `previous` was read at), the apiserver
 /// refuses the write with 409 when the object changed since: a status computed from a
-/// cached copy never overwrites a newer one. Returns whether it wrote.
+/// cached copy never overwrites a newer one. Returns the object's new resourceVersion
+/// when it wrote.
 pub async fn patch_if_changed<S: Serialize + PartialEq>(
     api: &Api<DynamicObject>,
     metrics: &Metrics,
@@ -21,25 +22,27 @@ pub async fn patch_if_changed<S: Serialize + PartialEq>(
     (previous, computed_from): (&S, Option<&str>),
     next: &S,
     shape: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> Result<bool, kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     if next == previous {
-        return Ok(false);
+        return Ok(None);
     }
     let mut body = serde_json::to_value(next).map_err(kube::Error::SerdeError)?;
     if let Some(fields) = body.as_object_mut() {
         shape(fields);
     }
     metrics.record_write("patch-status", kind);
-    api.patch_status(
+    let written = crate::latency::waiting(api.patch_status(
         name,
         &PatchParams::default(),
         &Patch::Merge(match computed_from {
-            Some(version) => json!({ "metadata": {"resourceVersion": version}, "status": body }),
+            Some(version) => {
+                json!({ "metadata": {"resourceVersion": version}, "status": body })
+            }
             None => json!({ "status": body }),
         }),
-    )
+    ))
     .await?;
-    Ok(true)
+    Ok(Some(written.metadata.resource_version.unwrap_or_default()))
 }
 
 /// The stored status and generation of `name`, read raw: for an object that cannot be
@@ -48,7 +51,7 @@ pub async fn stored<S: DeserializeOwned + Default>(
     api: &Api<DynamicObject>,
     name: &str,
 ) -> Result<Option<(S, Option<i64>)>, kube::Error> {
-    let Some(raw) = api.get_opt(name).await? else {
+    let Some(raw) = crate::latency::waiting(api.get_opt(name)).await? else {
         return Ok(None);
     };
     let status = raw

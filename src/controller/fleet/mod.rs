@@ -193,16 +193,19 @@ fn owner_from(labels: &std::collections::BTreeMap<String, String>) -> Option<Obj
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
     let asked_at = ctx.started(FLEET, &obj);
     let start = Instant::now();
-    let result = match &obj.0 {
-        Ok(cud) => reconcile_with_finalizer(cud, &ctx).await,
-        // One unreadable object fails alone, with a condition, and waits for an edit.
-        Err(invalid) => {
-            let message = format!("cannot read the spec: {}", invalid.error);
-            mark_invalid(&ctx, &invalid.metadata, &message)
-                .await
-                .map(|()| Action::await_change())
+    let (result, waited) = crate::latency::measured(async {
+        match &obj.0 {
+            Ok(cud) => reconcile_with_finalizer(cud, &ctx).await,
+            // One unreadable object fails alone, with a condition, and waits for an edit.
+            Err(invalid) => {
+                let message = format!("cannot read the spec: {}", invalid.error);
+                mark_invalid(&ctx, &invalid.metadata, &message)
+                    .await
+                    .map(|()| Action::await_change())
+            }
         }
-    };
+    })
+    .await;
     // A status computed from a copy older than the stored object was refused: the
     // event that brings the store up to date reconciles again.
     let result = match result {
@@ -212,7 +215,12 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
         }
         other => other,
     };
-    ctx.finished(FLEET, &obj, (start.elapsed(), asked_at), result.is_ok());
+    ctx.finished(
+        FLEET,
+        &obj,
+        (start.elapsed(), waited, asked_at),
+        result.is_ok(),
+    );
     result
 }
 
@@ -509,13 +517,12 @@ async fn scale(
             "metadata": {"name": name, "annotations": annotations},
         });
         ctx.metrics.record_write("apply", "Pod");
-        pods_api
-            .patch(
-                name,
-                &PatchParams::apply(AUTOSCALER_MANAGER).force(),
-                &Patch::Apply(body),
-            )
-            .await?;
+        crate::latency::waiting(pods_api.patch(
+            name,
+            &PatchParams::apply(AUTOSCALER_MANAGER).force(),
+            &Patch::Apply(body),
+        ))
+        .await?;
     }
     if !changes.is_empty() && plan.status.desired_replicas < current {
         // The ReplicaSet picks by deletion cost: let it see the new costs first.

@@ -56,8 +56,18 @@ pub async fn write_status(
     conditions: &[DesiredCondition],
     observation: Option<&FleetObservation>,
 ) -> Result<StatusWrite, Error> {
-    let previous = cud.status.clone().unwrap_or_default();
     let fleet = fleet_names(cud);
+    let key = format!("{}/{}", fleet.namespace, fleet.name);
+    let cached_version = cud.metadata.resource_version.as_deref();
+    // Under load the watch can lag our own last write: then that write is what is
+    // stored, and the next one is computed over it.
+    let (previous, computed_from) = match ctx.status_writes.newer_than(&key, cached_version) {
+        Some((status, version)) => (status, Some(version)),
+        None => (
+            cud.status.clone().unwrap_or_default(),
+            cached_version.map(String::from),
+        ),
+    };
     let mut next = merged(&previous, cud.metadata.generation, conditions);
     next.selector = Some(fleet.pod_selector_string());
     next.node_pool = Some(fleet.nodepool());
@@ -83,7 +93,6 @@ pub async fn write_status(
     if clear_demand {
         next.demand = None;
     }
-    let key = format!("{}/{}", fleet.namespace, fleet.name);
     if only_progress(&previous, &next)
         && let Some(wait) = ctx.status_writes.too_soon(&key, PROGRESS_INTERVAL)
     {
@@ -95,7 +104,7 @@ pub async fn write_status(
         &ctx.metrics,
         KIND,
         &fleet.name,
-        (&previous, cud.metadata.resource_version.as_deref()),
+        (&previous, computed_from.as_deref()),
         &next,
         // A merge patch keeps a field it does not name: a gone endpoint, gateway or
         // autoscaling status must be sent as null to leave the stored status. The
@@ -113,8 +122,9 @@ pub async fn write_status(
         },
     )
     .await?;
-    if wrote {
-        ctx.status_writes.wrote(&key);
+    if let Some(version) = wrote {
+        ctx.status_writes
+            .wrote(&key, computed_from.as_deref(), version, next);
     }
     Ok(StatusWrite::Done)
 }
@@ -182,6 +192,7 @@ pub fn publish(ctx: &Context, cud: &ComfyUIDeployment, type_: EventType, reason:
 mod tests {
     use super::*;
     use crate::controller::conditions::MODELS_READY;
+    use crate::controller::context::StatusWrites;
 
     fn status(ready: bool, message: &str) -> ComfyUIDeploymentStatus {
         let at = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
@@ -216,12 +227,31 @@ mod tests {
 
     #[test]
     fn a_write_spaces_out_the_next_progress_only() {
-        let writes = crate::controller::context::RecentWrites::default();
+        let writes = StatusWrites::default();
         assert_eq!(writes.too_soon("ns/f", PROGRESS_INTERVAL), None);
-        writes.wrote("ns/f");
+        writes.wrote("ns/f", Some("1"), "2".into(), status(false, "a"));
         let left = writes.too_soon("ns/f", PROGRESS_INTERVAL).unwrap();
         assert!(left <= PROGRESS_INTERVAL && left > Duration::from_secs(4));
         assert_eq!(writes.too_soon("ns/other", PROGRESS_INTERVAL), None);
         assert_eq!(writes.too_soon("ns/f", Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_cache_behind_our_own_writes_reads_as_the_last_write() {
+        let writes = StatusWrites::default();
+        writes.wrote("ns/f", Some("1"), "2".into(), status(false, "a"));
+        writes.wrote("ns/f", Some("2"), "3".into(), status(false, "b"));
+        // The cache still holds a version our writes replaced: the last write stands.
+        for behind in ["1", "2"] {
+            let (status, version) = writes.newer_than("ns/f", Some(behind)).unwrap();
+            assert_eq!(version, "3");
+            assert_eq!(status.conditions[0].message, "b");
+        }
+        // Someone else's write (a version we never replaced) is the cache's to give.
+        assert_eq!(writes.newer_than("ns/f", Some("9")), None);
+        // Caught up: the replaced versions are forgotten.
+        assert_eq!(writes.newer_than("ns/f", Some("3")), None);
+        assert_eq!(writes.newer_than("ns/f", Some("1")), None);
+        assert_eq!(writes.newer_than("ns/g", Some("1")), None);
     }
 }

@@ -102,11 +102,11 @@ pub async fn store_catalog(
             ..Default::default()
         };
         ctx.metrics.record_write("apply", "ConfigMap");
-        api.patch(
+        crate::latency::waiting(api.patch(
             &names[i],
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&cm),
-        )
+        ))
         .await?;
     }
     for cm in existing.iter().filter(|cm| !names.contains(&cm.name_any())) {

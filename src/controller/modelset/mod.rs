@@ -128,22 +128,30 @@ fn spec_changes(ms: &Guarded) -> Option<u64> {
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
     let asked_at = ctx.started(MODELSET, &obj);
     let start = Instant::now();
-    let result = match &obj.0 {
-        Ok(ms) => reconcile_modelset(ms, &ctx).await,
-        Err(invalid) => {
-            let message = format!("cannot read the spec: {}", invalid.error);
-            let invalid_spec = [DesiredCondition::new(
-                READY,
-                false,
-                Reason::InvalidSpec,
-                message,
-            )];
-            write_raw_status(&ctx, &invalid.metadata, &invalid_spec)
-                .await
-                .map(|()| Action::await_change())
+    let (result, waited) = crate::latency::measured(async {
+        match &obj.0 {
+            Ok(ms) => reconcile_modelset(ms, &ctx).await,
+            Err(invalid) => {
+                let message = format!("cannot read the spec: {}", invalid.error);
+                let invalid_spec = [DesiredCondition::new(
+                    READY,
+                    false,
+                    Reason::InvalidSpec,
+                    message,
+                )];
+                write_raw_status(&ctx, &invalid.metadata, &invalid_spec)
+                    .await
+                    .map(|()| Action::await_change())
+            }
         }
-    };
-    ctx.finished(MODELSET, &obj, (start.elapsed(), asked_at), result.is_ok());
+    })
+    .await;
+    ctx.finished(
+        MODELSET,
+        &obj,
+        (start.elapsed(), waited, asked_at),
+        result.is_ok(),
+    );
     result
 }
 

@@ -92,8 +92,7 @@ pub async fn sync_instances(
     let ns = ms.namespace().unwrap_or_default();
     let name = ms.name_any();
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns);
-    let pools: Vec<String> = cuds
-        .list(&ListParams::default())
+    let pools: Vec<String> = crate::latency::waiting(cuds.list(&ListParams::default()))
         .await?
         .items
         .iter()
@@ -153,11 +152,11 @@ pub async fn sync_instances(
         }));
     }
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);
-    api.patch_status(
+    crate::latency::waiting(api.patch_status(
         &name,
         &PatchParams::apply("sdfleet-ssm").force(),
         &Patch::Apply(ModelSet::node_entries_patch(&name, &entries)),
-    )
+    ))
     .await?;
     let failed: Vec<&NodeSync> = entries
         .iter()
