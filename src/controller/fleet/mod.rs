@@ -21,7 +21,7 @@ use k8s_openapi::api::networking::v1::Ingress;
 use kube::ResourceExt;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::DeserializeGuard;
-use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{PredicateConfig, WatchStreamExt};
@@ -46,10 +46,6 @@ use report::{KIND, StatusWrite, fleet_names, mark_invalid, publish, stuck, write
 use status::{Facts, GatewayFacts, ModelFacts};
 
 pub const FINALIZER: &str = "sdfleet.io/cleanup";
-/// How long a fleet's triggers gather before it is reconciled: a first apply's ten
-/// children, or nodes reporting together, come as a burst of watch events that one
-/// reconcile (and one status write) answers.
-const DEBOUNCE: Duration = Duration::from_millis(500);
 /// First and longest wait between looks at a fleet whose children are being deleted.
 const CLEANUP_POLL: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(30));
 type Guarded = DeserializeGuard<ComfyUIDeployment>;
@@ -67,8 +63,7 @@ pub async fn run(
     // Only what can change the children or the decisions starts a reconcile: not our own
     // status writes.
     let (reader, own) = own_watch(fleets, fleet_changes, ctx.metrics.clone(), FLEET);
-    let mut controller = Controller::for_stream(own, reader)
-        .with_config(controller::Config::default().debounce(DEBOUNCE));
+    let mut controller = Controller::for_stream(own, reader);
     let scope = ctx.settings.namespace.clone();
     for (ar, children) in triggers.children {
         let scope = scope.clone();

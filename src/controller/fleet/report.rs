@@ -60,8 +60,14 @@ pub async fn write_status(
     let key = format!("{}/{}", fleet.namespace, fleet.name);
     let cached_version = cud.metadata.resource_version.as_deref();
     // Under load the watch can lag our own last write: then that write is what is
-    // stored, and the next one is computed over it.
-    let (previous, computed_from) = match ctx.status_writes.newer_than(&key, cached_version) {
+    // stored, and the next one is computed over it. Not with autoscaling: its decision
+    // was made from the cached status (belowSince, the last decision, the cold start),
+    // and a decision from a stale copy must be refused (409) and made again.
+    let behind = match cud.spec.autoscaling {
+        None => ctx.status_writes.newer_than(&key, cached_version),
+        Some(_) => None,
+    };
+    let (previous, computed_from) = match behind {
         Some((status, version)) => (status, Some(version)),
         None => (
             cud.status.clone().unwrap_or_default(),
