@@ -95,10 +95,6 @@ where
     (store, task)
 }
 
-fn by_name(name: &str) -> watcher::Config {
-    crate::watch::config().fields(&format!("metadata.name={name}"))
-}
-
 async fn listed<K>(store: &Store<K>, what: &str) -> Result<(), AgentError>
 where
     K: kube::Resource + Clone + 'static,
@@ -132,7 +128,7 @@ impl Agent {
         let changed = Arc::new(Notify::new());
         let (node, node_task) = watch(
             Api::<Node>::all(self.client.clone()),
-            by_name(&self.node),
+            crate::watch::named(&self.node),
             changed.clone(),
             node_changes,
         );
@@ -181,7 +177,7 @@ impl Agent {
             }
             let (store, task) = watch(
                 Api::<ModelSet>::namespaced(self.client.clone(), &ns),
-                by_name(&name),
+                crate::watch::named(&name),
                 changed.clone(),
                 model_set_changes,
             );

@@ -17,3 +17,8 @@ pub const TIMEOUT_SECONDS: u32 = 540;
 pub fn config() -> watcher::Config {
     watcher::Config::default().timeout(TIMEOUT_SECONDS)
 }
+
+/// The watch of the one object named `name` (a field selector: RBAC may grant only it).
+pub fn named(name: &str) -> watcher::Config {
+    config().fields(&format!("metadata.name={name}"))
+}

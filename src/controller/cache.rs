@@ -128,7 +128,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let config = match name {
-        Some(name) => crate::watch::config().fields(&format!("metadata.name={name}")),
+        Some(name) => crate::watch::named(name),
         None => crate::watch::config(),
     };
     let (store, events) = reflect(Api::<PartialObjectMeta<K>>::all(client.clone()), config, ());

@@ -96,7 +96,7 @@ pub async fn watch_fleet(
     signals: Arc<FleetSignals>,
 ) {
     let api: Api<ComfyUIDeployment> = Api::namespaced(client, &namespace);
-    let config = crate::watch::config().fields(&format!("metadata.name={fleet}"));
+    let config = crate::watch::named(&fleet);
     let mut stream = watcher::watcher(api, config)
         .default_backoff()
         .applied_objects()

@@ -191,7 +191,7 @@ pub async fn watch_catalog(
 ) {
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &namespace);
     let maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let config = crate::watch::config().fields(&format!("metadata.name={model_set}"));
+    let config = crate::watch::named(&model_set);
     let mut stream = watcher::watcher(api, config)
         .default_backoff()
         .applied_objects()
