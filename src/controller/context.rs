@@ -123,6 +123,8 @@ impl StatusWrites {
 
     /// The status and resourceVersion our last write left, when the cached copy (at
     /// `cached`) is one of those our writes replaced: the cache is behind our own write.
+    /// A cache that shows our last write has caught up: the replaced versions are
+    /// forgotten then.
     pub fn newer_than(
         &self,
         key: &str,
@@ -303,31 +305,27 @@ where
 }
 
 impl Context {
-    /// A reconcile of `obj` starts: when the first watch event that asked for it came.
-    pub fn started<K>(
+    /// Runs one reconcile of `obj` and records it: its duration, that less its waits for
+    /// the apiserver, its queue-to-done time (from the first watch event that asked for
+    /// it) and its result. A success forgets the object's failures, so its next error
+    /// starts the backoff again.
+    pub async fn timed<K>(
         &self,
         controller: ControllerName,
         obj: &DeserializeGuard<K>,
-    ) -> Option<std::time::Instant>
+        reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+    ) -> Result<Action, Error>
     where
         K: Resource<DynamicType = ()>,
     {
-        self.metrics
+        let asked_at = self
+            .metrics
             .latency
-            .started(controller.as_str(), &object_key(obj))
-    }
-
-    /// Records one reconcile's duration, queue-to-done time and result; a success
-    /// forgets the object's failures, so its next error starts the backoff again.
-    pub fn finished<K>(
-        &self,
-        controller: ControllerName,
-        obj: &DeserializeGuard<K>,
-        (took, waited, asked_at): (Duration, Duration, Option<std::time::Instant>),
-        ok: bool,
-    ) where
-        K: Resource<DynamicType = ()>,
-    {
+            .started(controller.as_str(), &object_key(obj));
+        let start = std::time::Instant::now();
+        let (result, waited) = crate::latency::measured(reconcile).await;
+        let took = start.elapsed();
+        let ok = result.is_ok();
         self.metrics.record_reconcile(controller, took, ok);
         self.metrics
             .latency
@@ -335,6 +333,7 @@ impl Context {
         if ok {
             self.reset_backoff(&backoff_key(controller, obj));
         }
+        result
     }
 }
 

@@ -12,7 +12,7 @@ mod tests;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -186,10 +186,8 @@ fn owner_from(labels: &std::collections::BTreeMap<String, String>) -> Option<Obj
 }
 
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let asked_at = ctx.started(FLEET, &obj);
-    let start = Instant::now();
-    let (result, waited) = crate::latency::measured(async {
-        match &obj.0 {
+    ctx.timed(FLEET, &obj, async {
+        let result = match &obj.0 {
             Ok(cud) => reconcile_with_finalizer(cud, &ctx).await,
             // One unreadable object fails alone, with a condition, and waits for an edit.
             Err(invalid) => {
@@ -198,25 +196,18 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
                     .await
                     .map(|()| Action::await_change())
             }
+        };
+        // A status computed from a copy older than the stored object was refused: the
+        // event that brings the store up to date reconciles again.
+        match result {
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+                tracing::debug!(object = %object_key(&obj), "stale cache: status refused; waiting for the watch");
+                Ok(Action::requeue(STALE_RETRY))
+            }
+            other => other,
         }
     })
-    .await;
-    // A status computed from a copy older than the stored object was refused: the
-    // event that brings the store up to date reconciles again.
-    let result = match result {
-        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
-            tracing::debug!(object = %object_key(&obj), "stale cache: status refused; waiting for the watch");
-            Ok(Action::requeue(STALE_RETRY))
-        }
-        other => other,
-    };
-    ctx.finished(
-        FLEET,
-        &obj,
-        (start.elapsed(), waited, asked_at),
-        result.is_ok(),
-    );
-    result
+    .await
 }
 
 /// When a status write found the cache behind the apiserver, the next look.

@@ -9,7 +9,7 @@ pub mod status;
 
 use std::hash::{DefaultHasher, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::ResourceExt;
@@ -126,9 +126,7 @@ fn spec_changes(ms: &Guarded) -> Option<u64> {
 }
 
 pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let asked_at = ctx.started(MODELSET, &obj);
-    let start = Instant::now();
-    let (result, waited) = crate::latency::measured(async {
+    ctx.timed(MODELSET, &obj, async {
         match &obj.0 {
             Ok(ms) => reconcile_modelset(ms, &ctx).await,
             Err(invalid) => {
@@ -145,14 +143,7 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
             }
         }
     })
-    .await;
-    ctx.finished(
-        MODELSET,
-        &obj,
-        (start.elapsed(), waited, asked_at),
-        result.is_ok(),
-    );
-    result
+    .await
 }
 
 async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Error> {
