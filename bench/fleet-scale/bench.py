@@ -25,6 +25,7 @@ same run), it builds that tree's release `sdfleet` and its simulated agents
 Results: bench/fleet-scale/results.json and a Markdown table on stdout.
 """
 import argparse
+import datetime
 import json
 import os
 import re
@@ -207,8 +208,7 @@ def _seconds(stamp):
     """An audit timestamp (RFC 3339, microseconds) as epoch seconds."""
     if not stamp:
         return 0.0
-    day, _, frac = stamp.rstrip("Z").partition(".")
-    return time.mktime(time.strptime(day, "%Y-%m-%dT%H:%M:%S")) + (float(f"0.{frac}") if frac else 0.0)
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _summary(v):
