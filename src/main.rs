@@ -103,6 +103,9 @@ struct ControllerArgs {
     /// change; this catches what no watch sees).
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Reconciles of one kind (fleets, ModelSets) running at once; 0: no limit.
+    #[arg(long, default_value_t = 16, env = "SDFLEET_MAX_CONCURRENT_RECONCILES")]
+    max_concurrent_reconciles: u16,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
@@ -318,6 +321,7 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
             },
             namespace: args.namespace,
             resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+            max_concurrent_reconciles: args.max_concurrent_reconciles,
         };
         let metrics = std::sync::Arc::new(sdfleet::telemetry::Metrics::default());
         let health = std::sync::Arc::new(sdfleet::telemetry::Health {

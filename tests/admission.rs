@@ -4,23 +4,12 @@
 
 mod support;
 
-use std::path::Path;
-
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use sdfleet::crd::ModelSync;
 use serde_json::{Value, json};
-use support::{TestNamespace, Testbed, install_crds, unique_suffix};
-
-async fn client_from(path: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(path).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
+use support::{TestNamespace, Testbed, client_from, install_crds, unique_suffix};
 
 /// A client acting as the chart's agent ServiceAccount whose token names `node`.
 async fn agent_of(tb: &Testbed, release_ns: &str, node: &str) -> Client {

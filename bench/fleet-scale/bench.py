@@ -171,6 +171,7 @@ class Cluster:
         counts = {}
         by_resource = {}
         latencies = {}
+        queued = {}
         for line in self.audit_lines(offset):
             try:
                 e = json.loads(line)
@@ -198,9 +199,15 @@ class Cluster:
                 if verb != "watch":
                     took = _seconds(e.get("stageTimestamp")) - _seconds(e.get("requestReceivedTimestamp"))
                     latencies.setdefault(client, []).append(took)
+                    # The apiserver annotates a request slower than 500 ms with where the
+                    # time went; this part is the wait in its priority-and-fairness queue.
+                    wait = (e.get("annotations") or {}).get("apiserver.latency.k8s.io/apf-queue-wait")
+                    if wait is not None:
+                        queued.setdefault(client, []).append(_go_duration(wait))
         if detail is not None:
             detail["controller"] = dict(sorted(by_resource.items(), key=lambda kv: -kv[1]))
             detail["latency"] = {c: _summary(sorted(v)) for c, v in sorted(latencies.items())}
+            detail["apf_queue_wait"] = {c: _summary(sorted(v)) for c, v in sorted(queued.items())}
         return counts
 
 
@@ -209,6 +216,12 @@ def _seconds(stamp):
     if not stamp:
         return 0.0
     return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _go_duration(text):
+    """A Go duration string ("1.5s", "2.009ms", "1m2s", "350µs") in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)(h|ms|m|s|us|µs|μs|ns)", text))
 
 
 def _summary(v):
@@ -573,6 +586,12 @@ def table(results):
         return "; ".join(", ".join(f"{c} {v['p50']}/{v['p99']}" for c, v in p["latency"].items()) if p else "—"
                          for p in phases)
     row("apiserver latency p50/p99 (s): converge; revision", api_latency)
+
+    def apf_wait(r):
+        phases = [r.get("converge_detail"), r["revision"].get("detail")]
+        return "; ".join(", ".join(f"{c} n={v['count']} p50 {v['p50']} / max {v['max']}" for c, v in p.get("apf_queue_wait", {}).items()) or "none"
+                         if p else "—" for p in phases)
+    row("fairness queue wait of requests over 500 ms (s): converge; revision", apf_wait)
     row("controller writes: converge", lambda r: ", ".join(f"{k} {n}" for k, n in r["converge_detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))))
     row("controller writes: revision", lambda r: ", ".join(f"{k} {n}" for k, n in r["revision"]["detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))) or "0")
     row("CPU seconds by process: converge", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r["converge_cpu"].items(), key=lambda kv: -kv[1])))

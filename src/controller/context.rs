@@ -70,6 +70,17 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// How often a steady fleet is reconciled anyway, to notice what watches cannot.
     pub resync: Duration,
+    /// At most this many reconciles of one kind run at once (0: no limit). A burst of
+    /// reconciles then waits in the controller's queue, not in the apiserver's
+    /// priority-and-fairness queues, which refuse what overflows them with 429.
+    pub max_concurrent_reconciles: u16,
+}
+
+impl Settings {
+    /// The kube-runtime controller configuration these settings ask for.
+    pub fn controller_config(&self) -> kube::runtime::controller::Config {
+        kube::runtime::controller::Config::default().concurrency(self.max_concurrent_reconciles)
+    }
 }
 
 /// Shared by every reconcile.

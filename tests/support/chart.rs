@@ -93,6 +93,16 @@ pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> Pa
     path
 }
 
+/// A client from a kubeconfig file (e.g. one of `impersonating_kubeconfig`).
+pub async fn client_from(path: &std::path::Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).unwrap();
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
 /// A kubeconfig acting as the chart's agent ServiceAccount whose token names `node` (as
 /// the bound token kubelet gives the agent's pod does), readable by any user (the agent
 /// runs unprivileged).

@@ -112,6 +112,7 @@ pub async fn run(
         asked(&metrics, users)
     });
     controller
+        .with_config(ctx.settings.controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,

@@ -28,6 +28,7 @@ fn context(client: kube::Client) -> Arc<Context> {
         },
         namespace: None,
         resync: std::time::Duration::from_secs(300),
+        max_concurrent_reconciles: 0,
     };
     Arc::new(Context::new(client, settings, Arc::new(Metrics::default())))
 }

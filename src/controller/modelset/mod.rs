@@ -65,6 +65,7 @@ pub async fn run(
             },
         )
         .reconcile_on(triggers)
+        .with_config(ctx.settings.controller_config())
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,
