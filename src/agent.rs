@@ -44,6 +44,8 @@ pub enum AgentError {
 const MANAGER: &str = "sdfleet-agent";
 /// How long a pass waits for a watch's first listing.
 const LIST_WAIT: Duration = Duration::from_secs(30);
+/// How long a sync runs before the node reports it as Syncing.
+const SYNCING_REPORT_AFTER: Duration = Duration::from_secs(2);
 
 pub struct Agent {
     pub client: Client,
@@ -240,19 +242,9 @@ impl Agent {
         {
             return Ok(true);
         }
-        if last.map(|m| m.state) != Some(NodeSyncState::Syncing) {
-            self.report(
-                reports,
-                mine,
-                NodeSyncState::Syncing,
-                &status.revision,
-                0,
-                "",
-            )
-            .await?;
-        }
+        let last_state = last.map(|m| m.state);
         let spec = &ms.spec;
-        let result = async {
+        let sync = async {
             let filter = spec.filter().map_err(|e| e.to_string())?;
             let location = spec.source.s3.location(self.region.as_deref());
             let (store, catalog) = S3Store::open_catalog(&location, &filter)
@@ -267,8 +259,31 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>((catalog, report))
-        }
-        .await;
+        };
+        let mut sync = std::pin::pin!(sync);
+        let syncing = async |mine: &mut Option<NodeSync>| {
+            let revision = &status.revision;
+            self.report(reports, mine, NodeSyncState::Syncing, revision, 0, "")
+                .await
+        };
+        // "Syncing" is written only for a sync that takes a while: a small change (one
+        // LoRA more) then costs one write per node, not two, and 1,000 nodes' reports of
+        // a new model do not queue the apiserver twice over. A failure's report is
+        // replaced at once, so the error does not outlive it.
+        let result = match last_state {
+            Some(NodeSyncState::Syncing) => sync.await,
+            Some(NodeSyncState::Failed) => {
+                syncing(mine).await?;
+                sync.await
+            }
+            _ => tokio::select! {
+                result = &mut sync => result,
+                () = tokio::time::sleep(SYNCING_REPORT_AFTER) => {
+                    syncing(mine).await?;
+                    sync.await
+                }
+            },
+        };
         match result {
             // Refused keys mean the node does not hold the catalog: it reports Failed,
             // naming them, and its startup taint stays on.

@@ -68,9 +68,13 @@ pub struct Caches {
     catalog_maps: Store<PartialObjectMeta<ConfigMap>>,
 }
 
+/// A reflector's raw events (applied, deleted, relisted), for a controller that tells
+/// them apart (`changes_only`).
+pub type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
 /// The watches whose events start fleet reconciles (the rest only fill their stores).
 pub struct FleetTriggers {
-    pub children: Vec<(ApiResource, Triggers<DynamicObject>)>,
+    pub children: Vec<(ChildKind, ApiResource, Events<DynamicObject>)>,
     pub model_sets: Triggers<ModelSet>,
     pub reports: Triggers<ModelSync>,
     pub classes: Triggers<FleetClass>,
@@ -115,6 +119,55 @@ where
         .touched_objects()
         .boxed();
     (store, stream)
+}
+
+/// A store and the reflector's raw events (see `changes_only`).
+fn reflect_events<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dyntype: K::DynamicType,
+) -> (Store<K>, Events<K>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
+{
+    let writer = Writer::new(dyntype);
+    let store = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff()).boxed();
+    (store, stream)
+}
+
+/// The objects of `events` whose `changes` hash moved since the watch last showed them,
+/// and every deleted one. Unlike kube-runtime's `predicate_filter`, which sees objects
+/// only, a deletion always passes: a deleted object carries the same hash as its last
+/// update, and its owner must hear of it (to make it again). A relist passes only the
+/// objects that changed while the watch was away.
+pub fn changes_only<K, H>(
+    events: Events<K>,
+    changes: H,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+    H: Fn(&K) -> u64 + Send + 'static,
+{
+    // One kind per stream: namespace and name identify an object.
+    let key = |obj: &K| (obj.meta().namespace.clone(), obj.meta().name.clone());
+    let mut seen: std::collections::HashMap<_, u64> = Default::default();
+    events.filter_map(move |event| {
+        let passed = match event {
+            Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                let hash = changes(&obj);
+                (seen.insert(key(&obj), hash) != Some(hash)).then_some(Ok(obj))
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                seen.remove(&key(&obj));
+                Some(Ok(obj))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(passed)
+    })
 }
 
 /// A metadata-only store (`Api<PartialObjectMeta<K>>` watches metadata only): for kinds
@@ -166,13 +219,13 @@ impl Caches {
         for kind in ChildKind::ALL {
             let ar = kind.api_resource(provider);
             let ns = kind.watch_namespace(watch_ns, agent);
-            let (store, triggers) = reflect(
+            let (store, events) = reflect_events(
                 dynamic_api(client, &ar, ns),
                 crate::watch::config().labels(&managed),
                 ar.clone(),
             );
             children.insert(kind, (ar.clone(), store));
-            child_triggers.push((ar, triggers));
+            child_triggers.push((kind, ar, events));
         }
         let (model_sets, model_set_triggers) = reflect(
             watched_api::<ModelSet>(client, watch_ns),
@@ -371,5 +424,59 @@ impl Caches {
             Ok(Ok(())) => Ok(()),
             _ => Err(NotListed(kind.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use watcher::Event;
+
+    fn map(name: &str, value: &str) -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "n"}, "data": {"v": value}
+        }))
+        .unwrap()
+    }
+
+    /// What passes `changes_only`, as names with the value they carried.
+    async fn passed(events: Vec<Event<ConfigMap>>) -> Vec<String> {
+        let events: Events<ConfigMap> = futures::stream::iter(events.into_iter().map(Ok)).boxed();
+        let hash = |cm: &ConfigMap| {
+            use std::hash::{DefaultHasher, Hasher};
+            let mut h = DefaultHasher::new();
+            cm.data.as_ref().map(|d| d["v"].clone()).hash(&mut h);
+            h.finish()
+        };
+        changes_only(events, hash)
+            .map(|o| {
+                let o = o.unwrap();
+                format!("{}={}", o.name_any(), o.data.unwrap()["v"])
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn only_changes_and_deletions_pass() {
+        let got = passed(vec![
+            Event::Init,
+            Event::InitApply(map("a", "1")),
+            Event::InitApply(map("b", "1")),
+            Event::InitDone,
+            // The same content again (a status-only write, say): nothing.
+            Event::Apply(map("a", "1")),
+            Event::Apply(map("a", "2")),
+            // A deletion carries the last content, and passes.
+            Event::Delete(map("b", "1")),
+            // A relist: a only if it changed while away; b again, since it was deleted.
+            Event::Init,
+            Event::InitApply(map("a", "2")),
+            Event::InitApply(map("b", "1")),
+            Event::InitDone,
+        ])
+        .await;
+        assert_eq!(got, ["a=1", "b=1", "a=2", "b=1", "b=1"]);
     }
 }

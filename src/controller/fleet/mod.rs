@@ -26,7 +26,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{PredicateConfig, WatchStreamExt};
 
-use super::cache::{Caches, FleetTriggers, watched_api};
+use super::cache::{Caches, FleetTriggers, changes_only, watched_api};
 use super::conditions::Reason;
 use super::context::{
     Context, error_policy, hash_metadata, matching, object_key, own_watch, ref_key,
@@ -65,11 +65,12 @@ pub async fn run(
     let (reader, own) = own_watch(fleets, fleet_changes, ctx.metrics.clone(), FLEET);
     let mut controller = Controller::for_stream(own, reader);
     let scope = ctx.settings.namespace.clone();
-    for (ar, children) in triggers.children {
+    for (kind, ar, events) in triggers.children {
         let scope = scope.clone();
         let metrics = ctx.metrics.clone();
+        let changes = move |child: &DynamicObject| child_changes(kind, child);
         controller = controller.watches_stream_with(
-            children,
+            changes_only(events, changes),
             move |child| {
                 let owner = owner_of(&child).filter(|o| scope.is_none() || o.namespace == scope);
                 asked(&metrics, owner)
@@ -157,6 +158,31 @@ fn fleet_changes(fleet: &Guarded) -> Option<u64> {
     };
     hash_metadata(meta, &mut h);
     Some(h.finish())
+}
+
+/// What of a child starts its fleet's reconcile: its metadata's part (`hash_metadata`),
+/// its content besides `status` (drift from what the fleet applied), and its `status`
+/// only where the fleet's status reads it (`status::Facts`: the Deployments, the
+/// Ingresses, the NodePool). A DaemonSet's pod counts, which change with every agent pod
+/// on 1,000 nodes, start nothing.
+fn child_changes(kind: ChildKind, child: &DynamicObject) -> u64 {
+    let mut h = DefaultHasher::new();
+    hash_metadata(&child.metadata, &mut h);
+    let status_read = matches!(
+        kind,
+        ChildKind::Deployment | ChildKind::Ingress | ChildKind::NodePool
+    );
+    match child.data.as_object() {
+        Some(fields) => {
+            for (field, value) in fields {
+                if field != "status" || status_read {
+                    (field, value.to_string()).hash(&mut h);
+                }
+            }
+        }
+        None => child.data.to_string().hash(&mut h),
+    }
+    h.finish()
 }
 
 /// What of a ModelSet its fleets' status reads: the spec, the catalog revision and

@@ -239,3 +239,44 @@ async fn cleanup_deletes_the_workload_first_and_the_node_class_last() {
             .any(|s| s.path == "/apis/apps/v1/namespaces/sdfleet-system/daemonsets")
     );
 }
+
+/// A child's status starts its fleet's reconcile only where the fleet's status reads it;
+/// its spec (drift) and metadata always do.
+#[test]
+fn child_status_starts_a_reconcile_only_where_the_fleet_reads_it() {
+    let child = |kind: &str, spec: Value, status: Value| -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": kind,
+            "metadata": {"name": "c", "namespace": "n", "generation": 1, "labels": {"a": "b"}},
+            "spec": spec, "status": status,
+        }))
+        .unwrap()
+    };
+    let daemon_set = |spec, ready| child("DaemonSet", spec, json!({"numberReady": ready}));
+    let same = child_changes(ChildKind::AgentDaemonSet, &daemon_set(json!({"x": 1}), 1));
+    assert_eq!(
+        same,
+        child_changes(ChildKind::AgentDaemonSet, &daemon_set(json!({"x": 1}), 5)),
+        "an agent pod more, nothing to do"
+    );
+    assert_ne!(
+        same,
+        child_changes(ChildKind::AgentDaemonSet, &daemon_set(json!({"x": 2}), 1)),
+        "drift of the spec"
+    );
+    let mut relabelled = daemon_set(json!({"x": 1}), 1);
+    relabelled.metadata.labels = None;
+    assert_ne!(same, child_changes(ChildKind::AgentDaemonSet, &relabelled));
+    let deployment = |ready| {
+        child(
+            "Deployment",
+            json!({"replicas": 2}),
+            json!({"readyReplicas": ready}),
+        )
+    };
+    assert_ne!(
+        child_changes(ChildKind::Deployment, &deployment(1)),
+        child_changes(ChildKind::Deployment, &deployment(2)),
+        "ready replicas are the fleet's status"
+    );
+}
