@@ -420,7 +420,19 @@ impl Caches {
         wait: futures::future::BoxFuture<'_, Result<(), reflector::store::WriterDropped>>,
         limit: Duration,
     ) -> Result<(), NotListed> {
-        match tokio::time::timeout(limit, wait).await {
+        let started = std::time::Instant::now();
+        let listed = tokio::time::timeout(limit, wait).await;
+        let waited = started.elapsed();
+        // Reconciles wait here only until a watch first lists: a long wait is worth
+        // knowing (an apiserver slow to list, a missing RBAC grant being retried).
+        if waited > Duration::from_secs(2) {
+            tracing::warn!(
+                store = kind,
+                waited_ms = waited.as_millis() as u64,
+                "a reconcile waited for a watch cache to list"
+            );
+        }
+        match listed {
             Ok(Ok(())) => Ok(()),
             _ => Err(NotListed(kind.to_string())),
         }
