@@ -66,6 +66,10 @@ pub struct Caches {
     pub ingress_classes: Store<PartialObjectMeta<IngressClass>>,
     /// The ModelSets' catalog ConfigMaps (metadata: their names and revisions).
     catalog_maps: Store<PartialObjectMeta<ConfigMap>>,
+    /// When the stores above (but the children's) have first listed.
+    listed: Listing,
+    /// When the children's stores have first listed.
+    children_listed: Listing,
 }
 
 /// A reflector's raw events (applied, deleted, relisted), for a controller that tells
@@ -267,6 +271,36 @@ impl Caches {
             (),
         );
         drain(catalog_events, tasks);
+        let crds: BTreeMap<_, _> = [render::nodepool::api_resource(), provider.api_resource()]
+            .iter()
+            .map(|ar| {
+                let name = format!("{}.{}", ar.plural, ar.group);
+                let store = reflect_metadata(client, Some(&name), tasks);
+                (name, store)
+            })
+            .collect();
+        let csi_drivers = reflect_metadata(client, Some(CSI_DRIVER), tasks);
+        let ingress_classes = reflect_metadata(client, None, tasks);
+        let mut stores = vec![
+            ("ModelSet".to_string(), Listing::of(&model_sets)),
+            ("ModelSync".to_string(), Listing::of(&reports)),
+            ("FleetClass".to_string(), Listing::of(&classes)),
+            ("Node".to_string(), Listing::of(&nodes)),
+            ("Pod".to_string(), Listing::of(&pods)),
+            ("CSIDriver".to_string(), Listing::of(&csi_drivers)),
+            ("IngressClass".to_string(), Listing::of(&ingress_classes)),
+            ("ConfigMap".to_string(), Listing::of(&catalog_maps)),
+        ];
+        stores.extend(
+            crds.iter()
+                .map(|(name, store)| (name.clone(), Listing::of(store))),
+        );
+        let listed = Listing::start(stores, tasks);
+        let child_stores = children
+            .values()
+            .map(|(ar, store)| (ar.kind.clone(), Listing::of(store)))
+            .collect();
+        let children_listed = Listing::start(child_stores, tasks);
         let caches = Caches {
             children,
             model_sets,
@@ -275,17 +309,12 @@ impl Caches {
             nodes,
             pods,
             node_claims,
-            crds: [render::nodepool::api_resource(), provider.api_resource()]
-                .iter()
-                .map(|ar| {
-                    let name = format!("{}.{}", ar.plural, ar.group);
-                    let store = reflect_metadata(client, Some(&name), tasks);
-                    (name, store)
-                })
-                .collect(),
-            csi_drivers: reflect_metadata(client, Some(CSI_DRIVER), tasks),
-            ingress_classes: reflect_metadata(client, None, tasks),
+            crds,
+            csi_drivers,
+            ingress_classes,
             catalog_maps,
+            listed,
+            children_listed,
         };
         let triggers = FleetTriggers {
             children: child_triggers,
@@ -379,62 +408,79 @@ impl Caches {
     /// (before that, an empty store would read as "nothing there"). Bounded: a watch
     /// that cannot list (a CRD not installed) fails the reconcile, which retries.
     pub async fn ready(&self) -> Result<(), NotListed> {
-        const WAIT: Duration = Duration::from_secs(30);
-        let waits = [
-            ("ModelSet", self.model_sets.wait_until_ready().boxed()),
-            ("ModelSync", self.reports.wait_until_ready().boxed()),
-            ("FleetClass", self.classes.wait_until_ready().boxed()),
-            ("Node", self.nodes.wait_until_ready().boxed()),
-            ("Pod", self.pods.wait_until_ready().boxed()),
-            ("CSIDriver", self.csi_drivers.wait_until_ready().boxed()),
-            (
-                "IngressClass",
-                self.ingress_classes.wait_until_ready().boxed(),
-            ),
-            ("ConfigMap", self.catalog_maps.wait_until_ready().boxed()),
-        ];
-        for (kind, wait) in waits {
-            Self::bounded(kind, wait, WAIT).await?;
-        }
-        for (name, store) in &self.crds {
-            Self::bounded(name, store.wait_until_ready().boxed(), WAIT).await?;
-        }
-        Ok(())
+        self.listed.wait(LIST_WAIT).await
     }
 
     /// Waits for the stores of the children (their CRDs exist: preflight checked).
     pub async fn children_ready(&self) -> Result<(), NotListed> {
-        for (ar, store) in self.children.values() {
-            Self::bounded(
-                &ar.kind,
-                store.wait_until_ready().boxed(),
-                Duration::from_secs(30),
-            )
-            .await?;
-        }
-        Ok(())
+        self.children_listed.wait(LIST_WAIT).await
+    }
+}
+
+/// How long a reconcile waits for a watch cache's first listing.
+const LIST_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether a set of stores has first listed, for any number of waiters at once: one task
+/// awaits each store in turn and publishes which one it still waits for (None: all
+/// listed). A store's own `wait_until_ready` wakes only one of several futures waiting
+/// in one task (kube-runtime's `DelayedInit` keeps a single waker), so the 16
+/// reconciles that waited on a store at start-up each sat out their whole time limit.
+#[derive(Clone)]
+pub struct Listing(tokio::sync::watch::Receiver<Option<String>>);
+
+/// A store's first listing (false: its writer is gone, it will never list).
+pub type FirstListing = futures::future::BoxFuture<'static, bool>;
+
+impl Listing {
+    /// Starts awaiting `stores` (kind, first listing) on `tasks`.
+    pub fn start(stores: Vec<(String, FirstListing)>, tasks: &mut JoinSet<()>) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(stores.first().map(|(k, _)| k.clone()));
+        tasks.spawn(async move {
+            for (kind, listed) in stores {
+                tx.send_replace(Some(kind));
+                if !listed.await {
+                    // Waiters time out naming this store.
+                    return tx.closed().await;
+                }
+            }
+            tx.send_replace(None);
+        });
+        Listing(rx)
     }
 
-    async fn bounded(
-        kind: &str,
-        wait: futures::future::BoxFuture<'_, Result<(), reflector::store::WriterDropped>>,
-        limit: Duration,
-    ) -> Result<(), NotListed> {
+    /// The first listing of a store.
+    pub fn of<K>(store: &Store<K>) -> FirstListing
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Eq + Hash + Clone + Send + Sync,
+    {
+        let store = store.clone();
+        async move { store.wait_until_ready().await.is_ok() }.boxed()
+    }
+
+    /// Waits at most `limit` for every store to list; else names the one not listed.
+    pub async fn wait(&self, limit: Duration) -> Result<(), NotListed> {
+        let mut rx = self.0.clone();
         let started = std::time::Instant::now();
-        let listed = tokio::time::timeout(limit, wait).await;
+        let listed = tokio::time::timeout(limit, rx.wait_for(Option::is_none))
+            .await
+            .is_ok_and(|r| r.is_ok());
         let waited = started.elapsed();
+        let waiting_for = rx.borrow().clone().unwrap_or_default();
         // Reconciles wait here only until a watch first lists: a long wait is worth
         // knowing (an apiserver slow to list, a missing RBAC grant being retried).
         if waited > Duration::from_secs(2) {
             tracing::warn!(
-                store = kind,
+                store = %waiting_for,
                 waited_ms = waited.as_millis() as u64,
+                listed,
                 "a reconcile waited for a watch cache to list"
             );
         }
-        match listed {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(NotListed(kind.to_string())),
+        if listed {
+            Ok(())
+        } else {
+            Err(NotListed(waiting_for))
         }
     }
 }
@@ -468,6 +514,41 @@ mod tests {
             })
             .collect()
             .await
+    }
+
+    /// Many reconciles wait for the caches at start-up in one task (kube-runtime runs them
+    /// as futures of one FuturesUnordered); all go on when the store lists, none sits out
+    /// the limit. Virtual time: the elapsed time is exact.
+    #[tokio::test(start_paused = true)]
+    async fn every_waiter_goes_on_when_the_store_lists() {
+        let mut writer: Writer<ConfigMap> = Writer::default();
+        let store = writer.as_reader();
+        let mut tasks = JoinSet::new();
+        let listing = Listing::start(vec![("ConfigMap".into(), Listing::of(&store))], &mut tasks);
+        let started = tokio::time::Instant::now();
+        let waiters: futures::stream::FuturesUnordered<_> =
+            (0..16).map(|_| listing.wait(LIST_WAIT)).collect();
+        let lists = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            writer.apply_watcher_event(&Event::Init);
+            writer.apply_watcher_event(&Event::InitDone);
+        };
+        let (results, ()) = futures::join!(waiters.collect::<Vec<_>>(), lists);
+        assert_eq!(results.len(), 16);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+
+        // A store that never lists is named.
+        let never: Writer<ConfigMap> = Writer::default();
+        let listing = Listing::start(
+            vec![
+                ("ConfigMap".into(), Listing::of(&store)),
+                ("Never".into(), Listing::of(&never.as_reader())),
+            ],
+            &mut tasks,
+        );
+        let err = listing.wait(LIST_WAIT).await.unwrap_err();
+        assert_eq!(err.0, "Never");
     }
 
     #[tokio::test]
