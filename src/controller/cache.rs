@@ -117,12 +117,8 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Send + Sync,
 {
-    let writer = Writer::new(dyntype);
-    let store = writer.as_reader();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
-        .touched_objects()
-        .boxed();
-    (store, stream)
+    let (store, events) = reflect_events(api, config, dyntype);
+    (store, events.touched_objects().boxed())
 }
 
 /// A store and the reflector's raw events (see `changes_only`).
