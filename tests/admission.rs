@@ -9,7 +9,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use sdfleet::crd::ModelSync;
 use serde_json::{Value, json};
-use support::{TestNamespace, Testbed, client_from, install_crds, unique_suffix};
+use support::{TestNamespace, Testbed, client_from, install_crds, unique_suffix, wait_for_policy};
 
 /// A client acting as the chart's agent ServiceAccount whose token names `node`.
 async fn agent_of(tb: &Testbed, release_ns: &str, node: &str) -> Client {
@@ -48,26 +48,6 @@ async fn untaint(as_agent: &Api<Node>, admin: &Api<Node>, name: &str) -> Result<
         }
     }
     Err(last.unwrap())
-}
-
-/// Admission policies take effect once the apiserver has loaded them: wait (bounded)
-/// until `probe` (a dry run) is refused.
-async fn wait_for_policy<F, Fut, T>(mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, kube::Error>>,
-{
-    for _ in 0..60 {
-        match probe().await {
-            Err(kube::Error::Api(e)) if e.code != 409 => {
-                eprintln!("policy in effect: {}", e.message);
-                return;
-            }
-            _ => {}
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-    panic!("the chart's admission policy never took effect");
 }
 
 fn refused(result: Result<impl std::fmt::Debug, kube::Error>, says: &str) {

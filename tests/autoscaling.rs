@@ -421,6 +421,13 @@ async fn a_gateway_may_write_only_its_own_fleets_demand() {
         .demand
         .unwrap();
     assert_eq!((stored.queued, stored.running), (3, 1));
+    // The chart's policy was installed a moment ago: the apiserver loads it shortly after.
+    let dry_run = PatchParams {
+        dry_run: true,
+        ..params.clone()
+    };
+    let theirs = Patch::Apply(demand("theirs"));
+    support::wait_for_policy(|| gw_cuds.patch_status("theirs", &dry_run, &theirs)).await;
     let err = gw_cuds
         .patch_status("theirs", &params, &Patch::Apply(demand("theirs")))
         .await

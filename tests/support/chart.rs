@@ -93,6 +93,26 @@ pub fn impersonating_kubeconfig(tb: &Testbed, namespace: &str, name: &str) -> Pa
     path
 }
 
+/// Admission policies take effect once the apiserver has loaded them (it reloads them
+/// about every second): wait (bounded) until `probe` (a dry run) is refused.
+pub async fn wait_for_policy<F, Fut, T>(mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    for _ in 0..60 {
+        match probe().await {
+            Err(kube::Error::Api(e)) if e.code != 409 => {
+                eprintln!("policy in effect: {}", e.message);
+                return;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    panic!("the chart's admission policy never took effect");
+}
+
 /// A client from a kubeconfig file (e.g. one of `impersonating_kubeconfig`).
 pub async fn client_from(path: &std::path::Path) -> kube::Client {
     let kubeconfig = kube::config::Kubeconfig::read_from(path).unwrap();
