@@ -224,7 +224,8 @@ async fn the_controller_is_served_apart_from_the_node_agents() {
     ))
     .await;
     let agent = support::client_from(&support::agent_kubeconfig(tb, &release_ns, "apf-node")).await;
-    // Through the typed API too: the ModelSets both of them list.
+    // The apiserver names the level even of a refused request: first make sure the
+    // controller's identity is allowed the list whose level is read below.
     Api::<ModelSet>::all(controller.clone())
         .list(&ListParams::default().limit(1))
         .await

@@ -581,17 +581,16 @@ def table(results):
     row("new revision: on every node after listing", lambda r: f"{r['revision']['all_nodes_after_listing_seconds']} s" if r["revision"]["all_nodes_after_listing_seconds"] is not None else f"{r['revision']['nodes_reporting']}/{r['revision']['nodes']} nodes by the limit")
     row("new revision: requests", lambda r: "; ".join(f"{c}: " + ", ".join(f"{v} {n}" for v, n in vs.items()) for c, vs in r["revision"]["requests"].items()))
     row("largest report object", lambda r: ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in r["revision"]["largest_object_bytes"].items()))
-    def api_latency(r):
-        phases = [r.get("converge_detail"), r["revision"].get("detail")]
-        return "; ".join(", ".join(f"{c} {v['p50']}/{v['p99']}" for c, v in p["latency"].items()) if p else "—"
-                         for p in phases)
-    row("apiserver latency p50/p99 (s): converge; revision", api_latency)
-
-    def apf_wait(r):
-        phases = [r.get("converge_detail"), r["revision"].get("detail")]
-        return "; ".join(", ".join(f"{c} n={v['count']} p50 {v['p50']} / max {v['max']}" for c, v in p.get("apf_queue_wait", {}).items()) or "none"
-                         if p else "—" for p in phases)
-    row("fairness queue wait of requests over 500 ms (s): converge; revision", apf_wait)
+    def per_client(key, cell, empty=""):
+        """Each client's summary under `key` of the audit detail, converge; revision."""
+        def column(r):
+            phases = [r.get("converge_detail"), r["revision"].get("detail")]
+            return "; ".join((", ".join(f"{c} {cell(v)}" for c, v in p.get(key, {}).items()) or empty) if p else "—"
+                             for p in phases)
+        return column
+    row("apiserver latency p50/p99 (s): converge; revision", per_client("latency", lambda v: f"{v['p50']}/{v['p99']}"))
+    row("fairness queue wait of requests over 500 ms (s): converge; revision",
+        per_client("apf_queue_wait", lambda v: f"n={v['count']} p50 {v['p50']} / max {v['max']}", "none"))
     row("controller writes: converge", lambda r: ", ".join(f"{k} {n}" for k, n in r["converge_detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))))
     row("controller writes: revision", lambda r: ", ".join(f"{k} {n}" for k, n in r["revision"]["detail"]["controller"].items() if not k.startswith(("get", "list", "watch"))) or "0")
     row("CPU seconds by process: converge", lambda r: ", ".join(f"{k} {v}" for k, v in sorted(r["converge_cpu"].items(), key=lambda kv: -kv[1])))
