@@ -75,6 +75,15 @@ pub struct FleetLabels {
     pub name: String,
 }
 
+/// The phases of a cold start, in order (`status.autoscaling.coldStart`).
+pub const COLD_START_PHASES: [&str; 4] = ["node", "models", "image", "ready"];
+
+/// One phase of a cold start (`COLD_START_PHASES`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScalingLabels {
     pub namespace: String,
@@ -98,6 +107,22 @@ pub struct Metrics {
     pub desired_replicas: Family<FleetLabels, Gauge>,
     pub ready_replicas: Family<FleetLabels, Gauge>,
     pub scaling_decisions: Family<ScalingLabels, Counter>,
+    /// The nodes of each fleet's NodePool, as the dashboards and alerts read them.
+    pub nodes: FleetNodeGauges,
+    /// 1 while an autoscaled fleet's pods get nodes (`CapacityAvailable`), 0 when not.
+    pub capacity_available: Family<FleetLabels, Gauge>,
+    /// Seconds of each phase of completed cold starts, all fleets together (a
+    /// per-fleet histogram would cost a few dozen series a fleet).
+    pub cold_start_phases: Family<PhaseLabels, Histogram>,
+    /// Seconds from the scale-up decision to the first ready pod.
+    pub cold_start_seconds: Histogram,
+    /// The cold start each fleet last counted (its `startedAt`): a status read again
+    /// before the watch brings our write back must not count it twice.
+    cold_starts_counted: std::sync::Mutex<std::collections::HashMap<FleetLabels, String>>,
+    /// The catalog of each ModelSet (labels: its namespace and name): what every node
+    /// of a fleet using it must hold.
+    pub modelset_bytes: Family<FleetLabels, Gauge>,
+    pub modelset_models: Family<FleetLabels, Gauge>,
     /// Raw reconcile and queue-to-done samples (`/debug/latency`).
     pub latency: crate::latency::Latency,
 }
@@ -162,8 +187,83 @@ impl Default for Metrics {
             "Autoscaling changes of replicas, by fleet, direction and reason",
             scaling_decisions.clone(),
         );
+        let nodes = FleetNodeGauges::default();
+        for (name, help, family) in [
+            (
+                "fleet_nodes",
+                "Nodes of each fleet's NodePool",
+                &nodes.total,
+            ),
+            (
+                "fleet_ready_nodes",
+                "Nodes of each fleet that are Ready",
+                &nodes.ready,
+            ),
+            (
+                "fleet_startup_tainted_nodes",
+                "Nodes of each fleet still carrying the startup taint sdfleet.io/models-not-ready",
+                &nodes.tainted,
+            ),
+            (
+                "fleet_synced_nodes",
+                "Nodes of each fleet that hold its ModelSet's revision",
+                &nodes.synced,
+            ),
+            (
+                "fleet_sync_failed_nodes",
+                "Nodes of each fleet whose last model sync failed",
+                &nodes.failed,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        let capacity_available = Family::<FleetLabels, Gauge>::default();
+        registry.register(
+            "fleet_capacity_available",
+            "1 while an autoscaled fleet's pods get nodes (CapacityAvailable), else 0",
+            capacity_available.clone(),
+        );
+        let cold_start_phases =
+            Family::<PhaseLabels, Histogram>::new_with_constructor(cold_start_histogram);
+        // The phases are known: their series exist from the start, so that the first cold
+        // start is an increase (not a new series a rate misses) and panels show 0.
+        for phase in COLD_START_PHASES {
+            drop(cold_start_phases.get_or_create(&PhaseLabels {
+                phase: phase.into(),
+            }));
+        }
+        registry.register(
+            "fleet_cold_start_phase_seconds",
+            "Phases of completed cold starts: node (launch), models (sync, until scheduled), image (pull and start), ready (ComfyUI loading)",
+            cold_start_phases.clone(),
+        );
+        let cold_start_seconds = cold_start_histogram();
+        registry.register(
+            "fleet_cold_start_seconds",
+            "Completed cold starts, from the scale-up decision to the first ready pod",
+            cold_start_seconds.clone(),
+        );
+        let modelset_bytes = Family::<FleetLabels, Gauge>::default();
+        registry.register(
+            "modelset_catalog_bytes",
+            "Bytes of each ModelSet's catalog at its last listing",
+            modelset_bytes.clone(),
+        );
+        let modelset_models = Family::<FleetLabels, Gauge>::default();
+        registry.register(
+            "modelset_catalog_models",
+            "Models in each ModelSet's catalog at its last listing",
+            modelset_models.clone(),
+        );
         Metrics {
             latency: Default::default(),
+            nodes,
+            capacity_available,
+            cold_start_phases,
+            cold_start_seconds,
+            cold_starts_counted: Default::default(),
+            modelset_bytes,
+            modelset_models,
             scaling_decisions,
             registry,
             reconciles,
@@ -220,11 +320,97 @@ impl Metrics {
             .inc();
     }
 
+    /// A completed cold start of `fleet`, counted once per `started` (its start time):
+    /// each phase's seconds and their sum.
+    pub fn record_cold_start(&self, fleet: &FleetLabels, started: &str, phases: &[(&str, f64)]) {
+        {
+            let mut counted = self
+                .cold_starts_counted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if counted.get(fleet).map(String::as_str) == Some(started) {
+                return;
+            }
+            counted.insert(fleet.clone(), started.to_string());
+        }
+        for (phase, seconds) in phases {
+            self.cold_start_phases
+                .get_or_create(&PhaseLabels {
+                    phase: phase.to_string(),
+                })
+                .observe(*seconds);
+        }
+        self.cold_start_seconds
+            .observe(phases.iter().map(|(_, s)| s).sum());
+    }
+
+    /// Drops a deleted fleet's series, so that no gauge (nor an alert on it) outlives it.
+    pub fn forget_fleet(&self, fleet: &FleetLabels) {
+        for family in [
+            &self.desired_replicas,
+            &self.ready_replicas,
+            &self.capacity_available,
+            &self.nodes.total,
+            &self.nodes.ready,
+            &self.nodes.tainted,
+            &self.nodes.synced,
+            &self.nodes.failed,
+        ] {
+            family.remove(fleet);
+        }
+        self.cold_starts_counted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(fleet);
+    }
+
+    /// Drops a deleted ModelSet's series.
+    pub fn forget_modelset(&self, model_set: &FleetLabels) {
+        self.modelset_bytes.remove(model_set);
+        self.modelset_models.remove(model_set);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// 0.5 s to about 68 min: from a node that was there already to a slow launch and sync.
+fn cold_start_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.5, 2.0, 14))
+}
+
+/// Counts of a fleet's nodes, one gauge each (a node can be in several at once: ready
+/// and still tainted, so one family with a state label would not sum to the total).
+#[derive(Default)]
+pub struct FleetNodeGauges {
+    pub total: Family<FleetLabels, Gauge>,
+    pub ready: Family<FleetLabels, Gauge>,
+    pub tainted: Family<FleetLabels, Gauge>,
+    pub synced: Family<FleetLabels, Gauge>,
+    pub failed: Family<FleetLabels, Gauge>,
+}
+
+/// The counts `FleetNodeGauges` publishes for one fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    pub total: i64,
+    pub ready: i64,
+    pub tainted: i64,
+    pub synced: i64,
+    pub failed: i64,
+}
+
+impl FleetNodeGauges {
+    pub fn set(&self, fleet: &FleetLabels, counts: NodeCounts) {
+        self.total.get_or_create(fleet).set(counts.total);
+        self.ready.get_or_create(fleet).set(counts.ready);
+        self.tainted.get_or_create(fleet).set(counts.tainted);
+        self.synced.get_or_create(fleet).set(counts.synced);
+        self.failed.get_or_create(fleet).set(counts.failed);
     }
 }
 
@@ -273,4 +459,66 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()>
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, router(health)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> FleetLabels {
+        FleetLabels {
+            namespace: "studio".into(),
+            name: "sdxl".into(),
+        }
+    }
+
+    #[test]
+    fn a_cold_start_counts_once_and_a_deleted_fleet_leaves_no_gauge() {
+        let m = Metrics::default();
+        // The phases' series are there before any cold start.
+        assert!(
+            m.encode()
+                .contains("sdfleet_fleet_cold_start_phase_seconds_count{phase=\"models\"} 0")
+        );
+        let phases = [
+            ("node", 40.0),
+            ("models", 20.0),
+            ("image", 5.0),
+            ("ready", 3.0),
+        ];
+        m.record_cold_start(&fleet(), "2026-12-04T10:00:00Z", &phases);
+        // The same start, read again before the watch brought the write back.
+        m.record_cold_start(&fleet(), "2026-12-04T10:00:00Z", &phases);
+        let text = m.encode();
+        assert!(
+            text.contains("sdfleet_fleet_cold_start_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sdfleet_fleet_cold_start_seconds_sum 68.0\n"),
+            "{text}"
+        );
+        m.record_cold_start(&fleet(), "2026-12-04T11:00:00Z", &phases);
+        assert!(
+            m.encode()
+                .contains("sdfleet_fleet_cold_start_seconds_count 2\n")
+        );
+
+        m.nodes.set(
+            &fleet(),
+            NodeCounts {
+                total: 2,
+                ready: 1,
+                ..Default::default()
+            },
+        );
+        m.capacity_available.get_or_create(&fleet()).set(0);
+        assert!(
+            m.encode()
+                .contains("sdfleet_fleet_ready_nodes{namespace=\"studio\",name=\"sdxl\"} 1")
+        );
+        m.forget_fleet(&fleet());
+        let text = m.encode();
+        assert!(!text.contains("name=\"sdxl\""), "{text}");
+    }
 }

@@ -82,6 +82,16 @@ pub struct GatewaySpec {
     /// write the outputs bucket; EKS Pod Identity needs none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub service_account_annotations: BTreeMap<String, String>,
+
+    /// Node labels the gateway's pod must match (for example a CPU node pool: the
+    /// gateway needs no GPU). Default: any node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the gateway's pod, for nodes tainted for system workloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
 }
 
 fn default_queue_cap() -> i32 {

@@ -277,10 +277,27 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         .await
         .map_err(|e| GatewayError::Io(args.listen.to_string(), e))?;
     tracing::info!(addr = %args.listen, "gateway serving /api/v2");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| GatewayError::Io("serve".into(), e))
+    // In its pod the gateway is PID 1, which the kernel sends no signal it has no handler
+    // for: without one for SIGTERM, every rollout and node drain waited for SIGKILL.
+    // Requests in flight get DRAIN to finish; an open event stream does not hold the exit.
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let serve = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        crate::leader::shutdown_signal().await;
+        notify.notify_one();
+    });
+    tokio::select! {
+        served = serve.into_future() => served.map_err(|e| GatewayError::Io("serve".into(), e)),
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(DRAIN).await;
+        } => {
+            tracing::info!(drain = ?DRAIN, "connections still open after the drain; exiting");
+            Ok(())
+        }
+    }
 }
+
+/// How long requests in flight may finish after SIGTERM: well within a pod's default
+/// 30 s grace period.
+const DRAIN: Duration = Duration::from_secs(5);

@@ -156,7 +156,7 @@ pub fn deployment_spec(
         None => json!({"requests": {"cpu": "100m", "memory": "256Mi"}}),
     };
     let probe = |path: &str, period: i32| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period});
-    json!({
+    let mut deployment = json!({
         "replicas": 1,
         // One writer of the store file: the old pod lets go of the claim first.
         "strategy": {"type": "Recreate"},
@@ -196,7 +196,17 @@ pub fn deployment_spec(
                 "volumes": volumes,
             },
         },
-    })
+    });
+    // Where the gateway runs is the user's choice (a CPU pool, a system taint); unset,
+    // the fields stay out of the manifest, so a later setting is a plain addition.
+    let pod = &mut deployment["template"]["spec"];
+    if !gateway.node_selector.is_empty() {
+        pod["nodeSelector"] = json!(gateway.node_selector);
+    }
+    if !gateway.tolerations.is_empty() {
+        pod["tolerations"] = json!(gateway.tolerations);
+    }
+    deployment
 }
 
 pub fn service_spec(fleet: &FleetNames) -> Value {
@@ -301,6 +311,19 @@ mod tests {
         assert!(
             pod["tolerations"].is_null(),
             "no GPU toleration: a CPU node runs it"
+        );
+    }
+
+    #[test]
+    fn the_gateway_goes_where_its_node_selector_and_tolerations_say() {
+        let children = with_gateway(
+            ", nodeSelector: {pool: system}, tolerations: [{key: dedicated, operator: Exists, effect: NoSchedule}]",
+        );
+        let pod = &gateway_child(&children, ChildKind::Deployment)["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"], json!({"pool": "system"}));
+        assert_eq!(
+            pod["tolerations"],
+            json!([{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}])
         );
     }
 

@@ -139,3 +139,47 @@ pub fn agent_kubeconfig(tb: &Testbed, release_ns: &str, node: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     path
 }
+
+/// `helm template` of the chart with `--set` values `sets` (no cluster: `helm` from
+/// `tool`), parsed into its objects.
+pub fn render_chart(sets: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = std::process::Command::new(super::testbed::tool("helm"));
+    cmd.args(["template", "obs"])
+        .arg(repo_root().join("charts/sdfleet"))
+        .args(["--kube-version", "v1.35.4", "--namespace", "sdfleet-system"]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.output().expect("run helm template");
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_saphyr::from_multiple::<serde_json::Value>(&text)
+        .expect("the rendered chart is YAML")
+        .into_iter()
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// The chart with every monitoring object on.
+pub const MONITORING_ON: [&str; 4] = [
+    "grafanaDashboard.enabled=true",
+    "prometheusRules.enabled=true",
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.gatewayPodMonitor.enabled=true",
+];
+
+/// The one rendered object of `kind`.
+pub fn one_of_kind<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let found: Vec<_> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {kind} expected, rendered {}",
+        found.len()
+    );
+    found[0]
+}

@@ -72,6 +72,9 @@ pub struct Faults {
     pub hang: bool,
     /// Seconds before a prompt's first event.
     pub slow_start: Duration,
+    /// The next this many `POST /prompt` answer 503: a failed hand-off (not a
+    /// validation error, which is a 400).
+    pub refuse_prompts: usize,
 }
 
 struct Item {
@@ -111,6 +114,8 @@ struct Inner {
 struct Shared {
     name: String,
     config: FakeConfig,
+    /// `config.models` at start; `set_models` replaces it (a double rescanning its models).
+    models: Mutex<Vec<String>>,
     input_dir: PathBuf,
     inner: Mutex<Inner>,
     work: Notify,
@@ -128,6 +133,12 @@ pub struct FakeComfy {
 
 impl FakeComfy {
     pub async fn start(name: &str, config: FakeConfig) -> FakeComfy {
+        Self::start_on(name, config, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On a given address: in a pod (the image of examples/fake_comfyui.rs), the pod IP's
+    /// port, where the gateway and the kubelet's probes reach it.
+    pub async fn start_on(name: &str, config: FakeConfig, listen: SocketAddr) -> FakeComfy {
         let input_dir =
             std::env::temp_dir().join(format!("fake-comfy-in-{name}-{}", super::unique_suffix()));
         std::fs::create_dir_all(&input_dir).unwrap();
@@ -135,6 +146,7 @@ impl FakeComfy {
         let (kill, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            models: Mutex::new(config.models.clone()),
             config,
             input_dir,
             inner: Mutex::new(Inner::default()),
@@ -153,7 +165,7 @@ impl FakeComfy {
             .route("/system_stats", get(system_stats))
             .route("/ws", get(ws))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, app, shared.kill.subscribe()));
         let worker = tokio::spawn(run_worker(shared.clone()));
@@ -179,6 +191,11 @@ impl FakeComfy {
 
     pub fn drop_websockets(&self) {
         self.shared.sockets.lock().unwrap().clear();
+    }
+
+    /// The model files it has from now on (as `FakeConfig::models`).
+    pub fn set_models(&self, models: Vec<String>) {
+        *self.shared.models.lock().unwrap() = models;
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -287,6 +304,13 @@ fn bad_request(error: Value, node_errors: Value) -> Response {
 }
 
 async fn post_prompt(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    {
+        let mut faults = s.faults.lock().unwrap();
+        if faults.refuse_prompts > 0 {
+            faults.refuse_prompts -= 1;
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
     let Some(prompt) = body.get("prompt").and_then(Value::as_object) else {
         return bad_request(
             json!({"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}}),
@@ -315,7 +339,11 @@ async fn post_prompt(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> R
             ("unet_name", "unet"),
         ] {
             if let Some(name) = inputs.get(input).and_then(Value::as_str)
-                && !s.config.models.contains(&format!("{folder}/{name}"))
+                && !s
+                    .models
+                    .lock()
+                    .unwrap()
+                    .contains(&format!("{folder}/{name}"))
             {
                 node_errors.insert(id.clone(), json!({
                     "errors": [{"type": "value_not_in_list", "message": "Value not in list", "details": format!("{input}: '{name}' not in list"), "extra_info": {"input_name": input}}],

@@ -257,6 +257,10 @@ async fn reconcile_with_finalizer(cud: &ComfyUIDeployment, ctx: &Context) -> Res
         }
         ctx.reset_poll(&poll_key);
         finalizer::set(&api, &ctx.metrics, KIND, cud, FINALIZER, false).await?;
+        ctx.metrics.forget_fleet(&FleetLabels {
+            namespace: fleet.namespace.clone(),
+            name: fleet.name.clone(),
+        });
         return Ok(Action::await_change());
     }
     // The patch triggers a new reconcile with the finalizer in place.
@@ -403,9 +407,11 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         publish(ctx, cud, EventType::Normal, "Pruned", &note);
     }
 
-    let facts = fetch_facts(caches, cud, &fleet, model_set);
+    let pool_nodes = caches.nodes_of_pool(&fleet.nodepool());
+    let facts = fetch_facts(caches, cud, &fleet, model_set, &pool_nodes);
     let mut observed = status::observe(&effective, &fleet, &facts);
     let mut recheck = None;
+    let mut capacity = None;
     if let Some(s) = scaling {
         let pool = fleet.nodepool();
         let claims: Vec<DynamicObject> = caches
@@ -414,11 +420,9 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
             .into_iter()
             .map(|c| (*c).clone())
             .collect();
-        observed.conditions.push(autoscale::capacity(
-            &s.pods,
-            facts.nodepool.as_ref(),
-            &claims,
-        ));
+        let condition = autoscale::capacity(&s.pods, facts.nodepool.as_ref(), &claims);
+        capacity = Some(condition.status);
+        observed.conditions.push(condition);
         if let Some(d) = &s.plan.decision {
             let direction = if d.to > d.from { "up" } else { "down" };
             ctx.metrics
@@ -453,6 +457,23 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .ready_replicas
         .get_or_create(&labels)
         .set(observed.ready_replicas.into());
+    let models = facts.models.as_ref().unwrap_or(&ModelFacts::NotUsed);
+    ctx.metrics
+        .nodes
+        .set(&labels, status::node_counts(&pool_nodes, models));
+    match capacity {
+        Some(ok) => {
+            ctx.metrics
+                .capacity_available
+                .get_or_create(&labels)
+                .set(ok.into());
+        }
+        // Autoscaling turned off: no stale 0 for an alert to fire on.
+        None => {
+            ctx.metrics.capacity_available.remove(&labels);
+        }
+    }
+    record_cold_start(ctx, cud, &labels, observed.autoscaling.as_ref());
     // The nodes' reports (ModelSync) are watched: no poll while models sync.
     let deferred = match written {
         StatusWrite::Deferred(wait) => Some(wait),
@@ -463,6 +484,40 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
         .flatten()
         .fold(ctx.settings.resync, Duration::min);
     Ok(Action::requeue(soonest))
+}
+
+/// Counts a cold start that this pass saw complete (the status read had it open).
+fn record_cold_start(
+    ctx: &Context,
+    cud: &ComfyUIDeployment,
+    labels: &FleetLabels,
+    observed: Option<&crate::crd::autoscaling::AutoscalingStatus>,
+) {
+    let was_open = cud
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .and_then(|a| a.cold_start.as_ref())
+        .is_some_and(|c| c.ready_at.is_none());
+    let Some(cold) = observed.and_then(|a| a.cold_start.as_ref()) else {
+        return;
+    };
+    if !was_open || cold.ready_at.is_none() {
+        return;
+    }
+    let seconds = [
+        cold.node_seconds,
+        cold.models_seconds,
+        cold.image_seconds,
+        cold.ready_seconds,
+    ];
+    let phases: Vec<(&str, f64)> = crate::telemetry::COLD_START_PHASES
+        .into_iter()
+        .zip(seconds)
+        .filter_map(|(phase, s)| Some((phase, s?)))
+        .collect();
+    ctx.metrics
+        .record_cold_start(labels, &cold.started_at.0.to_string(), &phases);
 }
 
 /// One autoscaling pass: the decision, and the busy pods' annotations put right
@@ -557,12 +612,14 @@ async fn scale(
 }
 
 /// What the status is computed from, as the caches hold it: the Deployment, the
-/// NodePool, the Ingress, and, with the ModelSet read before, the NodePool's nodes.
+/// NodePool, the Ingress, and, with the ModelSet read before, the NodePool's nodes
+/// (`pool_nodes`, read once for the status and the metrics).
 fn fetch_facts(
     caches: &Caches,
     cud: &ComfyUIDeployment,
     fleet: &FleetNames,
     model_set: Option<ModelSet>,
+    pool_nodes: &[k8s_openapi::api::core::v1::Node],
 ) -> Facts {
     let ns = Some(fleet.namespace.as_str());
     let deployment = |name: &str| {
@@ -579,8 +636,7 @@ fn fetch_facts(
         (Some(name), None) => ModelFacts::NotFound(name.to_string()),
         (Some(name), Some(ms)) => {
             let ssm = ms.spec.sync.method == SyncMethod::Ssm;
-            let nodes = caches
-                .nodes_of_pool(&fleet.nodepool())
+            let nodes = pool_nodes
                 .iter()
                 // SSM reports by EC2 instance id: the last part of the providerID.
                 .map(

@@ -13,7 +13,9 @@ use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::IngressSpec;
 use crate::crd::gateway::GatewayStatus;
 use crate::crd::modelset::{ModelSetStatus, NodeSyncState};
-use crate::names::FleetNames;
+use crate::names::{FleetNames, MODELS_NOT_READY_TAINT};
+use crate::telemetry::NodeCounts;
+use k8s_openapi::api::core::v1::Node;
 
 /// What the fleet's ModelSet and nodes say, as fetched.
 #[derive(Clone, Debug, PartialEq)]
@@ -235,6 +237,54 @@ pub fn models_ready(fleet: &FleetNames, facts: &ModelFacts) -> DesiredCondition 
         DesiredCondition::new(MODELS_READY, true, Reason::ModelsSynced, message)
     } else {
         DesiredCondition::new(MODELS_READY, false, Reason::Syncing, message)
+    }
+}
+
+/// The node counts the metrics publish: of the fleet's NodePool's `nodes`, those Ready
+/// and those still carrying the startup taint; from the ModelSet's reports (`models`),
+/// those holding its revision and those whose sync failed.
+pub fn node_counts(nodes: &[Node], models: &ModelFacts) -> NodeCounts {
+    let count = |n: usize| n as i64;
+    let ready = nodes
+        .iter()
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    let tainted = nodes
+        .iter()
+        .filter(|n| {
+            n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.key == MODELS_NOT_READY_TAINT))
+        })
+        .count();
+    let (synced, failed) = match models {
+        ModelFacts::Found { status, nodes } => {
+            let entries: Vec<_> = nodes.iter().filter_map(|n| status.node(n)).collect();
+            (
+                entries
+                    .iter()
+                    .filter(|e| e.is_synced_at(&status.revision))
+                    .count(),
+                entries
+                    .iter()
+                    .filter(|e| e.state == NodeSyncState::Failed)
+                    .count(),
+            )
+        }
+        ModelFacts::NotUsed | ModelFacts::NotFound(_) => (0, 0),
+    };
+    NodeCounts {
+        total: count(nodes.len()),
+        ready: count(ready),
+        tainted: count(tainted),
+        synced: count(synced),
+        failed: count(failed),
     }
 }
 
@@ -486,6 +536,55 @@ mod tests {
         );
         assert_eq!((all.status, all.reason), (true, Reason::ModelsSynced));
         assert_eq!(all.message, "2/2 nodes at sha256:new");
+    }
+
+    #[test]
+    fn node_counts_for_the_metrics() {
+        let node = |name: &str, ready: &str, tainted: bool| -> Node {
+            let taints = if tainted {
+                json!([{"key": MODELS_NOT_READY_TAINT, "effect": "NoSchedule"}])
+            } else {
+                json!([])
+            };
+            serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "spec": {"taints": taints},
+                "status": {"conditions": [{"type": "Ready", "status": ready}]},
+            }))
+            .unwrap()
+        };
+        let nodes = [
+            node("n1", "True", false),
+            node("n2", "True", true),
+            node("n3", "False", true),
+        ];
+        let facts = models(
+            vec![
+                entry("n1", "sha256:new", NodeSyncState::Synced),
+                entry("n2", "sha256:new", NodeSyncState::Failed),
+                entry("n3", "sha256:old", NodeSyncState::Synced),
+                // A node of another fleet does not count.
+                entry("other", "sha256:new", NodeSyncState::Synced),
+            ],
+            &["n1", "n2", "n3"],
+        );
+        let counts = node_counts(&nodes, &facts);
+        assert_eq!(
+            counts,
+            NodeCounts {
+                total: 3,
+                ready: 2,
+                tainted: 2,
+                synced: 1,
+                failed: 1
+            }
+        );
+        let no_models = node_counts(&nodes, &ModelFacts::NotUsed);
+        assert_eq!((no_models.synced, no_models.failed), (0, 0));
+        assert_eq!(
+            node_counts(&[], &ModelFacts::NotUsed),
+            NodeCounts::default()
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             )
             .await?;
         finalizer::set(&api, &ctx.metrics, KIND, ms, FINALIZER, false).await?;
+        ctx.metrics.forget_modelset(&catalog_labels(ms));
         return Ok(Action::await_change());
     }
     // The patch triggers a new reconcile with the finalizer in place.
@@ -256,6 +257,15 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             crate::sync::human(catalog.total_bytes())
         ),
     );
+    let labels = catalog_labels(ms);
+    ctx.metrics
+        .modelset_bytes
+        .get_or_create(&labels)
+        .set(i64::try_from(catalog.total_bytes()).unwrap_or(i64::MAX));
+    ctx.metrics
+        .modelset_models
+        .get_or_create(&labels)
+        .set(i64::try_from(catalog.objects.len()).unwrap_or(i64::MAX));
     let catalog_status = Some((&catalog, catalog_ref));
     write_status(ctx, ms, catalog_status, &[listed], live).await?;
     if ms.spec.sync.method == SyncMethod::Ssm {
@@ -272,6 +282,14 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
         }
     }
     Ok(Action::requeue(poll))
+}
+
+/// The labels of a ModelSet's catalog metrics: its namespace and name.
+fn catalog_labels(ms: &ModelSet) -> crate::telemetry::FleetLabels {
+    crate::telemetry::FleetLabels {
+        namespace: ms.namespace().unwrap_or_default(),
+        name: ms.name_any(),
+    }
 }
 
 #[cfg(test)]
