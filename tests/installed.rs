@@ -485,7 +485,15 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
     let api = ApiClient::new(&format!("http://{cluster_ip}"), &key);
     let (code, job) = eventually("the gateway takes a job", WAIT, || async {
-        let (code, job) = api.submit(json!({"prompt": sdxl_workflow(CKPT, 2)})).await;
+        // Until kube-proxy has the Service's endpoint, a connection is refused.
+        let resp = api
+            .post("/api/v2/jobs")
+            .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
+            .send()
+            .await
+            .ok()?;
+        let code = resp.status().as_u16();
+        let job: serde_json::Value = resp.json().await.ok()?;
         (code == 201).then_some((code, job))
     })
     .await;
