@@ -43,7 +43,8 @@ const POD_IDENTITY: (&str, &str) = ("testbed.sdfleet.io/pod-identity", "moto");
 /// The real node, given to the fleet for the test and handed back as it was on drop.
 struct RealNode {
     name: String,
-    taint: String,
+    /// Its taints as the testbed registers it, put back on drop.
+    testbed_taints: serde_json::Value,
     labels: Vec<String>,
     client: Client,
 }
@@ -75,7 +76,7 @@ impl RealNode {
         );
         let node = RealNode {
             name: tb.var("SDFLEET_TESTBED_NODE_NAME").to_string(),
-            taint: tb.var("SDFLEET_TESTBED_NODE_TAINT").to_string(),
+            testbed_taints: testbed_taints(tb),
             labels: labels.as_object().unwrap().keys().cloned().collect(),
             client: client.clone(),
         };
@@ -110,10 +111,7 @@ impl Drop for RealNode {
             .collect();
         let patch = json!({
             "metadata": {"labels": labels},
-            "spec": {"taints": [
-                {"key": self.taint, "effect": "NoSchedule"},
-                {"key": "nvidia.com/gpu", "effect": "NoSchedule"},
-            ]},
+            "spec": {"taints": self.testbed_taints},
         });
         // Drop runs outside the test's runtime when it panics: a runtime of its own.
         let _ = std::thread::spawn(move || {
