@@ -3,10 +3,30 @@
 # checkpoint-affinity against random placement, memory with 10,000 stored jobs. Release
 # build (its own target dir, beside the debug one), on the testbed (brought up if down),
 # fake ComfyUI pods on loopback. Writes bench/gateway.md.
+#
+#   bench/gateway-bench.sh [--peer REV]
+#
+# --peer REV: also measure the gateway of git revision REV (e.g. main) in the same run,
+# side by side: its release binary is built from a clone of REV in the same target dir
+# (the dependencies compile once) and copied aside before this build's.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export CARGO_TARGET_DIR=${SDFLEET_RELEASE_TARGET_DIR:-$HOME/.cache/sdfleet/target-release}
+peer=
+if [ "${1:-}" = --peer ]; then peer=${2:?--peer needs a git revision}; fi
+if [ -n "$peer" ]; then
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  git clone -q "$ROOT" "$work/src"
+  git -C "$work/src" checkout -q "$peer"
+  (cd "$work/src" && cargo build --locked --release --bin sdfleet)
+  cp "$CARGO_TARGET_DIR/release/sdfleet" "$work/sdfleet-peer"
+  export SDFLEET_BENCH_PEER_BIN=$work/sdfleet-peer
+  export SDFLEET_BENCH_PEER_NAME="$peer ($(git -C "$work/src" rev-parse --short HEAD))"
+fi
+# This build's binary (the peer's clone wrote the same path).
+cargo build --locked --release --bin sdfleet
 tests/testbed/testbed up >/dev/null
 export SDFLEET_BENCH_OUT="$ROOT/bench/gateway.md"
 cargo test --locked --release --test gateway_bench -- --ignored --nocapture --test-threads=1

@@ -12,8 +12,20 @@
 //! work unchanged. Exits on SIGTERM or SIGINT: as a pod's PID 1 it has no default action.
 //!
 //! `cargo run --example fake_comfyui -- --listen 127.0.0.1 --port 8188 --models DIR
-//! --output-directory DIR [--step-time-ms 50] [--switch-penalty-ms 500] [--name POD]
-//! [--fail-class CLASS] [--slow-start-ms MS]`
+//! --output-directory DIR [--step-time-ms 50] [--switch-penalty-ms 500] [--name POD]`
+//!
+//! ComfyUI's own flags it honours: `--input-directory DIR`, `--temp-directory DIR` (temp
+//! files go to `DIR/temp`, as ComfyUI puts them), `--preview-method none|auto|latent2rgb|taesd`
+//! (binary preview frames unless `none`, ComfyUI's default), `--cache-none` (no cache across
+//! prompts; `--cache-classic` is the default).
+//!
+//! The double's own: `--comfyui-version V` (what `/system_stats` reports),
+//! `--interrupt-generation new|old` (`/interrupt` honours `{"prompt_id"}`, ≥ 0.3.57, or
+//! interrupts whatever runs, ≤ 0.3.56), `--strict-model-inputs` (model nodes refuse missing
+//! inputs); faults: `--fail-class CLASS`, `--slow-start-ms MS` (before a prompt's first
+//! event), `--hang` (every prompt's first node runs until interrupted), `--refuse-prompts N`
+//! (the next N `POST /prompt` answer 503), `--blackhole-after-ms MS` (then every connection
+//! goes silent and new ones are never answered: a node that stopped answering).
 
 #[path = "../tests/support/fake_comfyui.rs"]
 #[allow(dead_code)]
@@ -23,7 +35,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fake_comfyui::{FakeComfy, FakeConfig, Faults};
+use fake_comfyui::{FakeComfy, FakeConfig, Faults, InterruptGeneration, Options};
 
 /// The double names its input folders and unnamed prompts with this (in the tests it is
 /// support's).
@@ -46,6 +58,8 @@ struct Args {
     switch_penalty: Duration,
     name: String,
     faults: Faults,
+    options: Options,
+    blackhole_after: Option<Duration>,
 }
 
 fn parse_args(raw: impl Iterator<Item = String>) -> Args {
@@ -59,6 +73,12 @@ fn parse_args(raw: impl Iterator<Item = String>) -> Args {
         // A pod's hostname is its name: the double puts it in its outputs and stats.
         name: std::env::var("HOSTNAME").unwrap_or_else(|_| "comfyui-double".into()),
         faults: Faults::default(),
+        // ComfyUI's defaults: no previews (`--preview-method none`), the classic cache.
+        options: Options {
+            previews: false,
+            ..Options::default()
+        },
+        blackhole_after: None,
     };
     let mut raw = raw.peekable();
     let ms = |v: String| Duration::from_millis(v.parse().expect("milliseconds"));
@@ -91,6 +111,38 @@ fn parse_args(raw: impl Iterator<Item = String>) -> Args {
             "--name" => args.name = value().expect("--name"),
             "--fail-class" => args.faults.fail_class = value(),
             "--slow-start-ms" => args.faults.slow_start = ms(value().expect("--slow-start-ms")),
+            "--hang" => args.faults.hang = true,
+            "--refuse-prompts" => {
+                args.faults.refuse_prompts = value()
+                    .expect("--refuse-prompts")
+                    .parse()
+                    .expect("--refuse-prompts takes a count")
+            }
+            "--blackhole-after-ms" => {
+                args.blackhole_after = Some(ms(value().expect("--blackhole-after-ms")))
+            }
+            "--comfyui-version" => args.options.comfyui_version = value(),
+            "--interrupt-generation" => {
+                args.options.interrupt_generation = match value().as_deref() {
+                    Some("old") => InterruptGeneration::Old,
+                    Some("new") => InterruptGeneration::New,
+                    other => panic!("--interrupt-generation takes old or new, not {other:?}"),
+                }
+            }
+            "--strict-model-inputs" => args.options.strict_model_inputs = true,
+            "--preview-method" => {
+                args.options.previews = value().is_some_and(|m| m != "none");
+            }
+            "--cache-none" => args.options.cache = false,
+            "--cache-classic" => args.options.cache = true,
+            "--input-directory" => {
+                args.options.input_dir = Some(value().expect("--input-directory").into())
+            }
+            // ComfyUI's temp folder is `temp` inside the one given.
+            "--temp-directory" => {
+                args.options.temp_dir =
+                    Some(PathBuf::from(value().expect("--temp-directory")).join("temp"))
+            }
             other => match value() {
                 Some(v) => eprintln!("fake_comfyui: ignoring {other} {v}"),
                 None => eprintln!("fake_comfyui: ignoring {other}"),
@@ -137,8 +189,13 @@ async fn main() {
         models: models.clone(),
         output_dir: args.output.clone(),
     };
-    let fake =
-        FakeComfy::start_on(&args.name, config, SocketAddr::new(args.listen, args.port)).await;
+    let fake = FakeComfy::start_on_with(
+        &args.name,
+        config,
+        args.options.clone(),
+        SocketAddr::new(args.listen, args.port),
+    )
+    .await;
     fake.set_faults(args.faults);
     eprintln!(
         "fake_comfyui {} listening on {} with {} model files from {}, output to {}",
@@ -154,8 +211,21 @@ async fn main() {
     let mut int = signal(SignalKind::interrupt()).unwrap();
     let mut rescan = tokio::time::interval(Duration::from_secs(2));
     let mut known = models;
+    let blackhole = async {
+        match args.blackhole_after {
+            Some(after) => tokio::time::sleep(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(blackhole);
+    let mut dark = false;
     loop {
         tokio::select! {
+            _ = &mut blackhole, if !dark => {
+                eprintln!("fake_comfyui: going silent (blackhole)");
+                fake.blackhole();
+                dark = true;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = rescan.tick() => {

@@ -31,7 +31,7 @@ enum Command {
     /// Run the node agent: sync the node's ModelSets, report, lift the startup taint.
     Agent(AgentArgs),
     /// Run the job gateway in front of a namespace's fleets (what `spec.gateway` renders).
-    Gateway(GatewayCommand),
+    Gateway(Box<GatewayCommand>),
     /// Create a node's models directory of one ModelSet and give it to the agent's user
     /// (the agent DaemonSet's init container; root with CAP_CHOWN only).
     PrepareModelsDir(PrepareArgs),
@@ -281,7 +281,7 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         let class_name = class.metadata.name.clone().unwrap_or_default();
         policy::check_fleet(&cud.spec, &class_name, &class.spec)
             .map_err(|v| format!("fleet {name}: {v}"))?;
-        cud.spec.node_class = Some(class.spec.node_class.clone());
+        policy::apply_class(&mut cud.spec, &class.spec);
         let model_sync = cud
             .spec
             .model_set
@@ -487,7 +487,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     })
 }
 
-fn run_gateway(args: GatewayCommand) -> ExitCode {
+fn run_gateway(args: Box<GatewayCommand>) -> ExitCode {
     sdfleet::telemetry::init_logging(args.log_json);
     with_kube_client(|client| async move {
         match sdfleet::gateway::run(client, args.gateway).await {

@@ -243,3 +243,35 @@ async fn what_the_class_does_not_allow_is_refused_and_named() {
     .await;
     let _ = classes.delete(&class_name, &Default::default()).await;
 }
+
+#[tokio::test]
+async fn a_class_webhook_range_must_be_a_cidr() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let classes: Api<FleetClass> = Api::all(client);
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("platform-admin").force()
+    };
+    let class = |cidrs: Value| {
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass", "metadata": {"name": "webhook-ranges"},
+            "spec": {"nodeClass": {"role": "NodeRole-platform"}, "gateway": {"webhookAllowedCIDRs": cidrs}}})
+    };
+    classes
+        .patch(
+            "webhook-ranges",
+            &dry,
+            &Patch::Apply(&class(json!(["10.20.0.0/16", "fd00:1::/64"]))),
+        )
+        .await
+        .expect("CIDRs are accepted");
+    for bad in ["10.20.0.0", "10.20.0.0/33", "internal"] {
+        let err = classes
+            .patch("webhook-ranges", &dry, &Patch::Apply(&class(json!([bad]))))
+            .await
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("webhookAllowedCIDRs"), "{bad}: {err}");
+    }
+}

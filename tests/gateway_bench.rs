@@ -7,6 +7,10 @@
 //! 2. placement: 1,000 jobs of 3 checkpoints on 10 pods, checkpoint affinity against
 //!    random placement: jobs that ran without a checkpoint switch, and the total time;
 //! 3. the gateway's memory (RSS) with 10,000 finished jobs in its store.
+//!
+//! With `SDFLEET_BENCH_PEER_BIN=<another build's sdfleet>` (e.g. main's, built by
+//! `bench/gateway-bench.sh --peer REV`), every figure is measured for both builds in the
+//! same run: latency interleaved job by job, placement and memory one after the other.
 
 mod support;
 
@@ -107,6 +111,28 @@ impl Gateway {
     }
 }
 
+/// A build under test: this one's binary, or the peer's.
+struct Build {
+    name: String,
+    bin: PathBuf,
+}
+
+fn builds() -> Vec<Build> {
+    let mut out = vec![Build {
+        name: "this build".into(),
+        bin: sdfleet_bin(),
+    }];
+    if let Some(peer) = std::env::var_os("SDFLEET_BENCH_PEER_BIN") {
+        let name = std::env::var("SDFLEET_BENCH_PEER_NAME").unwrap_or_else(|_| "peer".into());
+        out.push(Build {
+            name,
+            bin: PathBuf::from(peer),
+        });
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn gateway(
     tb: &Testbed,
     ns: &str,
@@ -115,6 +141,7 @@ async fn gateway(
     fakes: &[FakeComfy],
     first: usize,
     extra: &[String],
+    bin: &Path,
 ) -> Gateway {
     let key = format!("key-{}", unique_suffix());
     let dir = work.join(format!("{fleet}-keys"));
@@ -135,7 +162,7 @@ async fn gateway(
     ];
     args.extend(map_args(fakes, first));
     args.extend(extra.iter().cloned());
-    let process = GatewayProcess::start(tb, args);
+    let process = GatewayProcess::start_bin(tb, args, bin);
     process.wait_ready(fleet, fakes.len()).await;
     let api = ApiClient::new(&process.url(""), &key);
     Gateway { process, api }
@@ -188,13 +215,14 @@ async fn gateway_job(api: &ApiClient, workflow: &Value) -> Duration {
     start.elapsed()
 }
 
-fn summary(name: &str, samples: &mut [f64]) -> String {
+fn summary(name: &str, samples: &mut [f64], added: Option<f64>) -> String {
     samples.sort_by(f64::total_cmp);
     format!(
-        "| {name} | {:.1} | {:.1} | {:.1} |\n",
+        "| {name} | {:.1} | {:.1} | {:.1} | {} |\n",
         percentile(samples, 0.5),
         percentile(samples, 0.99),
-        samples[samples.len() - 1]
+        samples[samples.len() - 1],
+        added.map_or("".to_string(), |a| format!("{a:.1}"))
     )
 }
 
@@ -204,82 +232,114 @@ async fn latency(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &
     let direct = pods(client, ns, "lat-direct", 0, 1, &config)
         .await
         .remove(0);
-    let plain_pod = pods(client, ns, "lat-gw", 1, 1, &config).await;
-    let s3_pod = pods(client, ns, "lat-s3", 2, 1, &config).await;
-    let plain = gateway(tb, ns, "lat-gw", work, &plain_pod, 1, &[]).await;
     let s3 = s3_client(tb).await;
     let bucket = create_bucket(&s3, "gw-bench").await;
-    let with_s3 = gateway(
-        tb,
-        ns,
-        "lat-s3",
-        work,
-        &s3_pod,
-        2,
-        &[
-            "--outputs-bucket".into(),
-            bucket,
-            "--outputs-region".into(),
-            "us-west-2".into(),
-            "--s3-endpoint".into(),
-            tb.var("AWS_ENDPOINT_URL").into(),
-        ],
-    )
-    .await;
+    let s3_args: Vec<String> = vec![
+        "--outputs-bucket".into(),
+        bucket,
+        "--outputs-region".into(),
+        "us-west-2".into(),
+        "--s3-endpoint".into(),
+        tb.var("AWS_ENDPOINT_URL").into(),
+    ];
+    // Per build: a gateway leaving outputs on the pod, one putting them in S3.
+    let mut paths = Vec::new();
+    let mut fakes = Vec::new();
+    for (i, build) in builds().iter().enumerate() {
+        let (plain_fleet, s3_fleet) = (format!("lat-gw-{i}"), format!("lat-s3-{i}"));
+        let plain_pod = pods(client, ns, &plain_fleet, 1 + 2 * i, 1, &config).await;
+        let s3_pod = pods(client, ns, &s3_fleet, 2 + 2 * i, 1, &config).await;
+        let plain = gateway(
+            tb,
+            ns,
+            &plain_fleet,
+            work,
+            &plain_pod,
+            1 + 2 * i,
+            &[],
+            &build.bin,
+        )
+        .await;
+        let with_s3 = gateway(
+            tb,
+            ns,
+            &s3_fleet,
+            work,
+            &s3_pod,
+            2 + 2 * i,
+            &s3_args,
+            &build.bin,
+        )
+        .await;
+        paths.push((
+            format!(
+                "{}, sync mode (`POST /api/v2/jobs?wait=30`), outputs left on the pod",
+                build.name
+            ),
+            plain,
+            Vec::new(),
+        ));
+        paths.push((format!("{}, sync mode, outputs fetched from `/view` and put in S3 (moto) with a presigned URL", build.name), with_s3, Vec::new()));
+        fakes.extend(plain_pod);
+        fakes.extend(s3_pod);
+    }
     let client_id = "bench-direct";
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws?clientId={client_id}", direct.addr))
             .await
             .unwrap();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let workflow = sdxl_workflow(CHECKPOINTS[0], 1);
+    // A new seed per job, as clients send (ComfyUI would answer a repeated prompt from
+    // its cache); every path gets the same workflow in a round.
+    let workflow = || sdxl_workflow(CHECKPOINTS[0], 1);
     // Warm every path once (checkpoint load, connections).
-    direct_job(&http, &direct, &mut ws, client_id, &workflow).await;
-    gateway_job(&plain.api, &workflow).await;
-    gateway_job(&with_s3.api, &workflow).await;
-    let (mut d, mut g, mut gs) = (Vec::new(), Vec::new(), Vec::new());
+    direct_job(&http, &direct, &mut ws, client_id, &workflow()).await;
+    for (_, gw, _) in &paths {
+        gateway_job(&gw.api, &workflow()).await;
+    }
+    let mut d = Vec::new();
     for _ in 0..JOBS {
+        let w = workflow();
         d.push(
-            direct_job(&http, &direct, &mut ws, client_id, &workflow)
+            direct_job(&http, &direct, &mut ws, client_id, &w)
                 .await
                 .as_secs_f64()
                 * 1000.0,
         );
-        g.push(gateway_job(&plain.api, &workflow).await.as_secs_f64() * 1000.0);
-        gs.push(gateway_job(&with_s3.api, &workflow).await.as_secs_f64() * 1000.0);
+        for (_, gw, samples) in paths.iter_mut() {
+            let mut w = w.clone();
+            // Same work, a seed of its own (the direct run just cached this one).
+            w["5"]["inputs"]["seed"] =
+                json!(w["5"]["inputs"]["seed"].as_u64().unwrap_or(0) + 1_000_000_000);
+            samples.push(gateway_job(&gw.api, &w).await.as_secs_f64() * 1000.0);
+        }
     }
     let _ = ws.close(None).await;
-    let median = |v: &mut Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
-        percentile(v, 0.5)
+        percentile(&v, 0.5)
     };
-    let (md, mg, mgs) = (
-        median(&mut d.clone()),
-        median(&mut g.clone()),
-        median(&mut gs.clone()),
-    );
+    let md = median(&d);
     writeln!(
         report,
         "### Added latency per job ({JOBS} jobs each, interleaved; 1 sampler step of 1 ms)\n"
     )
     .unwrap();
-    report.push_str("| path | p50 ms | p99 ms | max ms |\n|---|---|---|---|\n");
+    report
+        .push_str("| path | p50 ms | p99 ms | max ms | added at p50 ms |\n|---|---|---|---|---|\n");
+    let mut direct_sorted = d.clone();
     report.push_str(&summary(
         "ComfyUI directly (`POST /prompt`, wait for `execution_success` on `/ws`)",
-        &mut d,
+        &mut direct_sorted,
+        None,
     ));
-    report.push_str(&summary(
-        "gateway, sync mode (`POST /api/v2/jobs?wait=30`), outputs left on the pod",
-        &mut g,
-    ));
-    report.push_str(&summary("gateway, sync mode, outputs fetched from `/view` and put in S3 (moto) with a presigned URL", &mut gs));
-    writeln!(
-        report,
-        "\nAdded at the median: {:.1} ms without S3, {:.1} ms with the S3 upload.\n",
-        mg - md,
-        mgs - md
-    )
-    .unwrap();
+    for (name, _, samples) in paths.iter_mut() {
+        let added = median(samples) - md;
+        report.push_str(&summary(name, samples, Some(added)));
+    }
+    report.push('\n');
+    drop(fakes);
 }
 
 /// A deterministic checkpoint sequence (the same for both placements).
@@ -297,10 +357,11 @@ async fn placement_run(
     work: &Path,
     placement: &str,
     first: usize,
+    bin: &Path,
 ) -> (f64, f64, usize) {
     const JOBS: usize = 1000;
     const PODS: usize = 10;
-    let fleet = format!("pl-{placement}");
+    let fleet = format!("pl-{placement}-{first}");
     let config = fake_config(5, 100, work.join(format!("{fleet}-output")));
     let fakes = pods(client, ns, &fleet, first, PODS, &config).await;
     let gw = gateway(
@@ -311,6 +372,7 @@ async fn placement_run(
         &fakes,
         first,
         &["--placement".into(), placement.into()],
+        bin,
     )
     .await;
     let start = Instant::now();
@@ -325,24 +387,26 @@ async fn placement_run(
 }
 
 async fn placement(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
-    let (a_share, a_time, a_sw) = placement_run(tb, client, ns, work, "affinity", 10).await;
-    let (r_share, r_time, r_sw) = placement_run(tb, client, ns, work, "random", 30).await;
+    let mut rows = Vec::new();
+    for (i, build) in builds().iter().enumerate() {
+        let run = placement_run(tb, client, ns, work, "affinity", 10 + 20 * i, &build.bin).await;
+        rows.push((format!("checkpoint affinity ({})", build.name), run));
+    }
+    let bin = sdfleet_bin();
+    let run = placement_run(tb, client, ns, work, "random", 100, &bin).await;
+    rows.push(("random (this build)".to_string(), run));
     report.push_str("### Placement (1,000 jobs, 3 checkpoints, 10 pods; 10 steps × 5 ms, 100 ms per checkpoint switch)\n\n");
     report.push_str(
         "| placement | jobs without a switch | switches | total time s |\n|---|---|---|---|\n",
     );
-    writeln!(
-        report,
-        "| checkpoint affinity | {:.1}% | {a_sw} | {a_time:.1} |",
-        a_share * 100.0
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "| random | {:.1}% | {r_sw} | {r_time:.1} |",
-        r_share * 100.0
-    )
-    .unwrap();
+    for (name, (share, time, switches)) in rows {
+        writeln!(
+            report,
+            "| {name} | {:.1}% | {switches} | {time:.1} |",
+            share * 100.0
+        )
+        .unwrap();
+    }
     writeln!(report, "\nA fresh pod's first load counts as a switch.\n").unwrap();
 }
 
@@ -357,34 +421,29 @@ fn rss_kib(pid: u32) -> u64 {
 
 async fn memory(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
     const JOBS: usize = 10_000;
-    let config = fake_config(1, 0, work.join("mem-output"));
-    let fakes = pods(client, ns, "mem", 50, 10, &config).await;
-    let gw = gateway(tb, ns, "mem", work, &fakes, 50, &[]).await;
-    let before = rss_kib(gw.process.child.id());
-    gw.run_jobs("mem", JOBS, 1, Duration::from_secs(900)).await;
-    let after = rss_kib(gw.process.child.id());
-    let store = std::fs::metadata(work.join("mem.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    report.push_str("### Memory with 10,000 jobs stored\n\n| | RSS MiB |\n|---|---|\n");
-    writeln!(
-        report,
-        "| gateway started, 10 pods, no jobs | {:.1} |",
-        before as f64 / 1024.0
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "| after 10,000 jobs succeeded (all in the store) | {:.1} |",
-        after as f64 / 1024.0
-    )
-    .unwrap();
-    writeln!(
-        report,
-        "\nStore file: {:.1} MiB.\n",
-        store as f64 / (1024.0 * 1024.0)
-    )
-    .unwrap();
+    report.push_str("### Memory with 10,000 jobs stored\n\n| build | RSS MiB, started (10 pods, no jobs) | RSS MiB after 10,000 jobs succeeded | store file MiB |\n|---|---|---|---|\n");
+    for (i, build) in builds().iter().enumerate() {
+        let fleet = format!("mem-{i}");
+        let config = fake_config(1, 0, work.join(format!("{fleet}-output")));
+        let fakes = pods(client, ns, &fleet, 200 + 10 * i, 10, &config).await;
+        let gw = gateway(tb, ns, &fleet, work, &fakes, 200 + 10 * i, &[], &build.bin).await;
+        let before = rss_kib(gw.process.child.id());
+        gw.run_jobs(&fleet, JOBS, 1, Duration::from_secs(900)).await;
+        let after = rss_kib(gw.process.child.id());
+        let store = std::fs::metadata(work.join(format!("{fleet}.redb")))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        writeln!(
+            report,
+            "| {} | {:.1} | {:.1} | {:.1} |",
+            build.name,
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            store as f64 / (1024.0 * 1024.0)
+        )
+        .unwrap();
+    }
+    report.push('\n');
 }
 
 #[tokio::test]
@@ -405,6 +464,10 @@ async fn gateway_benchmarks() {
         jiff::Timestamp::now().strftime("%Y-%m-%d")
     )
     .unwrap();
+    for build in builds() {
+        writeln!(report, "- {}: `{}`", build.name, build.bin.display()).unwrap();
+    }
+    report.push('\n');
     latency(tb, &client, &ns.name, &work, &mut report).await;
     placement(tb, &client, &ns.name, &work, &mut report).await;
     memory(tb, &client, &ns.name, &work, &mut report).await;

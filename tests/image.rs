@@ -525,8 +525,9 @@ fn the_comfyui_double_image_serves_where_the_operators_deployment_expects_comfyu
     let prompt = |ckpt: &str, id: &str| {
         json!({"client_id": "image-test", "prompt_id": id, "prompt": {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-            "2": {"class_type": "KSampler", "inputs": {"steps": 2}},
-            "3": {"class_type": "SaveImage", "inputs": {"filename_prefix": "image-test"}},
+            "2": {"class_type": "KSampler", "inputs": {"steps": 2, "model": ["1", 0]}},
+            "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "image-test"}},
         }})
         .to_string()
     };

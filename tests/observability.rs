@@ -10,9 +10,8 @@
 //! not run; what the panels show of model syncs comes from the controller, which reads
 //! the agents' reports. prometheus-client 0.25 leaves a family with no sample out of the
 //! exposition altogether (no `# TYPE` line either: checked below), hence the driving.
-//! The kubelet's volume stats of the gateways' store claims are the one outside family
-//! the alerts query (the gateway exports no store size); the testbed's kwok nodes run no
-//! kubelet, so they are listed here by name.
+//! Every family the chart queries is sdfleet's own (the store alert reads the gateway's
+//! `store_used_bytes`/`store_capacity_bytes`, not the kubelet's volume stats).
 
 mod support;
 
@@ -26,12 +25,6 @@ use serde_json::{Value, json};
 use support::fake_comfyui::{FakeComfy, FakeConfig, Faults};
 use support::gateway::*;
 use support::*;
-
-/// Queried by the alerts, exported by the kubelet, not by sdfleet.
-const KUBELET: [&str; 2] = [
-    "kubelet_volume_stats_used_bytes",
-    "kubelet_volume_stats_capacity_bytes",
-];
 
 // ---- PromQL: the metric names an expression selects ----
 
@@ -245,7 +238,6 @@ fn exports(text: &str, name: &str) -> bool {
 fn missing(names: &BTreeSet<String>, expositions: &[&str]) -> Vec<String> {
     names
         .iter()
-        .filter(|n| !KUBELET.contains(&n.as_str()))
         .filter(|n| !expositions.iter().any(|text| exports(text, n)))
         .cloned()
         .collect()
@@ -487,7 +479,7 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
         "sdfleet_reconcile_duration_seconds_bucket",
         "sdfleet_gateway_queued_jobs",
         "sdfleet_fleet_capacity_available",
-        "kubelet_volume_stats_used_bytes",
+        "sdfleet_gateway_store_used_bytes",
     ] {
         assert!(names.contains(known), "{known} not read from {names:?}");
     }

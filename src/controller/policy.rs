@@ -114,6 +114,15 @@ impl Check<'_> {
     }
 }
 
+/// The fleet as it renders under its class: the class's node settings and the ranges
+/// its gateway's webhooks may reach, neither of which the fleet decides.
+pub fn apply_class(spec: &mut ComfyUIDeploymentSpec, class: &FleetClassSpec) {
+    spec.node_class = Some(class.node_class.clone());
+    if let Some(gateway) = spec.gateway.as_mut() {
+        gateway.class_webhook_allowed_cidrs = class.gateway.webhook_allowed_cidrs.clone();
+    }
+}
+
 /// Whether a fleet stays within its class (`class_name` names the class in messages).
 pub fn check_fleet(
     spec: &ComfyUIDeploymentSpec,

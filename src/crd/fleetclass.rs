@@ -40,6 +40,9 @@ pub struct FleetClassSpec {
     /// How a fleet may be exposed.
     #[serde(default)]
     pub ingress: IngressPolicy,
+    /// What the job gateways (`spec.gateway` of a fleet) of this class may reach.
+    #[serde(default)]
+    pub gateway: GatewayPolicy,
 }
 
 /// The GPUs a fleet may ask for.
@@ -101,6 +104,25 @@ pub struct IngressPolicy {
     /// balancer: leave them out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_annotation_keys: Vec<String>,
+}
+
+/// What the job gateways of this class's fleets may reach.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPolicy {
+    /// Address ranges (CIDRs, e.g. `10.20.0.0/16`) that job webhooks may be delivered
+    /// to although they are refused by default: loopback, private, link-local (the
+    /// instance metadata), CGNAT, unique local, multicast and reserved addresses.
+    /// Anything in them is reachable by any client that may submit a job, fleet pods
+    /// included: allow as little as possible. Empty: public addresses only.
+    #[serde(
+        default,
+        rename = "webhookAllowedCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(length(max = 32), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("each gateway.webhookAllowedCIDRs entry must be a CIDR, such as 10.20.0.0/16"))]
+    pub webhook_allowed_cidrs: Vec<String>,
 }
 
 impl Default for IngressPolicy {

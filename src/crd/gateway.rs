@@ -18,7 +18,8 @@ use super::common::{ContainerResources, IngressSpec};
 pub struct GatewaySpec {
     /// A Secret in the fleet's namespace, created by the admin: each key is an API key
     /// id, each value the SHA-256 hex of that key (`printf %s "$KEY" | sha256sum`), so
-    /// the cluster never holds a usable key.
+    /// the cluster never holds a usable key. A key sees only the jobs it submitted; a
+    /// value of `<sha256hex> admin` makes an admin key, which sees every job.
     /// Requests carry `Authorization: Bearer <key>` and are logged with the key id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
@@ -56,6 +57,13 @@ pub struct GatewaySpec {
     #[schemars(range(min = 1, max = 3600))]
     pub max_wait_seconds: i32,
 
+    /// A job running longer is interrupted on its pod and fails `run_timeout`; the pod
+    /// gets no new job until it has stopped it. Unset: no limit (a hung ComfyUI then
+    /// holds its job until the pod is replaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub max_run_seconds: Option<i32>,
+
     /// How a queued job picks its pod.
     #[serde(default)]
     pub placement: GatewayPlacement,
@@ -92,6 +100,15 @@ pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+
+    /// The FleetClass's `gateway.webhookAllowedCIDRs`, copied here by the controller
+    /// before it renders (`policy::apply_class`). No part of the resource: not in the
+    /// CRD, never read from one (a fleet cannot widen where its webhooks go), and set
+    /// only on the spec the controller renders from, which is never sent. (Not
+    /// `serde(skip)`: KubeSchema's copy of this struct would warn of an unread field.)
+    #[serde(skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub class_webhook_allowed_cidrs: Vec<String>,
 }
 
 fn default_queue_cap() -> i32 {
@@ -138,6 +155,15 @@ pub struct GatewayStoreSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
+    /// Finished jobs (their records, output URLs and idempotency keys) are deleted this
+    /// many hours after submit. Outputs in S3 are never deleted by the gateway.
+    #[serde(default = "default_retention_hours")]
+    #[schemars(range(min = 1, max = 8760))]
+    pub retention_hours: i32,
+    /// Jobs kept at most; beyond it the oldest finished ones are deleted first.
+    #[serde(default = "default_max_jobs")]
+    #[schemars(range(min = 100, max = 10000000))]
+    pub max_jobs: i32,
 }
 
 impl Default for GatewayStoreSpec {
@@ -145,8 +171,18 @@ impl Default for GatewayStoreSpec {
         GatewayStoreSpec {
             size: default_store_size(),
             storage_class_name: None,
+            retention_hours: default_retention_hours(),
+            max_jobs: default_max_jobs(),
         }
     }
+}
+
+fn default_retention_hours() -> i32 {
+    168
+}
+
+fn default_max_jobs() -> i32 {
+    100_000
 }
 
 fn default_store_size() -> String {

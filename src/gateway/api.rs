@@ -1,6 +1,7 @@
 //! The HTTP API (the shapes of Comfy's job API v2): submit, read, events (SSE), cancel,
 //! list, models; `/openapi.json` describes it. API keys guard everything but health and
-//! the OpenAPI document.
+//! the OpenAPI document, and a key sees only its own jobs (an admin key, every job):
+//! another key's job answers 404 as if it did not exist.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -19,11 +20,12 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::auth::ApiKeys;
+use super::auth::{ApiKeys, Caller};
 use super::discovery::Catalogs;
 use super::engine::{Admission, CancelOutcome, Engine};
 use super::job::{InputFile, Job, JobState, Millis, now_millis};
 use super::outputs::parse_s3_url;
+use super::store::{Cursor, ListQuery};
 use super::workflow;
 
 /// A fleet this gateway fronts.
@@ -47,10 +49,6 @@ pub struct ApiState {
     /// With autoscaling: the longest a sync request waits on a fleet with no ready pod.
     pub max_cold_start_wait: Option<Duration>,
 }
-
-/// The key a request was authenticated with (its id, never the key).
-#[derive(Clone)]
-struct KeyId(String);
 
 pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
@@ -90,6 +88,18 @@ impl ApiError {
     fn internal(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     }
+    /// The job store failed (a full or broken volume): nothing was promised, try again.
+    fn store(e: super::store::StoreError) -> ApiError {
+        tracing::error!(error = %e, "job store error");
+        ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            )
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -122,7 +132,11 @@ async fn authenticate(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     if !state.keys.required() {
-        req.extensions_mut().insert(KeyId("anonymous".into()));
+        // No keys: no one to tell apart, so everything is visible as to an admin.
+        req.extensions_mut().insert(Caller {
+            key_id: "anonymous".into(),
+            admin: true,
+        });
         return next.run(req).await;
     }
     let presented = req
@@ -131,7 +145,7 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()));
-    let Some(key_id) = presented.and_then(|k| state.keys.verify(k)) else {
+    let Some(caller) = presented.and_then(|k| state.keys.verify(k)) else {
         tracing::info!(%method, %path, "refused: no valid API key");
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -140,8 +154,9 @@ async fn authenticate(
         )
         .into_response();
     };
+    let key_id = caller.key_id.clone();
     let resp = {
-        req.extensions_mut().insert(KeyId(key_id.clone()));
+        req.extensions_mut().insert(caller);
         next.run(req).await
     };
     tracing::info!(key_id = %key_id, %method, %path, status = resp.status().as_u16(), "request");
@@ -243,6 +258,66 @@ fn bad(kind: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, kind, message)
 }
 
+fn unprocessable(kind: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, kind, message)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))
+}
+
+/// Whether the caller may see and control the job: its own, or any for an admin key.
+fn may_see(caller: &Caller, job: &Job) -> bool {
+    caller.admin || job.key_id.as_deref() == Some(caller.key_id.as_str())
+}
+
+/// The job, if it exists and the caller may see it: another key's job is answered
+/// exactly as an unknown id, so ids do not leak across keys.
+async fn visible_job(state: &ApiState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    match state.engine.get(id).await.map_err(ApiError::store)? {
+        Some(job) if may_see(caller, &job) => Ok(job),
+        _ => Err(not_found(id)),
+    }
+}
+
+/// SHA-256 hex of the body with object keys sorted and no whitespace: the same request
+/// sent again (keys in another order, other spacing) hashes the same.
+fn request_hash(body: &Value) -> String {
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                out.push('{');
+                for (i, (k, v)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(v, out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    use sha2::{Digest, Sha256};
+    let mut text = String::new();
+    canonical(body, &mut text);
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
 fn stored_workflow(state: &ApiState, name: &str) -> Result<Value, ApiError> {
     let valid = !name.is_empty()
         && name
@@ -318,12 +393,17 @@ fn choose_fleet(
 
 async fn submit(
     State(state): State<Arc<ApiState>>,
-    axum::Extension(KeyId(key_id)): axum::Extension<KeyId>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Query(query): Query<WaitQuery>,
     headers: HeaderMap,
-    body: Result<Json<SubmitRequest>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| bad("invalid_request", e.body_text()))?;
+    let Json(body) = body.map_err(|e| bad("invalid_request", e.body_text()))?;
+    let body_hash = request_hash(&body);
+    let req =
+        SubmitRequest::deserialize(&body).map_err(|e| bad("invalid_request", e.to_string()))?;
+    drop(body);
+    let key_id = caller.key_id;
     let mut prompt = match (req.prompt, req.workflow.as_deref()) {
         (Some(p), None) => p,
         (None, Some(name)) => stored_workflow(&state, name)?,
@@ -337,6 +417,22 @@ async fn submit(
     workflow::apply_overrides(&mut prompt, &req.overrides)
         .map_err(|e| bad("invalid_workflow", e.to_string()))?;
     workflow::validate(&prompt).map_err(|e| bad("invalid_workflow", e.to_string()))?;
+    workflow::check_references(&prompt).map_err(|e| ApiError {
+        extra: json!({"node": e.node, "input": e.input}),
+        ..unprocessable("forbidden_reference", e.to_string())
+    })?;
+    // Each name becomes a file name in the pod's `input/`: checked before any source is
+    // read or any pod is asked.
+    if let Some((name, why)) = req
+        .inputs
+        .keys()
+        .find_map(|name| Some((name, workflow::input_name_problem(name)?)))
+    {
+        return Err(ApiError {
+            extra: json!({"input": name}),
+            ..unprocessable("invalid_input_name", format!("input {name:?}: {why}"))
+        });
+    }
     let refs = workflow::model_refs(&prompt);
     let fleet = choose_fleet(&state, req.fleet.as_deref(), &refs)?;
     let has_model_set = state
@@ -378,8 +474,14 @@ async fn submit(
                 "this gateway has no webhook secret (spec.gateway.webhookSecret)",
             ));
         }
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(bad("invalid_request", "webhook must be an http(s) URL"));
+        // The earliest refusal: scheme, userinfo and refused IP literals (names are
+        // checked again at each connection, since DNS can change).
+        if let Err(e) = state.engine.webhooks.check_url(url) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_webhook",
+                e.to_string(),
+            ));
         }
     }
     let mut inputs = Vec::new();
@@ -432,6 +534,7 @@ async fn submit(
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok())
             .map(|k| format!("{key_id}/{k}")),
+        request_hash: Some(body_hash.clone()),
         key_id: Some(key_id),
         created_at: now,
         dispatched_at: None,
@@ -448,9 +551,19 @@ async fn submit(
         outputs: vec![],
         error: None,
     };
-    let (job, status) = match state.engine.submit(job).await.map_err(ApiError::internal)? {
+    let (job, status) = match state.engine.submit(job).await.map_err(ApiError::store)? {
         Admission::Accepted(job) => (job, StatusCode::CREATED),
-        Admission::Existing(job) => (job, StatusCode::OK),
+        // A retry: the job it made. Jobs stored before bodies were hashed have no hash
+        // and count as the same request.
+        Admission::Existing(job) if job.request_hash.as_ref().is_none_or(|h| *h == body_hash) => {
+            (job, StatusCode::OK)
+        }
+        Admission::Existing(_) => {
+            return Err(unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another request body: use a new key for a new request",
+            ));
+        }
         Admission::QueueFull { retry_after } => {
             return Err(ApiError {
                 retry_after: Some(retry_after),
@@ -503,12 +616,7 @@ fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
 
 /// The job once it ends, or as it is after `wait`.
 async fn wait_for_end(state: &ApiState, id: &str, wait: Duration) -> Result<Option<Job>, ApiError> {
-    let Some((job, rx)) = state
-        .engine
-        .subscribe(id)
-        .await
-        .map_err(ApiError::internal)?
-    else {
+    let Some((job, rx)) = state.engine.subscribe(id).await.map_err(ApiError::store)? else {
         return Ok(None);
     };
     let Some(mut rx) = rx else {
@@ -527,29 +635,31 @@ async fn wait_for_end(state: &ApiState, id: &str, wait: Duration) -> Result<Opti
     .await
     .unwrap_or(false);
     let _ = ended;
-    state.engine.get(id).await.map_err(ApiError::internal)
+    state.engine.get(id).await.map_err(ApiError::store)
 }
 
 async fn read(
     State(state): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = state.engine.get(&id).await.map_err(ApiError::internal)?;
-    let job = job
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
+    let job = visible_job(&state, &caller, &id).await?;
     Ok(Json(view(&state, &job).await))
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+struct ListParams {
     /// Comma-separated states.
     state: Option<String>,
     limit: Option<usize>,
+    /// The previous page's `next`.
+    cursor: Option<String>,
 }
 
 async fn list(
     State(state): State<Arc<ApiState>>,
-    Query(q): Query<ListQuery>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(q): Query<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
     let mut states = Vec::new();
     for s in q
@@ -563,39 +673,45 @@ async fn list(
                 .ok_or_else(|| bad("invalid_request", format!("unknown state {s:?}")))?,
         );
     }
-    let limit = q.limit.unwrap_or(100).min(1000);
-    let stored = state
+    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
+        Some(text) => Some(
+            Cursor::decode(text)
+                .ok_or_else(|| bad("invalid_request", "cursor: not a `next` of this API"))?,
+        ),
+        None => None,
+    };
+    let page = state
         .engine
         .store
-        .list(states.clone(), limit)
+        .list(ListQuery {
+            key_id: (!caller.admin).then(|| caller.key_id.clone()),
+            states: states.clone(),
+            limit: q.limit.unwrap_or(100).clamp(1, 1000),
+            cursor,
+        })
         .await
-        .map_err(ApiError::internal)?;
-    let mut jobs = Vec::with_capacity(stored.len());
-    for job in stored {
+        .map_err(ApiError::store)?;
+    let mut jobs = Vec::with_capacity(page.jobs.len());
+    for job in page.jobs {
         // The store can be a moment behind a live job.
-        let live = state
-            .engine
-            .get(&job.id)
-            .await
-            .map_err(ApiError::internal)?
-            .unwrap_or(job);
+        let live = state.engine.live(&job.id).unwrap_or(job);
         if states.is_empty() || states.contains(&live.state) {
             jobs.push(public_view(&live));
         }
     }
-    Ok(Json(json!({"jobs": jobs})))
+    Ok(Json(
+        json!({"jobs": jobs, "next": page.next.map(|c| c.encode())}),
+    ))
 }
 
 async fn cancel(
     State(state): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match state.engine.cancel(&id).await.map_err(ApiError::internal)? {
-        CancelOutcome::NotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no job {id}"),
-        )),
+    visible_job(&state, &caller, &id).await?;
+    match state.engine.cancel(&id).await.map_err(ApiError::store)? {
+        CancelOutcome::NotFound => Err(not_found(&id)),
         CancelOutcome::Done(job) if job.state.is_final() && job.state != JobState::Canceled => {
             Err(ApiError {
                 extra: json!({"job": public_view(&job)}),
@@ -619,14 +735,16 @@ async fn cancel(
 
 async fn events(
     State(state): State<Arc<ApiState>>,
+    axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (job, rx) = state
         .engine
         .subscribe(&id)
         .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}")))?;
+        .map_err(ApiError::store)?
+        .filter(|(job, _)| may_see(&caller, job))
+        .ok_or_else(|| not_found(&id))?;
     let snapshot = Event::default()
         .event("snapshot")
         .data(view(&state, &job).await.to_string());
@@ -692,15 +810,21 @@ pub fn openapi_document() -> Value {
                         {"name": "wait", "in": "query", "description": "Sync mode: wait up to this many seconds (also `Prefer: wait=N`)", "schema": {"type": "integer"}}
                     ],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitRequest"}}}},
-                    "responses": {"201": job, "200": job, "202": job, "400": error, "401": error, "422": error, "429": error}
+                    "responses": {"201": job, "200": job, "202": job, "400": error, "401": error,
+                        "422": {"description": "missing_model, forbidden_reference (a string input naming another directory ` [output]`/` [temp]`, a `..` segment or an absolute path; `node` and `input` say where), invalid_input_name, idempotency_key_reused (the key was used with another body)", "content": error["content"].clone()},
+                        "429": error}
                 },
                 "get": {
-                    "summary": "List jobs",
+                    "summary": "List the caller's jobs (an admin key: every job), newest first",
                     "parameters": [
                         {"name": "state", "in": "query", "schema": {"type": "string"}, "description": "Comma-separated states"},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "The previous page's `next`"}
                     ],
-                    "responses": {"200": {"content": {"application/json": {"schema": {"type": "object", "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}}}}}}
+                    "responses": {"200": {"content": {"application/json": {"schema": {"type": "object", "properties": {
+                        "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                        "next": {"type": ["string", "null"], "description": "Set while more may follow (a page can be short and still have one): pass it as `cursor`"}}}}}},
+                        "400": error}
                 }
             },
             "/api/v2/jobs/{id}": {"get": {"summary": "Read a job", "parameters": job_id, "responses": {"200": job, "404": error}}},
@@ -721,7 +845,7 @@ pub fn openapi_document() -> Value {
                     "overrides": {"type": "object", "description": "{node id: {input: value}}"},
                     "inputs": {"type": "object", "additionalProperties": {"type": "object", "properties": {"base64": {"type": "string"}, "url": {"type": "string", "description": "s3://bucket/key"}}}},
                     "fleet": {"type": "string", "description": "Unset: route by model"},
-                    "webhook": {"type": "string"}
+                    "webhook": {"type": "string", "description": "http(s) URL, delivered only to public addresses unless the FleetClass allows a range; no userinfo, no redirects followed"}
                 }},
                 "Job": {"type": "object", "properties": {
                     "id": {"type": "string"}, "url": {"type": "string"}, "fleet": {"type": "string"},
@@ -762,6 +886,45 @@ mod tests {
             .unwrap()
             .len();
         assert_eq!(states, JobState::ALL.len());
+    }
+
+    #[test]
+    fn the_request_hash_ignores_key_order_and_spacing_only() {
+        let a: Value = serde_json::from_str(
+            r#"{"prompt": {"1": {"inputs": {"x": 1, "y": "z"}}}, "fleet": "f"}"#,
+        )
+        .unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"fleet":"f","prompt":{"1":{"inputs":{"y":"z","x":1}}}}"#)
+                .unwrap();
+        let c = json!({"fleet": "f", "prompt": {"1": {"inputs": {"x": 2, "y": "z"}}}});
+        assert_eq!(request_hash(&a), request_hash(&b));
+        assert_ne!(request_hash(&a), request_hash(&c));
+        // Keys that need escaping are quoted as JSON, so no two bodies collide by text.
+        assert_ne!(
+            request_hash(&json!({"a\":1,\"b": 2})),
+            request_hash(&json!({"a": 1, "b": 2}))
+        );
+    }
+
+    #[test]
+    fn a_key_sees_its_own_jobs_and_an_admin_every_job() {
+        let mut job: Job = serde_json::from_value(json!({
+            "id": "j", "fleet": "f", "state": "queued", "prompt": {}, "created_at": 1,
+            "expires_at": 2, "key_id": "team-a"
+        }))
+        .unwrap();
+        let caller = |key_id: &str, admin| Caller {
+            key_id: key_id.into(),
+            admin,
+        };
+        assert!(may_see(&caller("team-a", false), &job));
+        assert!(!may_see(&caller("team-b", false), &job));
+        assert!(may_see(&caller("ops", true), &job));
+        // A job of no key (stored before keys were recorded): only admins.
+        job.key_id = None;
+        assert!(!may_see(&caller("team-a", false), &job));
+        assert!(may_see(&caller("ops", true), &job));
     }
 
     #[test]

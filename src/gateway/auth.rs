@@ -1,6 +1,11 @@
 //! API keys. The admin's Secret holds one entry per key: the key id as the entry name
 //! and the SHA-256 (hex) of the key as its value, so the cluster never stores a usable
 //! key. It is mounted into the gateway and re-read as the kubelet updates it.
+//!
+//! A key sees and controls only the jobs it submitted. A value of `<sha256hex> admin`
+//! (the word after the hash, separated by whitespace) marks an admin key, which sees and
+//! controls every job: a plain hash stays a plain key, so existing Secrets keep meaning
+//! what they meant.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,9 +16,27 @@ use sha2::{Digest, Sha256};
 
 pub struct ApiKeys {
     dir: Option<PathBuf>,
-    /// id → SHA-256 of the key.
-    keys: RwLock<BTreeMap<String, [u8; 32]>>,
+    /// id → the key's entry.
+    keys: RwLock<BTreeMap<String, KeyEntry>>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KeyEntry {
+    /// SHA-256 of the key.
+    hash: [u8; 32],
+    admin: bool,
+}
+
+/// Who made a request: the id of the key it carried (never the key) and its role.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub key_id: String,
+    /// Sees and controls every job, not only its own.
+    pub admin: bool,
+}
+
+/// The role word that follows the hash in an admin key's Secret value.
+pub const ADMIN_ROLE: &str = "admin";
 
 /// The hex SHA-256 of a key: what goes in the Secret.
 pub fn hash_key(key: &str) -> String {
@@ -51,26 +74,48 @@ impl ApiKeys {
         }
     }
 
-    /// The id of the key presented, if it is one.
-    pub fn verify(&self, presented: &str) -> Option<String> {
+    /// The caller the presented key names, if it is one.
+    pub fn verify(&self, presented: &str) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
         let keys = self.keys.read().ok()?;
         let mut found = None;
         // Compare against every key, each in constant time.
-        for (id, hash) in keys.iter() {
-            let diff = hash
+        for (id, entry) in keys.iter() {
+            let diff = entry
+                .hash
                 .iter()
                 .zip(digest.iter())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b));
             if diff == 0 {
-                found = Some(id.clone());
+                found = Some(Caller {
+                    key_id: id.clone(),
+                    admin: entry.admin,
+                });
             }
         }
         found
     }
 }
 
-fn read_keys(dir: &Path) -> BTreeMap<String, [u8; 32]> {
+/// One Secret value: `<sha256hex>` or `<sha256hex> admin`. `None`: no valid hash.
+fn parse_entry(key_id: &str, text: &str) -> Option<KeyEntry> {
+    let mut words = text.split_whitespace();
+    let hash = hex::decode(words.next()?)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())?;
+    let mut admin = false;
+    for word in words {
+        if word == ADMIN_ROLE {
+            admin = true;
+        } else {
+            // A typo must not grant anything: the key stays a plain key.
+            tracing::warn!(%key_id, role = %word, "unknown role after the API key's hash; ignored");
+        }
+    }
+    Some(KeyEntry { hash, admin })
+}
+
+fn read_keys(dir: &Path) -> BTreeMap<String, KeyEntry> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         tracing::warn!(dir = %dir.display(), "API keys directory unreadable: every request is refused");
@@ -85,12 +130,9 @@ fn read_keys(dir: &Path) -> BTreeMap<String, [u8; 32]> {
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        match hex::decode(text.trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        {
-            Some(hash) => {
-                out.insert(name, hash);
+        match parse_entry(&name, &text) {
+            Some(entry) => {
+                out.insert(name, entry);
             }
             None => tracing::warn!(key_id = %name, "API key entry is not a hex SHA-256; ignored"),
         }
@@ -109,9 +151,30 @@ mod tests {
         std::fs::write(dir.join("team-a"), hash_key("secret-a")).unwrap();
         std::fs::write(dir.join("broken"), "not hex").unwrap();
         let keys = ApiKeys::new(Some(dir.clone()));
-        assert_eq!(keys.verify("secret-a").as_deref(), Some("team-a"));
-        assert_eq!(keys.verify("secret-b"), None);
-        assert_eq!(keys.verify("not hex"), None);
+        let caller = |key: &str| keys.verify(key).map(|c| (c.key_id, c.admin));
+        assert_eq!(caller("secret-a"), Some(("team-a".into(), false)));
+        assert_eq!(caller("secret-b"), None);
+        assert_eq!(caller("not hex"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_role_word_after_the_hash_marks_an_admin_key() {
+        let dir = std::env::temp_dir().join(format!("sdfleet-keys-admin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ops"),
+            format!("{} admin\n", hash_key("secret-ops")),
+        )
+        .unwrap();
+        // `sha256sum` output pasted whole: the `-` is not a role, the key stays plain.
+        std::fs::write(dir.join("ci"), format!("{}  -", hash_key("secret-ci"))).unwrap();
+        std::fs::write(dir.join("typo"), format!("{} admn", hash_key("secret-t"))).unwrap();
+        let keys = ApiKeys::new(Some(dir.clone()));
+        let caller = |key: &str| keys.verify(key).map(|c| (c.key_id, c.admin));
+        assert_eq!(caller("secret-ops"), Some(("ops".into(), true)));
+        assert_eq!(caller("secret-ci"), Some(("ci".into(), false)));
+        assert_eq!(caller("secret-t"), Some(("typo".into(), false)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,22 +1,47 @@
 //! The gateway's side of ComfyUI's own server protocol, for one pod: `/prompt` with a
 //! chosen `prompt_id`, `/queue`, `/history/{id}`, `/interrupt`, `/upload/image`, `/view`,
-//! and the `/ws` event stream of one fixed client id.
+//! `/system_stats`, and the `/ws` event stream of this gateway process's client id.
+//!
+//! Every call has a deadline and the websocket is pinged: a node that dies without a TCP
+//! reset black-holes traffic, and nothing else would ever notice.
+
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::job::Output;
+use super::job::{JobError, Output};
+
+/// Deadline of a control call (`/prompt`, `/queue`, `/history`, `/interrupt`, ...).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a file transfer (`/upload/image`, `/view`): files can be large.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
-    /// The pod is unreachable or answered with a server error: try another.
+    /// The pod is unreachable, timed out or answered with a server error: maybe the pod.
     #[error("pod {pod}: {message}")]
     Transport { pod: String, message: String },
-    /// ComfyUI refused the prompt (400): the workflow is wrong, not the pod.
+    /// ComfyUI refused the prompt (400 with `node_errors`): the workflow is wrong, not
+    /// the pod.
     #[error("ComfyUI refused the prompt: {message}")]
-    Rejected { message: String, node_errors: Value },
+    Rejected {
+        message: String,
+        error: Value,
+        node_errors: Value,
+    },
+    /// Any other 4xx: the request was wrong (an input ComfyUI will not take), not the pod.
+    #[error("ComfyUI refused the request (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
+}
+
+impl PodError {
+    /// The pod may be down (as opposed to the request being wrong).
+    pub fn is_transport(&self) -> bool {
+        matches!(self, PodError::Transport { .. })
+    }
 }
 
 /// A pod's ComfyUI server.
@@ -25,8 +50,19 @@ pub struct PodClient {
     pub name: String,
     /// `http://ip:port`
     pub base: String,
+    /// This gateway process's client id; each websocket connection adds its number
+    /// (`<id>-<n>`): ComfyUI keeps one socket per client id, and a reconnect under the same
+    /// id is made deaf when the old socket's cleanup runs after it (server.py's
+    /// `websocket_handler` pops the id in its `finally`). Prompts sent before a reconnect
+    /// end through the periodic resync instead of events.
     pub client_id: String,
+    connection: std::sync::Arc<std::sync::atomic::AtomicU64>,
     http: reqwest::Client,
+    /// How long the websocket may stay silent (pings unanswered) before it counts as dead.
+    pub silence_limit: Duration,
+    /// ComfyUI interrupts by `prompt_id` (from 0.3.57, September 2025); older servers
+    /// interrupt whatever runs. Read from `/system_stats` on connect.
+    pub targeted_interrupt: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What `/queue` says: prompt ids running and waiting, with the client that sent each.
@@ -201,8 +237,25 @@ impl PodClient {
             name: name.into(),
             base: base.trim_end_matches('/').into(),
             client_id: client_id.into(),
+            connection: Default::default(),
             http,
+            silence_limit: Duration::from_secs(30),
+            targeted_interrupt: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// The client id of the current websocket connection.
+    pub fn connection_client_id(&self) -> String {
+        let n = self.connection.load(std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", self.client_id)
+    }
+
+    /// Whether a prompt's `client_id` is one of this process's connections.
+    pub fn is_ours(&self, client_id: &str) -> bool {
+        client_id
+            .strip_prefix(&self.client_id)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     }
 
     fn transport(&self, e: impl std::fmt::Display) -> PodError {
@@ -213,35 +266,93 @@ impl PodClient {
     }
 
     async fn json(&self, req: reqwest::RequestBuilder) -> Result<Value, PodError> {
-        let resp = req.send().await.map_err(|e| self.transport(e))?;
+        self.json_within(req, CALL_TIMEOUT).await
+    }
+
+    async fn json_within(
+        &self,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Value, PodError> {
+        let resp = req
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.transport(e.without_url()))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| self.transport(e.without_url()))?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() {
-            Ok(body)
-        } else if status == reqwest::StatusCode::BAD_REQUEST {
-            Err(PodError::Rejected {
+            return Ok(body);
+        }
+        if status.is_server_error() {
+            return Err(self.transport(format!("HTTP {status}")));
+        }
+        // `/prompt` answers 400 with `{error: {type, message, ...}, node_errors}`
+        // (server.py's post_prompt); other refusals are plain text.
+        if body.get("error").is_some_and(Value::is_object) {
+            return Err(PodError::Rejected {
                 message: body
                     .pointer("/error/message")
                     .and_then(Value::as_str)
                     .unwrap_or("bad request")
                     .to_string(),
+                error: body.get("error").cloned().unwrap_or(Value::Null),
                 node_errors: body.get("node_errors").cloned().unwrap_or(Value::Null),
-            })
-        } else {
-            Err(self.transport(format!("HTTP {status}")))
+            });
+        }
+        let mut message: String = text.chars().take(300).collect();
+        if message.trim().is_empty() {
+            message = status.to_string();
+        }
+        Err(PodError::Refused {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    /// `/system_stats`: whether the pod answers at all, and its ComfyUI version.
+    pub async fn system_stats(&self) -> Result<Value, PodError> {
+        self.json(self.http.get(format!("{}/system_stats", self.base)))
+            .await
+    }
+
+    /// Reads the pod's ComfyUI version to choose how to interrupt.
+    pub async fn learn_version(&self) {
+        if let Ok(stats) = self.system_stats().await {
+            let version = stats
+                .pointer("/system/comfyui_version")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            self.targeted_interrupt.store(
+                interrupts_by_prompt_id(version),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
     }
 
     /// Queues the prompt under `prompt_id` for this gateway's client id.
     pub async fn submit(&self, prompt_id: &str, prompt: &Value) -> Result<(), PodError> {
-        let body = json!({"prompt": prompt, "client_id": self.client_id, "prompt_id": prompt_id});
+        let body = json!({"prompt": prompt, "client_id": self.connection_client_id(), "prompt_id": prompt_id});
         self.json(self.http.post(format!("{}/prompt", self.base)).json(&body))
             .await
             .map(|_| ())
     }
 
-    /// Interrupts `prompt_id` only if it is the one running (ComfyUI ignores others).
+    /// Interrupts `prompt_id` only if it is the one running. Newer ComfyUI checks the
+    /// `prompt_id` itself; an older one interrupts whatever runs, so the gateway asks
+    /// `/queue` first (a prompt that ends between the two calls leaves a small window).
     pub async fn interrupt(&self, prompt_id: &str) -> Result<(), PodError> {
+        if !self
+            .targeted_interrupt
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && !self.queue().await?.is_running(prompt_id)
+        {
+            return Ok(());
+        }
         let req = self.http.post(format!("{}/interrupt", self.base));
         self.json(req.json(&json!({"prompt_id": prompt_id})))
             .await
@@ -316,7 +427,9 @@ impl PodClient {
             .part("image", part)
             .text("type", "input");
         let url = format!("{}/upload/image", self.base);
-        let body = self.json(self.http.post(url).multipart(form)).await?;
+        let body = self
+            .json_within(self.http.post(url).multipart(form), TRANSFER_TIMEOUT)
+            .await?;
         let stored = body.get("name").and_then(Value::as_str).unwrap_or(name);
         Ok(match body.get("subfolder").and_then(Value::as_str) {
             Some(sub) if !sub.is_empty() => format!("{sub}/{stored}"),
@@ -324,8 +437,9 @@ impl PodClient {
         })
     }
 
-    /// The bytes of an output file.
-    pub async fn view(&self, output: &Output) -> Result<Bytes, PodError> {
+    /// An output file as a streaming response (its body is read by the caller, within
+    /// the transfer deadline).
+    pub async fn view(&self, output: &Output) -> Result<reqwest::Response, PodError> {
         let url = format!("{}/view", self.base);
         let query = [
             ("filename", output.filename.as_str()),
@@ -343,9 +457,10 @@ impl PodClient {
             .http
             .get(url)
             .query(&query)
+            .timeout(TRANSFER_TIMEOUT)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.transport(e.without_url()))?;
         if !resp.status().is_success() {
             return Err(self.transport(format!(
                 "/view {}: HTTP {}",
@@ -353,33 +468,148 @@ impl PodClient {
                 resp.status()
             )));
         }
-        resp.bytes().await.map_err(|e| self.transport(e))
+        Ok(resp)
     }
 
-    /// Opens the event stream of this gateway's client id. Yields events about prompts
-    /// until the socket closes.
+    /// Opens the event stream under a new connection's client id (prompts submitted from
+    /// now on use it). Yields events about prompts until the socket closes or goes silent.
     pub async fn events(
         &self,
     ) -> Result<impl futures::Stream<Item = PodEvent> + Send + Unpin + use<>, PodError> {
+        self.connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let url = format!(
             "{}/ws?clientId={}",
             self.base.replacen("http", "ws", 1),
-            self.client_id
+            self.connection_client_id()
         );
-        let (socket, _) = tokio_tungstenite::connect_async(url)
+        let (socket, _) = tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::connect_async(url))
             .await
+            .map_err(|_| self.transport("websocket connect timed out"))?
             .map_err(|e| self.transport(e))?;
-        // The stream ends at the socket's first error or close instead of hanging on it.
-        Ok(Box::pin(
-            socket
-                .take_while(|msg| futures::future::ready(msg.is_ok()))
-                .filter_map(|msg| async move {
-                    match msg {
-                        Ok(Message::Text(text)) => PodEvent::parse(&text),
-                        _ => None,
+        let (mut sink, stream) = socket.split();
+        // Pings keep a silent pod honest: aiohttp answers them, a dead node does not.
+        let every = self.silence_limit / 3;
+        let pinger = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let state = (
+            stream,
+            AbortOnDrop(pinger),
+            self.silence_limit,
+            self.name.clone(),
+        );
+        // The stream ends at the socket's first error or close, or after the silence
+        // limit with no frame at all (not even a pong), instead of hanging on it.
+        Ok(Box::pin(futures::stream::unfold(
+            state,
+            |(mut stream, pinger, limit, pod)| async move {
+                loop {
+                    match tokio::time::timeout(limit, stream.next()).await {
+                        Err(_) => {
+                            tracing::warn!(%pod, ?limit, "websocket silent: the pod counts as unreachable");
+                            return None;
+                        }
+                        Ok(None | Some(Err(_))) => return None,
+                        Ok(Some(Ok(Message::Text(text)))) => {
+                            if let Some(event) = PodEvent::parse(&text) {
+                                return Some((event, (stream, pinger, limit, pod)));
+                            }
+                        }
+                        Ok(Some(Ok(_))) => {}
                     }
-                }),
-        ))
+                }
+            },
+        )))
+    }
+}
+
+/// A `/prompt` refusal as a typed job error: the first node error with its node, input
+/// and ComfyUI's details; a model input whose value is not in the pod's list is
+/// `missing_model`. Without node errors (an unknown node type, no output node), the
+/// top-level error.
+pub fn rejection_error(message: &str, error: &Value, node_errors: &Value) -> JobError {
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut nodes: Vec<(&String, &Value)> = node_errors
+        .as_object()
+        .map(|m| m.iter().collect())
+        .unwrap_or_default();
+    nodes.sort_by(|a, b| a.0.cmp(b.0));
+    for (node, entry) in nodes {
+        let Some(first) = entry
+            .get("errors")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+        else {
+            continue;
+        };
+        let input = first
+            .pointer("/extra_info/input_name")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let kind = text(first, "type");
+        let is_model_input = input.as_deref().is_some_and(|i| {
+            i.trim_end_matches(|c: char| c.is_ascii_digit())
+                .ends_with("_name")
+        });
+        let job_kind = match kind.as_str() {
+            "value_not_in_list" if is_model_input => "missing_model",
+            "value_not_in_list" => "invalid_input",
+            _ => "invalid_workflow",
+        };
+        let class = text(entry, "class_type");
+        let details = Some(text(first, "details")).filter(|d| !d.is_empty());
+        return JobError {
+            kind: job_kind.into(),
+            message: format!(
+                "node {node} ({class}): {}{}",
+                text(first, "message"),
+                details
+                    .as_deref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ),
+            node: Some(node.clone()),
+            input,
+            details,
+        };
+    }
+    let details = Some(text(error, "details")).filter(|d| !d.is_empty());
+    JobError {
+        kind: "invalid_workflow".into(),
+        message: message.to_string(),
+        node: None,
+        input: None,
+        details,
+    }
+}
+
+/// Stops the websocket's pinger with the stream that owns it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether ComfyUI `version` (`0.3.57`, `v0.3.56`, ...) interrupts by `prompt_id`: from
+/// 0.3.57 on. Unknown or unparsable versions count as new (the current release line).
+pub fn interrupts_by_prompt_id(version: &str) -> bool {
+    let parts: Vec<u64> = version
+        .trim_start_matches('v')
+        .split('.')
+        .map_while(|p| p.parse().ok())
+        .collect();
+    match parts.as_slice() {
+        [major, minor, patch, ..] => (*major, *minor, *patch) >= (0, 3, 57),
+        [major, minor] => (*major, *minor) > (0, 3),
+        _ => true,
     }
 }
 
@@ -426,5 +656,60 @@ mod tests {
         assert_eq!(outputs[0].filename, "x_00001_.png");
         assert_eq!(outputs[0].subfolder, "a");
         assert_eq!(outputs[0].node, "9");
+    }
+
+    #[test]
+    fn node_errors_become_typed_errors() {
+        let node_errors = json!({"4": {"errors": [{"type": "value_not_in_list",
+            "message": "Value not in list",
+            "details": "ckpt_name: 'nope.safetensors' not in ['a.safetensors']",
+            "extra_info": {"input_name": "ckpt_name", "received_value": "nope.safetensors"}}],
+            "dependent_outputs": ["9"], "class_type": "CheckpointLoaderSimple"}});
+        let e = rejection_error("Prompt outputs failed validation", &json!({}), &node_errors);
+        assert_eq!(e.kind, "missing_model");
+        assert_eq!(e.node.as_deref(), Some("4"));
+        assert_eq!(e.input.as_deref(), Some("ckpt_name"));
+        assert!(e.details.as_deref().unwrap().contains("nope.safetensors"));
+        assert!(
+            !e.message.contains('{'),
+            "no raw JSON in the message: {}",
+            e.message
+        );
+
+        let image = json!({"10": {"errors": [{"type": "value_not_in_list", "message": "Value not in list",
+            "details": "image: 'x.png' not in []", "extra_info": {"input_name": "image"}}],
+            "class_type": "LoadImage"}});
+        assert_eq!(
+            rejection_error("", &json!({}), &image).kind,
+            "invalid_input"
+        );
+
+        let unknown = json!({"type": "invalid_prompt", "message": "Cannot execute because node Foo does not exist.", "details": "Node ID '#3'"});
+        let e = rejection_error(
+            "Cannot execute because node Foo does not exist.",
+            &unknown,
+            &json!({}),
+        );
+        assert_eq!(e.kind, "invalid_workflow");
+        assert_eq!(e.details.as_deref(), Some("Node ID '#3'"));
+    }
+
+    #[test]
+    fn a_connection_client_id_is_the_process_id_and_its_number() {
+        let c = PodClient::new("p", "http://x", "gw-abc", reqwest::Client::new());
+        assert_eq!(c.connection_client_id(), "gw-abc-0");
+        assert!(c.is_ours("gw-abc-0") && c.is_ours("gw-abc-12"));
+        assert!(!c.is_ours("gw-abc") && !c.is_ours("gw-abcd-1") && !c.is_ours("gw-abc-"));
+        assert!(!c.is_ours("gw-abc-1x"));
+    }
+
+    #[test]
+    fn interrupt_by_prompt_id_from_its_version() {
+        assert!(interrupts_by_prompt_id("0.3.57"));
+        assert!(interrupts_by_prompt_id("v0.4.0"));
+        assert!(interrupts_by_prompt_id("1.0"));
+        assert!(!interrupts_by_prompt_id("0.3.56"));
+        assert!(!interrupts_by_prompt_id("0.2.7"));
+        assert!(interrupts_by_prompt_id(""));
     }
 }

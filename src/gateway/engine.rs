@@ -23,7 +23,8 @@ use super::webhook::Webhooks;
 use super::workflow::rename_input;
 
 pub struct Settings {
-    /// The client id of this gateway on every pod's websocket.
+    /// This gateway process's client id on the pods' websockets (each connection adds
+    /// its number).
     pub client_id: String,
     /// Jobs a fleet may hold waiting (not yet started); more get 429.
     pub queue_cap: usize,
@@ -39,6 +40,20 @@ pub struct Settings {
     pub orphan_grace: Duration,
     /// Buckets `s3://` inputs may come from.
     pub input_buckets: Vec<String>,
+    /// A pod's websocket silent this long (pings unanswered) counts as a lost connection.
+    pub silence_limit: Duration,
+    /// How often a busy pod is asked about its jobs (`/queue`, `/history`), events or no
+    /// events: ComfyUI drops the events of a client whose socket is down, and a restarted
+    /// gateway's new client id gets none of the prompts sent before.
+    pub resync_every: Duration,
+    /// A job running longer is interrupted and fails `run_timeout`.
+    pub max_run: Option<Duration>,
+    /// Finished jobs are deleted this long after they were submitted...
+    pub retention: Duration,
+    /// ...or when more than this many jobs are stored (the oldest finished ones first).
+    pub retention_max_jobs: usize,
+    /// How often retention runs and the store's fill level is read.
+    pub retention_every: Duration,
 }
 
 /// One event of one job, for its SSE stream.
@@ -72,6 +87,12 @@ struct Pod {
     connected: bool,
     unreachable_since: Option<Instant>,
     assigned: Vec<String>,
+    /// Jobs whose hand-off (inputs, `/prompt`) is in progress: a resync must not take
+    /// them for lost because the pod does not know them yet.
+    handing_off: Vec<String>,
+    /// A prompt that overran the run limit and was interrupted: the pod gets no new job
+    /// until it has stopped it (a hung ComfyUI would queue them behind it).
+    overran: Option<String>,
     checkpoint: Option<String>,
     ran_any: bool,
     commands: mpsc::UnboundedSender<PodCommand>,
@@ -107,7 +128,10 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-type PersistRequest = (Job, Option<oneshot::Sender<()>>);
+/// Tries to store one output before the job fails `output_failed`.
+const OUTPUT_ATTEMPTS: u32 = 3;
+
+type PersistRequest = (Job, Option<oneshot::Sender<Result<(), String>>>);
 
 /// Jobs written to the in-memory state but not yet committed, with their count of
 /// writes in flight: reads see them until the store has them.
@@ -154,7 +178,12 @@ impl Engine {
             started: Instant::now(),
             signals: Arc::default(),
         });
-        tokio::spawn(persister(engine.store.clone(), rx, unflushed));
+        tokio::spawn(persister(
+            engine.store.clone(),
+            rx,
+            unflushed,
+            engine.metrics.clone(),
+        ));
         engine
     }
 
@@ -178,18 +207,20 @@ impl Engine {
         }
     }
 
-    /// Queues a store write, in the order of the in-memory changes.
+    /// Queues a store write. Called under the state lock, so writes reach the store in
+    /// the order the changes were made (a stale copy cannot overwrite a newer one).
     fn persist_later(&self, job: &Job) {
         self.track(job);
         let _ = self.persist.send((job.clone(), None));
     }
 
-    /// Writes and waits for the commit.
-    async fn persist_now(&self, job: &Job) {
+    /// Queues a store write (under the state lock, as `persist_later`); the receiver
+    /// says when it is committed, or why not.
+    fn persist_acked(&self, job: &Job) -> oneshot::Receiver<Result<(), String>> {
         self.track(job);
         let (tx, rx) = oneshot::channel();
         let _ = self.persist.send((job.clone(), Some(tx)));
-        let _ = rx.await;
+        rx
     }
 
     fn publish(state: &mut State, job: &Job, kind: &'static str, mut data: Value) {
@@ -254,7 +285,7 @@ impl Engine {
                 return Ok(Admission::Existing(found));
             }
         }
-        {
+        let committed = {
             let mut st = self.lock();
             if let Some(key) = &job.idempotency_key {
                 // Two requests with one key at once: the first one in wins.
@@ -287,31 +318,50 @@ impl Engine {
                 st.keys.insert(key.clone(), job.id.clone());
             }
             st.jobs.insert(job.id.clone(), job.clone());
+            self.persist_acked(&job)
+        };
+        // Acknowledged only once it is durable: a 201 for a job the store never got would
+        // be a job lost at the next restart.
+        let committed = match committed.await {
+            Ok(result) => result,
+            Err(_) => Err("the store writer stopped".into()),
+        };
+        let mut st = self.lock();
+        if let Err(e) = committed {
+            if let Some(key) = &job.idempotency_key {
+                st.keys.remove(key);
+            }
+            st.jobs.remove(&job.id);
+            return Err(super::store::StoreError::from_message(e));
         }
-        self.persist_now(&job).await;
-        self.lock()
-            .queues
+        st.queues
             .entry(job.fleet.clone())
             .or_default()
             .push_back(job.id.clone());
+        drop(st);
         self.wake.notify_one();
         Ok(Admission::Accepted(job))
     }
 
     /// The job, live if it has not ended, else from the store.
     pub async fn get(&self, id: &str) -> Result<Option<Job>, super::store::StoreError> {
-        if let Some(job) = self.lock().jobs.get(id) {
-            return Ok(Some(job.clone()));
+        if let Some(job) = self.live(id) {
+            return Ok(Some(job));
         }
-        if let Some((job, _)) = self
-            .unflushed
+        self.store.get(id).await
+    }
+
+    /// The job as the engine has it now, if it has not ended or is not yet committed:
+    /// what a page read from the store may be behind.
+    pub fn live(&self, id: &str) -> Option<Job> {
+        if let Some(job) = self.lock().jobs.get(id) {
+            return Some(job.clone());
+        }
+        self.unflushed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-        {
-            return Ok(Some(job.clone()));
-        }
-        self.store.get(id).await
+            .map(|(job, _)| job.clone())
     }
 
     /// The job now and, while it runs, a receiver of its next events (subscribed under
@@ -551,12 +601,13 @@ impl Engine {
                     continue;
                 }
             }
-            let client = PodClient::new(
+            let mut client = PodClient::new(
                 &ep.name,
                 &ep.url,
                 &self.settings.client_id,
                 self.http.clone(),
             );
+            client.silence_limit = self.settings.silence_limit;
             let (tx, rx) = mpsc::unbounded_channel();
             let assigned = st.orphans.remove(&ep.name).unwrap_or_default();
             let task = tokio::spawn(run_pod(self.clone(), client.clone(), rx));
@@ -570,6 +621,8 @@ impl Engine {
                     connected: false,
                     unreachable_since: None,
                     assigned,
+                    handing_off: Vec::new(),
+                    overran: None,
                     checkpoint: None,
                     ran_any: false,
                     commands: tx,
@@ -590,11 +643,55 @@ impl Engine {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             self.housekeeping();
-            for (job, commands) in self.assign() {
-                self.persist_now(&job).await;
+            for (job, commands, committed) in self.assign() {
+                // The hand-off goes out once the store knows which pod the job is on, so
+                // a restart asks that pod instead of running the job again elsewhere.
+                if let Ok(Err(e)) = committed.await {
+                    tracing::error!(job = %job.id, error = %e, "cannot store a hand-off");
+                }
                 let _ = commands.send(PodCommand::Submit(Box::new(job)));
             }
             self.refresh_gauges();
+        }
+    }
+
+    /// Retention and the store's fill level, every `retention_every`, until the process
+    /// ends. A volume that fills anyway makes submits answer 503, never a lost job.
+    pub async fn retain(self: Arc<Self>) {
+        const BATCH: usize = 1_000;
+        loop {
+            let before = now_millis().saturating_sub(self.settings.retention.as_millis() as u64);
+            // Bounded: a backlog goes a batch per commit, a few batches per round.
+            for _ in 0..20 {
+                let store = self.store.0.clone();
+                let max = self.settings.retention_max_jobs;
+                let pruned =
+                    tokio::task::spawn_blocking(move || store.prune(before, max, BATCH)).await;
+                match pruned {
+                    Ok(Ok(n)) => {
+                        self.metrics.pruned.inc_by(n as u64);
+                        if n > 0 {
+                            tracing::info!(jobs = n, "retention deleted finished jobs");
+                        }
+                        if n < BATCH {
+                            break;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "retention failed");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention task failed");
+                        break;
+                    }
+                }
+            }
+            if let Some((used, total)) = self.store.0.fill() {
+                self.metrics.store_used_bytes.set(used as i64);
+                self.metrics.store_capacity_bytes.set(total as i64);
+            }
+            tokio::time::sleep(self.settings.retention_every).await;
         }
     }
 
@@ -618,6 +715,33 @@ impl Engine {
                 JobState::Expired,
                 Some(JobError::new("expired", msg)),
             );
+        }
+        if let Some(limit) = self.settings.max_run {
+            let limit_ms = limit.as_millis() as u64;
+            let overran: Vec<(String, Option<String>)> = st
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .filter(|j| {
+                    j.started_at
+                        .is_some_and(|t| now.saturating_sub(t) >= limit_ms)
+                })
+                .map(|j| (j.id.clone(), j.pod.clone()))
+                .collect();
+            for (id, pod) in overran {
+                if let Some(p) = pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
+                    let _ = p.commands.send(PodCommand::Interrupt(id.clone()));
+                    p.overran = Some(id.clone());
+                }
+                let msg = format!("ran longer than the run limit ({} s)", limit.as_secs());
+                tracing::warn!(job = %id, ?pod, "run limit: interrupting the job");
+                self.finish_locked(
+                    &mut st,
+                    &id,
+                    JobState::Failed,
+                    Some(JobError::new("run_timeout", msg)),
+                );
+            }
         }
         let lost: Vec<(String, Vec<String>)> = st
             .pods
@@ -645,8 +769,16 @@ impl Engine {
         }
     }
 
-    /// Chooses hand-offs under the lock; the caller stores each before sending it.
-    fn assign(&self) -> Vec<(Job, mpsc::UnboundedSender<PodCommand>)> {
+    /// Chooses hand-offs under the lock and queues their store writes; the caller waits
+    /// for each commit before sending it.
+    #[allow(clippy::type_complexity)]
+    fn assign(
+        &self,
+    ) -> Vec<(
+        Job,
+        mpsc::UnboundedSender<PodCommand>,
+        oneshot::Receiver<Result<(), String>>,
+    )> {
         let mut out = Vec::new();
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -676,6 +808,7 @@ impl Engine {
                                 && p.ready
                                 && p.connected
                                 && p.unreachable_since.is_none()
+                                && p.overran.is_none()
                         })
                         .map(|(n, _)| n)
                         .collect();
@@ -715,7 +848,9 @@ impl Engine {
                     pod.checkpoint = job.checkpoint.clone();
                 }
                 pod.assigned.push(id.clone());
-                out.push((job.clone(), pod.commands.clone()));
+                let (job, commands) = (job.clone(), pod.commands.clone());
+                let committed = self.persist_acked(&job);
+                out.push((job, commands, committed));
             }
         }
         out
@@ -751,18 +886,33 @@ impl Engine {
             .is_some_and(|j| j.pod.as_deref() == Some(pod) && j.state == JobState::Queued)
     }
 
-    fn dispatch_failed(&self, id: &str, pod: &str, error: &PodError) {
-        tracing::warn!(job = %id, %pod, %error, "hand-off failed");
+    /// A hand-off failed on the way (not refused): the job goes back to the queue, and
+    /// the pod is taken out of service only if it does not answer `/system_stats` either.
+    fn dispatch_failed(&self, id: &str, pod: &str, error: &PodError, pod_answers: bool) {
+        tracing::warn!(job = %id, %pod, %error, pod_answers, "hand-off failed");
         let mut st = self.lock();
         if let Some(p) = st.pods.get_mut(pod) {
             self.metrics
                 .dispatch_errors
                 .get_or_create(&GatewayMetrics::fleet(&p.fleet))
                 .inc();
-            p.connected = false;
-            p.unreachable_since.get_or_insert_with(Instant::now);
+            p.handing_off.retain(|j| j != id);
+            if !pod_answers {
+                p.connected = false;
+                p.unreachable_since.get_or_insert_with(Instant::now);
+            }
         }
         self.requeue_locked(&mut st, id, "hand-off failed");
+    }
+
+    /// Marks the start or end of a hand-off to `pod`.
+    fn handing_off(&self, pod: &str, id: &str, active: bool) {
+        if let Some(p) = self.lock().pods.get_mut(pod) {
+            p.handing_off.retain(|j| j != id);
+            if active {
+                p.handing_off.push(id.to_string());
+            }
+        }
     }
 
     fn set_connected(&self, pod: &str, connected: bool) -> Vec<String> {
@@ -776,7 +926,36 @@ impl Engine {
         } else {
             p.unreachable_since.get_or_insert_with(Instant::now);
         }
-        p.assigned.clone()
+        Self::settled_jobs(p)
+    }
+
+    /// The jobs of `pod` to ask it about, and whether there is anything to ask (a busy pod
+    /// or one that overran).
+    fn resync_targets(&self, pod: &str) -> Option<Vec<String>> {
+        let st = self.lock();
+        let p = st.pods.get(pod)?;
+        (!p.assigned.is_empty() || p.overran.is_some()).then(|| Self::settled_jobs(p))
+    }
+
+    /// The pod's jobs whose hand-off is complete (the others it cannot know yet).
+    fn settled_jobs(p: &Pod) -> Vec<String> {
+        p.assigned
+            .iter()
+            .filter(|j| !p.handing_off.contains(j))
+            .cloned()
+            .collect()
+    }
+
+    /// The overrun prompt is no longer running on the pod: it may get jobs again.
+    fn clear_overran(&self, pod: &str, queue: &QueueView) {
+        let mut st = self.lock();
+        if let Some(p) = st.pods.get_mut(pod)
+            && p.overran.as_deref().is_some_and(|id| !queue.is_running(id))
+        {
+            p.overran = None;
+            drop(st);
+            self.wake.notify_one();
+        }
     }
 
     async fn input_bytes(&self, input: &InputFile) -> Result<Bytes, String> {
@@ -812,6 +991,16 @@ impl Engine {
             .get(&id)
             .is_some_and(|j| j.pod.as_deref() == Some(pod));
         if !ours {
+            if matches!(
+                event,
+                PodEvent::Succeeded { .. } | PodEvent::Failed { .. } | PodEvent::Interrupted { .. }
+            ) && let Some(p) = st.pods.get_mut(pod)
+                && p.overran.as_deref() == Some(id.as_str())
+            {
+                // The prompt that overran its limit has stopped: the pod may work again.
+                p.overran = None;
+                self.wake.notify_one();
+            }
             // A prompt this gateway canceled, expired or moved: stop it there.
             if matches!(event, PodEvent::Started { .. }) {
                 tracing::info!(job = %id, %pod, "stopping a prompt that is no longer this pod's");
@@ -822,7 +1011,10 @@ impl Engine {
         }
         match event {
             PodEvent::Succeeded { .. } => {
-                self.release_slot(st, pod, &id);
+                if !self.release_slot(st, pod, &id) {
+                    // A resync already saw it end and is storing its outputs.
+                    return;
+                }
                 let Some(job) = st.jobs.get(&id).cloned() else {
                     return;
                 };
@@ -833,11 +1025,8 @@ impl Engine {
             }
             PodEvent::Failed { node, message, .. } => {
                 self.release_slot(st, pod, &id);
-                let error = JobError {
-                    kind: "execution_error".into(),
-                    message,
-                    node,
-                };
+                let mut error = JobError::new("execution_error", message);
+                error.node = node;
                 self.finish_locked(st, &id, JobState::Failed, Some(error));
                 return;
             }
@@ -902,11 +1091,7 @@ impl Engine {
                 Self::publish(st, &job, "progress", data);
             }
             PodEvent::Executed { outputs, .. } => {
-                for o in outputs {
-                    if !job.outputs.contains(&o) {
-                        job.outputs.push(o);
-                    }
-                }
+                merge_outputs(&mut job.outputs, outputs);
                 let (job, data) = (job.clone(), json!({"outputs": job.outputs}));
                 Self::publish(st, &job, "output", data);
             }
@@ -916,39 +1101,65 @@ impl Engine {
     }
 
     /// The pod is done with `id`: its slot frees now, before outputs are uploaded.
-    fn release_slot(&self, st: &mut State, pod: &str, id: &str) {
+    /// Whether it held the job (false: someone else already saw it end).
+    fn release_slot(&self, st: &mut State, pod: &str, id: &str) -> bool {
+        let mut held = false;
         if let Some(p) = st.pods.get_mut(pod) {
+            held = p.assigned.iter().any(|j| j == id);
             p.assigned.retain(|j| j != id);
             p.ran_any = true;
         }
         self.wake.notify_one();
+        held
     }
 
-    /// Stores a finished prompt's outputs and ends the job `succeeded`.
+    /// Stores a finished prompt's outputs and ends the job `succeeded`. The outputs are
+    /// read from `/history`: the websocket may have missed some (ComfyUI drops events for
+    /// a client whose socket is down). Each upload is tried `OUTPUT_ATTEMPTS` times; a
+    /// pod that cannot be read any more gives the job back to the queue.
     async fn complete(&self, mut job: Job, client: &PodClient) {
+        match client.history(&job.id).await {
+            Ok(Some(entry)) => merge_outputs(&mut job.outputs, entry.outputs),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "cannot read the job's outputs from its pod");
+                let mut st = self.lock();
+                self.requeue_locked(&mut st, &job.id, "its outputs could not be read");
+                return;
+            }
+        }
         if let Some(store) = &self.outputs {
             for output in job.outputs.iter_mut() {
-                let stored = match client.view(output).await {
-                    Ok(bytes) => {
-                        let size = bytes.len() as u64;
-                        store
-                            .put(output, bytes)
+                let key = store.key(&job.id, output);
+                let mut last_error = String::new();
+                for attempt in 1..=OUTPUT_ATTEMPTS {
+                    let stored = match client.view(output).await {
+                        Ok(resp) => store
+                            .put_response(&key, resp)
                             .await
-                            .map(|key| (key, size))
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match stored {
+                        Ok(size) => {
+                            output.key = Some(key.clone());
+                            output.size = Some(size);
+                            last_error.clear();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = %job.id, attempt, error = %e, "output upload failed");
+                            last_error = e;
+                            if attempt < OUTPUT_ATTEMPTS {
+                                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                            }
+                        }
                     }
-                    Err(e) => Err(e.to_string()),
-                };
-                match stored {
-                    Ok((key, size)) => {
-                        output.key = Some(key);
-                        output.size = Some(size);
-                    }
-                    Err(e) => {
-                        let error = JobError::new("output_failed", e);
-                        self.finish(&job.id, JobState::Failed, Some(error));
-                        return;
-                    }
+                }
+                if !last_error.is_empty() {
+                    let error = JobError::new("output_failed", last_error);
+                    self.finish(&job.id, JobState::Failed, Some(error));
+                    return;
                 }
             }
         }
@@ -971,6 +1182,7 @@ impl Engine {
         assigned: Vec<String>,
     ) -> Result<(), PodError> {
         let queue = client.queue().await?;
+        self.clear_overran(&client.name, &queue);
         for id in &assigned {
             if queue.contains(id) {
                 if queue.is_running(id) {
@@ -990,7 +1202,7 @@ impl Engine {
             }
         }
         // Prompts of this gateway's client that are no longer this pod's: stop them.
-        for (id, running) in self.strays(&client.name, &client.client_id, &queue) {
+        for (id, running) in self.strays(client, &queue) {
             if running {
                 client.interrupt(&id).await?;
             } else {
@@ -1007,9 +1219,11 @@ impl Engine {
         let st = &mut *guard;
         match entry {
             Some(entry) if entry.succeeded => {
-                self.release_slot(st, pod, id);
+                if !self.release_slot(st, pod, id) {
+                    return None;
+                }
                 let job = st.jobs.get_mut(id)?;
-                job.outputs = entry.outputs;
+                merge_outputs(&mut job.outputs, entry.outputs);
                 job.started_at.get_or_insert_with(now_millis);
                 Some(job.clone())
             }
@@ -1038,14 +1252,15 @@ impl Engine {
     }
 
     /// (prompt id, running) of this client's prompts on `pod` that are not its jobs.
-    fn strays(&self, pod: &str, client_id: &str, queue: &QueueView) -> Vec<(String, bool)> {
+    fn strays(&self, client: &PodClient, queue: &QueueView) -> Vec<(String, bool)> {
+        let pod = client.name.as_str();
         let st = self.lock();
         queue
             .running
             .iter()
             .map(|e| (e, true))
             .chain(queue.pending.iter().map(|e| (e, false)))
-            .filter(|((_, c), _)| c.as_deref() == Some(client_id))
+            .filter(|((_, c), _)| c.as_deref().is_some_and(|c| client.is_ours(c)))
             .filter(|((id, _), _)| {
                 st.jobs
                     .get(id)
@@ -1061,6 +1276,7 @@ async fn persister(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<PersistRequest>,
     unflushed: Unflushed,
+    metrics: Arc<GatewayMetrics>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -1072,7 +1288,9 @@ async fn persister(
         }
         let jobs: Vec<Job> = batch.iter().map(|(j, _)| j.clone()).collect();
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        if let Err(e) = store.put_many(jobs).await {
+        let result = store.put_many(jobs).await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            metrics.store_errors.inc();
             tracing::error!(error = %e, "cannot store jobs");
         }
         {
@@ -1088,7 +1306,7 @@ async fn persister(
         }
         for (_, ack) in batch {
             if let Some(ack) = ack {
-                let _ = ack.send(());
+                let _ = ack.send(result.clone());
             }
         }
     }
@@ -1105,6 +1323,7 @@ async fn run_pod(
         match client.events().await {
             Ok(mut events) => {
                 backoff = Duration::from_millis(200);
+                client.learn_version().await;
                 let assigned = engine.set_connected(&client.name, true);
                 if let Err(e) = engine.resync(&client, assigned).await {
                     tracing::warn!(pod = %client.name, error = %e, "resync failed");
@@ -1113,6 +1332,9 @@ async fn run_pod(
                     continue;
                 }
                 engine.wake.notify_one();
+                let mut resync = tokio::time::interval(engine.settings.resync_every);
+                resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                resync.tick().await;
                 loop {
                     tokio::select! {
                         event = events.next() => match event {
@@ -1123,6 +1345,14 @@ async fn run_pod(
                             Some(command) => handle(&engine, &client, command),
                             None => return,
                         },
+                        _ = resync.tick() => {
+                            if let Some(jobs) = engine.resync_targets(&client.name)
+                                && let Err(e) = engine.resync(&client, jobs).await
+                            {
+                                tracing::warn!(pod = %client.name, error = %e, "periodic resync failed");
+                                break;
+                            }
+                        }
                     }
                 }
                 tracing::warn!(pod = %client.name, "websocket closed");
@@ -1159,45 +1389,102 @@ fn handle(engine: &Arc<Engine>, client: &PodClient, command: PodCommand) {
     });
 }
 
-/// Uploads the job's inputs to the pod and queues its prompt there.
+/// Uploads the job's inputs to the pod and queues its prompt there. A refusal (4xx)
+/// fails the job: the input or workflow is wrong, and another pod would refuse it too.
+/// A transport failure sends the job back to the queue, and takes the pod out of
+/// service only if it does not answer `/system_stats` either.
 async fn hand_off(engine: &Arc<Engine>, client: &PodClient, job: Job) {
     if !engine.still_assigned(&job.id, &client.name) {
         return;
     }
-    let mut prompt = job.prompt.clone();
-    for input in &job.inputs {
-        let bytes = match engine.input_bytes(input).await {
-            Ok(b) => b,
-            Err(e) => {
-                engine.finish(
-                    &job.id,
-                    JobState::Failed,
-                    Some(JobError::new("input_failed", e)),
-                );
-                return;
-            }
-        };
-        match client.upload_image(&input.name, bytes).await {
-            Ok(stored) => rename_input(&mut prompt, &input.name, &stored),
-            Err(e) => return engine.dispatch_failed(&job.id, &client.name, &e),
-        }
-    }
-    if !engine.still_assigned(&job.id, &client.name) {
-        return;
-    }
-    match client.submit(&job.id, &prompt).await {
+    engine.handing_off(&client.name, &job.id, true);
+    let result = send_job(engine, client, &job).await;
+    engine.handing_off(&client.name, &job.id, false);
+    match result {
         Ok(()) => {}
-        Err(PodError::Rejected {
-            message,
-            node_errors,
-        }) => {
-            let message = format!("{message}: {node_errors}");
+        Err(HandOffError::Input(e)) => {
             engine.finish(
                 &job.id,
                 JobState::Failed,
-                Some(JobError::new("invalid_workflow", message)),
+                Some(JobError::new("input_failed", e)),
             );
         }
-        Err(e) => engine.dispatch_failed(&job.id, &client.name, &e),
+        Err(HandOffError::Pod {
+            error:
+                PodError::Rejected {
+                    message,
+                    error,
+                    node_errors,
+                },
+            ..
+        }) => {
+            let error = super::comfy::rejection_error(&message, &error, &node_errors);
+            engine.finish(&job.id, JobState::Failed, Some(error));
+        }
+        Err(HandOffError::Pod {
+            error: PodError::Refused { status, message },
+            input,
+        }) => {
+            let (kind, what) = match &input {
+                Some(name) => ("invalid_input", format!("input {name}")),
+                None => ("invalid_workflow", "the prompt".to_string()),
+            };
+            let mut error = JobError::new(
+                kind,
+                format!("ComfyUI refused {what} (HTTP {status}): {message}"),
+            );
+            error.input = input;
+            engine.finish(&job.id, JobState::Failed, Some(error));
+        }
+        Err(HandOffError::Pod { error, .. }) => {
+            let answers = client.system_stats().await.is_ok();
+            engine.dispatch_failed(&job.id, &client.name, &error, answers);
+        }
+    }
+}
+
+enum HandOffError {
+    /// The job's own input could not be read (bad base64, a bucket not allowed).
+    Input(String),
+    /// The pod refused or could not be reached; `input` names the input being uploaded.
+    Pod {
+        error: PodError,
+        input: Option<String>,
+    },
+}
+
+async fn send_job(engine: &Arc<Engine>, client: &PodClient, job: &Job) -> Result<(), HandOffError> {
+    let mut prompt = job.prompt.clone();
+    for input in &job.inputs {
+        let bytes = engine
+            .input_bytes(input)
+            .await
+            .map_err(HandOffError::Input)?;
+        let stored = client
+            .upload_image(&input.name, bytes)
+            .await
+            .map_err(|error| HandOffError::Pod {
+                error,
+                input: Some(input.name.clone()),
+            })?;
+        rename_input(&mut prompt, &input.name, &stored);
+    }
+    if !engine.still_assigned(&job.id, &client.name) {
+        return Ok(());
+    }
+    client
+        .submit(&job.id, &prompt)
+        .await
+        .map_err(|error| HandOffError::Pod { error, input: None })
+}
+
+/// Adds the outputs not yet listed (the websocket's and `/history`'s overlap).
+fn merge_outputs(into: &mut Vec<super::job::Output>, more: Vec<super::job::Output>) {
+    for o in more {
+        if !into.iter().any(|x| {
+            x.filename == o.filename && x.subfolder == o.subfolder && x.folder_type == o.folder_type
+        }) {
+            into.push(o);
+        }
     }
 }

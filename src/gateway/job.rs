@@ -84,13 +84,20 @@ pub struct Output {
 /// Why a job failed, typed so that clients can act on it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
-    /// `missing_model`, `invalid_workflow`, `execution_error`, `interrupted`,
-    /// `upload_failed`, `output_failed`, `expired`, `pod_lost`.
+    /// `missing_model`, `invalid_workflow`, `invalid_input`, `execution_error`,
+    /// `interrupted`, `run_timeout`, `input_failed`, `output_failed`, `expired`,
+    /// `pod_lost`.
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The node's input the error is about (from ComfyUI's `node_errors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// ComfyUI's own details (e.g. the value refused and the values allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
 }
 
 impl JobError {
@@ -99,6 +106,8 @@ impl JobError {
             kind: kind.into(),
             message: message.into(),
             node: None,
+            input: None,
+            details: None,
         }
     }
 }
@@ -126,8 +135,15 @@ pub struct Job {
     pub checkpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
+    /// `<key id>/<Idempotency-Key>`: scoped by API key, so two keys never share one.
+    /// It lives as long as the job (the store's idempotency entry too): whoever deletes
+    /// jobs for retention removes both in one commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// SHA-256 hex of the canonical submit body, to tell a retry from another request
+    /// under the same idempotency key. Absent in jobs stored before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     pub created_at: Millis,

@@ -30,6 +30,13 @@ pub struct GatewayMetrics {
     pub run_seconds: Family<FleetLabels, Histogram>,
     pub dispatch_errors: Family<FleetLabels, Counter>,
     pub finished: Family<FinishedLabels, Counter>,
+    /// Bytes used and in all on the job store's volume (its claim).
+    pub store_used_bytes: Gauge,
+    pub store_capacity_bytes: Gauge,
+    /// Store writes that failed (the jobs in them were not acknowledged).
+    pub store_errors: Counter,
+    /// Finished jobs deleted by retention.
+    pub pruned: Counter,
 }
 
 impl Default for GatewayMetrics {
@@ -44,6 +51,10 @@ impl Default for GatewayMetrics {
             run_seconds: Family::new_with_constructor(seconds),
             dispatch_errors: Family::default(),
             finished: Family::default(),
+            store_used_bytes: Gauge::default(),
+            store_capacity_bytes: Gauge::default(),
+            store_errors: Counter::default(),
+            pruned: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("queued_jobs", "Jobs waiting for a pod", m.queued.clone());
@@ -76,6 +87,26 @@ impl Default for GatewayMetrics {
             "jobs_finished",
             "Jobs ended, by final state",
             m.finished.clone(),
+        );
+        registry.register(
+            "store_used_bytes",
+            "Bytes used on the job store's volume",
+            m.store_used_bytes.clone(),
+        );
+        registry.register(
+            "store_capacity_bytes",
+            "Size of the job store's volume",
+            m.store_capacity_bytes.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Job store writes that failed (their jobs were not acknowledged)",
+            m.store_errors.clone(),
+        );
+        registry.register(
+            "store_pruned_jobs",
+            "Finished jobs deleted by retention",
+            m.pruned.clone(),
         );
         GatewayMetrics { registry, ..m }
     }

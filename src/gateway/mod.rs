@@ -40,7 +40,8 @@ pub struct GatewayArgs {
     /// The job store (a redb file on the gateway's volume).
     #[arg(long, default_value = "/var/lib/sdfleet-gateway/jobs.redb")]
     pub store: PathBuf,
-    /// Directory of API keys (the mounted Secret: key id → SHA-256 hex of the key).
+    /// Directory of API keys (the mounted Secret: key id → SHA-256 hex of the key, with
+    /// ` admin` after it for a key that sees every job).
     #[arg(
         long,
         default_value = "/etc/sdfleet-gateway/api-keys",
@@ -57,6 +58,10 @@ pub struct GatewayArgs {
     pub webhook_attempts: u32,
     #[arg(long, default_value = "1000")]
     pub webhook_first_delay_ms: u64,
+    /// A range webhooks may reach although it is refused by default (loopback,
+    /// private, link-local, ...), e.g. `10.20.0.0/16` (repeatable).
+    #[arg(long = "webhook-allow-cidr", value_parser = parse_cidr)]
+    pub webhook_allow_cidrs: Vec<ipnet::IpNet>,
     /// Stored workflows (`<name>.json`, API format).
     #[arg(long)]
     pub workflows_dir: Option<PathBuf>,
@@ -107,15 +112,42 @@ pub struct GatewayArgs {
     /// ready pod.
     #[arg(long, default_value_t = 30)]
     pub max_cold_start_wait_seconds: u64,
-    /// The websocket client id on every pod: fixed, so a restarted gateway gets the
-    /// events of the prompts it sent before.
-    #[arg(long, default_value = "sdfleet-gateway")]
-    pub client_id: String,
+    /// The websocket client id on every pod. Unset: `sdfleet-gateway-<random>`, one per
+    /// process, because ComfyUI keeps one socket per client id and a second process with
+    /// the same id (a rollout's new pod) would take the first one's events. A restarted
+    /// gateway learns how the prompts it sent before ended from `/queue` and `/history`.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Seconds a pod's websocket may stay silent, pings unanswered, before the pod counts
+    /// as unreachable (a node that died without a TCP reset).
+    #[arg(long, default_value_t = 30)]
+    pub pod_silence_seconds: u64,
+    /// Seconds between asking a busy pod about its jobs (`/queue`, `/history`).
+    #[arg(long, default_value_t = 5)]
+    pub resync_seconds: u64,
+    /// A job running longer is interrupted and fails `run_timeout` (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_run_seconds: u64,
+    /// Finished jobs (and their idempotency keys) are deleted this many hours after
+    /// submit.
+    #[arg(long, default_value_t = 168)]
+    pub retention_hours: u64,
+    /// At most this many jobs are kept: beyond it, the oldest finished ones go.
+    #[arg(long, default_value_t = 100_000)]
+    pub retention_max_jobs: usize,
+    /// Seconds between retention rounds (and readings of the store's fill level).
+    #[arg(long, default_value_t = 60, hide = true)]
+    pub retention_interval_seconds: u64,
 }
 
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
     let (from, to) = s.split_once('=').ok_or("expected IP:PORT=HOST:PORT")?;
     Ok((from.to_string(), to.to_string()))
+}
+
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a CIDR such as 10.0.0.0/8"))
 }
 
 fn parse_fleet(s: &str) -> Result<api::FleetConfig, String> {
@@ -138,7 +170,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
-    Webhook(#[from] webhook::SecretError),
+    Webhook(#[from] webhook::SetupError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     #[error("http client: {0}")]
@@ -161,7 +193,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         None => None,
     };
     let webhooks = Arc::new(webhook::Webhooks::new(
-        http.clone(),
+        webhook::AddressPolicy::new(args.webhook_allow_cidrs.clone()),
         secret.as_deref(),
         args.webhook_attempts,
         Duration::from_millis(args.webhook_first_delay_ms),
@@ -184,7 +216,10 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     };
     let metrics = Arc::new(metrics::GatewayMetrics::default());
     let settings = engine::Settings {
-        client_id: args.client_id.clone(),
+        client_id: args
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("sdfleet-gateway-{}", uuid::Uuid::new_v4().simple())),
         queue_cap: args.queue_cap,
         ttl: Duration::from_secs(args.job_ttl_seconds),
         pod_slots: args.pod_slots.max(1),
@@ -193,6 +228,12 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         lost_after: Duration::from_secs(args.pod_lost_seconds),
         orphan_grace: Duration::from_secs(args.pod_lost_seconds.max(10)),
         input_buckets: args.input_buckets.clone(),
+        silence_limit: Duration::from_secs(args.pod_silence_seconds.max(1)),
+        resync_every: Duration::from_secs(args.resync_seconds.max(1)),
+        max_run: (args.max_run_seconds > 0).then(|| Duration::from_secs(args.max_run_seconds)),
+        retention: Duration::from_secs(args.retention_hours.saturating_mul(3600)),
+        retention_max_jobs: args.retention_max_jobs.max(1),
+        retention_every: Duration::from_secs(args.retention_interval_seconds.max(1)),
     };
     let engine = engine::Engine::new(settings, store, metrics.clone(), outputs, webhooks, http);
     let recovered = engine.recover().await?;
@@ -238,6 +279,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         ));
     }
     tokio::spawn(engine.clone().run());
+    tokio::spawn(engine.clone().retain());
     let keys = Arc::new(auth::ApiKeys::new(
         (!args.no_auth).then(|| args.api_keys_dir.clone()),
     ));

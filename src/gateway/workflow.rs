@@ -1,5 +1,6 @@
 //! Pure functions over ComfyUI's API-format prompt (`{node_id: {class_type, inputs}}`):
-//! which models it loads, its save prefixes per job, per-node overrides, input names.
+//! which models it loads, its save prefixes per job, per-node overrides, input names, and
+//! the file references a client may not make.
 
 use std::collections::BTreeSet;
 
@@ -56,6 +57,90 @@ pub enum WorkflowError {
     NoSuchNode(String),
     #[error("override for node {0:?} must be an object of input values")]
     BadOverride(String),
+}
+
+/// A string input that would make a pod read a file outside the job's own inputs.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("node {node:?}, input {input:?}: {reason}")]
+pub struct ForbiddenReference {
+    pub node: String,
+    pub input: String,
+    pub reason: &'static str,
+}
+
+/// ComfyUI's annotations that point a file name at a directory other than `input/`
+/// (`folder_paths.annotated_filepath` tests `endswith("[output]")`, without the space).
+const OTHER_DIRS: &[&str] = &["[output]", "[temp]"];
+
+/// Why `value` may not reach a pod, if it may not: an annotation naming the output or
+/// temp directory (every job's files, and the server's), a `..` path segment, or an
+/// absolute path. Text with `..` inside a word passes: only a whole segment climbs.
+pub fn forbidden_path(value: &str) -> Option<&'static str> {
+    let trimmed = value.trim_end();
+    if OTHER_DIRS.iter().any(|a| trimmed.ends_with(a)) {
+        return Some(
+            "names a file in ComfyUI's output or temp directory (` [output]`, ` [temp]`): only the job's own inputs may be loaded",
+        );
+    }
+    // ComfyUI strips an `[input]` annotation before it joins the name to `input/`.
+    let path = trimmed
+        .strip_suffix("[input]")
+        .map_or(trimmed, str::trim_end);
+    if path
+        .split(['/', '\\'])
+        .any(|segment| segment.trim() == "..")
+    {
+        return Some("a path may not climb out of its directory (`..`)");
+    }
+    let bytes = value.as_bytes();
+    let drive = bytes.len() >= 3
+        && bytes[0].is_ascii_alphabetic()
+        && bytes[1] == b':'
+        && matches!(bytes[2], b'/' | b'\\');
+    if value.starts_with(['/', '\\']) || drive {
+        return Some("an absolute path is not allowed: name a file of the job's inputs");
+    }
+    None
+}
+
+/// Every literal string input is checked with `forbidden_path` (links are arrays, and
+/// numbers are no paths). `filename_prefix` is left out: `prefix_outputs` puts it under
+/// the job's own folder with its `.` and `..` segments and leading `/` dropped.
+pub fn check_references(prompt: &Value) -> Result<(), ForbiddenReference> {
+    for (id, inputs) in nodes(prompt) {
+        for (input, value) in inputs {
+            if input == "filename_prefix" {
+                continue;
+            }
+            if let Some(reason) = value.as_str().and_then(forbidden_path) {
+                return Err(ForbiddenReference {
+                    node: id.clone(),
+                    input: input.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a job's input file name is refused, if it is: it becomes a file name in the
+/// pod's `input/` directory, so it must be one plain name there.
+pub fn input_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("the name is empty")
+    } else if name.len() > 255 {
+        Some("the name is longer than 255 bytes")
+    } else if name.contains(['/', '\\']) {
+        Some("the name may not contain `/` or `\\`")
+    } else if name.starts_with('.') {
+        // Covers `.` and `..`, and hidden files a node might treat specially.
+        Some("the name may not start with a dot")
+    } else if name.chars().any(char::is_control) {
+        Some("the name may not contain control characters")
+    } else {
+        None
+    }
 }
 
 /// Checks the shape ComfyUI's `/prompt` needs, so a bad body is a 400 at submit.
@@ -252,6 +337,85 @@ mod tests {
         );
         rename_input(&mut p, "photo.png", "photo (1).png");
         assert_eq!(p["11"]["inputs"]["image"], "photo (1).png");
+    }
+
+    #[test]
+    fn references_to_other_directories_and_paths_out_are_refused() {
+        for bad in [
+            "abc/x.png [output]",
+            "x.png[output]",
+            "x.png [temp]",
+            "x.png [output]  ",
+            "../../etc/passwd",
+            "a/../b.png",
+            "a\\..\\b.png",
+            "..",
+            "sub/..[input]",
+            "/etc/passwd",
+            "\\\\server\\share\\x.png",
+            "C:\\Windows\\x.png",
+            "c:/x.png",
+        ] {
+            assert!(forbidden_path(bad).is_some(), "{bad:?} passed");
+        }
+        for good in [
+            "photo.png",
+            "photo.png [input]",
+            "sub/photo.png [input]",
+            "wait.. what",
+            "a lighthouse... at dusk",
+            "..x.png",
+            "x..png",
+            "A: a cat",
+            "50/50",
+        ] {
+            assert_eq!(forbidden_path(good), None, "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn the_refusal_names_the_node_and_input_and_skips_links_and_prefixes() {
+        let mut p = sdxl();
+        assert_eq!(check_references(&p), Ok(()));
+        p["11"]["inputs"]["image"] = json!("abc/x.png [output]");
+        let err = check_references(&p).unwrap_err();
+        assert_eq!((err.node.as_str(), err.input.as_str()), ("11", "image"));
+        assert!(err.to_string().contains("\"11\""), "{err}");
+        // Links (arrays) and numbers are not paths; save prefixes are confined elsewhere.
+        let p = json!({
+            "1": {"class_type": "X", "inputs": {"a": ["..", 0], "b": 3}},
+            "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "../out"}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "wait.. what"}},
+        });
+        assert_eq!(check_references(&p), Ok(()));
+    }
+
+    #[test]
+    fn input_names_are_one_plain_file_name() {
+        let long = "a".repeat(256);
+        for bad in [
+            "",
+            "../x.png",
+            "a/b.png",
+            "a\\b.png",
+            ".",
+            "..",
+            ".hidden.png",
+            "x\n.png",
+            "x\u{7f}.png",
+            long.as_str(),
+        ] {
+            assert!(input_name_problem(bad).is_some(), "{bad:?} passed");
+        }
+        for good in [
+            "photo.png",
+            "photo (1).png",
+            "x..png",
+            &"a".repeat(255),
+            "фото.png",
+        ] {
+            assert_eq!(input_name_problem(good), None, "{good:?} refused");
+        }
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub fn args(
             "--webhook-secret-file".into(),
             format!("{WEBHOOK_SECRET_DIR}/secret"),
         ]);
+        // Only with webhooks on: a class change then rolls no gateway that has none.
+        for cidr in &gateway.class_webhook_allowed_cidrs {
+            args.extend(["--webhook-allow-cidr".into(), cidr.clone()]);
+        }
     }
     if gateway.workflows_config_map.is_some() {
         args.extend(["--workflows-dir".into(), WORKFLOWS_DIR.into()]);
@@ -100,6 +104,15 @@ pub fn args(
     for bucket in &gateway.input_buckets {
         args.extend(["--input-bucket".into(), bucket.clone()]);
     }
+    if let Some(limit) = gateway.max_run_seconds {
+        args.extend(["--max-run-seconds".into(), limit.to_string()]);
+    }
+    args.extend([
+        "--retention-hours".into(),
+        gateway.store.retention_hours.to_string(),
+        "--retention-max-jobs".into(),
+        gateway.store.max_jobs.to_string(),
+    ]);
     if let Some(autoscaling) = &spec.autoscaling {
         args.extend([
             "--publish-demand".into(),
@@ -329,7 +342,9 @@ mod tests {
 
     #[test]
     fn args_carry_the_fleet_outputs_keys_and_limits() {
-        let children = with_gateway(", queueCap: 7, webhookSecret: hooks, inputBuckets: [in-a]");
+        let children = with_gateway(
+            ", queueCap: 7, webhookSecret: hooks, inputBuckets: [in-a], maxRunSeconds: 600",
+        );
         let d = gateway_child(&children, ChildKind::Deployment);
         let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
             .as_array()
@@ -355,6 +370,9 @@ mod tests {
             "/etc/sdfleet-gateway/webhook/secret"
         );
         assert_eq!(flag("--input-bucket"), "in-a");
+        assert_eq!(flag("--max-run-seconds"), "600");
+        assert_eq!(flag("--retention-hours"), "168");
+        assert_eq!(flag("--retention-max-jobs"), "100000");
         assert!(!args.contains(&"--no-auth"));
         assert!(
             !args.contains(&"--publish-demand"),
@@ -367,6 +385,48 @@ mod tests {
         );
         assert_eq!(volumes[1]["secret"]["secretName"], "sdxl-keys");
         assert_eq!(volumes[2]["secret"]["secretName"], "hooks");
+    }
+
+    fn container_args(children: &[Child]) -> Vec<String> {
+        let d = gateway_child(children, ChildKind::Deployment);
+        serde_json::from_value(d["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap()
+    }
+
+    fn allowed_cidrs(args: &[String]) -> Vec<&str> {
+        args.windows(2)
+            .filter(|w| w[0] == "--webhook-allow-cidr")
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_class_webhook_ranges_become_gateway_flags_and_a_fleet_cannot_add_its_own() {
+        let class: crate::crd::fleetclass::FleetClassSpec = serde_json::from_value(json!({
+            "nodeClass": {"role": "KarpenterNodeRole-demo"},
+            "gateway": {"webhookAllowedCIDRs": ["10.20.0.0/16", "fd00:1::/64"]},
+        }))
+        .unwrap();
+        let yaml = format!("{SDXL}  gateway: {{apiKeysSecret: sdxl-keys, webhookSecret: hooks}}\n");
+        let mut cud = example(&yaml);
+        crate::controller::policy::apply_class(&mut cud.spec, &class);
+        let args = container_args(&render(&cud, Cloud::Kwok));
+        assert_eq!(allowed_cidrs(&args), ["10.20.0.0/16", "fd00:1::/64"]);
+
+        // Under a class that allows nothing, the default refusals stand...
+        let mut cud = example(&yaml);
+        let strict: crate::crd::fleetclass::FleetClassSpec =
+            serde_json::from_value(json!({"nodeClass": {"role": "KarpenterNodeRole-demo"}}))
+                .unwrap();
+        crate::controller::policy::apply_class(&mut cud.spec, &strict);
+        assert!(allowed_cidrs(&container_args(&render(&cud, Cloud::Kwok))).is_empty());
+        // ...and the field is not the fleet's to set.
+        let sneaky = format!(
+            "{SDXL}  gateway: {{apiKeysSecret: sdxl-keys, webhookSecret: hooks, classWebhookAllowedCidrs: [0.0.0.0/0], webhookAllowedCIDRs: [0.0.0.0/0]}}\n"
+        );
+        let mut cud = example(&sneaky);
+        crate::controller::policy::apply_class(&mut cud.spec, &strict);
+        assert!(allowed_cidrs(&container_args(&render(&cud, Cloud::Kwok))).is_empty());
     }
 
     #[test]

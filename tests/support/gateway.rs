@@ -21,6 +21,7 @@ pub struct GatewayProcess {
     pub metrics_port: u16,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    bin: PathBuf,
     pub log: PathBuf,
 }
 
@@ -30,24 +31,37 @@ impl GatewayProcess {
         Self::start_as(tb, args, tb.kubeconfig())
     }
 
-    /// As `start`, with the identity of `kubeconfig` (e.g. the gateway's ServiceAccount).
-    pub fn start_as(tb: &Testbed, args: Vec<String>, kubeconfig: &Path) -> GatewayProcess {
+    /// As `start`, with another build's binary (a benchmark's peer).
+    pub fn start_bin(tb: &Testbed, args: Vec<String>, bin: &Path) -> GatewayProcess {
+        Self::spawn_bin(args, Self::env_of(tb, tb.kubeconfig()), bin.to_path_buf())
+    }
+
+    fn env_of(tb: &Testbed, kubeconfig: &Path) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = tb
             .aws_env()
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-        Self::spawn(args, env)
+        env
+    }
+
+    /// As `start`, with the identity of `kubeconfig` (e.g. the gateway's ServiceAccount).
+    pub fn start_as(tb: &Testbed, args: Vec<String>, kubeconfig: &Path) -> GatewayProcess {
+        Self::spawn(args, Self::env_of(tb, kubeconfig))
     }
 
     fn spawn(args: Vec<String>, env: Vec<(String, String)>) -> GatewayProcess {
+        Self::spawn_bin(args, env, sdfleet_bin())
+    }
+
+    fn spawn_bin(args: Vec<String>, env: Vec<(String, String)>, bin: PathBuf) -> GatewayProcess {
         let (port, metrics_port) = (free_port(), free_port());
         let log = std::env::temp_dir().join(format!(
             "sdfleet-gateway-{port}-{}.log",
             super::unique_suffix()
         ));
-        let child = std::process::Command::new(sdfleet_bin())
+        let child = std::process::Command::new(&bin)
             .arg("gateway")
             .args(&args)
             .arg("--listen")
@@ -66,6 +80,7 @@ impl GatewayProcess {
             metrics_port,
             args,
             env,
+            bin,
             log,
         }
     }
@@ -78,7 +93,37 @@ impl GatewayProcess {
     pub fn restart_after_kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
-        *self = Self::spawn(self.args.clone(), self.env.clone());
+        *self = Self::spawn_bin(self.args.clone(), self.env.clone(), self.bin.clone());
+    }
+
+    /// SIGTERM, as a rollout or a node drain sends it: the process must exit within
+    /// `grace` (a pod's grace period), then runs again with the same flags and store.
+    pub fn restart_after_term(&mut self, grace: Duration) {
+        // SAFETY: kill(2) on the child's own pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway did not exit within {grace:?} of SIGTERM ({})",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *self = Self::spawn_bin(self.args.clone(), self.env.clone(), self.bin.clone());
+    }
+
+    /// A second gateway process with the same flags and its own store `store` (as a
+    /// rollout's new pod beside the old one), on new ports.
+    pub fn start_another(&self, store: &Path) -> GatewayProcess {
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--store") {
+            args[i + 1] = store.display().to_string();
+        }
+        Self::spawn_bin(args, self.env.clone(), self.bin.clone())
     }
 
     pub fn log_text(&self) -> String {
@@ -119,16 +164,27 @@ impl Drop for GatewayProcess {
 }
 
 /// A text-to-image workflow in ComfyUI's API format: checkpoint, prompt, latent,
-/// sampler (`steps` progress events), decode, save.
+/// sampler (`steps` progress events), decode, save. Each call has a new seed, as clients
+/// send: ComfyUI (and the double) caches a node whose inputs did not change, and a repeated
+/// prompt would run only its save node.
 pub fn sdxl_workflow(ckpt: &str, steps: u64) -> Value {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: AtomicU64 = AtomicU64::new(1);
+    let seed = SEED.fetch_add(1, Ordering::Relaxed);
     json!({
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["1", 1]}},
         "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"steps": steps, "seed": 7, "model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0]}},
+        "5": {"class_type": "KSampler", "inputs": {"steps": steps, "seed": seed, "model": ["1", 0], "positive": ["2", 0], "latent_image": ["3", 0]}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
     })
+}
+
+/// `--webhook-allow-cidr` for loopback: the tests' webhook receivers listen on
+/// 127.0.0.1, which the gateway refuses by default.
+pub fn allow_loopback_webhooks() -> Vec<String> {
+    vec!["--webhook-allow-cidr".into(), "127.0.0.0/8".into()]
 }
 
 /// The pod IP a fake pod has in its EndpointSlice (the apiserver refuses loopback

@@ -18,8 +18,12 @@ pub struct ControllerProcess {
     env: Vec<(String, String)>,
 }
 
+/// The `sdfleet` binary under test: this build's, or `SDFLEET_TEST_BIN` (another build's,
+/// e.g. main's, to see a new test fail before its fix, or a benchmark's peer).
 pub fn sdfleet_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sdfleet"))
+    std::env::var_os("SDFLEET_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sdfleet")))
 }
 
 pub fn free_port() -> u16 {

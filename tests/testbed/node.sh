@@ -166,7 +166,9 @@ EOF
   wait_for containerd 30 ctr_node version
   # The layout's ref is the tag; --base-name gives it the repository.
   ctr_node images import --base-name "${PAUSE_IMAGE%:*}" "$PAUSE_TAR" >/dev/null
-  ctr_node images ls -q | grep -qx "$PAUSE_IMAGE" || die "the pause image did not import as $PAUSE_IMAGE: $(ctr_node images ls -q | tr '\n' ' ')"
+  # Not `grep -q`: it exits at the first match, ctr gets SIGPIPE and pipefail fails the
+  # check although the image is there (seen once the node held more images).
+  ctr_node images ls -q | grep -x "$PAUSE_IMAGE" >/dev/null || die "the pause image did not import as $PAUSE_IMAGE: $(ctr_node images ls -q | tr '\n' ' ')"
 
   # Pods reach the apiserver (through the `kubernetes` Service) and moto here.
   start hostproxy "$BIN/hostproxy-$(source_key "$HERE/go/kubernetes/hostproxy/main.go")" \
@@ -301,7 +303,7 @@ node_wait() {
 }
 
 node_has_s3_driver() {
-  kctl get csinode "$NODE_NAME" -o jsonpath='{.spec.drivers[*].name}' | grep -qw s3.csi.aws.com
+  kctl get csinode "$NODE_NAME" -o jsonpath='{.spec.drivers[*].name}' | grep -w s3.csi.aws.com >/dev/null
 }
 
 node_has_gpu() {

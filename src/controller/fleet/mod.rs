@@ -305,7 +305,7 @@ async fn within_class(
         return Ok(Err(ctx.steady_requeue()));
     }
     let mut effective = cud.clone();
-    effective.spec.node_class = Some(class.spec.node_class.clone());
+    policy::apply_class(&mut effective.spec, &class.spec);
     Ok(Ok(effective))
 }
 
