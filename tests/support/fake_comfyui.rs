@@ -2363,14 +2363,10 @@ fn json_response(status: StatusCode, body: &J) -> Response {
         .into_response()
 }
 
-/// `web.Response(status=...)`: no body.
+/// `web.Response(status=...)`: no body, and no Content-Type either (aiohttp leaves it
+/// out when there is no body: seen against a real ComfyUI by scripts/fidelity).
 fn empty(status: StatusCode) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        "",
-    )
-        .into_response()
+    (status, axum::body::Body::empty()).into_response()
 }
 
 /// What aiohttp answers when a handler raises (`handle_error`), closing the connection.
