@@ -179,6 +179,23 @@ async fn setup(opts: Setup) -> Env {
     }
 }
 
+/// The fake pod that runs job `id` (waits until one does).
+async fn running_pod(env: &Env, id: &str) -> usize {
+    eventually("the job to start", Duration::from_secs(10), || async {
+        env.fakes
+            .iter()
+            .position(|f| f.running().as_deref() == Some(id))
+    })
+    .await
+}
+
+/// Submits `body` (201) and waits until the job ends.
+async fn run_job(api: &ApiClient, body: Value, timeout: Duration) -> Value {
+    let (status, job) = api.submit(body).await;
+    assert_eq!(status, 201, "{job}");
+    api.wait_final(job["id"].as_str().unwrap(), timeout).await
+}
+
 async fn s3_text(env: &Env, key: &str) -> String {
     let obj = env
         .s3
@@ -563,12 +580,7 @@ async fn a_pod_killed_mid_job_and_a_failing_node() {
     let api = env.api();
     let (_, job) = api.submit(json!({"prompt": workflow(CKPT, 60)})).await;
     let id = job["id"].as_str().unwrap().to_string();
-    let victim = eventually("the job to start", Duration::from_secs(10), || async {
-        env.fakes
-            .iter()
-            .position(|f| f.running().as_deref() == Some(id.as_str()))
-    })
-    .await;
+    let victim = running_pod(&env, &id).await;
     // Killed: its connections drop and its endpoint lingers, as when a node dies.
     env.fakes[victim].kill();
     let job = api.wait_final(&id, Duration::from_secs(40)).await;
@@ -583,10 +595,12 @@ async fn a_pod_killed_mid_job_and_a_failing_node() {
         fail_class: Some("VAEDecode".into()),
         ..Default::default()
     });
-    let (_, job) = api.submit(json!({"prompt": workflow(CKPT, 2)})).await;
-    let job = api
-        .wait_final(job["id"].as_str().unwrap(), Duration::from_secs(20))
-        .await;
+    let job = run_job(
+        &api,
+        json!({"prompt": workflow(CKPT, 2)}),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["error"]["type"], "execution_error");
     assert_eq!(job["error"]["node"], "8");
@@ -1082,10 +1096,12 @@ async fn a_job_over_the_run_limit_is_interrupted_and_its_pod_serves_the_next() {
     )
     .await;
     env.fakes[0].set_faults(Faults::default());
-    let (_, next) = api.submit(json!({"prompt": workflow(CKPT, 2)})).await;
-    let next = api
-        .wait_final(next["id"].as_str().unwrap(), Duration::from_secs(30))
-        .await;
+    let next = run_job(
+        &api,
+        json!({"prompt": workflow(CKPT, 2)}),
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(next["state"], "succeeded", "{next}");
     drop(env.ns);
 }
@@ -1102,12 +1118,7 @@ async fn a_black_holed_pod_loses_its_job_to_another_within_the_silence_limit() {
     let api = env.api();
     let (_, job) = api.submit(json!({"prompt": workflow(CKPT, 60)})).await;
     let id = job["id"].as_str().unwrap().to_string();
-    let victim = eventually("the job to start", Duration::from_secs(10), || async {
-        env.fakes
-            .iter()
-            .position(|f| f.running().as_deref() == Some(id.as_str()))
-    })
-    .await;
+    let victim = running_pod(&env, &id).await;
     // A node that stops answering without a reset: silence, not a close.
     env.fakes[victim].blackhole();
     let job = api.wait_final(&id, Duration::from_secs(60)).await;
@@ -1163,10 +1174,12 @@ async fn a_model_the_pod_lacks_is_a_typed_missing_model_error() {
     let message = job["error"]["message"].as_str().unwrap();
     assert!(!message.contains('{'), "no raw node_errors JSON: {message}");
     // The pod stays in service.
-    let (_, next) = api.submit(json!({"prompt": workflow(CKPT, 2)})).await;
-    let next = api
-        .wait_final(next["id"].as_str().unwrap(), Duration::from_secs(30))
-        .await;
+    let next = run_job(
+        &api,
+        json!({"prompt": workflow(CKPT, 2)}),
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(next["state"], "succeeded", "{next}");
     drop(env.ns);
 }
@@ -1308,10 +1321,12 @@ async fn an_input_the_pod_refuses_fails_its_job_and_the_pod_keeps_serving() {
         );
     }
     // Three refusals later, the pod still serves (it used to be marked disconnected).
-    let (_, next) = api.submit(json!({"prompt": workflow(CKPT, 2)})).await;
-    let next = api
-        .wait_final(next["id"].as_str().unwrap(), Duration::from_secs(30))
-        .await;
+    let next = run_job(
+        &api,
+        json!({"prompt": workflow(CKPT, 2)}),
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(next["state"], "succeeded", "{next}");
     drop(env.ns);
 }

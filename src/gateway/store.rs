@@ -686,18 +686,14 @@ mod tests {
         let mut old_done = keyed("old-done", "a", JobState::Succeeded, 1);
         old_done.idempotency_key = Some("a/k1".into());
         store.put(&old_done).unwrap();
-        store
-            .put(&keyed("old-queued", "a", JobState::Queued, 2))
-            .unwrap();
-        store
-            .put(&keyed("new-done-1", "a", JobState::Failed, 10))
-            .unwrap();
-        store
-            .put(&keyed("new-done-2", "b", JobState::Succeeded, 11))
-            .unwrap();
-        store
-            .put(&keyed("new-running", "b", JobState::Running, 12))
-            .unwrap();
+        for (id, key, state, at) in [
+            ("old-queued", "a", JobState::Queued, 2),
+            ("new-done-1", "a", JobState::Failed, 10),
+            ("new-done-2", "b", JobState::Succeeded, 11),
+            ("new-running", "b", JobState::Running, 12),
+        ] {
+            store.put(&keyed(id, key, state, at)).unwrap();
+        }
         let ids = |page: Page| page.jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
 
         // By age: only the finished job from before the cutoff, and its key with it.

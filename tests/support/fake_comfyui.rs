@@ -247,26 +247,17 @@ impl From<i128> for J {
         J::Int(n)
     }
 }
-impl From<i64> for J {
-    fn from(n: i64) -> J {
-        J::Int(n as i128)
-    }
+// Integers become Python ints, whatever their width.
+macro_rules! int_into_j {
+    ($($t:ty),*) => {$(
+        impl From<$t> for J {
+            fn from(n: $t) -> J {
+                J::Int(n as i128)
+            }
+        }
+    )*};
 }
-impl From<u64> for J {
-    fn from(n: u64) -> J {
-        J::Int(n as i128)
-    }
-}
-impl From<usize> for J {
-    fn from(n: usize) -> J {
-        J::Int(n as i128)
-    }
-}
-impl From<i32> for J {
-    fn from(n: i32) -> J {
-        J::Int(n as i128)
-    }
-}
+int_into_j!(i64, u64, usize, i32);
 impl From<f64> for J {
     fn from(f: f64) -> J {
         J::Float(f)
