@@ -106,13 +106,28 @@ fn paths_named(text: &str) -> Vec<String> {
             paths.extend(expand(tree));
         }
     }
-    // Paths written inline, e.g. `crate::sync::human(..)`.
-    for (i, _) in code.match_indices("crate::") {
-        let rest: String = code[i..]
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-            .collect();
-        paths.push(rest.trim_end_matches(':').to_string());
+    // Paths written inline, e.g. `crate::sync::human(..)` or `super::demand::Demand`.
+    for prefix in ["crate::", "super::"] {
+        for (i, _) in code.match_indices(prefix) {
+            // `super::` inside `super::super::` or a longer word is found from its start.
+            let inside_word = code[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+            if inside_word {
+                continue;
+            }
+            let rest: String = code[i..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            let path = rest.trim_end_matches(':');
+            // `use super::{a, b}` names its modules in the tree, read above.
+            if path.split("::").all(|s| s == "super" || s == "crate") {
+                continue;
+            }
+            paths.push(path.to_string());
+        }
     }
     paths
 }
@@ -234,7 +249,7 @@ fn no_file_imports_back_into_itself() {
 #[test]
 fn the_checker_sees_use_trees_and_inline_paths() {
     let paths = paths_named(
-        "use super::{a::{self, B}, c};\nuse crate::x::y as z;\nfn f() { crate::p::q(); }\n#[cfg(test)]\nmod tests {\n    use crate::t;\n}",
+        "use super::{a::{self, B}, c};\nuse crate::x::y as z;\nfn f() { crate::p::q(); super::r::S::new(); super::super::k(); }\n#[cfg(test)]\nmod tests {\n    use crate::t;\n}",
     );
     assert_eq!(
         paths,
@@ -244,7 +259,9 @@ fn the_checker_sees_use_trees_and_inline_paths() {
             "super::c",
             "crate::x::y",
             "crate::x::y",
-            "crate::p::q"
+            "crate::p::q",
+            "super::r::S::new",
+            "super::super::k"
         ]
     );
 }

@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use super::auth::{ApiKeys, Caller};
 use super::discovery::Catalogs;
 use super::engine::{Admission, CancelOutcome, Engine};
-use super::job::{InputFile, Job, JobState, Millis, now_millis};
+use super::job::{InputFile, Job, JobState, now_millis};
 use super::outputs::parse_s3_url;
 use super::store::{Cursor, ListQuery};
 use super::workflow;
@@ -163,47 +163,9 @@ async fn authenticate(
     resp
 }
 
-fn rfc3339(ms: Millis) -> Value {
-    jiff::Timestamp::from_millisecond(ms as i64)
-        .map(|t| Value::String(t.to_string()))
-        .unwrap_or(Value::Null)
-}
-
-/// The job as clients see it (without presigned URLs: `view` adds them).
-pub fn public_view(job: &Job) -> Value {
-    let secs = |a: Option<Millis>, b: Option<Millis>| match (a, b) {
-        (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1000.0),
-        _ => Value::Null,
-    };
-    json!({
-        "id": job.id,
-        "url": format!("/api/v2/jobs/{}", job.id),
-        "fleet": job.fleet,
-        "state": job.state,
-        "cancel_requested": job.cancel_requested,
-        "progress": job.progress,
-        "timings": {
-            "created_at": rfc3339(job.created_at),
-            "dispatched_at": job.dispatched_at.map(rfc3339),
-            "started_at": job.started_at.map(rfc3339),
-            "finished_at": job.finished_at.map(rfc3339),
-            "queue_seconds": secs(Some(job.created_at), job.started_at),
-            "run_seconds": secs(job.started_at, job.finished_at),
-            "cold_start": job.cold_start,
-            "cold_start_phases": job.cold_start_phases,
-            "checkpoint_switch": job.checkpoint_switch,
-        },
-        "expires_at": rfc3339(job.expires_at),
-        "pod": job.pod,
-        "attempts": job.attempts,
-        "outputs": job.outputs,
-        "error": job.error,
-    })
-}
-
 /// The view with a fresh presigned URL per stored output.
 async fn view(state: &ApiState, job: &Job) -> Value {
-    let mut v = public_view(job);
+    let mut v = Job::public_view(job);
     if job.state == JobState::Queued && job.pod.is_none() {
         // Why it waits, when it is not just the queue.
         let signal = state.engine.signals.get(&job.fleet);
@@ -435,6 +397,20 @@ async fn submit(
     }
     let refs = workflow::model_refs(&prompt);
     let fleet = choose_fleet(&state, req.fleet.as_deref(), &refs)?;
+    let unknown = state.engine.unknown_node_types(&fleet, &prompt);
+    if let Some((node, class)) = unknown.first() {
+        let list: Vec<Value> = unknown
+            .iter()
+            .map(|(node, class)| json!({"node": node, "class_type": class}))
+            .collect();
+        return Err(ApiError {
+            extra: json!({"node": node, "unknown": list}),
+            ..unprocessable(
+                "unknown_node_type",
+                format!("node {node}: fleet {fleet}'s ComfyUI has no node type {class:?}"),
+            )
+        });
+    }
     let has_model_set = state
         .fleets
         .iter()
@@ -696,7 +672,7 @@ async fn list(
         // The store can be a moment behind a live job.
         let live = state.engine.live(&job.id).unwrap_or(job);
         if states.is_empty() || states.contains(&live.state) {
-            jobs.push(public_view(&live));
+            jobs.push(Job::public_view(&live));
         }
     }
     Ok(Json(
@@ -714,7 +690,7 @@ async fn cancel(
         CancelOutcome::NotFound => Err(not_found(&id)),
         CancelOutcome::Done(job) if job.state.is_final() && job.state != JobState::Canceled => {
             Err(ApiError {
-                extra: json!({"job": public_view(&job)}),
+                extra: json!({"job": Job::public_view(&job)}),
                 ..ApiError::new(
                     StatusCode::CONFLICT,
                     "already_finished",
@@ -728,7 +704,7 @@ async fn cancel(
             } else {
                 StatusCode::ACCEPTED
             };
-            Ok((status, Json(public_view(&job))).into_response())
+            Ok((status, Json(Job::public_view(&job))).into_response())
         }
     }
 }

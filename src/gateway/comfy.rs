@@ -18,6 +18,9 @@ use super::job::{JobError, Output};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a file transfer (`/upload/image`, `/view`): files can be large.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+/// `/object_info` of a ComfyUI with many custom nodes runs to megabytes; a pod worker
+/// waits on it before it serves its pod, so it is bounded well below a transfer.
+const OBJECT_INFO_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
@@ -320,18 +323,35 @@ impl PodClient {
             .await
     }
 
-    /// Reads the pod's ComfyUI version to choose how to interrupt.
-    pub async fn learn_version(&self) {
-        if let Ok(stats) = self.system_stats().await {
-            let version = stats
-                .pointer("/system/comfyui_version")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            self.targeted_interrupt.store(
-                interrupts_by_prompt_id(version),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
+    /// Reads the pod's ComfyUI version (to choose how to interrupt); `None` when it does
+    /// not answer.
+    pub async fn learn_version(&self) -> Option<String> {
+        let stats = self.system_stats().await.ok()?;
+        let version = stats
+            .pointer("/system/comfyui_version")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        self.targeted_interrupt.store(
+            interrupts_by_prompt_id(&version),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Some(version)
+    }
+
+    /// The node types the pod's ComfyUI has (`/object_info`'s keys: built-in and custom
+    /// nodes).
+    pub async fn node_types(&self) -> Result<std::collections::BTreeSet<String>, PodError> {
+        let info = self
+            .json_within(
+                self.http.get(format!("{}/object_info", self.base)),
+                OBJECT_INFO_TIMEOUT,
+            )
+            .await?;
+        Ok(info
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default())
     }
 
     /// Queues the prompt under `prompt_id` for this gateway's client id.

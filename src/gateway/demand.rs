@@ -15,7 +15,6 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
-use super::engine::Engine;
 use crate::crd::ComfyUIDeployment;
 use crate::crd::autoscaling::{CAPACITY_AVAILABLE, ColdStart};
 
@@ -124,14 +123,20 @@ pub fn demand_patch(fleet: &str, demand: &Demand) -> Value {
     })
 }
 
-/// Publishes each fleet's demand whenever it changes, until the process ends.
-pub async fn publish(client: Client, namespace: String, fleets: Vec<String>, engine: Arc<Engine>) {
+/// Publishes each fleet's demand (as `demand_of` reads it from the engine) whenever it
+/// changes, until the process ends.
+pub async fn publish(
+    client: Client,
+    namespace: String,
+    fleets: Vec<String>,
+    demand_of: impl Fn(&str) -> Demand,
+) {
     let api: Api<ComfyUIDeployment> = Api::namespaced(client, &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let mut published: HashMap<String, Demand> = HashMap::new();
     loop {
         for fleet in &fleets {
-            let demand = engine.demand(fleet);
+            let demand = demand_of(fleet);
             if published.get(fleet) == Some(&demand) {
                 continue;
             }

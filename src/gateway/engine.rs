@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::comfy::{HistoryEntry, PodClient, PodError, PodEvent, QueueView};
 use super::job::{InputFile, Job, JobError, JobState, Progress, now_millis};
+use super::lifecycle::{self, Transition};
 use super::metrics::GatewayMetrics;
 use super::outputs::{OutputStore, parse_s3_url};
 use super::placement::{self, Placement, PodLoad, Queued};
@@ -131,10 +132,20 @@ pub enum CancelOutcome {
 /// Tries to store one output before the job fails `output_failed`.
 const OUTPUT_ATTEMPTS: u32 = 3;
 
-type PersistRequest = (Job, Option<oneshot::Sender<Result<(), String>>>);
+/// One store write: the job, who waits for its commit, and whether a failed write is
+/// tried again (every state change) or given up (a submit, which answers 503 and is
+/// forgotten: a retry would store a job its client was told was refused).
+struct PersistRequest {
+    job: Job,
+    ack: Option<oneshot::Sender<Result<(), String>>>,
+    retry: bool,
+}
 
 /// Jobs written to the in-memory state but not yet committed, with their count of
 /// writes in flight: reads see them until the store has them.
+/// A fleet's node types and the ComfyUI version they were read from.
+type NodeTypes = (String, Arc<std::collections::BTreeSet<String>>);
+
 type Unflushed = Arc<Mutex<HashMap<String, (Job, u32)>>>;
 
 pub struct Engine {
@@ -151,6 +162,12 @@ pub struct Engine {
     started: Instant,
     /// What the operator reports about each fleet (capacity, cold starts).
     pub signals: Arc<super::demand::FleetSignals>,
+    /// Each fleet's node types (`/object_info` of a pod), with the ComfyUI version they
+    /// were read from: read again only when a pod reports another version.
+    node_types: Mutex<HashMap<String, NodeTypes>>,
+    /// Set once the process is told to stop: nothing more is handed out, pod workers
+    /// close their sockets.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Engine {
@@ -177,6 +194,8 @@ impl Engine {
             http,
             started: Instant::now(),
             signals: Arc::default(),
+            node_types: Mutex::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(persister(
             engine.store.clone(),
@@ -185,6 +204,84 @@ impl Engine {
             engine.metrics.clone(),
         ));
         engine
+    }
+
+    /// Stops for a SIGTERM: hands out no more jobs, closes the pods' websockets (so
+    /// ComfyUI drops this client at once), and waits, up to `within`, until every state
+    /// change made so far is in the store. Jobs on pods stay theirs: the next process
+    /// asks those pods about them, as after any restart.
+    pub async fn drain(&self, within: Duration) {
+        self.stopping.send_replace(true);
+        let deadline = Instant::now() + within;
+        loop {
+            let pending = self
+                .unflushed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len();
+            if pending == 0 {
+                tracing::info!("every state change is stored");
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(pending, "exiting with state changes not yet stored");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads a pod's node types unless its fleet's are known for this ComfyUI version.
+    async fn learn_node_types(&self, client: &PodClient, version: &str) {
+        let fleet = match self.lock().pods.get(&client.name) {
+            Some(p) => p.fleet.clone(),
+            None => return,
+        };
+        let known = self
+            .node_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fleet)
+            .is_some_and(|(v, _)| v == version);
+        if known {
+            return;
+        }
+        match client.node_types().await {
+            Ok(types) if !types.is_empty() => {
+                tracing::info!(%fleet, %version, types = types.len(), "node types read from a pod");
+                self.node_types
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(fleet, (version.to_string(), Arc::new(types)));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(pod = %client.name, error = %e, "cannot read /object_info"),
+        }
+    }
+
+    /// The prompt's nodes (id, type) whose type the fleet's ComfyUI does not have. Empty
+    /// while no pod has told the fleet's types yet (the pod's own validation stays).
+    pub fn unknown_node_types(&self, fleet: &str, prompt: &Value) -> Vec<(String, String)> {
+        let types = match self
+            .node_types
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(fleet)
+        {
+            Some((_, types)) => types.clone(),
+            None => return vec![],
+        };
+        let mut out: Vec<(String, String)> = prompt
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(id, node)| {
+                let class = node.get("class_type")?.as_str()?;
+                (!types.contains(class)).then(|| (id.clone(), class.to_string()))
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -211,15 +308,23 @@ impl Engine {
     /// the order the changes were made (a stale copy cannot overwrite a newer one).
     fn persist_later(&self, job: &Job) {
         self.track(job);
-        let _ = self.persist.send((job.clone(), None));
+        let _ = self.persist.send(PersistRequest {
+            job: job.clone(),
+            ack: None,
+            retry: true,
+        });
     }
 
     /// Queues a store write (under the state lock, as `persist_later`); the receiver
-    /// says when it is committed, or why not.
-    fn persist_acked(&self, job: &Job) -> oneshot::Receiver<Result<(), String>> {
+    /// says when it is committed, or why not. `retry`: a failed write is tried again.
+    fn persist_acked(&self, job: &Job, retry: bool) -> oneshot::Receiver<Result<(), String>> {
         self.track(job);
         let (tx, rx) = oneshot::channel();
-        let _ = self.persist.send((job.clone(), Some(tx)));
+        let _ = self.persist.send(PersistRequest {
+            job: job.clone(),
+            ack: Some(tx),
+            retry,
+        });
         rx
     }
 
@@ -318,7 +423,8 @@ impl Engine {
                 st.keys.insert(key.clone(), job.id.clone());
             }
             st.jobs.insert(job.id.clone(), job.clone());
-            self.persist_acked(&job)
+            // Not retried: on failure the submit answers 503 and the job is forgotten.
+            self.persist_acked(&job, false)
         };
         // Acknowledged only once it is durable: a 201 for a job the store never got would
         // be a job lost at the next restart.
@@ -440,8 +546,7 @@ impl Engine {
         let st = &mut *guard;
         let job = st.jobs.get_mut(id)?;
         let pod = job.pod.clone();
-        let (job, command) = if job.state == JobState::Running {
-            job.cancel_requested = true;
+        let (job, command) = if lifecycle::apply(job, Transition::RequestCancel).is_ok() {
             let job = job.clone();
             self.persist_later(&job);
             Self::publish(
@@ -471,18 +576,27 @@ impl Engine {
         state: JobState,
         error: Option<JobError>,
     ) -> Option<Job> {
-        let mut job = st.jobs.remove(id)?;
+        let live = st.jobs.get_mut(id)?;
+        let pod = live.pod.clone();
+        let end = Transition::End {
+            state,
+            error,
+            at: now_millis(),
+        };
+        if let Err(illegal) = lifecycle::apply(live, end) {
+            tracing::warn!(job = %id, ?state, %illegal, "not ended");
+            return None;
+        }
+        tracing::debug!(job = %id, state = state.as_str(), "job ended");
+        let job = st.jobs.remove(id)?;
         if let Some(q) = st.queues.get_mut(&job.fleet) {
             q.retain(|j| j != id);
         }
-        if let Some(pod) = job.pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
+        if let Some(pod) = pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
             pod.assigned.retain(|j| j != id);
         }
         if let Some(key) = &job.idempotency_key {
             st.keys.remove(key);
-        }
-        if !job.finish(state, error) {
-            return None;
         }
         let fleet = GatewayMetrics::fleet(&job.fleet);
         if let Some(started) = job.started_at {
@@ -501,11 +615,11 @@ impl Engine {
             })
             .inc();
         self.persist_later(&job);
-        Self::publish(st, &job, "done", super::api::public_view(&job));
+        Self::publish(st, &job, "done", job.public_view());
         if let Some(url) = &job.webhook {
             let event = format!("job.{}", state.as_str());
             self.webhooks
-                .send(url.clone(), &event, &job.id, super::api::public_view(&job));
+                .send(url.clone(), &event, &job.id, job.public_view());
         }
         self.wake.notify_one();
         Some(job)
@@ -537,11 +651,9 @@ impl Engine {
             return;
         }
         tracing::info!(job = %id, pod = ?job.pod, %why, "job back in the queue");
-        job.state = JobState::Queued;
-        job.pod = None;
-        job.started_at = None;
-        job.progress = None;
-        job.outputs.clear();
+        if let Err(illegal) = lifecycle::apply(job, Transition::HandBack) {
+            tracing::debug!(job = %id, %illegal, "nothing to hand back");
+        }
         let job = job.clone();
         if let Some(p) = st
             .pods
@@ -780,6 +892,9 @@ impl Engine {
         oneshot::Receiver<Result<(), String>>,
     )> {
         let mut out = Vec::new();
+        if *self.stopping.borrow() {
+            return out;
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let now = now_millis();
@@ -837,19 +952,25 @@ impl Engine {
                 else {
                     continue;
                 };
-                job.pod = Some(pod_name.clone());
-                job.dispatched_at = Some(now);
-                job.attempts += 1;
-                job.cold_start = !pod.ran_any && pod.assigned.is_empty();
-                job.checkpoint_switch = pod.checkpoint.is_some()
-                    && job.checkpoint.is_some()
-                    && pod.checkpoint != job.checkpoint;
+                let assign = Transition::Assign {
+                    pod: pod_name.clone(),
+                    at: now,
+                    cold_start: !pod.ran_any && pod.assigned.is_empty(),
+                    checkpoint_switch: pod.checkpoint.is_some()
+                        && job.checkpoint.is_some()
+                        && pod.checkpoint != job.checkpoint,
+                };
+                if let Err(illegal) = lifecycle::apply(job, assign) {
+                    tracing::warn!(job = %id, pod = %pod_name, %illegal, "not assigned");
+                    continue;
+                }
+                tracing::debug!(job = %id, pod = %pod_name, attempt = job.attempts, "job handed to a pod");
                 if job.checkpoint.is_some() {
                     pod.checkpoint = job.checkpoint.clone();
                 }
                 pod.assigned.push(id.clone());
                 let (job, commands) = (job.clone(), pod.commands.clone());
-                let committed = self.persist_acked(&job);
+                let committed = self.persist_acked(&job, true);
                 out.push((job, commands, committed));
             }
         }
@@ -1047,13 +1168,11 @@ impl Engine {
         };
         match event {
             PodEvent::Started { .. } => {
-                if job.state == JobState::Running {
-                    // Seen again on a resync after a reconnect or restart.
+                let now = now_millis();
+                // Refused when seen again on a resync after a reconnect or restart.
+                if lifecycle::apply(job, Transition::Start { at: now }).is_err() {
                     return;
                 }
-                job.state = JobState::Running;
-                let now = now_millis();
-                job.started_at = Some(now);
                 let waited = now.saturating_sub(job.created_at) as f64 / 1000.0;
                 self.metrics
                     .queue_seconds
@@ -1271,41 +1390,87 @@ impl Engine {
     }
 }
 
-/// Writes jobs in order, many per commit.
+/// Writes jobs in order, many per commit. A write that fails (a full or broken volume) is
+/// tried again with backoff, always with the job's latest version, and reads keep
+/// seeing that version until it is stored: a state change is never dropped, so a job
+/// that ended stays ended.
 async fn persister(
     store: Store,
     mut rx: mpsc::UnboundedReceiver<PersistRequest>,
     unflushed: Unflushed,
     metrics: Arc<GatewayMetrics>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let mut retry: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let first = if retry.is_empty() {
+            match rx.recv().await {
+                Some(request) => Some(request),
+                None => return,
+            }
+        } else {
+            match tokio::time::timeout(backoff, rx.recv()).await {
+                Ok(Some(request)) => Some(request),
+                Ok(None) => return,
+                Err(_) => None,
+            }
+        };
+        let mut batch: Vec<PersistRequest> = first.into_iter().collect();
         while batch.len() < 256 {
             match rx.try_recv() {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        let jobs: Vec<Job> = batch.iter().map(|(j, _)| j.clone()).collect();
-        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        // Each job once, in its latest version (the one reads see).
+        let mut ids: Vec<String> = Vec::new();
+        for id in retry.iter().chain(batch.iter().map(|r| &r.job.id)) {
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+        let jobs: Vec<Job> = {
+            let map = unflushed.lock().unwrap_or_else(|e| e.into_inner());
+            ids.iter()
+                .filter_map(|id| match map.get(id) {
+                    Some((job, _)) => Some(job.clone()),
+                    None => batch
+                        .iter()
+                        .find(|r| &r.job.id == id)
+                        .map(|r| r.job.clone()),
+                })
+                .collect()
+        };
         let result = store.put_many(jobs).await.map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            metrics.store_errors.inc();
-            tracing::error!(error = %e, "cannot store jobs");
+        match &result {
+            Ok(()) => {
+                retry.clear();
+                backoff = FIRST_BACKOFF;
+            }
+            Err(e) => {
+                metrics.store_errors.inc();
+                tracing::error!(error = %e, retry_in = ?backoff, "cannot store jobs");
+                retry.extend(batch.iter().filter(|r| r.retry).map(|r| r.job.id.clone()));
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
         {
             let mut map = unflushed.lock().unwrap_or_else(|e| e.into_inner());
-            for id in ids {
-                if let Some(entry) = map.get_mut(&id) {
+            for request in &batch {
+                if let Some(entry) = map.get_mut(&request.job.id) {
                     entry.1 = entry.1.saturating_sub(1);
-                    if entry.1 == 0 {
-                        map.remove(&id);
-                    }
+                }
+            }
+            // Stored, or given up (a refused submit): reads go to the store again.
+            for id in &ids {
+                if !retry.contains(id) && map.get(id).is_some_and(|(_, n)| *n == 0) {
+                    map.remove(id);
                 }
             }
         }
-        for (_, ack) in batch {
-            if let Some(ack) = ack {
+        for request in batch {
+            if let Some(ack) = request.ack {
                 let _ = ack.send(result.clone());
             }
         }
@@ -1319,11 +1484,17 @@ async fn run_pod(
     mut commands: mpsc::UnboundedReceiver<PodCommand>,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut stop = engine.stopping.subscribe();
     loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
         match client.events().await {
             Ok(mut events) => {
                 backoff = Duration::from_millis(200);
-                client.learn_version().await;
+                if let Some(version) = client.learn_version().await {
+                    engine.learn_node_types(&client, &version).await;
+                }
                 let assigned = engine.set_connected(&client.name, true);
                 if let Err(e) = engine.resync(&client, assigned).await {
                     tracing::warn!(pod = %client.name, error = %e, "resync failed");
@@ -1345,6 +1516,8 @@ async fn run_pod(
                             Some(command) => handle(&engine, &client, command),
                             None => return,
                         },
+                        // The socket closes as `events` drops.
+                        _ = stop.changed() => return,
                         _ = resync.tick() => {
                             if let Some(jobs) = engine.resync_targets(&client.name)
                                 && let Err(e) = engine.resync(&client, jobs).await
@@ -1486,5 +1659,122 @@ fn merge_outputs(into: &mut Vec<super::job::Output>, more: Vec<super::job::Outpu
         }) {
             into.push(o);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::job::Millis;
+    use crate::gateway::store::{JobStore, ListQuery, Page, RedbStore, StoreError};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A store whose writes fail while `down` (a full volume), over a real redb file.
+    struct Flaky {
+        inner: RedbStore,
+        down: AtomicBool,
+    }
+
+    impl JobStore for Flaky {
+        fn put_many(&self, jobs: &[Job]) -> Result<(), StoreError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::from_message("No space left on device".into()));
+            }
+            self.inner.put_many(jobs)
+        }
+        fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+            self.inner.get(id)
+        }
+        fn by_idempotency_key(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.inner.by_idempotency_key(key)
+        }
+        fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+            self.inner.list(query)
+        }
+        fn unfinished(&self) -> Result<Vec<Job>, StoreError> {
+            self.inner.unfinished()
+        }
+        fn prune(&self, before: Millis, max: usize, batch: usize) -> Result<usize, StoreError> {
+            self.inner.prune(before, max, batch)
+        }
+    }
+
+    fn request(job: &Job, unflushed: &Unflushed, retry: bool) -> PersistRequest {
+        let mut map = unflushed.lock().unwrap();
+        map.entry(job.id.clone()).or_insert((job.clone(), 0)).1 += 1;
+        map.get_mut(&job.id).unwrap().0 = job.clone();
+        PersistRequest {
+            job: job.clone(),
+            ack: None,
+            retry,
+        }
+    }
+
+    async fn stored_state(flaky: &Flaky, id: &str, want: Option<JobState>) -> Option<JobState> {
+        for _ in 0..100 {
+            let now = flaky.inner.get(id).unwrap().map(|j| j.state);
+            if now == want {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        flaky.inner.get(id).unwrap().map(|j| j.state)
+    }
+
+    #[tokio::test]
+    async fn a_state_change_the_store_refused_is_written_once_it_can_be() {
+        let dir = std::env::temp_dir().join(format!(
+            "sdfleet-persister-{}-{}",
+            std::process::id(),
+            now_millis()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flaky = Arc::new(Flaky {
+            inner: RedbStore::open(&dir.join("jobs.redb")).unwrap(),
+            down: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let unflushed = Unflushed::default();
+        tokio::spawn(persister(
+            Store(flaky.clone()),
+            rx,
+            unflushed.clone(),
+            Arc::new(GatewayMetrics::default()),
+        ));
+        let mut job = Job::for_test("j", JobState::Running, 1);
+        tx.send(request(&job, &unflushed, true)).unwrap();
+        assert_eq!(
+            stored_state(&flaky, "j", Some(JobState::Running)).await,
+            Some(JobState::Running)
+        );
+
+        // The volume fills as the job ends: the end is kept, and reads see it.
+        flaky.down.store(true, Ordering::SeqCst);
+        job.state = JobState::Succeeded;
+        tx.send(request(&job, &unflushed, true)).unwrap();
+        // A submit refused meanwhile is given up, never written later.
+        let refused = Job::for_test("refused", JobState::Queued, 2);
+        tx.send(request(&refused, &unflushed, false)).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            flaky.inner.get("j").unwrap().unwrap().state,
+            JobState::Running
+        );
+        let seen = unflushed.lock().unwrap().get("j").map(|(j, _)| j.state);
+        assert_eq!(
+            seen,
+            Some(JobState::Succeeded),
+            "reads see the unstored end"
+        );
+
+        // Space again: the end is written without anyone asking.
+        flaky.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            stored_state(&flaky, "j", Some(JobState::Succeeded)).await,
+            Some(JobState::Succeeded)
+        );
+        assert_eq!(flaky.inner.get("refused").unwrap(), None);
+        assert!(unflushed.lock().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

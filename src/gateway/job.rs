@@ -2,7 +2,7 @@
 //! the `prompt_id` it runs under on a pod, so a pod can be asked about it by name.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
@@ -181,18 +181,73 @@ pub struct Job {
     pub error: Option<JobError>,
 }
 
+fn rfc3339(ms: Millis) -> Value {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| Value::String(t.to_string()))
+        .unwrap_or(Value::Null)
+}
+
 impl Job {
-    /// Ends the job in `state` (no-op when it already ended).
-    pub fn finish(&mut self, state: JobState, error: Option<JobError>) -> bool {
-        if self.state.is_final() {
-            return false;
+    /// The job as clients see it (without presigned URLs: the API adds them).
+    pub fn public_view(&self) -> Value {
+        let secs = |a: Option<Millis>, b: Option<Millis>| match (a, b) {
+            (Some(a), Some(b)) => json!(b.saturating_sub(a) as f64 / 1000.0),
+            _ => Value::Null,
+        };
+        json!({
+            "id": self.id,
+            "url": format!("/api/v2/jobs/{}", self.id),
+            "fleet": self.fleet,
+            "state": self.state,
+            "cancel_requested": self.cancel_requested,
+            "progress": self.progress,
+            "timings": {
+                "created_at": rfc3339(self.created_at),
+                "dispatched_at": self.dispatched_at.map(rfc3339),
+                "started_at": self.started_at.map(rfc3339),
+                "finished_at": self.finished_at.map(rfc3339),
+                "queue_seconds": secs(Some(self.created_at), self.started_at),
+                "run_seconds": secs(self.started_at, self.finished_at),
+                "cold_start": self.cold_start,
+                "cold_start_phases": self.cold_start_phases,
+                "checkpoint_switch": self.checkpoint_switch,
+            },
+            "expires_at": rfc3339(self.expires_at),
+            "pod": self.pod,
+            "attempts": self.attempts,
+            "outputs": self.outputs,
+            "error": self.error,
+        })
+    }
+
+    /// A job of fleet `sdxl` with nothing else set, for unit tests.
+    #[cfg(test)]
+    pub fn for_test(id: &str, state: JobState, created_at: Millis) -> Job {
+        Job {
+            id: id.into(),
+            fleet: "sdxl".into(),
+            state,
+            prompt: serde_json::json!({}),
+            inputs: vec![],
+            checkpoint: None,
+            webhook: None,
+            idempotency_key: None,
+            request_hash: None,
+            key_id: None,
+            created_at,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            expires_at: now_millis() + 60_000,
+            pod: None,
+            attempts: 0,
+            checkpoint_switch: false,
+            cold_start: false,
+            cold_start_phases: None,
+            cancel_requested: false,
+            progress: None,
+            outputs: vec![],
+            error: None,
         }
-        self.state = state;
-        self.error = error;
-        self.finished_at = Some(now_millis());
-        self.pod = None;
-        // Inputs were only needed to run it; keep the store small.
-        self.inputs.clear();
-        true
     }
 }

@@ -10,6 +10,7 @@ pub mod demand;
 pub mod discovery;
 pub mod engine;
 pub mod job;
+pub mod lifecycle;
 pub mod metrics;
 pub mod outputs;
 pub mod placement;
@@ -182,8 +183,11 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         std::fs::create_dir_all(dir).map_err(|e| GatewayError::Io(dir.display().to_string(), e))?;
     }
     let store = store::Store(Arc::new(store::RedbStore::open(&args.store)?));
+    // A pod that stops answering mid-body (a node gone without a reset) fails a read
+    // after the silence limit, not at the end of a 300 s transfer deadline.
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(args.pod_silence_seconds.max(5)))
         .build()?;
     let secret = match &args.webhook_secret_file {
         Some(path) => Some(
@@ -271,11 +275,12 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
                 engine.signals.clone(),
             ));
         }
+        let engine = engine.clone();
         tokio::spawn(demand::publish(
             client.clone(),
             args.namespace.clone(),
             args.fleets.iter().map(|f| f.name.clone()).collect(),
-            engine.clone(),
+            move |fleet| engine.demand(fleet),
         ));
     }
     tokio::spawn(engine.clone().run());
@@ -286,7 +291,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     let reload = keys.clone();
     tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
     let state = Arc::new(api::ApiState {
-        engine,
+        engine: engine.clone(),
         keys,
         fleets: args.fleets.clone(),
         catalogs,
@@ -328,17 +333,23 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         crate::leader::shutdown_signal().await;
         notify.notify_one();
     });
-    tokio::select! {
+    let served = tokio::select! {
         served = serve.into_future() => served.map_err(|e| GatewayError::Io("serve".into(), e)),
         _ = async {
             signalled.notified().await;
             tokio::time::sleep(DRAIN).await;
         } => {
-            tracing::info!(drain = ?DRAIN, "connections still open after the drain; exiting");
+            tracing::info!(drain = ?DRAIN, "connections still open after the drain");
             Ok(())
         }
-    }
+    };
+    engine.drain(FLUSH).await;
+    served
 }
+
+/// How long, after the requests, the store may take to write what changed before exit:
+/// DRAIN + FLUSH stay well within a pod's default 30 s grace period.
+const FLUSH: Duration = Duration::from_secs(3);
 
 /// How long requests in flight may finish after SIGTERM: well within a pod's default
 /// 30 s grace period.

@@ -591,36 +591,10 @@ mod tests {
     use super::*;
     use crate::gateway::job::now_millis;
     use redb::ReadableTableMetadata;
-    use serde_json::json;
     use std::collections::BTreeSet;
 
     pub fn job(id: &str, state: JobState, created_at: u64) -> Job {
-        Job {
-            id: id.into(),
-            fleet: "sdxl".into(),
-            state,
-            prompt: json!({}),
-            inputs: vec![],
-            checkpoint: None,
-            webhook: None,
-            idempotency_key: None,
-            request_hash: None,
-            key_id: None,
-            created_at,
-            dispatched_at: None,
-            started_at: None,
-            finished_at: None,
-            expires_at: now_millis() + 60_000,
-            pod: None,
-            attempts: 0,
-            checkpoint_switch: false,
-            cold_start: false,
-            cold_start_phases: None,
-            cancel_requested: false,
-            progress: None,
-            outputs: vec![],
-            error: None,
-        }
+        Job::for_test(id, state, created_at)
     }
 
     #[test]
@@ -841,7 +815,8 @@ mod tests {
         for job in jobs.iter_mut().filter(|j| j.created_at % 3 == 0) {
             job.state = JobState::Running;
             store.put(job).unwrap();
-            job.finish(JobState::Succeeded, None);
+            job.state = JobState::Succeeded;
+            job.finished_at = Some(job.created_at + 1);
             store.put(job).unwrap();
         }
         let succeeded = ListQuery {

@@ -1921,6 +1921,8 @@ struct Inner {
     unload: bool,
     /// Prompt ids in the order they started: what ran here.
     started: Vec<String>,
+    /// Prompt ids refused by validation (a 400), in order.
+    refused: Vec<String>,
     uploads: Vec<String>,
     loaded: Option<String>,
     /// Checkpoint loads (the first load counts: a fresh pod has nothing loaded).
@@ -2107,6 +2109,11 @@ impl FakeComfy {
     /// Prompt ids that started here, in order.
     pub fn started(&self) -> Vec<String> {
         self.shared.inner.lock().unwrap().started.clone()
+    }
+
+    /// Prompt ids refused with a 400 here, in order.
+    pub fn refused(&self) -> Vec<String> {
+        self.shared.inner.lock().unwrap().refused.clone()
     }
 
     /// How many times a prompt had to load a checkpoint other than the one loaded.
@@ -2458,6 +2465,7 @@ async fn post_prompt(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         extra.set("client_id", client.clone());
     }
     if !valid {
+        s.inner.lock().unwrap().refused.push(prompt_id);
         return json_response(
             StatusCode::BAD_REQUEST,
             &obj! {"error" => error, "node_errors" => node_errors},

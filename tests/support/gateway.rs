@@ -318,15 +318,28 @@ impl ApiClient {
     }
 
     /// Polls until the job is in a final state (bounded).
+    /// Polls the job until it ends; panics with its last view after `timeout`.
     pub async fn wait_final(&self, id: &str, timeout: Duration) -> Value {
-        eventually(&format!("job {id} to end"), timeout, || async {
-            let job = self.job(id).await;
-            let state = job["state"].as_str().unwrap_or("");
-            ["succeeded", "failed", "canceled", "expired"]
-                .contains(&state)
-                .then_some(job)
-        })
-        .await
+        let last = std::sync::Mutex::new(Value::Null);
+        let ended = tokio::time::timeout(
+            timeout,
+            eventually(&format!("job {id} to end"), timeout * 2, || async {
+                let job = self.job(id).await;
+                *last.lock().unwrap() = job.clone();
+                let state = job["state"].as_str().unwrap_or("");
+                ["succeeded", "failed", "canceled", "expired"]
+                    .contains(&state)
+                    .then_some(job)
+            }),
+        )
+        .await;
+        match ended {
+            Ok(job) => job,
+            Err(_) => panic!(
+                "job {id} did not end within {timeout:?}; last seen: {}",
+                last.lock().unwrap()
+            ),
+        }
     }
 
     /// The job's SSE stream until it closes or `timeout`: (event, data) pairs.
