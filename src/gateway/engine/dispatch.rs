@@ -1,0 +1,301 @@
+//! Handing out jobs: the pods discovery reports, the main loop (expiry, the run limit,
+//! lost pods, then placement of queued jobs on pods with a free slot) and the gauges.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::pod_worker::run_pod;
+use super::{Endpoint, Engine, Pod, PodCommand};
+use crate::gateway::comfy::PodClient;
+use crate::gateway::job::{Job, JobError, JobState, now_millis};
+use crate::gateway::lifecycle::{self, Transition};
+use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::placement::{self, PodLoad, Queued};
+
+impl Engine {
+    /// Discovery's view of one fleet's pods: new pods get a worker, gone pods give their
+    /// jobs back, readiness gates new hand-offs.
+    pub fn sync_pods(self: &Arc<Self>, fleet: &str, endpoints: Vec<Endpoint>) {
+        let mut st = self.lock();
+        // A known fleet reports its gauges from the first listing on, even with no pod
+        // and no job (autoscaling reads zeros too).
+        st.queues.entry(fleet.to_string()).or_default();
+        let gone: Vec<String> = st
+            .pods
+            .iter()
+            .filter(|(name, p)| p.fleet == fleet && !endpoints.iter().any(|e| &e.name == *name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(pod) = st.pods.remove(&name) {
+                pod.task.abort();
+                tracing::info!(pod = %name, jobs = pod.assigned.len(), "pod gone");
+                for id in pod.assigned {
+                    self.requeue_locked(&mut st, &id, "pod gone");
+                }
+            }
+        }
+        for ep in endpoints {
+            if let Some(pod) = st.pods.get_mut(&ep.name) {
+                pod.ready = ep.ready;
+                if pod.client.base != ep.url {
+                    // Same name, new address: a new pod behind an old name.
+                    pod.task.abort();
+                    let assigned = std::mem::take(&mut pod.assigned);
+                    st.pods.remove(&ep.name);
+                    for id in assigned {
+                        self.requeue_locked(&mut st, &id, "pod replaced");
+                    }
+                } else {
+                    continue;
+                }
+            }
+            let mut client = PodClient::new(
+                &ep.name,
+                &ep.url,
+                &self.settings.client_id,
+                self.http.clone(),
+            );
+            client.silence_limit = self.settings.silence_limit;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let assigned = st.orphans.remove(&ep.name).unwrap_or_default();
+            let task = tokio::spawn(run_pod(self.clone(), client.clone(), rx));
+            tracing::info!(pod = %ep.name, url = %ep.url, ready = ep.ready, "pod found");
+            st.pods.insert(
+                ep.name.clone(),
+                Pod {
+                    fleet: fleet.to_string(),
+                    client,
+                    ready: ep.ready,
+                    connected: false,
+                    unreachable_since: None,
+                    assigned,
+                    handing_off: Vec::new(),
+                    overran: None,
+                    checkpoint: None,
+                    ran_any: false,
+                    commands: tx,
+                    task,
+                },
+            );
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// The dispatcher: hands jobs to pods, expires what waited too long, gives back the
+    /// jobs of unreachable pods. Runs until the process ends.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            self.housekeeping();
+            for (job, commands, committed) in self.assign() {
+                // The hand-off goes out once the store knows which pod the job is on, so
+                // a restart asks that pod instead of running the job again elsewhere.
+                if let Ok(Err(e)) = committed.await {
+                    tracing::error!(job = %job.id, error = %e, "cannot store a hand-off");
+                }
+                let _ = commands.send(PodCommand::Submit(Box::new(job)));
+            }
+            self.refresh_gauges();
+        }
+    }
+
+    pub(super) fn housekeeping(&self) {
+        let now = now_millis();
+        let mut st = self.lock();
+        let expired: Vec<(String, Option<String>)> = st
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && j.expires_at <= now)
+            .map(|j| (j.id.clone(), j.pod.clone()))
+            .collect();
+        for (id, pod) in expired {
+            if let Some(p) = pod.as_ref().and_then(|p| st.pods.get(p)) {
+                let _ = p.commands.send(PodCommand::Delete(id.clone()));
+            }
+            let msg = "not started before its TTL";
+            self.finish_locked(
+                &mut st,
+                &id,
+                JobState::Expired,
+                Some(JobError::new("expired", msg)),
+            );
+        }
+        if let Some(limit) = self.settings.max_run {
+            let limit_ms = limit.as_millis() as u64;
+            let overran: Vec<(String, Option<String>)> = st
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .filter(|j| {
+                    j.started_at
+                        .is_some_and(|t| now.saturating_sub(t) >= limit_ms)
+                })
+                .map(|j| (j.id.clone(), j.pod.clone()))
+                .collect();
+            for (id, pod) in overran {
+                if let Some(p) = pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
+                    let _ = p.commands.send(PodCommand::Interrupt(id.clone()));
+                    p.overran = Some(id.clone());
+                }
+                let msg = format!("ran longer than the run limit ({} s)", limit.as_secs());
+                tracing::warn!(job = %id, ?pod, "run limit: interrupting the job");
+                self.finish_locked(
+                    &mut st,
+                    &id,
+                    JobState::Failed,
+                    Some(JobError::new("run_timeout", msg)),
+                );
+            }
+        }
+        let lost: Vec<(String, Vec<String>)> = st
+            .pods
+            .iter_mut()
+            .filter(|(_, p)| {
+                p.unreachable_since
+                    .is_some_and(|t| t.elapsed() >= self.settings.lost_after)
+            })
+            .filter(|(_, p)| !p.assigned.is_empty())
+            .map(|(name, p)| (name.clone(), std::mem::take(&mut p.assigned)))
+            .collect();
+        for (name, ids) in lost {
+            for id in ids {
+                if let Some(j) = st.jobs.get_mut(&id) {
+                    j.pod = Some(name.clone());
+                }
+                self.requeue_locked(&mut st, &id, "pod unreachable");
+            }
+        }
+        if self.started.elapsed() >= self.settings.orphan_grace && !st.orphans.is_empty() {
+            let orphans: Vec<String> = st.orphans.drain().flat_map(|(_, ids)| ids).collect();
+            for id in orphans {
+                self.requeue_locked(&mut st, &id, "its pod did not come back");
+            }
+        }
+    }
+
+    /// Chooses hand-offs under the lock and queues their store writes; the caller waits
+    /// for each commit before sending it.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn assign(
+        &self,
+    ) -> Vec<(
+        Job,
+        mpsc::UnboundedSender<PodCommand>,
+        oneshot::Receiver<Result<(), String>>,
+    )> {
+        let mut out = Vec::new();
+        if *self.stopping.borrow() {
+            return out;
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let now = now_millis();
+        let fleets: Vec<String> = st.queues.keys().cloned().collect();
+        for fleet in fleets {
+            loop {
+                let choice = {
+                    let Some(queue) = st.queues.get(&fleet) else {
+                        break;
+                    };
+                    let queued: VecDeque<Queued> = queue
+                        .iter()
+                        .take(placement::WINDOW)
+                        .filter_map(|id| st.jobs.get(id))
+                        .map(|j| Queued {
+                            id: &j.id,
+                            checkpoint: j.checkpoint.as_deref(),
+                            waited: Duration::from_millis(now.saturating_sub(j.created_at)),
+                        })
+                        .collect();
+                    let mut names: Vec<&String> = st
+                        .pods
+                        .iter()
+                        .filter(|(_, p)| {
+                            p.fleet == fleet
+                                && p.ready
+                                && p.connected
+                                && p.unreachable_since.is_none()
+                                && p.overran.is_none()
+                        })
+                        .map(|(n, _)| n)
+                        .collect();
+                    names.sort();
+                    let loads: Vec<PodLoad> = names
+                        .iter()
+                        .map(|n| {
+                            let p = &st.pods[*n];
+                            PodLoad {
+                                name: n,
+                                assigned: p.assigned.len(),
+                                full: p.assigned.len() >= self.settings.pod_slots,
+                                checkpoint: p.checkpoint.as_deref(),
+                            }
+                        })
+                        .collect();
+                    let max_skip = Duration::from_secs(30);
+                    placement::next(self.settings.placement, &queued, &loads, max_skip)
+                        .map(|(j, p)| (queued[j].id.to_string(), loads[p].name.to_string()))
+                };
+                let Some((id, pod_name)) = choice else { break };
+                if let Some(q) = st.queues.get_mut(&fleet) {
+                    q.retain(|j| *j != id);
+                }
+                let (Some(job), Some(pod)) = (st.jobs.get_mut(&id), st.pods.get_mut(&pod_name))
+                else {
+                    continue;
+                };
+                let assign = Transition::Assign {
+                    pod: pod_name.clone(),
+                    at: now,
+                    cold_start: !pod.ran_any && pod.assigned.is_empty(),
+                    checkpoint_switch: pod.checkpoint.is_some()
+                        && job.checkpoint.is_some()
+                        && pod.checkpoint != job.checkpoint,
+                };
+                if let Err(illegal) = lifecycle::apply(job, assign) {
+                    tracing::warn!(job = %id, pod = %pod_name, %illegal, "not assigned");
+                    continue;
+                }
+                tracing::debug!(job = %id, pod = %pod_name, attempt = job.attempts, "job handed to a pod");
+                if job.checkpoint.is_some() {
+                    pod.checkpoint = job.checkpoint.clone();
+                }
+                pod.assigned.push(id.clone());
+                let (job, commands) = (job.clone(), pod.commands.clone());
+                let committed = self.persist_acked(&job, true);
+                out.push((job, commands, committed));
+            }
+        }
+        out
+    }
+
+    pub(super) fn refresh_gauges(&self) {
+        let st = self.lock();
+        let mut fleets: Vec<&String> = st.queues.keys().collect();
+        fleets.extend(st.pods.values().map(|p| &p.fleet));
+        for fleet in fleets {
+            let labels = GatewayMetrics::fleet(fleet);
+            let queued = st.queues.get(fleet).map_or(0, |q| q.len());
+            let pods = st.pods.values().filter(|p| &p.fleet == fleet);
+            let in_flight: usize = pods.clone().map(|p| p.assigned.len()).sum();
+            let ready = pods.filter(|p| p.ready && p.connected).count();
+            self.metrics
+                .queued
+                .get_or_create(&labels)
+                .set(queued as i64);
+            self.metrics
+                .in_flight
+                .get_or_create(&labels)
+                .set(in_flight as i64);
+            self.metrics.pods.get_or_create(&labels).set(ready as i64);
+        }
+    }
+}
