@@ -656,11 +656,19 @@ async fn gateway_killed_and_restarted_loses_no_job_and_runs_none_twice() {
 }
 
 #[tokio::test]
-async fn a_thousand_jobs_on_four_pods_sharing_one_output_prefix_overwrite_nothing() {
+async fn a_thousand_jobs_on_four_pods_sharing_one_output_prefix_overwrite_nothing_and_run_once() {
     let mut env = setup(Setup {
         pods: 4,
         step_ms: 1,
-        extra: vec!["--queue-cap".into(), "2000".into()],
+        // Busy pods are asked about their jobs every second, while hand-offs stream in:
+        // a resync that ran between a job's assignment and its `/prompt` took it for
+        // lost, ran it again, and the stop sent to the first run interrupted the second.
+        extra: vec![
+            "--queue-cap".into(),
+            "2000".into(),
+            "--resync-seconds".into(),
+            "1".into(),
+        ],
         ..Default::default()
     })
     .await;
@@ -693,6 +701,13 @@ async fn a_thousand_jobs_on_four_pods_sharing_one_output_prefix_overwrite_nothin
         );
     }
     assert_eq!(keys.len(), 1000);
+    let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+    for id in env.fakes.iter().flat_map(|f| f.started()) {
+        *runs.entry(id).or_default() += 1;
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "run more than once: {twice:?}");
+    assert_eq!(runs.len(), 1000);
     // On the shared directory too: one folder per job, nothing written twice.
     let folders = std::fs::read_dir(&env.output_dir).unwrap().count();
     assert_eq!(folders, 1000);

@@ -269,6 +269,10 @@ impl Engine {
                     pod.checkpoint = job.checkpoint.clone();
                 }
                 pod.assigned.push(id.clone());
+                // In hand-off from now: a resync that runs before the pod has the prompt
+                // must not take the job for lost (it would run twice, and the stop sent
+                // to the first run would interrupt the second).
+                pod.handing_off.push(id.clone());
                 let (job, commands) = (job.clone(), pod.commands.clone());
                 let committed = self.persist_acked(&job, true);
                 out.push((job, commands, committed));

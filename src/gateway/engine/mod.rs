@@ -108,6 +108,14 @@ struct Pod {
     task: JoinHandle<()>,
 }
 
+impl Pod {
+    /// The job leaves this pod: no slot, no hand-off in progress.
+    fn release(&mut self, id: &str) {
+        self.assigned.retain(|j| j != id);
+        self.handing_off.retain(|j| j != id);
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Unfinished jobs.
@@ -450,7 +458,7 @@ impl Engine {
             q.retain(|j| j != id);
         }
         if let Some(pod) = pod.as_ref().and_then(|p| st.pods.get_mut(p)) {
-            pod.assigned.retain(|j| j != id);
+            pod.release(id);
         }
         if let Some(key) = &job.idempotency_key {
             st.keys.remove(key);
@@ -517,7 +525,7 @@ impl Engine {
             .values_mut()
             .find(|p| p.assigned.iter().any(|j| j == id))
         {
-            p.assigned.retain(|j| j != id);
+            p.release(id);
         }
         st.queues
             .entry(job.fleet.clone())

@@ -111,7 +111,6 @@ pub(super) async fn hand_off(engine: &Arc<Engine>, client: &PodClient, job: Job)
     if !engine.still_assigned(&job.id, &client.name) {
         return;
     }
-    engine.handing_off(&client.name, &job.id, true);
     let result = send_job(engine, client, &job).await;
     engine.handing_off(&client.name, &job.id, false);
     match result {
@@ -423,7 +422,7 @@ impl Engine {
         let mut held = false;
         if let Some(p) = st.pods.get_mut(pod) {
             held = p.assigned.iter().any(|j| j == id);
-            p.assigned.retain(|j| j != id);
+            p.release(id);
             p.ran_any = true;
         }
         self.wake.notify_one();
