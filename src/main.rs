@@ -276,12 +276,13 @@ fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         }
         // As the controller does: the class decides, and supplies the node settings.
         let name = cud.metadata.name.clone().unwrap_or_default();
-        let class = policy::resolve(cud.spec.class_name.as_deref(), &classes)
+        let class = policy::resolve(cud.spec.class_name.as_deref(), &classes, None)
             .map_err(|e| format!("fleet {name}: {e} (pass the FleetClass with -f)"))?;
         let class_name = class.metadata.name.clone().unwrap_or_default();
-        policy::check_fleet(&cud.spec, &class_name, &class.spec)
+        let namespace = cud.metadata.namespace.clone().unwrap_or_default();
+        policy::check_fleet(&cud.spec, &class_name, &class.spec, &namespace)
             .map_err(|v| format!("fleet {name}: {v}"))?;
-        policy::apply_class(&mut cud.spec, &class.spec);
+        policy::apply_class(&mut cud.spec, &class.spec, &namespace, &name);
         let model_sync = cud
             .spec
             .model_set

@@ -14,6 +14,10 @@ pub const OWNER_NAME_KEY: &str = "sdfleet.io/owner-name";
 pub const FLEET_KEY: &str = "sdfleet.io/fleet";
 pub const NODEPOOL_LABEL: &str = "karpenter.sh/nodepool";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Taint of every GPU node, valued with the namespace of its fleet: a pod must tolerate
+/// it with its own namespace, which the chart's admission policy enforces in tenant
+/// namespaces, so no team's pod lands on (or makes Karpenter launch) another team's node.
+pub const TENANT_TAINT: &str = "sdfleet.io/tenant";
 pub const APP_NAME_KEY: &str = "app.kubernetes.io/name";
 pub const APP_INSTANCE_KEY: &str = "app.kubernetes.io/instance";
 /// The app name of the node agent's pods.

@@ -85,7 +85,7 @@ async fn what_the_class_does_not_allow_is_refused_and_named() {
         (
             "bucket",
             json!({"storage": {"outputs": {"bucket": "payroll-exports"}}}),
-            "spec.storage.outputs.bucket \"payroll-exports\"",
+            "spec.storage.outputs \"payroll-exports/\"",
         ),
         (
             "scheme",
@@ -184,7 +184,7 @@ async fn what_the_class_does_not_allow_is_refused_and_named() {
             "ms-bucket",
             json!({"bucket": "other-team"}),
             json!({}),
-            "spec.source.s3.bucket \"other-team\"",
+            "spec.source.s3 \"other-team/\"",
         ),
         (
             "ms-endpoint",

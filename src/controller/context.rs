@@ -252,11 +252,13 @@ impl Context {
             .ok_or_else(|| Error::CacheNotReady(NotListed("any kind (no caches started)".into())))
     }
 
-    /// The FleetClass named `name`, or the default one, as the cache holds them (`Err`
-    /// inside: why none applies).
-    pub fn cached_fleet_class(
+    /// The FleetClass named `name`, or the default one, as the cache holds them, if it
+    /// admits `namespace` (its labels are read: a class selects namespaces by label).
+    /// `Err` inside: why none applies.
+    pub async fn cached_fleet_class(
         &self,
         name: Option<&str>,
+        namespace: &str,
     ) -> Result<Result<FleetClass, ClassError>, Error> {
         let classes: Vec<FleetClass> = self
             .caches()?
@@ -265,7 +267,17 @@ impl Context {
             .iter()
             .map(|c| (**c).clone())
             .collect();
-        Ok(policy::resolve(name, &classes).cloned())
+        let labels = Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone())
+            .get_metadata(namespace)
+            .await?
+            .metadata
+            .labels
+            .unwrap_or_default();
+        let namespace = policy::Namespace {
+            name: namespace.to_string(),
+            labels,
+        };
+        Ok(policy::resolve(name, &classes, Some(&namespace)).cloned())
     }
 
     /// Queues an event about `reference` for the publisher task: a reconcile never waits

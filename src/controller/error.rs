@@ -8,7 +8,7 @@ use super::resources::ApplyError;
 pub enum Error {
     #[error("{0}")]
     Apply(#[from] ApplyError),
-    #[error("kubernetes API: {0}")]
+    #[error("{}", super::resources::said(.0))]
     Kube(#[from] kube::Error),
     #[error("missing dependencies: {0}")]
     MissingDependency(String),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::names::{FleetNames, MANAGED_BY, MANAGED_BY_KEY, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY};
 use crate::render::nodeclass::NodeClassProvider;
 use crate::render::settings::AgentSettings;
-use crate::render::{Child, ChildKind, Scope};
+use crate::render::{Child, ChildKind};
 use crate::telemetry::Metrics;
 
 use super::cache::{Caches, dynamic_api};
@@ -38,13 +38,13 @@ where
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("applying {kind} {name}: {source}")]
+    #[error("applying {kind} {name} failed: {}", said(source))]
     Apply {
         kind: String,
         name: String,
         source: kube::Error,
     },
-    #[error("reading {kind} {name}: {source}")]
+    #[error("reading {kind} {name} failed: {}", said(source))]
     Read {
         kind: String,
         name: String,
@@ -58,12 +58,30 @@ pub enum ApplyError {
         name: String,
         owner: String,
     },
-    #[error("deleting {kind} {name}: {source}")]
+    #[error("deleting {kind} {name} failed: {}", said(source))]
     Delete {
         kind: String,
         name: String,
         source: kube::Error,
     },
+}
+
+/// What the apiserver said, as a sentence for a condition message: its own message and
+/// reason, never the debug form of its Status.
+pub fn said(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            let message = status.message.trim_end_matches('.');
+            match status.reason.as_str() {
+                "" => format!("the API server refused it ({}): {message}", status.code),
+                reason => format!(
+                    "the API server refused it ({} {reason}): {message}",
+                    status.code
+                ),
+            }
+        }
+        other => format!("the API server could not be reached: {other}"),
+    }
 }
 
 /// What `apply` did to one child.
@@ -147,15 +165,10 @@ impl FleetResources<'_> {
             }
         }
         self.metrics.record_write("apply", &child.api.kind);
-        // Namespaced children are the fleet's own: take back fields someone changed by
-        // hand. A cluster-scoped one may hold an admin's fields: a conflict is reported,
-        // not overridden.
-        let params = match child.kind.scope() {
-            Scope::Cluster => PatchParams::apply(FIELD_MANAGER),
-            Scope::FleetNamespace | Scope::OperatorNamespace => {
-                PatchParams::apply(FIELD_MANAGER).force()
-            }
-        };
+        // The child is the fleet's own (its owner labels say so; anything else was
+        // refused above), cluster-scoped or not: take back every field someone changed
+        // by hand, as Argo CD's self-heal does. The admin's lever is the FleetClass.
+        let params = PatchParams::apply(FIELD_MANAGER).force();
         crate::latency::waiting(api.patch(&child.name, &params, &Patch::Apply(&child.manifest)))
             .await
             .map_err(|source| ApplyError::Apply {

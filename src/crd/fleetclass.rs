@@ -4,6 +4,9 @@
 //! exposed. Cluster-scoped; fleets and ModelSets name one (`spec.className`) or get the
 //! default one.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,12 @@ pub const DEFAULT_CLASS_ANNOTATION: &str = "sdfleet.io/is-default-class";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FleetClassSpec {
+    /// The namespaces whose fleets and ModelSets may use this class (labels of the
+    /// Namespace, as a NetworkPolicy's `namespaceSelector`); unset: every namespace.
+    /// Select on labels tenants cannot set, such as `kubernetes.io/metadata.name`, or
+    /// labels only the admin may write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
     /// The EC2NodeClass settings of every fleet of this class: IAM role or instance
     /// profile, subnets, security groups, AMI, root volume. A fleet cannot choose these.
     pub node_class: NodeClassSpec,
@@ -63,11 +72,15 @@ pub struct GpuPolicy {
 }
 
 /// Which buckets, S3-compatible endpoints and SQS queues may be used. Entries are globs
-/// (`*` within one segment of a bucket name or URL).
+/// (`*` within one segment); `{namespace}` stands for the namespace of the fleet or
+/// ModelSet. URLs are parsed and compared part by part: scheme, host, port and path;
+/// one with a user, a query or a fragment is refused.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct S3Policy {
-    /// Buckets fleets may mount and ModelSets may list, e.g. `comfyui-*`; empty: none.
+    /// Buckets, or folders of a bucket, fleets may mount and ModelSets may list:
+    /// `comfyui-*` (the whole bucket) or `comfyui-models/{namespace}/` (that folder and
+    /// below, so each team reads and writes only its own); empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub allowed_buckets: Vec<String>,
@@ -95,10 +108,17 @@ pub struct IngressPolicy {
     /// An internet-facing fleet must have a certificate (TLS). Default: true.
     #[serde(default = "default_true")]
     pub internet_facing_requires_certificate: bool,
-    /// Annotation keys an internet-facing fleet must set, e.g. the ALB's
-    /// `alb.ingress.kubernetes.io/auth-type`: ComfyUI has no authentication of its own.
+    /// Annotations an internet-facing fleet's Ingress must carry, key and value, e.g.
+    /// `alb.ingress.kubernetes.io/auth-type: cognito`: ComfyUI has no authentication of
+    /// its own. Checked on the Ingress as rendered, after the fleet's annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub internet_facing_required_annotations: BTreeMap<String, String>,
+    /// Host names (globs, `*` within one label; `{namespace}` for the fleet's namespace)
+    /// a fleet's Ingress may serve, e.g. `*.{namespace}.comfy.example.com`; empty: any.
+    /// On a shared ALB group this keeps a team from taking another team's host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub internet_facing_required_annotations: Vec<String>,
+    #[schemars(length(max = 100))]
+    pub allowed_hosts: Vec<String>,
     /// Annotation keys (globs) a fleet may set in `ingress.annotations`; empty: none.
     /// Keys like `alb.ingress.kubernetes.io/group.name` join another team's load
     /// balancer: leave them out.
@@ -123,6 +143,12 @@ pub struct GatewayPolicy {
     #[schemars(length(max = 32), inner(length(max = 64)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("each gateway.webhookAllowedCIDRs entry must be a CIDR, such as 10.20.0.0/16"))]
     pub webhook_allowed_cidrs: Vec<String>,
+    /// Annotations of every gateway's ServiceAccount, e.g. the IRSA role
+    /// `eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/comfy-{namespace}`
+    /// (`{namespace}` and `{fleet}` are replaced). A fleet cannot set its own: the
+    /// role is the admin's decision.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_account_annotations: BTreeMap<String, String>,
 }
 
 impl Default for IngressPolicy {
@@ -131,7 +157,8 @@ impl Default for IngressPolicy {
             allowed_schemes: default_schemes(),
             class_name: None,
             internet_facing_requires_certificate: true,
-            internet_facing_required_annotations: Vec::new(),
+            internet_facing_required_annotations: BTreeMap::new(),
+            allowed_hosts: Vec::new(),
             allowed_annotation_keys: Vec::new(),
         }
     }

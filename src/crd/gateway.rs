@@ -86,8 +86,9 @@ pub struct GatewaySpec {
     #[serde(default)]
     pub ingress: IngressSpec,
 
-    /// Annotations of the gateway's ServiceAccount (for example an IRSA role that may
-    /// write the outputs bucket; EKS Pod Identity needs none).
+    /// Refused when set: the FleetClass's `gateway.serviceAccountAnnotations` decide
+    /// the gateway's ServiceAccount annotations (an IRSA role is the admin's choice).
+    /// Kept so that a fleet that sets it gets a clear refusal, not a silent drop.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub service_account_annotations: BTreeMap<String, String>,
 

@@ -32,6 +32,7 @@ pub fn daemonset_spec(fleet: &FleetNames, agent: &AgentSettings, model_set: &str
                 "tolerations": [
                     {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
                     {"key": MODELS_NOT_READY_TAINT, "operator": "Exists", "effect": "NoSchedule"},
+                    super::nodepool::tenant_toleration(&fleet.namespace),
                 ],
                 "priorityClassName": "system-node-critical",
                 // kubelet makes the hostPath root root:root 0755. Root with CAP_CHOWN

@@ -121,7 +121,10 @@ pub fn deployment_spec(
             "metadata": {"labels": pod_labels},
             "spec": {
                 "nodeSelector": node_selector,
-                "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}],
+                "tolerations": [
+                    {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+                    super::nodepool::tenant_toleration(&fleet.namespace),
+                ],
                 "enableServiceLinks": false,
                 // ComfyUI never calls the Kubernetes API: no token in its pods.
                 "automountServiceAccountToken": false,

@@ -9,6 +9,28 @@ use crate::names::FleetNames;
 
 const ALB: &str = "alb.ingress.kubernetes.io";
 
+/// The ALB annotations the operator sets on every Ingress (after `alb.ingress.kubernetes.io/`).
+/// A fleet cannot override them: the scheme is the class's decision, and the rest keep
+/// ComfyUI reachable (websocket timeout, stickiness, health check, TLS).
+pub const OPERATOR_ANNOTATIONS: [&str; 9] = [
+    "scheme",
+    "target-type",
+    "healthcheck-path",
+    "success-codes",
+    "load-balancer-attributes",
+    "target-group-attributes",
+    "certificate-arn",
+    "listen-ports",
+    "ssl-redirect",
+];
+
+/// Whether the operator sets annotation `key` (a fleet may not).
+pub fn is_operator_annotation(key: &str) -> bool {
+    key.strip_prefix(ALB)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|k| OPERATOR_ANNOTATIONS.contains(&k))
+}
+
 /// What the ALB checks and keeps per client: differs between ComfyUI and the gateway.
 pub struct Backend<'a> {
     pub service: String,
@@ -19,6 +41,17 @@ pub struct Backend<'a> {
 }
 
 impl Backend<'_> {
+    /// Any backend: what the annotations of an Ingress are, where only its spec matters
+    /// (the class checks them before anything renders).
+    pub fn placeholder() -> Backend<'static> {
+        Backend {
+            service: String::new(),
+            port: 0,
+            health_path: "/",
+            sticky: false,
+        }
+    }
+
     pub fn comfyui(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> Backend<'static> {
         Backend {
             service: fleet.service(),
@@ -41,8 +74,9 @@ pub fn ingress_spec(backend: &Backend, ingress: &IngressSpec) -> Value {
     json!({"ingressClassName": ingress.class_name, "rules": [rule]})
 }
 
+/// The fleet's annotations, then the operator's, which win (`OPERATOR_ANNOTATIONS`).
 pub fn annotations(backend: &Backend, ingress: &IngressSpec) -> BTreeMap<String, String> {
-    let mut a = BTreeMap::new();
+    let mut a = ingress.annotations.clone();
     let mut set = |k: &str, v: String| {
         a.insert(format!("{ALB}/{k}"), v);
     };
@@ -76,7 +110,6 @@ pub fn annotations(backend: &Backend, ingress: &IngressSpec) -> BTreeMap<String,
         }
         None => set("listen-ports", r#"[{"HTTP": 80}]"#.to_string()),
     }
-    a.extend(ingress.annotations.clone());
     a
 }
 
@@ -123,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn certificate_turns_on_tls_and_user_annotations_win() {
+    fn certificate_turns_on_tls_and_the_operators_annotations_win() {
         let mut ingress = IngressSpec {
             scheme: IngressScheme::InternetFacing,
             certificate_arn: Some("arn:aws:acm:us-west-2:123456789012:certificate/abc".into()),
@@ -152,7 +185,12 @@ mod tests {
             r#"[{"HTTP": 80}, {"HTTPS": 443}]"#
         );
         assert_eq!(a["alb.ingress.kubernetes.io/ssl-redirect"], "443");
-        assert_eq!(a["alb.ingress.kubernetes.io/scheme"], "internal");
+        // The fleet's own keys stay; one the operator sets cannot turn the scheme.
+        assert_eq!(a["alb.ingress.kubernetes.io/scheme"], "internet-facing");
         assert_eq!(a["alb.ingress.kubernetes.io/auth-type"], "cognito");
+        assert!(is_operator_annotation("alb.ingress.kubernetes.io/scheme"));
+        assert!(!is_operator_annotation(
+            "alb.ingress.kubernetes.io/auth-type"
+        ));
     }
 }

@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
 use std::collections::BTreeMap;
 
-use crate::names::{FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL};
+use crate::names::{
+    FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL, TENANT_TAINT,
+};
 
 pub const GPU_TAINT_VALUE: &str = "true";
 
@@ -19,6 +21,11 @@ pub fn node_labels(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> BTreeMap
         labels.insert(MODELSET_LABEL.to_string(), model_set.clone());
     }
     labels
+}
+
+/// What a pod of the fleet tolerates to run on the fleet's nodes (`TENANT_TAINT`).
+pub fn tenant_toleration(namespace: &str) -> Value {
+    json!({"key": TENANT_TAINT, "operator": "Equal", "value": namespace, "effect": "NoSchedule"})
 }
 
 pub fn api_resource() -> ApiResource {
@@ -53,7 +60,10 @@ pub fn nodepool_spec(
                     {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]},
                     {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
                 ],
-                "taints": [{"key": GPU_RESOURCE, "value": GPU_TAINT_VALUE, "effect": "NoSchedule"}],
+                "taints": [
+                    {"key": GPU_RESOURCE, "value": GPU_TAINT_VALUE, "effect": "NoSchedule"},
+                    {"key": TENANT_TAINT, "value": fleet.namespace, "effect": "NoSchedule"},
+                ],
                 "startupTaints": startup_taints,
                 "expireAfter": spec.disruption.expire_after,
             },
@@ -91,7 +101,8 @@ mod tests {
         );
         assert_eq!(
             spec["taints"],
-            json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}])
+            json!([{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+                {"key": "sdfleet.io/tenant", "value": "studio", "effect": "NoSchedule"}])
         );
         assert_eq!(spec["expireAfter"], "720h");
         assert_eq!(

@@ -287,7 +287,11 @@ async fn within_class(
     cud: &ComfyUIDeployment,
     ctx: &Context,
 ) -> Result<Result<ComfyUIDeployment, Action>, Error> {
-    let class = match ctx.cached_fleet_class(cud.spec.class_name.as_deref())? {
+    let namespace = cud.metadata.namespace.clone().unwrap_or_default();
+    let class = match ctx
+        .cached_fleet_class(cud.spec.class_name.as_deref(), &namespace)
+        .await?
+    {
         Ok(class) => class,
         Err(e) => {
             let message = e.to_string();
@@ -297,16 +301,52 @@ async fn within_class(
         }
     };
     let class_name = class.metadata.name.clone().unwrap_or_default();
-    if let Err(v) = policy::check_fleet(&cud.spec, &class_name, &class.spec) {
-        let message = v.to_string();
+    let refusal = match policy::check_fleet(&cud.spec, &class_name, &class.spec, &namespace) {
+        Err(v) => Some(v.to_string()),
+        Ok(()) => modelset_class_differs(cud, ctx, &class_name, &namespace).await?,
+    };
+    if let Some(message) = refusal {
         write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
         publish(ctx, cud, EventType::Warning, "ClassForbids", &message);
         // An edit of the fleet, or the admin widening the class, is needed.
         return Ok(Err(ctx.steady_requeue()));
     }
     let mut effective = cud.clone();
-    policy::apply_class(&mut effective.spec, &class.spec);
+    let name = cud.metadata.name.clone().unwrap_or_default();
+    policy::apply_class(&mut effective.spec, &class.spec, &namespace, &name);
     Ok(Ok(effective))
+}
+
+/// Why the fleet may not use its ModelSet: the two must share a class, or a fleet of a
+/// narrow class could mount models a wider class let the ModelSet read.
+async fn modelset_class_differs(
+    cud: &ComfyUIDeployment,
+    ctx: &Context,
+    class_name: &str,
+    namespace: &str,
+) -> Result<Option<String>, Error> {
+    let Some(model_set) = &cud.spec.model_set else {
+        return Ok(None);
+    };
+    let Some(ms) = ctx
+        .caches()?
+        .model_sets
+        .get(&ObjectRef::new(model_set).within(namespace))
+    else {
+        return Ok(None); // preflight reports a missing ModelSet
+    };
+    let theirs = match ctx
+        .cached_fleet_class(ms.spec.class_name.as_deref(), namespace)
+        .await?
+    {
+        Ok(c) => c.metadata.name.clone().unwrap_or_default(),
+        Err(_) => return Ok(None), // the ModelSet's own status says why
+    };
+    Ok((theirs != class_name).then(|| {
+        format!(
+            "spec.modelSet {model_set:?} is not allowed by FleetClass {class_name}: a fleet and its ModelSet must use the same class, and ModelSet {model_set} uses {theirs}; set the same spec.className on both"
+        )
+    }))
 }
 
 /// Creates or updates every child, prunes the unwanted ones, and writes status.

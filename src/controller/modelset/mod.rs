@@ -83,13 +83,19 @@ pub async fn run(
 /// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue; otherwise
 /// the reason and message for its status.
 async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
-    let class = match ctx.cached_fleet_class(ms.spec.class_name.as_deref())? {
+    let namespace = ms.metadata.namespace.clone().unwrap_or_default();
+    let class = match ctx
+        .cached_fleet_class(ms.spec.class_name.as_deref(), &namespace)
+        .await?
+    {
         Ok(class) => class,
         Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
     };
     let name = class.metadata.name.clone().unwrap_or_default();
-    Ok(policy::check_modelset(&ms.spec, &name, &class.spec)
-        .map_err(|v| (Reason::ClassForbids, v.to_string())))
+    Ok(
+        policy::check_modelset(&ms.spec, &name, &class.spec, &namespace)
+            .map_err(|v| (Reason::ClassForbids, v.to_string())),
+    )
 }
 
 /// Parses `60s`, `5m`, `1h30m`.
