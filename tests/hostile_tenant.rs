@@ -47,6 +47,28 @@ fn label_true(label: &str) -> Value {
     json!(std::collections::BTreeMap::from([(label, "true")]))
 }
 
+/// Uninstalls the release when dropped, so a failed test leaves no policies behind.
+struct Release<'a> {
+    tb: &'a Testbed,
+    name: String,
+    namespace: String,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.tb.var("SDFLEET_TESTBED_HELM"))
+            .args([
+                "uninstall",
+                &self.name,
+                "--namespace",
+                &self.namespace,
+                "--kubeconfig",
+            ])
+            .arg(self.tb.kubeconfig())
+            .output();
+    }
+}
+
 /// Installs the chart as a new release whose tenant namespaces carry a label of its own
 /// (the policies of releases other tests install beside it bind to theirs); returns the
 /// release, its namespace and the label.
@@ -154,6 +176,11 @@ async fn a_hostile_tenant_is_refused_at_apply() {
     install_crds(tb);
     let admin = tb.client().await;
     let (release, release_ns, label) = install_tenant_release(tb, "hostile");
+    let _uninstall = Release {
+        tb,
+        name: release.clone(),
+        namespace: release_ns.clone(),
+    };
     let team_a = tenant_namespace(&admin, "team-a", &label).await;
     let team_b = tenant_namespace(&admin, "team-b", &label).await;
     let tenant = deployer(tb, &admin, &team_b.name).await;
@@ -303,7 +330,6 @@ async fn a_hostile_tenant_is_refused_at_apply() {
     in_b.create(&dry, &deployment("sdxl-gateway", false))
         .await
         .unwrap();
-    support::uninstall_release(tb, &release, &release_ns);
 }
 
 #[tokio::test]
@@ -312,6 +338,11 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
     install_crds(tb);
     let admin = tb.client().await;
     let (release, release_ns, label) = install_tenant_release(tb, "forbids");
+    let _uninstall = Release {
+        tb,
+        name: release.clone(),
+        namespace: release_ns.clone(),
+    };
     let team_a = tenant_namespace(&admin, "team-a", &label).await;
     let team_b = tenant_namespace(&admin, "team-b", &label).await;
     let tenant = deployer(tb, &admin, &team_b.name).await;
@@ -537,5 +568,4 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
         "True",
         "no ApplyFailed after the hand edits"
     );
-    support::uninstall_release(tb, &release, &release_ns);
 }
