@@ -47,14 +47,50 @@ fn label_true(label: &str) -> Value {
     json!(std::collections::BTreeMap::from([(label, "true")]))
 }
 
-/// Uninstalls the release when dropped, so a failed test leaves no policies behind.
-struct Release<'a> {
-    tb: &'a Testbed,
+/// A release of the chart whose tenant namespaces carry a label of its own (the
+/// policies of releases other tests install beside it bind to theirs), uninstalled when
+/// dropped, so a failed test leaves no policies behind.
+struct Release {
+    tb: &'static Testbed,
     name: String,
     namespace: String,
+    label: String,
 }
 
-impl Drop for Release<'_> {
+impl Release {
+    fn install(tb: &'static Testbed, name: &str) -> Release {
+        let suffix = unique_suffix();
+        let (release, namespace) = (
+            format!("{name}{suffix}"),
+            format!("sdfleet-{name}-{suffix}"),
+        );
+        let label = format!("{release}.tenant.example/enabled");
+        let out = support::helm_install(
+            tb,
+            &release,
+            &namespace,
+            &[
+                "--set",
+                "replicaCount=1",
+                "--set",
+                &format!("tenants.namespaceLabel={label}"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "helm install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Release {
+            tb,
+            name: release,
+            namespace,
+            label,
+        }
+    }
+}
+
+impl Drop for Release {
     fn drop(&mut self) {
         let _ = std::process::Command::new(self.tb.var("SDFLEET_TESTBED_HELM"))
             .args([
@@ -69,33 +105,32 @@ impl Drop for Release<'_> {
     }
 }
 
-/// Installs the chart as a new release whose tenant namespaces carry a label of its own
-/// (the policies of releases other tests install beside it bind to theirs); returns the
-/// release, its namespace and the label.
-fn install_tenant_release(tb: &Testbed, name: &str) -> (String, String, String) {
-    let suffix = unique_suffix();
-    let (release, namespace) = (
-        format!("{name}{suffix}"),
-        format!("sdfleet-{name}-{suffix}"),
-    );
-    let label = format!("{release}.tenant.example/enabled");
-    let out = support::helm_install(
-        tb,
-        &release,
-        &namespace,
-        &[
-            "--set",
-            "replicaCount=1",
-            "--set",
-            &format!("tenants.namespaceLabel={label}"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (release, namespace, label)
+/// What both tests start from: a release, tenant namespaces for teams A and B, and
+/// team B's deployer.
+struct Teams {
+    release: Release,
+    admin: Client,
+    team_a: TestNamespace,
+    team_b: TestNamespace,
+    tenant: Client,
+}
+
+impl Teams {
+    async fn new(tb: &'static Testbed, name: &str) -> Teams {
+        install_crds(tb);
+        let admin = tb.client().await;
+        let release = Release::install(tb, name);
+        let team_a = tenant_namespace(&admin, "team-a", &release.label).await;
+        let team_b = tenant_namespace(&admin, "team-b", &release.label).await;
+        let tenant = deployer(tb, &admin, &team_b.name).await;
+        Teams {
+            release,
+            admin,
+            team_a,
+            team_b,
+            tenant,
+        }
+    }
 }
 
 /// A test namespace labelled as a tenant namespace of this release (`label`: "true").
@@ -173,17 +208,15 @@ where
 #[tokio::test]
 async fn a_hostile_tenant_is_refused_at_apply() {
     let tb = Testbed::get();
-    install_crds(tb);
-    let admin = tb.client().await;
-    let (release, release_ns, label) = install_tenant_release(tb, "hostile");
-    let _uninstall = Release {
-        tb,
-        name: release.clone(),
-        namespace: release_ns.clone(),
-    };
-    let team_a = tenant_namespace(&admin, "team-a", &label).await;
-    let team_b = tenant_namespace(&admin, "team-b", &label).await;
-    let tenant = deployer(tb, &admin, &team_b.name).await;
+    let Teams {
+        release,
+        admin,
+        team_a,
+        team_b,
+        tenant,
+    } = Teams::new(tb, "hostile").await;
+    let release_ns = release.namespace.clone();
+    let release = release.name.clone();
 
     // Team A's class: for team A's namespace only.
     let class_a = format!("team-a-{}", unique_suffix());
@@ -335,17 +368,15 @@ async fn a_hostile_tenant_is_refused_at_apply() {
 #[tokio::test]
 async fn what_a_tenants_class_forbids_is_named_and_never_created() {
     let tb = Testbed::get();
-    install_crds(tb);
-    let admin = tb.client().await;
-    let (release, release_ns, label) = install_tenant_release(tb, "forbids");
-    let _uninstall = Release {
-        tb,
-        name: release.clone(),
-        namespace: release_ns.clone(),
-    };
-    let team_a = tenant_namespace(&admin, "team-a", &label).await;
-    let team_b = tenant_namespace(&admin, "team-b", &label).await;
-    let tenant = deployer(tb, &admin, &team_b.name).await;
+    let Teams {
+        release,
+        admin,
+        team_a,
+        team_b,
+        tenant,
+    } = Teams::new(tb, "forbids").await;
+    let (release_ns, label) = (release.namespace.clone(), release.label.clone());
+    let release = release.name.clone();
     // One class for every tenant namespace of this release, with per-namespace folders,
     // hosts and gateway role.
     let class = format!("shared-{}", unique_suffix());
