@@ -357,6 +357,13 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         )
         .await
         .unwrap();
+    // The testbed has one node with a kubelet: the gateway shares the fleet's GPU node,
+    // so it tolerates that node's tenant taint, its own namespace's (the only one a
+    // fleet may tolerate).
+    let mut gateway_tolerations = tolerations.clone();
+    gateway_tolerations.as_array_mut().unwrap().push(json!(
+        {"key": sdfleet::names::TENANT_TAINT, "operator": "Equal", "value": team.name, "effect": "NoSchedule"}
+    ));
     let fleet = |replicas: i32| {
         json!({
             "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
@@ -371,7 +378,7 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
                 "gateway": {
                     "apiKeysSecret": "sdxl-keys",
                     "nodeSelector": {"sdfleet.io/testbed-role": "real-gpu"},
-                    "tolerations": tolerations,
+                    "tolerations": gateway_tolerations,
                 },
             },
         })
