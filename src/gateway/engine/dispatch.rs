@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::pod_worker::run_pod;
-use super::{Endpoint, Engine, Pod, PodCommand};
+use super::{Endpoint, Engine, Pod, PodCommand, State};
 use crate::gateway::comfy::PodClient;
 use crate::gateway::job::{Job, JobError, JobState, now_millis};
 use crate::gateway::lifecycle::{self, Transition};
@@ -200,85 +200,128 @@ impl Engine {
         let now = now_millis();
         let fleets: Vec<String> = st.queues.keys().cloned().collect();
         for fleet in fleets {
-            loop {
-                let choice = {
-                    let Some(queue) = st.queues.get(&fleet) else {
-                        break;
-                    };
-                    let queued: VecDeque<Queued> = queue
-                        .iter()
-                        .take(placement::WINDOW)
-                        .filter_map(|id| st.jobs.get(id))
-                        .map(|j| Queued {
-                            id: &j.id,
-                            checkpoint: j.checkpoint.as_deref(),
-                            waited: Duration::from_millis(now.saturating_sub(j.created_at)),
-                        })
-                        .collect();
-                    let mut names: Vec<&String> = st
-                        .pods
-                        .iter()
-                        .filter(|(_, p)| {
-                            p.fleet == fleet
-                                && p.ready
-                                && p.connected
-                                && p.unreachable_since.is_none()
-                                && p.overran.is_none()
-                        })
-                        .map(|(n, _)| n)
-                        .collect();
-                    names.sort();
-                    let loads: Vec<PodLoad> = names
-                        .iter()
-                        .map(|n| {
-                            let p = &st.pods[*n];
-                            PodLoad {
-                                name: n,
-                                assigned: p.assigned.len(),
-                                full: p.assigned.len() >= self.settings.pod_slots,
-                                checkpoint: p.checkpoint.as_deref(),
-                            }
-                        })
-                        .collect();
-                    let max_skip = Duration::from_secs(30);
-                    placement::next(self.settings.placement, &queued, &loads, max_skip)
-                        .map(|(j, p)| (queued[j].id.to_string(), loads[p].name.to_string()))
-                };
-                let Some((id, pod_name)) = choice else { break };
+            while let Some((id, pod_name)) = self.choose_locked(st, &fleet, now) {
                 if let Some(q) = st.queues.get_mut(&fleet) {
                     q.retain(|j| *j != id);
                 }
-                let (Some(job), Some(pod)) = (st.jobs.get_mut(&id), st.pods.get_mut(&pod_name))
-                else {
+                let Some((job, commands)) = self.hand_to_locked(st, &id, &pod_name, now) else {
                     continue;
                 };
-                let assign = Transition::Assign {
-                    pod: pod_name.clone(),
-                    at: now,
-                    cold_start: !pod.ran_any && pod.assigned.is_empty(),
-                    checkpoint_switch: pod.checkpoint.is_some()
-                        && job.checkpoint.is_some()
-                        && pod.checkpoint != job.checkpoint,
-                };
-                if let Err(illegal) = lifecycle::apply(job, assign) {
-                    tracing::warn!(job = %id, pod = %pod_name, %illegal, "not assigned");
-                    continue;
-                }
-                tracing::debug!(job = %id, pod = %pod_name, attempt = job.attempts, "job handed to a pod");
-                if job.checkpoint.is_some() {
-                    pod.checkpoint = job.checkpoint.clone();
-                }
-                pod.assigned.push(id.clone());
-                // In hand-off from now: a resync that runs before the pod has the prompt
-                // must not take the job for lost (it would run twice, and the stop sent
-                // to the first run would interrupt the second).
-                pod.handing_off.push(id.clone());
-                let (job, commands) = (job.clone(), pod.commands.clone());
                 let committed = self.persist_acked(&job, true);
                 out.push((job, commands, committed));
             }
         }
         out
+    }
+
+    /// The next hand-off of `fleet`'s queue, by the placement policy: (job, pod).
+    pub(super) fn choose_locked(
+        &self,
+        st: &State,
+        fleet: &str,
+        now: u64,
+    ) -> Option<(String, String)> {
+        let queue = st.queues.get(fleet)?;
+        let queued: VecDeque<Queued> = queue
+            .iter()
+            .take(placement::WINDOW)
+            .filter_map(|id| st.jobs.get(id))
+            .map(|j| Queued {
+                id: &j.id,
+                checkpoint: j.checkpoint.as_deref(),
+                waited: Duration::from_millis(now.saturating_sub(j.created_at)),
+            })
+            .collect();
+        let mut names: Vec<&String> = st
+            .pods
+            .iter()
+            .filter(|(_, p)| {
+                p.fleet == fleet
+                    && p.ready
+                    && p.connected
+                    && p.unreachable_since.is_none()
+                    && p.overran.is_none()
+            })
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        let loads: Vec<PodLoad> = names
+            .iter()
+            .map(|n| {
+                let p = &st.pods[*n];
+                PodLoad {
+                    name: n,
+                    assigned: p.assigned.len(),
+                    full: p.assigned.len() >= self.settings.pod_slots,
+                    checkpoint: p.checkpoint.as_deref(),
+                }
+            })
+            .collect();
+        let max_skip = Duration::from_secs(30);
+        placement::next(self.settings.placement, &queued, &loads, max_skip)
+            .map(|(j, p)| (queued[j].id.to_string(), loads[p].name.to_string()))
+    }
+
+    /// Puts job `id` (out of its queue) on `pod_name`: assigned and in hand-off. The job
+    /// as it is to be stored, and the pod's command channel; `None` if it may not go.
+    pub(super) fn hand_to_locked(
+        &self,
+        st: &mut State,
+        id: &str,
+        pod_name: &str,
+        now: u64,
+    ) -> Option<(Job, mpsc::UnboundedSender<PodCommand>)> {
+        let (Some(job), Some(pod)) = (st.jobs.get_mut(id), st.pods.get_mut(pod_name)) else {
+            return None;
+        };
+        let assign = Transition::Assign {
+            pod: pod_name.to_string(),
+            at: now,
+            cold_start: !pod.ran_any && pod.assigned.is_empty(),
+            checkpoint_switch: pod.checkpoint.is_some()
+                && job.checkpoint.is_some()
+                && pod.checkpoint != job.checkpoint,
+        };
+        if let Err(illegal) = lifecycle::apply(job, assign) {
+            tracing::warn!(job = %id, pod = %pod_name, %illegal, "not assigned");
+            return None;
+        }
+        tracing::debug!(job = %id, pod = %pod_name, attempt = job.attempts, "job handed to a pod");
+        if job.checkpoint.is_some() {
+            pod.checkpoint = job.checkpoint.clone();
+        }
+        pod.assigned.push(id.to_string());
+        // In hand-off from now: a resync that runs before the pod has the prompt must
+        // not take the job for lost (it would run twice, and the stop sent to the first
+        // run would interrupt the second).
+        pod.handing_off.push(id.to_string());
+        Some((job.clone(), pod.commands.clone()))
+    }
+
+    /// At admission, a job of a fleet with nothing waiting goes to a pod at once, so its
+    /// one store write holds both the job and where it runs (a hand-off otherwise waits
+    /// for a second write). The pod's command channel if it was placed.
+    pub(super) fn place_at_admission(
+        &self,
+        st: &mut State,
+        id: &str,
+        fleet: &str,
+    ) -> Option<mpsc::UnboundedSender<PodCommand>> {
+        if *self.stopping.borrow() || st.queues.get(fleet).is_some_and(|q| !q.is_empty()) {
+            return None;
+        }
+        let now = now_millis();
+        st.queues
+            .entry(fleet.to_string())
+            .or_default()
+            .push_back(id.to_string());
+        let choice = self.choose_locked(st, fleet, now);
+        if let Some(q) = st.queues.get_mut(fleet) {
+            q.retain(|j| j != id);
+        }
+        let (chosen, pod_name) = choice?;
+        self.hand_to_locked(st, &chosen, &pod_name, now)
+            .map(|(_, commands)| commands)
     }
 
     pub(super) fn refresh_gauges(&self) {

@@ -129,6 +129,8 @@ struct State {
     keys: HashMap<String, String>,
     /// Recent run time per fleet (seconds), for `Retry-After`.
     run_time: HashMap<String, f64>,
+    /// Jobs whose submit is not yet committed: nothing else writes them before it is.
+    admitting: std::collections::HashSet<String>,
 }
 
 pub enum Admission {
@@ -288,28 +290,50 @@ impl Engine {
                 st.keys.insert(key.clone(), job.id.clone());
             }
             st.jobs.insert(job.id.clone(), job.clone());
+            let placed = self.place_at_admission(&mut st, &job.id, &job.fleet);
+            if let Some(placed) = st.jobs.get(&job.id) {
+                job = placed.clone();
+            }
+            st.admitting.insert(job.id.clone());
             // Not retried: on failure the submit answers 503 and the job is forgotten.
-            self.persist_acked(&job, false)
+            (self.persist_acked(&job, false), placed)
         };
+        let (committed, placed) = committed;
         // Acknowledged only once it is durable: a 201 for a job the store never got would
         // be a job lost at the next restart.
         let committed = match committed.await {
             Ok(result) => result,
             Err(_) => Err("the store writer stopped".into()),
         };
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.admitting.remove(&job.id);
         if let Err(e) = committed {
             if let Some(key) = &job.idempotency_key {
                 st.keys.remove(key);
             }
             st.jobs.remove(&job.id);
+            for pod in st.pods.values_mut() {
+                pod.release(&job.id);
+            }
             return Err(super::store::StoreError::from_message(e));
         }
-        st.queues
-            .entry(job.fleet.clone())
-            .or_default()
-            .push_back(job.id.clone());
-        drop(st);
+        let live = st.jobs.get(&job.id).cloned();
+        match (placed, live) {
+            // Still on the pod it was placed on: the hand-off goes out now.
+            (Some(commands), Some(live)) if live.pod.is_some() => {
+                let _ = commands.send(PodCommand::Submit(Box::new(live)));
+            }
+            // Waits in the queue (or its pod went while the write was in flight).
+            (_, Some(live)) if live.state == JobState::Queued => {
+                st.queues
+                    .entry(job.fleet.clone())
+                    .or_default()
+                    .push_back(job.id.clone());
+            }
+            _ => {}
+        }
+        drop(guard);
         self.wake.notify_one();
         Ok(Admission::Accepted(job))
     }
@@ -526,6 +550,11 @@ impl Engine {
             .find(|p| p.assigned.iter().any(|j| j == id))
         {
             p.release(id);
+        }
+        if st.admitting.contains(id) {
+            // Placed at admission, its submit still in flight: the submit queues it once
+            // committed (a write now could store a job its client is told was refused).
+            return;
         }
         st.queues
             .entry(job.fleet.clone())
