@@ -178,6 +178,11 @@ impl FleetNames {
         ])
     }
 
+    /// The NetworkPolicy of the ComfyUI pods.
+    pub fn network_policy(&self) -> String {
+        format!("{}-comfyui", self.name)
+    }
+
     /// `pod_selector` as the string the scale subresource reports.
     pub fn pod_selector_string(&self) -> String {
         self.pod_selector()

@@ -4,7 +4,8 @@
 //! team A's nodes, buckets, hosts and classes, and each is refused at apply or by the
 //! controller with a condition that names it, and nothing is created for it. The
 //! controller's own token cannot write into a system namespace or run a foreign pod.
-//! And what a fleet owns converges: a hand edit of its NodePool is undone.
+//! And what a fleet owns converges: a hand edit of its NodePool, EC2NodeClass, volume or
+//! NetworkPolicy is undone, and an admin's object under a fleet's name is never touched.
 
 mod support;
 
@@ -599,4 +600,188 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
         "True",
         "no ApplyFailed after the hand edits"
     );
+}
+
+#[tokio::test]
+async fn hand_edits_of_what_a_fleet_owns_are_undone_and_what_it_does_not_own_is_never_touched() {
+    let tb = Testbed::get();
+    let Teams {
+        release,
+        admin,
+        team_b,
+        tenant,
+        ..
+    } = Teams::new(tb, "edits").await;
+    let label = release.label.clone();
+    let class = format!("edits-{}", unique_suffix());
+    Api::<FleetClass>::all(admin.clone())
+        .patch(
+            &class,
+            &PatchParams::apply("platform-admin"),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": class},
+                "spec": {"nodeClass": {"role": "NodeRole-tenants"},
+                         "namespaceSelector": {"matchLabels": label_true(&label)},
+                         "s3": {"allowedBuckets": ["comfyui-outputs/{namespace}/"]},
+                         "ingress": {"sourceCIDRs": ["10.0.0.0/19"]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let b = team_b.name.clone();
+    // The EC2NodeClass is AWS's node class: the controller renders for AWS (it reads
+    // nothing from AWS to do so; the testbed has the CRD, nothing provisions from it).
+    let _controller = support::fleet::start_controller_with(
+        tb,
+        &b,
+        &release.name,
+        &release.namespace,
+        &["--cloud", "aws"],
+    );
+    // An admin's EC2NodeClass under the name fleet `handmade`'s would have.
+    let node_classes = gvk_api(&admin, "karpenter.k8s.aws", "v1", "EC2NodeClass");
+    let handmade = format!("{b}.handmade");
+    node_classes
+        .patch(
+            &handmade,
+            &PatchParams::apply("platform-admin"),
+            &Patch::Apply(
+                json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass",
+                "metadata": {"name": handmade, "labels": {"team": "platform"}},
+                "spec": {"role": "AdminRole", "amiSelectorTerms": [{"alias": "al2023@latest"}],
+                         "subnetSelectorTerms": [{"tags": {"team": "platform"}}],
+                         "securityGroupSelectorTerms": [{"tags": {"team": "platform"}}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let before = node_classes.get(&handmade).await.unwrap();
+
+    let fleets: Api<ComfyUIDeployment> = Api::namespaced(tenant.clone(), &b);
+    for (name, storage) in [
+        (
+            "edits",
+            json!({"outputs": {"bucket": "comfyui-outputs", "prefix": format!("{b}/")}}),
+        ),
+        ("handmade", json!({})),
+    ] {
+        fleets
+            .patch(
+                name,
+                &PatchParams::apply("team-b"),
+                &Patch::Apply(
+                    json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+                    "metadata": {"name": name},
+                    "spec": {"image": "comfyui:test", "replicas": 0, "className": class,
+                             "storage": storage,
+                             "ingress": {"enabled": true}}}),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    let watch_fleets: Api<ComfyUIDeployment> = Api::namespaced(admin.clone(), &b);
+    let conflict = refusal(&watch_fleets, "handmade", "NameConflict").await;
+    assert!(
+        conflict.contains(&format!("EC2NodeClass {handmade}")),
+        "{conflict}"
+    );
+
+    // What `edits` owns: its node class, its outputs volume, its NetworkPolicy.
+    let node_class = format!("{b}.edits");
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(admin.clone());
+    let pv_name = format!("{b}.edits-outputs");
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(admin.clone(), &b);
+    let policy = eventually("the fleet's children", WAIT, || async {
+        node_classes.get(&node_class).await.ok()?;
+        pvs.get(&pv_name).await.ok()?;
+        policies.get("edits-comfyui").await.ok()
+    })
+    .await;
+    // ComfyUI takes traffic from the team's namespace and the class's ALB subnets only:
+    // no rule names another namespace.
+    let rules = serde_json::to_value(policy.spec.unwrap().ingress.unwrap()).unwrap();
+    let from: Vec<&Value> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["from"].as_array().unwrap())
+        .collect();
+    assert_eq!(
+        from,
+        [
+            &json!({"podSelector": {}}),
+            &json!({"ipBlock": {"cidr": "10.0.0.0/19"}})
+        ],
+        "{rules}"
+    );
+
+    // Hand edits by someone else: IMDSv1 on the nodes, a volume that deletes on release,
+    // ComfyUI opened to every namespace.
+    let someone = PatchParams::apply("someone").force();
+    node_classes
+        .patch(
+            &node_class,
+            &someone,
+            &Patch::Apply(
+                json!({"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass",
+                "metadata": {"name": node_class},
+                "spec": {"metadataOptions": {"httpTokens": "optional"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    pvs.patch(
+        &pv_name,
+        &someone,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {"persistentVolumeReclaimPolicy": "Delete"}})),
+    )
+    .await
+    .unwrap();
+    policies
+        .patch(
+            "edits-comfyui",
+            &someone,
+            &Patch::Apply(
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "edits-comfyui"},
+                "spec": {"ingress": [{"from": [{"namespaceSelector": {}}]}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("every hand edit undone", WAIT, || async {
+        let nc = node_classes.get(&node_class).await.ok()?;
+        let pv = pvs.get(&pv_name).await.ok()?;
+        let np = policies.get("edits-comfyui").await.ok()?;
+        let np_rules = serde_json::to_value(np.spec?.ingress?).ok()?;
+        (nc.data["spec"]["metadataOptions"]["httpTokens"] == "required"
+            && pv.spec?.persistent_volume_reclaim_policy.as_deref() == Some("Retain")
+            && np_rules == rules)
+            .then_some(())
+    })
+    .await;
+
+    // The admin's EC2NodeClass is as it was, and sdfleet never wrote it.
+    let after = node_classes.get(&handmade).await.unwrap();
+    assert_eq!(after.data["spec"], before.data["spec"]);
+    assert_eq!(after.metadata.labels, before.metadata.labels);
+    assert!(
+        !after
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|m| m.manager.as_deref() == Some("sdfleet")),
+        "{:?}",
+        after.metadata.managed_fields
+    );
+    node_classes
+        .delete(&handmade, &Default::default())
+        .await
+        .unwrap();
 }

@@ -331,6 +331,7 @@ pub fn apply_class(
     fleet: &str,
 ) {
     spec.node_class = Some(class.node_class.clone());
+    spec.ingress.class_source_cidrs = class.ingress.source_cidrs.clone();
     if let Some(gateway) = spec.gateway.as_mut() {
         gateway.class_webhook_allowed_cidrs = class.gateway.webhook_allowed_cidrs.clone();
         gateway.service_account_annotations = class

@@ -61,9 +61,17 @@ pub struct IngressSpec {
     #[serde(default = "default_idle_timeout")]
     #[schemars(range(min = 1, max = 4000))]
     pub idle_timeout_seconds: i32,
-    /// Extra Ingress annotations, merged last (they win).
+    /// Extra Ingress annotations, merged over the defaults; the keys the operator sets
+    /// (backend protocol, health check, target type, listeners, certificate, scheme,
+    /// idle timeout) are its own and cannot be set here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Where the load balancer sends from: the class's `ingress.sourceCIDRs`, put here by
+    /// the controller before it renders (`policy::apply_class`). Not in the CRD, never
+    /// read from a resource (a fleet cannot widen who reaches ComfyUI).
+    #[serde(skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
+    pub class_source_cidrs: Vec<String>,
 }
 
 impl Default for IngressSpec {
@@ -76,6 +84,7 @@ impl Default for IngressSpec {
             certificate_arn: None,
             idle_timeout_seconds: default_idle_timeout(),
             annotations: BTreeMap::new(),
+            class_source_cidrs: Vec::new(),
         }
     }
 }

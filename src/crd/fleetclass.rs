@@ -96,7 +96,7 @@ pub struct S3Policy {
 }
 
 /// How fleets of this class may be exposed.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressPolicy {
     /// ALB schemes a fleet may use. Default: `internal` only.
@@ -124,6 +124,14 @@ pub struct IngressPolicy {
     /// balancer: leave them out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_annotation_keys: Vec<String>,
+    /// Where this class's load balancers send from: the CIDRs of their subnets. A
+    /// fleet's NetworkPolicy lets ComfyUI's Ingress traffic in from these only, so a pod
+    /// elsewhere in the VPC cannot reach ComfyUI around the ALB's authentication. Empty:
+    /// from any address (any pod may then bypass the ALB).
+    #[serde(default, rename = "sourceCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("each ingress.sourceCIDRs entry must be a CIDR, such as 10.0.0.0/19"))]
+    pub source_cidrs: Vec<String>,
 }
 
 /// What the job gateways of this class's fleets may reach.
@@ -160,6 +168,7 @@ impl Default for IngressPolicy {
             internet_facing_required_annotations: BTreeMap::new(),
             allowed_hosts: Vec::new(),
             allowed_annotation_keys: Vec::new(),
+            source_cidrs: Vec::new(),
         }
     }
 }

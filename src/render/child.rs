@@ -25,6 +25,8 @@ pub enum ChildKind {
     Service,
     Deployment,
     Ingress,
+    /// Who may reach the ComfyUI pods: the fleet's gateway and load balancer.
+    NetworkPolicy,
     /// The node agent DaemonSet, in the operator's namespace (not the fleet's).
     AgentDaemonSet,
 }
@@ -41,7 +43,7 @@ pub enum Scope {
 }
 
 impl ChildKind {
-    pub const ALL: [ChildKind; 10] = [
+    pub const ALL: [ChildKind; 11] = [
         ChildKind::NodeClass,
         ChildKind::NodePool,
         ChildKind::PersistentVolume,
@@ -51,6 +53,7 @@ impl ChildKind {
         ChildKind::Service,
         ChildKind::Deployment,
         ChildKind::Ingress,
+        ChildKind::NetworkPolicy,
         ChildKind::AgentDaemonSet,
     ];
 
@@ -68,6 +71,7 @@ impl ChildKind {
             ChildKind::Service => ApiResource::erase::<core::Service>(&()),
             ChildKind::Deployment => ApiResource::erase::<apps::Deployment>(&()),
             ChildKind::Ingress => ApiResource::erase::<net::Ingress>(&()),
+            ChildKind::NetworkPolicy => ApiResource::erase::<net::NetworkPolicy>(&()),
             ChildKind::AgentDaemonSet => ApiResource::erase::<apps::DaemonSet>(&()),
         }
     }
@@ -83,7 +87,8 @@ impl ChildKind {
             | ChildKind::RoleBinding
             | ChildKind::Service
             | ChildKind::Deployment
-            | ChildKind::Ingress => Scope::FleetNamespace,
+            | ChildKind::Ingress
+            | ChildKind::NetworkPolicy => Scope::FleetNamespace,
         }
     }
 

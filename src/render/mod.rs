@@ -7,6 +7,7 @@ pub mod deployment;
 pub mod error;
 pub mod gateway;
 pub mod ingress;
+pub mod network_policy;
 pub mod nodeclass;
 pub mod nodepool;
 pub mod service;
@@ -136,6 +137,11 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         );
         ingress["metadata"]["annotations"] = json!(ingress::annotations(&backend, &spec.ingress));
     }
+    b.push(
+        ChildKind::NetworkPolicy,
+        fleet.network_policy(),
+        network_policy::network_policy_spec(&fleet, spec),
+    );
     if let Some(gw) = &spec.gateway {
         push_gateway(&mut b, spec, gw);
     }
@@ -266,6 +272,7 @@ spec:
                 (ChildKind::Service, "sdxl"),
                 (ChildKind::Deployment, "sdxl"),
                 (ChildKind::Ingress, "sdxl"),
+                (ChildKind::NetworkPolicy, "sdxl-comfyui"),
             ]
         );
         for child in &children {
@@ -299,7 +306,8 @@ spec:
                 ChildKind::NodeClass,
                 ChildKind::NodePool,
                 ChildKind::Service,
-                ChildKind::Deployment
+                ChildKind::Deployment,
+                ChildKind::NetworkPolicy
             ]
         );
     }

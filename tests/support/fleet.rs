@@ -30,18 +30,31 @@ pub fn start_controller(
     release: &str,
     release_ns: &str,
 ) -> ControllerProcess {
+    start_controller_with(tb, namespace, release, release_ns, &[])
+}
+
+/// As `start_controller`, with more arguments (e.g. `--cloud aws`).
+pub fn start_controller_with(
+    tb: &Testbed,
+    namespace: &str,
+    release: &str,
+    release_ns: &str,
+    extra: &[&str],
+) -> ControllerProcess {
     let controller_sa = format!("{release}-sdfleet");
     let kubeconfig = impersonating_kubeconfig(tb, release_ns, &controller_sa);
     let gateway_role = format!("{controller_sa}-gateway");
+    let mut args = vec![
+        "--agent-namespace",
+        release_ns,
+        "--gateway-cluster-role",
+        &gateway_role,
+    ];
+    args.extend_from_slice(extra);
     ControllerProcess::start_with_env(
         tb,
         namespace,
-        &[
-            "--agent-namespace",
-            release_ns,
-            "--gateway-cluster-role",
-            &gateway_role,
-        ],
+        &args,
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
 }

@@ -60,6 +60,10 @@ impl ControllerProcess {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // A `--cloud` of the caller's replaces the default.
+        if extra.contains(&"--cloud") {
+            args.drain(1..3);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let env = env
             .iter()

@@ -8,7 +8,8 @@ use crate::controller::resources::{ApplyError, FleetResources};
 use crate::render::ChildKind;
 
 /// The order of deletion: the workload first (its pods go before their volumes), then
-/// the claims and the agents, then the volumes, then the NodePool (so Karpenter drains
+/// the claims, the agents and the NetworkPolicy (ComfyUI stays closed while its pods
+/// run), then the volumes, then the NodePool (so Karpenter drains
 /// its nodes), then the node class.
 pub const STAGES: [&[ChildKind]; 5] = [
     &[
@@ -21,6 +22,7 @@ pub const STAGES: [&[ChildKind]; 5] = [
         ChildKind::AgentDaemonSet,
         ChildKind::ServiceAccount,
         ChildKind::RoleBinding,
+        ChildKind::NetworkPolicy,
     ],
     &[ChildKind::PersistentVolume],
     &[ChildKind::NodePool],
