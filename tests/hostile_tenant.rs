@@ -600,6 +600,45 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
         "True",
         "no ApplyFailed after the hand edits"
     );
+
+    // The admin narrows the class: team B's hosts move to another domain. The fleet
+    // keeps nothing the class granted; its NetworkPolicy (which only restricts) stays.
+    let ingresses_b: Api<k8s_openapi::api::networking::v1::Ingress> =
+        Api::namespaced(admin.clone(), b);
+    assert!(ingresses_b.get_opt("within").await.unwrap().is_some());
+    Api::<FleetClass>::all(admin.clone())
+        .patch(
+            &class,
+            &PatchParams::apply("platform-admin"),
+            &Patch::Merge(
+                json!({"spec": {"ingress": {"allowedHosts": ["*.{namespace}.other.example.com"]}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let message = refusal(&watch_fleets, "within", "ClassForbids").await;
+    assert!(message.contains("spec.ingress.host"), "{message}");
+    assert!(
+        message.contains("Nothing the class grants is kept"),
+        "{message}"
+    );
+    let deployments_b: Api<Deployment> = Api::namespaced(admin.clone(), b);
+    let policies_b: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(admin.clone(), b);
+    eventually("the narrowed fleet's children removed", WAIT, || async {
+        let gone = pools.get_opt(&pool_name).await.ok()?.is_none()
+            && ingresses_b.get_opt("within").await.ok()?.is_none()
+            && deployments_b.get_opt("within").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert!(
+        policies_b
+            .get_opt("within-comfyui")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test]

@@ -239,12 +239,21 @@ impl FleetResources<'_> {
     /// Deletes every child of the fleet that `desired` does not hold. Returns what it
     /// deleted, as `Kind name`.
     pub async fn prune(&self, desired: &[Child]) -> Result<Vec<String>, ApplyError> {
+        self.prune_except(|kind, name| desired.iter().any(|c| c.kind == kind && c.name == name))
+            .await
+    }
+
+    /// Deletes every child of the fleet but those `keep` holds. Returns what it deleted,
+    /// as `Kind name`.
+    pub async fn prune_except(
+        &self,
+        keep: impl Fn(ChildKind, &str) -> bool,
+    ) -> Result<Vec<String>, ApplyError> {
         let mut pruned = Vec::new();
         for kind in ChildKind::ALL {
-            let keep = |name: &str| desired.iter().any(|c| c.kind == kind && c.name == name);
             for object in self.live(kind).await? {
                 let name = object.name_any();
-                if keep(&name) || object.metadata.deletion_timestamp.is_some() {
+                if keep(kind, &name) || object.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
                 self.delete(kind, &name, PropagationPolicy::Background)

@@ -306,6 +306,7 @@ async fn within_class(
         Ok(()) => modelset_class_differs(cud, ctx, &class_name, &namespace).await?,
     };
     if let Some(message) = refusal {
+        let message = withdraw(cud, ctx, &message).await?;
         write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
         publish(ctx, cud, EventType::Warning, "ClassForbids", &message);
         // An edit of the fleet, or the admin widening the class, is needed.
@@ -315,6 +316,35 @@ async fn within_class(
     let name = cud.metadata.name.clone().unwrap_or_default();
     policy::apply_class(&mut effective.spec, &class.spec, &namespace, &name);
     Ok(Ok(effective))
+}
+
+/// A fleet its class no longer allows (the admin narrowed it) keeps nothing the class
+/// granted: its nodes, workloads, volumes and Ingresses are removed until it fits again.
+/// What holds the user's state (the gateway's job store) and what only restricts (the
+/// NetworkPolicy) stay; S3 data is never touched (the volumes are `Retain`). Returns
+/// `refusal` with what that means.
+async fn withdraw(cud: &ComfyUIDeployment, ctx: &Context, refusal: &str) -> Result<String, Error> {
+    let fleet = fleet_names(cud);
+    let caches = ctx.caches()?;
+    caches.children_ready().await?;
+    let mut resources = resources(ctx, &fleet);
+    resources.cache = Some(caches);
+    let (store, policy) = (fleet.gateway_store(), fleet.network_policy());
+    let removed = resources
+        .prune_except(|kind, name| {
+            (kind == ChildKind::PersistentVolumeClaim && name == store)
+                || (kind == ChildKind::NetworkPolicy && name == policy)
+        })
+        .await?;
+    for pruned in &removed {
+        let note = format!("Deleted {pruned}: its FleetClass no longer allows the fleet");
+        publish(ctx, cud, EventType::Normal, "Pruned", &note);
+    }
+    // The same words whether this pass removed anything or an earlier one did: the
+    // events name each child.
+    Ok(format!(
+        "{refusal}. Nothing the class grants is kept until the fleet fits it: no nodes, pods, volumes or Ingress (S3 data and the job store are kept)"
+    ))
 }
 
 /// Why the fleet may not use its ModelSet: the two must share a class, or a fleet of a
