@@ -253,12 +253,12 @@ impl Context {
     }
 
     /// The FleetClass named `name`, or the default one, as the cache holds them, if it
-    /// admits `namespace` (its labels are read: a class selects namespaces by label).
+    /// admits `namespace` (`Context::namespace`: a class selects namespaces by label).
     /// `Err` inside: why none applies.
-    pub async fn cached_fleet_class(
+    pub fn cached_fleet_class(
         &self,
         name: Option<&str>,
-        namespace: &str,
+        namespace: &policy::Namespace,
     ) -> Result<Result<FleetClass, ClassError>, Error> {
         let classes: Vec<FleetClass> = self
             .caches()?
@@ -267,17 +267,22 @@ impl Context {
             .iter()
             .map(|c| (**c).clone())
             .collect();
+        Ok(policy::resolve(name, &classes, Some(namespace)).cloned())
+    }
+
+    /// A namespace's labels, which decide the classes it may use (read once per
+    /// reconcile, for the object and what it refers to).
+    pub async fn namespace(&self, name: &str) -> Result<policy::Namespace, Error> {
         let labels = Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone())
-            .get_metadata(namespace)
+            .get_metadata(name)
             .await?
             .metadata
             .labels
             .unwrap_or_default();
-        let namespace = policy::Namespace {
-            name: namespace.to_string(),
+        Ok(policy::Namespace {
+            name: name.to_string(),
             labels,
-        };
-        Ok(policy::resolve(name, &classes, Some(&namespace)).cloned())
+        })
     }
 
     /// Queues an event about `reference` for the publisher task: a reconcile never waits

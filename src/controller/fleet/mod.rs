@@ -288,10 +288,8 @@ async fn within_class(
     ctx: &Context,
 ) -> Result<Result<ComfyUIDeployment, Action>, Error> {
     let namespace = cud.metadata.namespace.clone().unwrap_or_default();
-    let class = match ctx
-        .cached_fleet_class(cud.spec.class_name.as_deref(), &namespace)
-        .await?
-    {
+    let labelled = ctx.namespace(&namespace).await?;
+    let class = match ctx.cached_fleet_class(cud.spec.class_name.as_deref(), &labelled)? {
         Ok(class) => class,
         Err(e) => {
             let message = e.to_string();
@@ -303,7 +301,7 @@ async fn within_class(
     let class_name = class.metadata.name.clone().unwrap_or_default();
     let refusal = match policy::check_fleet(&cud.spec, &class_name, &class.spec, &namespace) {
         Err(v) => Some(v.to_string()),
-        Ok(()) => modelset_class_differs(cud, ctx, &class_name, &namespace).await?,
+        Ok(()) => modelset_class_differs(cud, ctx, &class_name, &labelled)?,
     };
     if let Some(message) = refusal {
         let message = withdraw(cud, ctx, &message).await?;
@@ -349,11 +347,11 @@ async fn withdraw(cud: &ComfyUIDeployment, ctx: &Context, refusal: &str) -> Resu
 
 /// Why the fleet may not use its ModelSet: the two must share a class, or a fleet of a
 /// narrow class could mount models a wider class let the ModelSet read.
-async fn modelset_class_differs(
+fn modelset_class_differs(
     cud: &ComfyUIDeployment,
     ctx: &Context,
     class_name: &str,
-    namespace: &str,
+    namespace: &policy::Namespace,
 ) -> Result<Option<String>, Error> {
     let Some(model_set) = &cud.spec.model_set else {
         return Ok(None);
@@ -361,14 +359,11 @@ async fn modelset_class_differs(
     let Some(ms) = ctx
         .caches()?
         .model_sets
-        .get(&ObjectRef::new(model_set).within(namespace))
+        .get(&ObjectRef::new(model_set).within(&namespace.name))
     else {
         return Ok(None); // preflight reports a missing ModelSet
     };
-    let theirs = match ctx
-        .cached_fleet_class(ms.spec.class_name.as_deref(), namespace)
-        .await?
-    {
+    let theirs = match ctx.cached_fleet_class(ms.spec.class_name.as_deref(), namespace)? {
         Ok(c) => c.metadata.name.clone().unwrap_or_default(),
         Err(_) => return Ok(None), // the ModelSet's own status says why
     };

@@ -84,10 +84,10 @@ pub async fn run(
 /// the reason and message for its status.
 async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
     let namespace = ms.metadata.namespace.clone().unwrap_or_default();
-    let class = match ctx
-        .cached_fleet_class(ms.spec.class_name.as_deref(), &namespace)
-        .await?
-    {
+    let class = match ctx.cached_fleet_class(
+        ms.spec.class_name.as_deref(),
+        &ctx.namespace(&namespace).await?,
+    )? {
         Ok(class) => class,
         Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
     };
