@@ -27,7 +27,7 @@ use crate::crd::ModelSync;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
 use crate::names::{
     MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
-    models_dir,
+    label_value, models_dir,
 };
 use crate::sync::store::S3Store;
 use crate::sync::{self, SyncOptions};
@@ -54,14 +54,19 @@ pub struct Agent {
     pub region: Option<String>,
 }
 
-/// The ModelSet a node's labels name: `(namespace, name)`.
+/// The ModelSet a node was made for: `(namespace, name)`. The name is the node's
+/// annotation (whole), and must be what its label (hashed when long) says, which the
+/// fleet's pods select; nodes made before the annotation carry the name in the label.
 fn wanted(node: &Node) -> Option<(String, String)> {
     let labels = node.labels();
     labels.get(NODEPOOL_LABEL)?;
-    Some((
-        labels.get(OWNER_NAMESPACE_KEY)?.clone(),
-        labels.get(MODELSET_LABEL)?.clone(),
-    ))
+    let label = labels.get(MODELSET_LABEL)?;
+    let name = match node.annotations().get(MODELSET_LABEL) {
+        Some(name) if &label_value(name) == label => name.clone(),
+        Some(_) => return None,
+        None => label.clone(),
+    };
+    Some((labels.get(OWNER_NAMESPACE_KEY)?.clone(), name))
 }
 
 /// A watch filling `store`, waking `changed` when `what` of an object changes.
@@ -471,6 +476,37 @@ mod tests {
     use crate::mock_apiserver::{self, Seen};
     use http::StatusCode;
     use std::sync::Mutex;
+
+    fn labelled(labels: serde_json::Value, annotations: serde_json::Value) -> Node {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "gpu-1", "labels": labels, "annotations": annotations}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_long_modelset_name_comes_from_the_annotation_its_hashed_label_matches() {
+        let long = format!("models-{}", "x".repeat(200));
+        let hashed = label_value(&long);
+        assert!(hashed.len() <= 63 && hashed != long);
+        let labels = json!({NODEPOOL_LABEL: "team.sdxl", OWNER_NAMESPACE_KEY: "team",
+            MODELSET_LABEL: hashed});
+        assert_eq!(
+            wanted(&labelled(labels.clone(), json!({MODELSET_LABEL: long}))),
+            Some(("team".to_string(), long.clone()))
+        );
+        // An annotation the label does not match names no ModelSet.
+        assert_eq!(
+            wanted(&labelled(labels, json!({MODELSET_LABEL: "other"}))),
+            None
+        );
+        // A node made before the annotation: the label is the name.
+        let old = json!({NODEPOOL_LABEL: "team.sdxl", OWNER_NAMESPACE_KEY: "team",
+            MODELSET_LABEL: "sdxl-models"});
+        assert_eq!(
+            wanted(&labelled(old, json!({}))),
+            Some(("team".to_string(), "sdxl-models".to_string()))
+        );
+    }
 
     fn node(resource_version: &str) -> serde_json::Value {
         json!({"apiVersion": "v1", "kind": "Node",

@@ -263,6 +263,18 @@ async fn a_hostile_tenant_is_refused_at_apply() {
         b_sets.create(&PostParams::default(), &set).await,
         "is not for namespace",
     );
+    // A ModelSet whose name would make its node reports look like another's:
+    // `models.ip-10-0-1-2` on node `x` against `models` on node `ip-10-0-1-2.x`.
+    let dotted: ModelSet = serde_json::from_value(
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet",
+        "metadata": {"name": "models.ip-10-0-1-2"},
+        "spec": {"source": {"s3": {"bucket": "team-b-models"}}}}),
+    )
+    .unwrap();
+    refused(
+        b_sets.create(&dry, &dotted).await,
+        "metadata.name must hold no '.'",
+    );
     // Team A itself may use it (as A's admin: the policy is not a blanket refusal).
     Api::<ComfyUIDeployment>::namespaced(admin.clone(), &team_a.name)
         .create(&dry, &fleet(&class_a))

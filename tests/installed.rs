@@ -46,6 +46,7 @@ struct RealNode {
     /// Its taints as the testbed registers it, put back on drop.
     testbed_taints: serde_json::Value,
     labels: Vec<String>,
+    annotations: Vec<String>,
     client: Client,
 }
 
@@ -78,9 +79,15 @@ impl RealNode {
             name: tb.var("SDFLEET_TESTBED_NODE_NAME").to_string(),
             testbed_taints: testbed_taints(tb),
             labels: labels.as_object().unwrap().keys().cloned().collect(),
+            annotations: template["metadata"]["annotations"]
+                .as_object()
+                .map(|a| a.keys().cloned().collect())
+                .unwrap_or_default(),
             client: client.clone(),
         };
-        let patch = json!({"metadata": {"labels": labels}, "spec": {"taints": taints}});
+        let annotations = template["metadata"]["annotations"].clone();
+        let patch = json!({"metadata": {"labels": labels, "annotations": annotations},
+            "spec": {"taints": taints}});
         node.api()
             .patch(&node.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -109,8 +116,13 @@ impl Drop for RealNode {
             .iter()
             .map(|k| (k.clone(), serde_json::Value::Null))
             .collect();
+        let annotations: serde_json::Map<String, serde_json::Value> = self
+            .annotations
+            .iter()
+            .map(|k| (k.clone(), serde_json::Value::Null))
+            .collect();
         let patch = json!({
-            "metadata": {"labels": labels},
+            "metadata": {"labels": labels, "annotations": annotations},
             "spec": {"taints": self.testbed_taints},
         });
         // Drop runs outside the test's runtime when it panics: a runtime of its own.

@@ -24,6 +24,7 @@ use crate::sync::store::BucketLocation;
     derive = "PartialEq",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
+    validation = Rule::new("!self.metadata.name.contains('.')").message("metadata.name must hold no '.': a node's report of this ModelSet is named <modelset>.<node>, and a dot would let it be taken for another ModelSet's"),
     printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.revision"}"#,
     printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.objectCount"}"#,
     printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.totalBytes"}"#,

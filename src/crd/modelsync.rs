@@ -47,7 +47,8 @@ pub struct ModelSyncSpec {
 }
 
 impl ModelSync {
-    /// The name of `node`'s report of ModelSet `model_set`.
+    /// The name of `node`'s report of ModelSet `model_set`. A ModelSet name holds no `.`
+    /// (its CRD refuses one), so the first dot parts the two and no pair shares a name.
     pub fn name_for(model_set: &str, node: &str) -> String {
         safe_name(&format!("{model_set}.{node}"), 253)
     }

@@ -10,7 +10,8 @@ use super::error::RenderError;
 use super::storage::S3Volume;
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
 use crate::names::{
-    FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, MODELSET_LABEL, NODEPOOL_LABEL, models_dir,
+    FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, MODELSET_LABEL, NODEPOOL_LABEL, label_value,
+    models_dir,
 };
 
 pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
@@ -108,7 +109,7 @@ pub fn deployment_spec(
     let mut node_selector =
         std::collections::BTreeMap::from([(NODEPOOL_LABEL.to_string(), fleet.nodepool())]);
     if let Some(model_set) = &spec.model_set {
-        node_selector.insert(MODELSET_LABEL.to_string(), model_set.clone());
+        node_selector.insert(MODELSET_LABEL.to_string(), label_value(model_set));
     }
     let mut pod_labels = fleet.pod_selector();
     pod_labels.extend(fleet.owner_labels());

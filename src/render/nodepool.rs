@@ -9,7 +9,7 @@ use crate::crd::comfyui::ComfyUIDeploymentSpec;
 use std::collections::BTreeMap;
 
 use crate::names::{
-    FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL, TENANT_TAINT,
+    FleetNames, GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL, TENANT_TAINT, label_value,
 };
 
 pub const GPU_TAINT_VALUE: &str = "true";
@@ -18,9 +18,18 @@ pub const GPU_TAINT_VALUE: &str = "true";
 pub fn node_labels(fleet: &FleetNames, spec: &ComfyUIDeploymentSpec) -> BTreeMap<String, String> {
     let mut labels = fleet.node_labels();
     if let Some(model_set) = &spec.model_set {
-        labels.insert(MODELSET_LABEL.to_string(), model_set.clone());
+        labels.insert(MODELSET_LABEL.to_string(), label_value(model_set));
     }
     labels
+}
+
+/// The annotations of the fleet's nodes: the ModelSet's whole name, for the node agent
+/// (a name of up to 253 characters is hashed in the label).
+pub fn node_annotations(spec: &ComfyUIDeploymentSpec) -> BTreeMap<String, String> {
+    spec.model_set
+        .iter()
+        .map(|m| (MODELSET_LABEL.to_string(), m.clone()))
+        .collect()
 }
 
 /// What a pod of the fleet tolerates to run on the fleet's nodes (`TENANT_TAINT`).
@@ -51,7 +60,7 @@ pub fn nodepool_spec(
     };
     json!({
         "template": {
-            "metadata": {"labels": node_labels(fleet, spec)},
+            "metadata": {"labels": node_labels(fleet, spec), "annotations": node_annotations(spec)},
             "spec": {
                 "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": fleet.node_class()},
                 "requirements": [
@@ -82,6 +91,26 @@ mod tests {
     use crate::render::nodeclass::Cloud;
     use crate::render::tests::{SDXL, example, render};
     use serde_json::json;
+
+    #[test]
+    fn a_long_modelset_name_is_hashed_in_the_label_the_pods_select_and_whole_in_the_annotation() {
+        let long = format!("models-{}", "x".repeat(200));
+        let mut cud = example(SDXL);
+        cud.spec.model_set = Some(long.clone());
+        let children = render(&cud, Cloud::Kwok);
+        let pool = &children[1].manifest["spec"]["template"]["metadata"];
+        let label = pool["labels"]["sdfleet.io/modelset"].as_str().unwrap();
+        assert!(label.len() <= 63, "{label}");
+        assert_eq!(pool["annotations"]["sdfleet.io/modelset"], json!(long));
+        let deployment = children
+            .iter()
+            .find(|c| c.kind == crate::render::ChildKind::Deployment)
+            .unwrap();
+        assert_eq!(
+            deployment.manifest["spec"]["template"]["spec"]["nodeSelector"]["sdfleet.io/modelset"],
+            json!(label)
+        );
+    }
 
     #[test]
     fn nodepool_has_types_capacity_taint_limit_and_disruption() {
