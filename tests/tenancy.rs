@@ -198,3 +198,60 @@ async fn an_object_sdfleet_did_not_make_is_never_changed_or_deleted() {
         .delete(&ns, &DeleteParams::background())
         .await;
 }
+
+/// The README's recipe for a team's GPU total: a ResourceQuota on
+/// `requests.nvidia.com/gpu` in its namespace. Pods past it are never created, and the
+/// fleet says why it waits (no node would help).
+#[tokio::test]
+async fn a_resource_quota_caps_a_teams_gpus_and_the_fleet_says_why_it_waits() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let ns = format!("quota{}", unique_suffix());
+    namespace(&client, &ns).await;
+    let _controller = ControllerProcess::start(tb, &ns, &[]);
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "gpus"},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "1"}},
+    }))
+    .unwrap();
+    let quotas = Api::namespaced(client.clone(), &ns);
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // Enforced once the quota controller has counted the namespace.
+    eventually("the quota counted", WAIT, || async {
+        let q: k8s_openapi::api::core::v1::ResourceQuota = quotas.get("gpus").await.ok()?;
+        q.status?
+            .hard?
+            .contains_key("requests.nvidia.com/gpu")
+            .then_some(())
+    })
+    .await;
+
+    let mut two = fleet("gpu");
+    two["spec"]["replicas"] = json!(2);
+    Api::<ComfyUIDeployment>::namespaced(client.clone(), &ns)
+        .patch("gpu", &PatchParams::apply("test-user"), &Patch::Apply(two))
+        .await
+        .unwrap();
+    let (status, reason, message) = eventually("the fleet names the quota", WAIT, || async {
+        ready(&client, &ns, "gpu")
+            .await
+            .filter(|r| r.2.contains("exceeded quota"))
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "WaitingForPods")
+    );
+    assert!(message.contains("pods cannot be created"), "{message}");
+    assert!(message.contains("requests.nvidia.com/gpu"), "{message}");
+    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), &ns)
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/instance=gpu"))
+        .await
+        .unwrap();
+    assert_eq!(pods.items.len(), 1, "one GPU's worth of pods");
+    delete_and_wait(&client, &ns, "gpu").await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&ns, &DeleteParams::background())
+        .await;
+}

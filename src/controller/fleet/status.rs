@@ -78,11 +78,16 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
             format!("{ready}/{want} replicas ready"),
         )
     } else {
-        let hint = if pool.status {
-            ""
+        let mut hint = if pool.status {
+            String::new()
         } else {
-            "; the NodePool is not ready"
+            "; the NodePool is not ready".to_string()
         };
+        // Pods the namespace refuses (a ResourceQuota on GPUs, an admission policy): the
+        // Deployment says why, and no node will change that.
+        if let Some(refused) = replica_failure(&status) {
+            hint.push_str(&format!("; pods cannot be created: {refused}"));
+        }
         DesiredCondition::new(
             READY,
             false,
@@ -238,6 +243,20 @@ pub fn models_ready(fleet: &FleetNames, facts: &ModelFacts) -> DesiredCondition 
     } else {
         DesiredCondition::new(MODELS_READY, false, Reason::Syncing, message)
     }
+}
+
+/// Why the Deployment cannot create its pods (its `ReplicaFailure` condition), if so.
+fn replica_failure(status: &k8s_openapi::api::apps::v1::DeploymentStatus) -> Option<String> {
+    status
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+        .map(|c| {
+            c.message
+                .clone()
+                .unwrap_or_else(|| c.reason.clone().unwrap_or_default())
+        })
 }
 
 /// The node counts the metrics publish: of the fleet's NodePool's `nodes`, those Ready
@@ -411,6 +430,32 @@ mod tests {
         // No modelSet: ModelsReady is true, and nothing waits on models.
         let models = find(&o, MODELS_READY);
         assert_eq!((models.status, models.reason), (true, Reason::NoModelSet));
+    }
+
+    #[test]
+    fn pods_the_namespace_refuses_are_named_in_ready() {
+        let refused = "pods \"sdxl-1\" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1";
+        let facts = Facts {
+            deployment: Some(DeploymentStatus {
+                replicas: Some(1),
+                ready_replicas: Some(1),
+                conditions: Some(vec![k8s_openapi::api::apps::v1::DeploymentCondition {
+                    type_: "ReplicaFailure".into(),
+                    status: "True".into(),
+                    reason: Some("FailedCreate".into()),
+                    message: Some(refused.into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            nodepool: Some(pool(Some(("True", "")))),
+            ..Default::default()
+        };
+        let ready = find(&observe(&cud(2), &fleet(), &facts), READY).clone();
+        assert_eq!(
+            ready.message,
+            format!("1/2 replicas ready; pods cannot be created: {refused}")
+        );
     }
 
     #[test]
