@@ -14,6 +14,7 @@ pub mod leader;
 #[cfg(test)]
 pub mod mock_apiserver;
 pub mod names;
+pub mod policy;
 pub mod render;
 pub mod sync;
 pub mod telemetry;

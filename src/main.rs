@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sdfleet::controller::policy;
 use sdfleet::crd::ComfyUIDeployment;
+use sdfleet::policy;
 use sdfleet::render::nodeclass::Cloud;
 use sdfleet::render::settings::{
     AgentSettings, ClusterSettings, DEFAULT_OPERATOR_NAMESPACE, GatewaySettings,

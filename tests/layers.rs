@@ -20,6 +20,9 @@ const LAYERS: &[&[&str]] = &[
     &["sync"],
     &["crd"],
     &["render"],
+    // What a FleetClass allows: the controller decides with it, and each node agent
+    // checks again before it reads a bucket.
+    &["policy"],
     &["controller", "agent", "gateway", "docs"],
 ];
 

@@ -10,7 +10,6 @@ pub mod error;
 pub mod finalizer;
 pub mod fleet;
 pub mod modelset;
-pub mod policy;
 pub mod preflight;
 pub mod resources;
 pub mod status;

@@ -413,7 +413,7 @@ mod tests {
         .unwrap();
         let yaml = format!("{SDXL}  gateway: {{apiKeysSecret: sdxl-keys, webhookSecret: hooks}}\n");
         let mut cud = example(&yaml);
-        crate::controller::policy::apply_class(&mut cud.spec, &class, "studio", "sdxl");
+        crate::policy::apply_class(&mut cud.spec, &class, "studio", "sdxl");
         let args = container_args(&render(&cud, Cloud::Kwok));
         assert_eq!(allowed_cidrs(&args), ["10.20.0.0/16", "fd00:1::/64"]);
 
@@ -422,14 +422,14 @@ mod tests {
         let strict: crate::crd::fleetclass::FleetClassSpec =
             serde_json::from_value(json!({"nodeClass": {"role": "KarpenterNodeRole-demo"}}))
                 .unwrap();
-        crate::controller::policy::apply_class(&mut cud.spec, &strict, "studio", "sdxl");
+        crate::policy::apply_class(&mut cud.spec, &strict, "studio", "sdxl");
         assert!(allowed_cidrs(&container_args(&render(&cud, Cloud::Kwok))).is_empty());
         // ...and the field is not the fleet's to set.
         let sneaky = format!(
             "{SDXL}  gateway: {{apiKeysSecret: sdxl-keys, webhookSecret: hooks, classWebhookAllowedCidrs: [0.0.0.0/0], webhookAllowedCIDRs: [0.0.0.0/0]}}\n"
         );
         let mut cud = example(&sneaky);
-        crate::controller::policy::apply_class(&mut cud.spec, &strict, "studio", "sdxl");
+        crate::policy::apply_class(&mut cud.spec, &strict, "studio", "sdxl");
         assert!(allowed_cidrs(&container_args(&render(&cud, Cloud::Kwok))).is_empty());
     }
 

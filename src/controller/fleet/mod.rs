@@ -33,13 +33,14 @@ use super::context::{
 };
 use super::error::Error;
 use super::finalizer;
+use super::preflight;
 use super::resources::{Applied, ApplyError, FleetResources};
-use super::{policy, preflight};
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{ComfyUIDeployment, ModelSync};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
+use crate::policy;
 use crate::render::{self, ChildKind, RenderContext};
 use crate::telemetry::{ControllerName, FleetLabels};
 use report::{KIND, StatusWrite, fleet_names, mark_invalid, publish, stuck, write_status};
