@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
@@ -23,12 +23,13 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::crd::ModelSync;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
+use crate::crd::{FleetClass, ModelSync};
 use crate::names::{
     MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
     label_value, models_dir,
 };
+use crate::policy;
 use crate::sync::store::S3Store;
 use crate::sync::{self, SyncOptions};
 
@@ -113,16 +114,26 @@ where
     }
 }
 
-/// The one ModelSet being watched.
+/// The one ModelSet being watched, and its namespace (whose labels decide its class).
 struct Watched {
     key: (String, String),
     store: Store<ModelSet>,
     task: JoinHandle<()>,
+    namespace: Store<Namespace>,
+    namespace_task: JoinHandle<()>,
+}
+
+impl Watched {
+    fn stop(self) {
+        self.task.abort();
+        self.namespace_task.abort();
+    }
 }
 
 /// The agent's state between passes: what it watches and what it last reported.
 struct State {
     model_set: Option<Watched>,
+    classes: Store<FleetClass>,
     /// The last report per ModelSync name; absent until read once.
     reported: HashMap<String, Option<NodeSync>>,
 }
@@ -139,8 +150,17 @@ impl Agent {
             changed.clone(),
             node_changes,
         );
+        // Every FleetClass (a cluster holds a handful): the agent checks the ModelSet
+        // against its class itself before it reads the bucket, whatever its status says.
+        let (classes, classes_task) = watch(
+            Api::<FleetClass>::all(self.client.clone()),
+            watcher::Config::default(),
+            changed.clone(),
+            |c: &FleetClass| c.metadata.generation.map(|g| g as u64),
+        );
         let mut state = State {
             model_set: None,
+            classes,
             reported: HashMap::new(),
         };
         tokio::pin!(shutdown);
@@ -156,8 +176,9 @@ impl Agent {
             }
         }
         node_task.abort();
+        classes_task.abort();
         if let Some(w) = state.model_set {
-            w.task.abort();
+            w.stop();
         }
     }
 
@@ -180,7 +201,7 @@ impl Agent {
         // Watch that one ModelSet (a new one when the node's labels name another).
         if state.model_set.as_ref().map(|w| &w.key) != Some(&(ns.clone(), name.clone())) {
             if let Some(old) = state.model_set.take() {
-                old.task.abort();
+                old.stop();
             }
             let (store, task) = watch(
                 Api::<ModelSet>::namespaced(self.client.clone(), &ns),
@@ -188,10 +209,22 @@ impl Agent {
                 changed.clone(),
                 model_set_changes,
             );
+            let (namespace, namespace_task) = watch(
+                Api::<Namespace>::all(self.client.clone()),
+                crate::watch::named(&ns),
+                changed.clone(),
+                |n: &Namespace| {
+                    let mut h = DefaultHasher::new();
+                    n.metadata.labels.hash(&mut h);
+                    Some(h.finish())
+                },
+            );
             state.model_set = Some(Watched {
                 key: (ns.clone(), name.clone()),
                 store,
                 task,
+                namespace,
+                namespace_task,
             });
         }
         let Some(watched) = &state.model_set else {
@@ -208,6 +241,27 @@ impl Agent {
             tracing::info!(modelset = %format!("{ns}/{name}"), "ModelSet not admitted by the controller; waiting");
             return Ok(());
         }
+        listed(&state.classes, "the FleetClasses").await?;
+        listed(&watched.namespace, "its namespace").await?;
+        let labels = watched
+            .namespace
+            .get(&ObjectRef::new(&ns))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        let classes: Vec<FleetClass> = state
+            .classes
+            .state()
+            .iter()
+            .map(|c| (**c).clone())
+            .collect();
+        let refusal = outside_class(
+            &ms,
+            &classes,
+            &policy::Namespace {
+                name: ns.clone(),
+                labels,
+            },
+        );
         let reports = Reports {
             api: Api::namespaced(self.client.clone(), &ns),
             node: &node,
@@ -222,6 +276,31 @@ impl Agent {
         let Some(mine) = mine else {
             return Ok(());
         };
+        if let Some(message) = refusal {
+            // Admitted by its status, refused by its class (narrowed since, or the
+            // status is not the controller's): nothing is read, and the node says why.
+            tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "not syncing: outside its FleetClass");
+            let revision = ms
+                .status
+                .as_ref()
+                .map(|s| s.revision.clone())
+                .unwrap_or_default();
+            let already = mine.as_ref().is_some_and(|m| {
+                m.state == NodeSyncState::Failed && m.message == NodeSync::bounded(&message)
+            });
+            if !already {
+                self.report(
+                    &reports,
+                    mine,
+                    NodeSyncState::Failed,
+                    &revision,
+                    0,
+                    &message,
+                )
+                .await?;
+            }
+            return Ok(());
+        }
         if self.sync_one(&reports, mine, &ns).await? && has_startup_taint(&node) {
             self.lift_taint(&Api::all(self.client.clone())).await?;
         }
@@ -418,6 +497,22 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Why the ModelSet's class (as the agent reads it) does not allow it, if it does not.
+fn outside_class(
+    ms: &ModelSet,
+    classes: &[FleetClass],
+    namespace: &policy::Namespace,
+) -> Option<String> {
+    let class = match policy::resolve(ms.spec.class_name.as_deref(), classes, Some(namespace)) {
+        Ok(class) => class,
+        Err(e) => return Some(e.to_string()),
+    };
+    let class_name = class.metadata.name.clone().unwrap_or_default();
+    policy::check_modelset(&ms.spec, &class_name, &class.spec, &namespace.name)
+        .err()
+        .map(|v| v.to_string())
 }
 
 /// The controller listed this generation of the ModelSet: its class allows the bucket.

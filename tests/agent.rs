@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::modelset::NodeSyncState;
-use sdfleet::crd::{ComfyUIDeployment, ModelSet, ModelSync};
+use sdfleet::crd::{ComfyUIDeployment, FleetClass, ModelSet, ModelSync};
 use serde_json::{Value, json};
 use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
 
@@ -140,22 +140,38 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
     let mut env = tb.aws_env();
     env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
-    let _controller = ControllerProcess::start_with_env(
+    let controller = ControllerProcess::start_with_env(
         tb,
         &ns.name,
         &["--operator-namespace", &release_ns],
         &env,
     );
     let ssa = PatchParams::apply("test-user").force();
+    // The team's own class: its namespace, its bucket.
+    let class = format!("agent-{}", unique_suffix());
+    let classes: Api<FleetClass> = Api::all(client.clone());
+    classes
+        .patch(
+            &class,
+            &ssa,
+            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": class},
+                "spec": {"nodeClass": {"role": "r"},
+                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+                         "s3": {"allowedBuckets": [bucket]}}})),
+        )
+        .await
+        .unwrap();
     let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "sdxl-models"},
-        "spec": {"source": {"s3": {"bucket": bucket, "region": "us-west-2"}}, "sync": {"pollInterval": "2s"}}});
+        "spec": {"className": class,
+                 "source": {"s3": {"bucket": bucket, "region": "us-west-2"}}, "sync": {"pollInterval": "2s"}}});
     sets.patch("sdxl-models", &ssa, &Patch::Apply(ms))
         .await
         .unwrap();
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
     let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "sdxl"},
-        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models",
+        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "className": class,
                  "gpu": {"instanceTypes": ["g5.2xlarge"]}, "ingress": {"enabled": false},
                  "disruption": {"consolidateAfter": "5s"}}});
     cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();
@@ -332,11 +348,46 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     })
     .await;
 
+    // The agent decides for itself: with the controller stopped (the ModelSet's status
+    // still says admitted), the admin narrows the class to another bucket. The agent
+    // reads nothing more and its node says why.
+    drop(controller);
+    classes
+        .patch(
+            &class,
+            &PatchParams::apply("test-user"),
+            &Patch::Merge(json!({"spec": {"s3": {"allowedBuckets": ["another-bucket"]}}})),
+        )
+        .await
+        .unwrap();
+    let refused = eventually("the agent to refuse the narrowed class", WAIT, || async {
+        let mine = reports.get(&report_name).await.ok()?.spec.report;
+        (mine.state == NodeSyncState::Failed
+            && mine.message.contains(&format!("FleetClass {class}")))
+        .then_some(mine.message)
+    })
+    .await;
+    assert!(refused.contains(&bucket), "{refused}");
+    let status = sets.get("sdxl-models").await.unwrap().status.unwrap();
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "the status still admits it: the agent's own check refused it"
+    );
     drop(agent);
+    let _controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &["--operator-namespace", &release_ns],
+        &env,
+    );
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {
         cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
     })
     .await;
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
     let _ = std::fs::remove_dir_all(&root);
 }
