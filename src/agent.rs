@@ -254,14 +254,13 @@ impl Agent {
             .iter()
             .map(|c| (**c).clone())
             .collect();
-        let refusal = outside_class(
-            &ms,
-            &classes,
-            &policy::Namespace {
-                name: ns.clone(),
-                labels,
-            },
-        );
+        let namespace = policy::Namespace {
+            name: ns.clone(),
+            labels,
+        };
+        let refusal = policy::admit_modelset(&ms.spec, &classes, &namespace)
+            .err()
+            .map(|r| r.to_string());
         let reports = Reports {
             api: Api::namespaced(self.client.clone(), &ns),
             node: &node,
@@ -497,22 +496,6 @@ impl Agent {
         }
         Ok(())
     }
-}
-
-/// Why the ModelSet's class (as the agent reads it) does not allow it, if it does not.
-fn outside_class(
-    ms: &ModelSet,
-    classes: &[FleetClass],
-    namespace: &policy::Namespace,
-) -> Option<String> {
-    let class = match policy::resolve(ms.spec.class_name.as_deref(), classes, Some(namespace)) {
-        Ok(class) => class,
-        Err(e) => return Some(e.to_string()),
-    };
-    let class_name = class.metadata.name.clone().unwrap_or_default();
-    policy::check_modelset(&ms.spec, &class_name, &class.spec, &namespace.name)
-        .err()
-        .map(|v| v.to_string())
 }
 
 /// The controller listed this generation of the ModelSet: its class allows the bucket.

@@ -549,6 +549,29 @@ impl Check<'_> {
     }
 }
 
+/// Why a ModelSet may not be read: no class of its namespace applies, or its class
+/// forbids what it asks.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelSetRefusal {
+    #[error(transparent)]
+    NoClass(#[from] ClassError),
+    #[error(transparent)]
+    Forbids(#[from] Violation),
+}
+
+/// Whether the ModelSet `spec` in `namespace` may be read under its class, among
+/// `classes`: the controller lists it, and each node agent syncs it, only if so.
+pub fn admit_modelset(
+    spec: &ModelSetSpec,
+    classes: &[FleetClass],
+    namespace: &Namespace,
+) -> Result<(), ModelSetRefusal> {
+    let class = resolve(spec.class_name.as_deref(), classes, Some(namespace))?;
+    let class_name = class.metadata.name.as_deref().unwrap_or_default();
+    check_modelset(spec, class_name, &class.spec, &namespace.name)?;
+    Ok(())
+}
+
 /// Whether a ModelSet in `namespace` stays within its class: its bucket and prefix,
 /// endpoint and queue.
 pub fn check_modelset(

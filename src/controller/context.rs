@@ -260,14 +260,19 @@ impl Context {
         name: Option<&str>,
         namespace: &policy::Namespace,
     ) -> Result<Result<FleetClass, ClassError>, Error> {
-        let classes: Vec<FleetClass> = self
+        let classes = self.cached_fleet_classes()?;
+        Ok(policy::resolve(name, &classes, Some(namespace)).cloned())
+    }
+
+    /// Every FleetClass, as the cache holds them.
+    pub fn cached_fleet_classes(&self) -> Result<Vec<FleetClass>, Error> {
+        Ok(self
             .caches()?
             .classes
             .state()
             .iter()
             .map(|c| (**c).clone())
-            .collect();
-        Ok(policy::resolve(name, &classes, Some(namespace)).cloned())
+            .collect())
     }
 
     /// A namespace's labels, which decide the classes it may use (read once per

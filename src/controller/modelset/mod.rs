@@ -27,7 +27,7 @@ use super::finalizer;
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{FleetClass, ModelSync};
 use crate::names::{MODELSET_LABEL, label_value};
-use crate::policy;
+use crate::policy::{self, ModelSetRefusal};
 use crate::sync::store::S3Store;
 use crate::telemetry::ControllerName;
 use status::{KIND, write_raw_status, write_status};
@@ -85,17 +85,16 @@ pub async fn run(
 /// the reason and message for its status.
 async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
     let namespace = ms.metadata.namespace.clone().unwrap_or_default();
-    let class = match ctx.cached_fleet_class(
-        ms.spec.class_name.as_deref(),
-        &ctx.namespace(&namespace).await?,
-    )? {
-        Ok(class) => class,
-        Err(e) => return Ok(Err((Reason::FleetClassNotFound, e.to_string()))),
-    };
-    let name = class.metadata.name.clone().unwrap_or_default();
+    let classes = ctx.cached_fleet_classes()?;
+    let namespace = ctx.namespace(&namespace).await?;
     Ok(
-        policy::check_modelset(&ms.spec, &name, &class.spec, &namespace)
-            .map_err(|v| (Reason::ClassForbids, v.to_string())),
+        policy::admit_modelset(&ms.spec, &classes, &namespace).map_err(|refusal| {
+            let reason = match refusal {
+                ModelSetRefusal::NoClass(_) => Reason::FleetClassNotFound,
+                ModelSetRefusal::Forbids(_) => Reason::ClassForbids,
+            };
+            (reason, refusal.to_string())
+        }),
     )
 }
 
