@@ -300,13 +300,13 @@ impl Engine {
 
     /// At admission, a job of a fleet with nothing waiting goes to a pod at once, so its
     /// one store write holds both the job and where it runs (a hand-off otherwise waits
-    /// for a second write). The pod's command channel if it was placed.
+    /// for a second write). The job as placed and its pod's command channel, if placed.
     pub(super) fn place_at_admission(
         &self,
         st: &mut State,
         id: &str,
         fleet: &str,
-    ) -> Option<mpsc::UnboundedSender<PodCommand>> {
+    ) -> Option<(Job, mpsc::UnboundedSender<PodCommand>)> {
         if *self.stopping.borrow() || st.queues.get(fleet).is_some_and(|q| !q.is_empty()) {
             return None;
         }
@@ -321,7 +321,6 @@ impl Engine {
         }
         let (chosen, pod_name) = choice?;
         self.hand_to_locked(st, &chosen, &pod_name, now)
-            .map(|(_, commands)| commands)
     }
 
     pub(super) fn refresh_gauges(&self) {

@@ -257,7 +257,7 @@ impl Engine {
                 return Ok(Admission::Existing(found));
             }
         }
-        let committed = {
+        let (committed, placed) = {
             let mut st = self.lock();
             if let Some(key) = &job.idempotency_key {
                 // Two requests with one key at once: the first one in wins.
@@ -291,14 +291,14 @@ impl Engine {
             }
             st.jobs.insert(job.id.clone(), job.clone());
             let placed = self.place_at_admission(&mut st, &job.id, &job.fleet);
-            if let Some(placed) = st.jobs.get(&job.id) {
-                job = placed.clone();
-            }
+            let placed = placed.map(|(assigned, commands)| {
+                job = assigned;
+                commands
+            });
             st.admitting.insert(job.id.clone());
             // Not retried: on failure the submit answers 503 and the job is forgotten.
             (self.persist_acked(&job, false), placed)
         };
-        let (committed, placed) = committed;
         // Acknowledged only once it is durable: a 201 for a job the store never got would
         // be a job lost at the next restart.
         let committed = match committed.await {
