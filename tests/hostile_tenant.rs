@@ -31,6 +31,21 @@ fn gvk_api(client: &Client, group: &str, version: &str, kind: &str) -> Api<Dynam
     Api::all_with(client.clone(), &ar)
 }
 
+/// A FleetClass of this `spec`, applied as the platform admin.
+async fn apply_class(admin: &Client, name: &str, spec: Value) {
+    Api::<FleetClass>::all(admin.clone())
+        .patch(
+            name,
+            &PatchParams::apply("platform-admin"),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": name}, "spec": spec}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
 /// The apiserver refused `result`, and its message says `says`.
 fn refused<T: std::fmt::Debug>(result: Result<T, kube::Error>, says: &str) {
     match result {
@@ -93,16 +108,7 @@ impl Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(self.tb.var("SDFLEET_TESTBED_HELM"))
-            .args([
-                "uninstall",
-                &self.name,
-                "--namespace",
-                &self.namespace,
-                "--kubeconfig",
-            ])
-            .arg(self.tb.kubeconfig())
-            .output();
+        let _ = support::helm_uninstall(self.tb, &self.name, &self.namespace, &[]);
     }
 }
 
@@ -221,17 +227,8 @@ async fn a_hostile_tenant_is_refused_at_apply() {
 
     // Team A's class: for team A's namespace only.
     let class_a = format!("team-a-{}", unique_suffix());
-    Api::<FleetClass>::all(admin.clone())
-        .patch(
-            &class_a,
-            &PatchParams::apply("platform-admin"),
-            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class_a},
-                "spec": {"nodeClass": {"role": "NodeRole-team-a"},
-                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team_a.name}}}})),
-        )
-        .await
-        .unwrap();
+    apply_class(&admin, &class_a, json!({"nodeClass": {"role": "NodeRole-team-a"},
+                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team_a.name}}})).await;
     let fleet = |class: &str| -> ComfyUIDeployment {
         serde_json::from_value(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
             "metadata": {"name": "borrow"},
@@ -393,13 +390,7 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
     // One class for every tenant namespace of this release, with per-namespace folders,
     // hosts and gateway role.
     let class = format!("shared-{}", unique_suffix());
-    Api::<FleetClass>::all(admin.clone())
-        .patch(
-            &class,
-            &PatchParams::apply("platform-admin"),
-            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class},
-                "spec": {"nodeClass": {"role": "NodeRole-tenants"},
+    apply_class(&admin, &class, json!({"nodeClass": {"role": "NodeRole-tenants"},
                          "namespaceSelector": {"matchLabels": label_true(&label)},
                          "s3": {"allowedBuckets": ["shared-models/{namespace}/", "comfyui-outputs/{namespace}/"],
                                 "allowedEndpoints": ["https://*.corp.example"]},
@@ -408,10 +399,7 @@ async fn what_a_tenants_class_forbids_is_named_and_never_created() {
                                      "internetFacingRequiredAnnotations": {"alb.ingress.kubernetes.io/auth-type": "cognito"},
                                      "allowedHosts": ["*.{namespace}.comfy.example.com"]},
                          "gateway": {"serviceAccountAnnotations":
-                             {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/comfy-{namespace}"}}}})),
-        )
-        .await
-        .unwrap();
+                             {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/comfy-{namespace}"}}})).await;
     let _controller = support::fleet::start_controller(tb, &team_b.name, &release, &release_ns);
 
     let b = &team_b.name;
@@ -665,21 +653,15 @@ async fn hand_edits_of_what_a_fleet_owns_are_undone_and_what_it_does_not_own_is_
     } = Teams::new(tb, "edits").await;
     let label = release.label.clone();
     let class = format!("edits-{}", unique_suffix());
-    Api::<FleetClass>::all(admin.clone())
-        .patch(
-            &class,
-            &PatchParams::apply("platform-admin"),
-            &Patch::Apply(
-                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class},
-                "spec": {"nodeClass": {"role": "NodeRole-tenants"},
+    apply_class(
+        &admin,
+        &class,
+        json!({"nodeClass": {"role": "NodeRole-tenants"},
                          "namespaceSelector": {"matchLabels": label_true(&label)},
                          "s3": {"allowedBuckets": ["comfyui-outputs/{namespace}/"]},
-                         "ingress": {"sourceCIDRs": ["10.0.0.0/19"]}}}),
-            ),
-        )
-        .await
-        .unwrap();
+                         "ingress": {"sourceCIDRs": ["10.0.0.0/19"]}}),
+    )
+    .await;
     let b = team_b.name.clone();
     // The EC2NodeClass is AWS's node class: the controller renders for AWS (it reads
     // nothing from AWS to do so; the testbed has the CRD, nothing provisions from it).

@@ -139,19 +139,15 @@ impl Drop for RealNode {
 
 /// The Helm release, uninstalled on drop (its controller pod must not outlive the test).
 struct Release {
+    tb: &'static Testbed,
     name: String,
     namespace: String,
-    helm: String,
-    kubeconfig: std::path::PathBuf,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.helm)
-            .args(["uninstall", &self.name, "--wait", "--timeout", "60s"])
-            .args(["--namespace", &self.namespace, "--kubeconfig"])
-            .arg(&self.kubeconfig)
-            .output();
+        let wait = ["--wait", "--timeout", "60s"];
+        let _ = support::helm_uninstall(self.tb, &self.name, &self.namespace, &wait);
     }
 }
 
@@ -287,10 +283,9 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _release = Release {
+        tb,
         name: release.clone(),
         namespace: system.name.clone(),
-        helm: tb.var("SDFLEET_TESTBED_HELM").to_string(),
-        kubeconfig: tb.kubeconfig().to_path_buf(),
     };
     let controller = running_pod(
         &client,

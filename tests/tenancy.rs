@@ -40,11 +40,15 @@ fn fleet(name: &str) -> Value {
 }
 
 async fn apply(client: &Client, ns: &str, name: &str) {
+    apply_manifest(client, ns, name, fleet(name)).await;
+}
+
+async fn apply_manifest(client: &Client, ns: &str, name: &str, manifest: Value) {
     Api::<ComfyUIDeployment>::namespaced(client.clone(), ns)
         .patch(
             name,
             &PatchParams::apply("test-user"),
-            &Patch::Apply(fleet(name)),
+            &Patch::Apply(manifest),
         )
         .await
         .unwrap();
@@ -229,10 +233,7 @@ async fn a_resource_quota_caps_a_teams_gpus_and_the_fleet_says_why_it_waits() {
 
     let mut two = fleet("gpu");
     two["spec"]["replicas"] = json!(2);
-    Api::<ComfyUIDeployment>::namespaced(client.clone(), &ns)
-        .patch("gpu", &PatchParams::apply("test-user"), &Patch::Apply(two))
-        .await
-        .unwrap();
+    apply_manifest(&client, &ns, "gpu", two).await;
     let (status, reason, message) = eventually("the fleet names the quota", WAIT, || async {
         ready(&client, &ns, "gpu")
             .await

@@ -51,9 +51,14 @@ pub fn install_release(tb: &Testbed, name: &str) -> (String, String) {
     (release, namespace)
 }
 
-/// `helm uninstall` of a release from `install_release` (asserting it succeeds).
-pub fn uninstall_release(tb: &Testbed, release: &str, namespace: &str) {
-    let out = std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
+/// `helm uninstall` of `release` in `namespace`, with `extra` arguments.
+pub fn helm_uninstall(
+    tb: &Testbed,
+    release: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(tb.var("SDFLEET_TESTBED_HELM"))
         .args([
             "uninstall",
             release,
@@ -62,8 +67,13 @@ pub fn uninstall_release(tb: &Testbed, release: &str, namespace: &str) {
             "--kubeconfig",
         ])
         .arg(tb.kubeconfig())
+        .args(extra)
         .output()
-        .unwrap();
+}
+
+/// `helm uninstall` of a release from `install_release` (asserting it succeeds).
+pub fn uninstall_release(tb: &Testbed, release: &str, namespace: &str) {
+    let out = helm_uninstall(tb, release, namespace, &[]).unwrap();
     assert!(
         out.status.success(),
         "helm uninstall: {}",
