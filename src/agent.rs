@@ -30,7 +30,8 @@ use crate::names::{
     label_value, models_dir,
 };
 use crate::policy;
-use crate::sync::store::S3Store;
+use crate::sync::catalog::Filter;
+use crate::sync::store::{BucketLocation, S3Store};
 use crate::sync::{self, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -328,8 +329,8 @@ impl Agent {
         let last_state = last.map(|m| m.state);
         let spec = &ms.spec;
         let sync = async {
-            let filter = spec.filter().map_err(|e| e.to_string())?;
-            let location = spec.source.s3.location(self.region.as_deref());
+            let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
+            let location = BucketLocation::of(&spec.source.s3, self.region.as_deref());
             let (store, catalog) = S3Store::open_catalog(&location, &filter)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -5,9 +5,11 @@
 
 pub mod agent;
 pub mod aws;
+pub mod cmd;
 pub mod controller;
 pub mod crd;
 pub mod docs;
+pub mod effective;
 pub mod gateway;
 pub mod latency;
 pub mod leader;

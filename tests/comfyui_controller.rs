@@ -627,3 +627,316 @@ async fn steady_state_sends_no_writes() {
         .await;
     }
 }
+
+/// `sdfleet render` prints what the controller applies: for each example fleet (and the
+/// first one with the example ModelSet), every child the controller made on the testbed
+/// is what `render` prints for the same files and flags, and there is no other. Equal
+/// means exact here: applied again as the controller's field manager (a dry run), the
+/// rendered child changes nothing in the live object. Only an autoscaled Deployment's
+/// replicas, which the controller decides at run time, are taken from the cluster.
+#[tokio::test]
+async fn the_controller_applies_what_render_prints_for_every_example() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let class = format!("render-{}", support::unique_suffix());
+    // (example, with the example ModelSet)
+    let cases = [
+        ("examples/sdxl.yaml", false),
+        ("examples/sdxl.yaml", true),
+        ("examples/gateway.yaml", false),
+        ("examples/autoscaling.yaml", false),
+    ];
+    let checks = cases
+        .iter()
+        .map(|(file, with_models)| render_equals_applied(tb, &client, &class, file, *with_models));
+    futures::future::join_all(checks).await;
+    let classes: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ar("sdfleet.io", "v1alpha1", "FleetClass"));
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
+}
+
+/// The documents of an example file as a user applies them, in `ns` and of `class`
+/// (the examples' class is the cluster default, which a shared testbed must not get).
+fn example_docs(file: &str, ns: &str, class: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
+    // The examples' namespace, hosts included.
+    let text = text.replace("studio", ns);
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d["kind"] != "Namespace")
+        .map(|mut d| {
+            if d["kind"] == "FleetClass" {
+                d["metadata"] = json!({"name": class});
+            } else {
+                d["metadata"]["namespace"] = json!(ns);
+                d["spec"]["className"] = json!(class);
+            }
+            d
+        })
+        .collect()
+}
+
+async fn render_equals_applied(
+    tb: &Testbed,
+    client: &Client,
+    class: &str,
+    file: &str,
+    with_models: bool,
+) {
+    let ns = TestNamespace::new(client, "render").await;
+    // The example class admits namespaces labelled as tenants.
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(
+            &ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"sdfleet.io/tenant": "true"}}})),
+        )
+        .await
+        .unwrap();
+    let mut docs = example_docs("examples/fleetclass.yaml", &ns.name, class);
+    let mut fleet_docs = example_docs(file, &ns.name, class);
+    if with_models {
+        docs.extend(example_docs("examples/modelset.yaml", &ns.name, class));
+        for d in &mut fleet_docs {
+            d["spec"]["modelSet"] = json!("sdxl-models");
+        }
+    }
+    docs.extend(fleet_docs);
+    // What render prints, from the same documents and the test controller's flags.
+    let input = std::env::temp_dir().join(format!("{}.yaml", ns.name));
+    let text: Vec<String> = docs
+        .iter()
+        .map(|d| serde_json::to_string(d).unwrap())
+        .collect();
+    std::fs::write(&input, text.join("\n---\n")).unwrap();
+    let out = std::process::Command::new(support::sdfleet_bin())
+        .args([
+            "render",
+            "--cloud",
+            "kwok",
+            "--cluster-name",
+            "testbed",
+            "--region",
+            "us-west-2",
+            "--agent-namespace",
+            &ns.name,
+            "-f",
+        ])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert!(
+        rendered.len() >= 5,
+        "render {file} printed {} children",
+        rendered.len()
+    );
+
+    // The same documents applied, and the controller that makes the fleet's children.
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "sdxl-api-keys", "namespace": ns.name},
+        "stringData": {"keys": "k1:team"}});
+    for doc in docs.iter().chain([&secret]) {
+        apply_doc(client, doc).await;
+    }
+    // The node agents' DaemonSet in the test's namespace (the default one is not there).
+    let _controller = ControllerProcess::start(tb, &ns.name, &["--agent-namespace", &ns.name]);
+    let autoscaled = docs.iter().any(|d| d["spec"]["autoscaling"].is_object());
+    let cuds: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &ar("sdfleet.io", "v1alpha1", "ComfyUIDeployment"),
+    );
+    // The one value render cannot know: the fleet's uid, in the owner references.
+    let uid = cuds.get("sdxl").await.unwrap().uid().unwrap();
+    let mut rendered = rendered;
+    for child in &mut rendered {
+        if let Some(owners) = child["metadata"]["ownerReferences"].as_array_mut() {
+            for owner in owners {
+                owner["uid"] = json!(uid);
+            }
+        }
+    }
+    for child in &rendered {
+        let (api, name) = dynamic_api(client, child).await;
+        let what = format!("{file}: {} {name}", child["kind"]);
+        let live = eventually(&format!("{what} exists"), WAIT, || {
+            let api = api.clone();
+            let name = name.clone();
+            async move { api.get(&name).await.ok() }
+        })
+        .await;
+        let mut rendered = child.clone();
+        if autoscaled && child["kind"] == "Deployment" {
+            rendered["spec"]["replicas"] = json!(live.data["spec"]["replicas"]);
+        }
+        // The controller may be in the middle of its first passes: wait, bounded, until
+        // the render applies as a no-op.
+        let diff = eventually_equal(&api, &name, &rendered).await;
+        assert!(
+            diff.is_empty(),
+            "{what}: render differs from what the controller applied: {diff:?}"
+        );
+    }
+    // No child that render does not print: every kind the controller labels, by owner.
+    let selector = format!(
+        "sdfleet.io/owner-namespace={},sdfleet.io/owner-name",
+        ns.name
+    );
+    let mut kinds: Vec<(String, String)> = rendered
+        .iter()
+        .map(|c| {
+            (
+                c["apiVersion"].as_str().unwrap().to_string(),
+                c["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    let mut applied = BTreeSet::new();
+    for (api_version, kind) in &kinds {
+        let probe = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}});
+        let (_, _, all) = dynamic_apis(client, &probe, &ns.name).await;
+        for o in all
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+        {
+            applied.insert(format!("{kind}/{}", o.name_any()));
+        }
+    }
+    let printed: BTreeSet<String> = rendered
+        .iter()
+        .map(|c| {
+            format!(
+                "{}/{}",
+                c["kind"].as_str().unwrap(),
+                c["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        applied.is_subset(&printed),
+        "{file}: applied but not rendered: {:?}",
+        applied.difference(&printed).collect::<Vec<_>>()
+    );
+    // The fleet goes before its namespace, so its cleanup runs while the controller does.
+    let _ = cuds.delete("sdxl", &DeleteParams::default()).await;
+    eventually(&format!("{file}: fleet deleted"), WAIT, || {
+        let cuds = cuds.clone();
+        async move { cuds.get_opt("sdxl").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+    let _ = std::fs::remove_file(&input);
+}
+
+async fn apply_doc(client: &Client, doc: &Value) {
+    let (api, name) = dynamic_api(client, doc).await;
+    api.patch(
+        &name,
+        &PatchParams::apply("sdfleet-test").force(),
+        &Patch::Apply(doc),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply {} {name}: {e}", doc["kind"]));
+}
+
+/// The API of `doc`'s kind in its namespace (if namespaced), and its name.
+async fn dynamic_api(client: &Client, doc: &Value) -> (Api<DynamicObject>, String) {
+    let ns = doc["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (api, name, _) = dynamic_apis(client, doc, &ns).await;
+    (api, name)
+}
+
+/// As `dynamic_api`, and the API of the kind across the cluster (for cluster-scoped
+/// kinds and the operator's namespace alike).
+async fn dynamic_apis(
+    client: &Client,
+    doc: &Value,
+    ns: &str,
+) -> (Api<DynamicObject>, String, Api<DynamicObject>) {
+    let (group, version) = match doc["apiVersion"].as_str().unwrap().split_once('/') {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (
+            String::new(),
+            doc["apiVersion"].as_str().unwrap().to_string(),
+        ),
+    };
+    let gvk = kube::core::GroupVersionKind::gvk(&group, &version, doc["kind"].as_str().unwrap());
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
+    let name = doc["metadata"]["name"].as_str().unwrap().to_string();
+    let all = Api::all_with(client.clone(), &resource);
+    let api = match caps.scope {
+        kube::discovery::Scope::Namespaced => {
+            let ns = doc["metadata"]["namespace"].as_str().unwrap_or(ns);
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+        kube::discovery::Scope::Cluster => all.clone(),
+    };
+    (api, name, all)
+}
+
+/// The fields where the live object would change if `rendered` were applied by the
+/// controller's field manager now; empty once it is a no-op (tried for up to a minute).
+async fn eventually_equal(api: &Api<DynamicObject>, name: &str, rendered: &Value) -> Vec<String> {
+    let params = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("sdfleet").force()
+    };
+    let mut diff = Vec::new();
+    for _ in 0..60 {
+        let live = api.get(name).await.unwrap();
+        let after = api
+            .patch(name, &params, &Patch::Apply(rendered))
+            .await
+            .unwrap();
+        let (mut live, mut after) = (
+            serde_json::to_value(live).unwrap(),
+            serde_json::to_value(after).unwrap(),
+        );
+        for o in [&mut live, &mut after] {
+            o["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("managedFields");
+        }
+        diff = differences("", &live, &after);
+        if diff.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    diff
+}
+
+/// The JSON paths where `a` and `b` differ.
+fn differences(path: &str, a: &Value, b: &Value) -> Vec<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter()
+                .flat_map(|k| {
+                    differences(
+                        &format!("{path}.{k}"),
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                    )
+                })
+                .collect()
+        }
+        _ if a == b => vec![],
+        _ => vec![format!("{path}: {a} → {b}")],
+    }
+}

@@ -17,13 +17,19 @@ const LAYERS: &[&[&str]] = &[
         "mock_apiserver",
         "watch",
     ],
-    &["sync"],
+    // The API types: the schema users apply, and nothing of how it is carried out.
     &["crd"],
+    &["sync"],
     &["render"],
     // What a FleetClass allows: the controller decides with it, and each node agent
     // checks again before it reads a bucket.
     &["policy"],
+    // The fleet as rendered (class, ModelSet, defaults): the controller and `sdfleet
+    // render` decide it with one function.
+    &["effective"],
     &["controller", "agent", "gateway", "docs"],
+    // The binary's subcommands, each with its arguments.
+    &["cmd"],
 ];
 
 fn layer_of(top: &str) -> usize {
@@ -266,5 +272,35 @@ fn the_checker_sees_use_trees_and_inline_paths() {
             "super::r::S::new",
             "super::super::k"
         ]
+    );
+}
+
+/// What a group of modules may import besides itself: (the group's path prefix, the
+/// top-level modules it may name, why).
+const NARROW: &[(&str, &[&str], &str)] = &[(
+    "crd",
+    &["names"],
+    "the API types are a leaf: the schema users apply, not how it is carried out",
+)];
+
+#[test]
+fn narrow_modules_import_only_what_they_may() {
+    let graph = graph();
+    let mut wrong = Vec::new();
+    for (prefix, allowed, why) in NARROW {
+        for (from, targets) in &graph {
+            if from.first().map(String::as_str) != Some(*prefix) {
+                continue;
+            }
+            for to in targets {
+                if to[0] != *prefix && !allowed.contains(&to[0].as_str()) {
+                    wrong.push(format!("{} -> {} ({why})", name(from), name(to)));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports a narrow module may not make: {wrong:#?}"
     );
 }

@@ -7,9 +7,6 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::sync::catalog::{Filter, GlobError, TypeSummary};
-use crate::sync::store::BucketLocation;
-
 /// Models in S3, listed into a catalog and synced onto the nodes of the fleets that use them.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -81,29 +78,6 @@ pub struct S3Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(https?://[^\s]+)?$"), length(max = 512))]
     pub endpoint: Option<String>,
-}
-
-impl S3Source {
-    /// Where the objects are, in `default_region` unless the source names a region.
-    pub fn location(&self, default_region: Option<&str>) -> BucketLocation {
-        BucketLocation {
-            bucket: self.bucket.clone(),
-            prefix: crate::sync::store::folder(&self.prefix),
-            region: self
-                .region
-                .clone()
-                .or_else(|| default_region.map(str::to_string))
-                .filter(|r| !r.is_empty()),
-            endpoint: self.endpoint.clone().filter(|e| !e.is_empty()),
-        }
-    }
-}
-
-impl ModelSetSpec {
-    /// The include/exclude globs as a filter over keys.
-    pub fn filter(&self) -> Result<Filter, GlobError> {
-        Filter::new(&self.include, &self.exclude)
-    }
 }
 
 /// How changes are detected and how nodes are told.
@@ -277,4 +251,11 @@ pub struct ModelSetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// Count and bytes of one model type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TypeSummary {
+    pub count: u64,
+    pub bytes: u64,
 }

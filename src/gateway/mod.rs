@@ -354,3 +354,91 @@ const FLUSH: Duration = Duration::from_secs(3);
 /// How long requests in flight may finish after SIGTERM: well within a pod's default
 /// 30 s grace period.
 const DRAIN: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::GatewayArgs;
+    use crate::crd::ComfyUIDeployment;
+    use crate::names::FleetNames;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    }
+
+    /// The flags the fleet controller renders are the ones `sdfleet gateway` reads, with
+    /// the values the spec gave: a flag renamed on either side fails here, not in a pod.
+    #[test]
+    fn the_rendered_flags_parse_back_into_the_spec_they_came_from() {
+        let mut fleet: ComfyUIDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+            "metadata": {"name": "sdxl", "namespace": "studio"},
+            "spec": {
+                "image": "comfyui:1", "gpu": {"instanceTypes": ["g5.xlarge"]},
+                "modelSet": "sdxl-models",
+                "storage": {"outputs": {"bucket": "out", "prefix": "sdxl/", "region": "eu-west-1"}},
+                "autoscaling": {"minReplicas": 0, "maxReplicas": 4, "targetJobsPerReplica": 2, "maxColdStartWaitSeconds": 45},
+                "gateway": {
+                    "apiKeysSecret": "keys", "webhookSecret": "hooks", "workflowsConfigMap": "flows",
+                    "queueCap": 7, "jobTtlSeconds": 600, "maxWaitSeconds": 90, "maxRunSeconds": 300,
+                    "placement": "Random", "inputBuckets": ["in-a", "in-b"],
+                    "store": {"size": "2Gi", "retentionHours": 24, "maxJobs": 5000}
+                }
+            }
+        }))
+        .unwrap();
+        let gateway = fleet.spec.gateway.as_mut().unwrap();
+        gateway.class_webhook_allowed_cidrs = vec!["10.20.0.0/16".into()];
+        let gateway = gateway.clone();
+        let names = FleetNames::new("studio", "sdxl");
+        let mut args = crate::render::gateway::args(&names, &fleet.spec, &gateway);
+        // From the pod's environment (POD_NAMESPACE), not its arguments.
+        args.extend(["--namespace".into(), "studio".into()]);
+        let parsed = Command::try_parse_from(&args)
+            .unwrap_or_else(|e| panic!("{args:?} do not parse: {e}"))
+            .gateway;
+        let fleets: Vec<(String, Option<String>)> = parsed
+            .fleets
+            .iter()
+            .map(|f| (f.name.clone(), f.model_set.clone()))
+            .collect();
+        assert_eq!(fleets, [("sdxl".to_string(), Some("sdxl-models".into()))]);
+        assert_eq!(parsed.fleets[0].service, names.service());
+        assert_eq!(parsed.queue_cap, 7);
+        assert_eq!(parsed.job_ttl_seconds, 600);
+        assert_eq!(parsed.max_wait_seconds, 90);
+        assert_eq!(parsed.max_run_seconds, 300);
+        assert_eq!(parsed.placement, super::placement::Placement::Random);
+        assert!(!parsed.no_auth);
+        assert_eq!(
+            parsed.api_keys_dir,
+            std::path::Path::new(crate::render::gateway::API_KEYS_DIR)
+        );
+        assert!(parsed.webhook_secret_file.is_some());
+        assert_eq!(
+            parsed.webhook_allow_cidrs,
+            ["10.20.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert!(parsed.workflows_dir.is_some());
+        assert_eq!(parsed.outputs_bucket.as_deref(), Some("out"));
+        assert_eq!(parsed.outputs_prefix, "sdxl/");
+        assert_eq!(parsed.outputs_region.as_deref(), Some("eu-west-1"));
+        assert_eq!(parsed.input_buckets, ["in-a", "in-b"]);
+        assert_eq!(parsed.retention_hours, 24);
+        assert_eq!(parsed.retention_max_jobs, 5000);
+        assert!(parsed.publish_demand);
+        assert_eq!(parsed.max_cold_start_wait_seconds, 45);
+        assert!(parsed.store.starts_with(crate::render::gateway::STORE_DIR));
+
+        // No keys Secret: the gateway serves without keys, and says so in its flags.
+        let mut open = gateway;
+        open.api_keys_secret = None;
+        open.allow_unauthenticated = true;
+        let mut args = crate::render::gateway::args(&names, &fleet.spec, &open);
+        args.extend(["--namespace".into(), "studio".into()]);
+        assert!(Command::try_parse_from(&args).unwrap().gateway.no_auth);
+    }
+}

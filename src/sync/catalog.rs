@@ -93,12 +93,7 @@ pub struct Catalog {
     pub objects: Vec<Object>,
 }
 
-/// Count and bytes of one model type.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct TypeSummary {
-    pub count: u64,
-    pub bytes: u64,
-}
+pub use crate::crd::modelset::TypeSummary;
 
 impl Catalog {
     pub fn new(mut objects: Vec<Object>) -> Catalog {

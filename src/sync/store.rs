@@ -93,6 +93,22 @@ pub struct BucketLocation {
     pub endpoint: Option<String>,
 }
 
+impl BucketLocation {
+    /// Where a ModelSet's objects are, in `default_region` unless the source names one.
+    pub fn of(source: &crate::crd::modelset::S3Source, default_region: Option<&str>) -> Self {
+        BucketLocation {
+            bucket: source.bucket.clone(),
+            prefix: folder(&source.prefix),
+            region: source
+                .region
+                .clone()
+                .or_else(|| default_region.map(str::to_string))
+                .filter(|r| !r.is_empty()),
+            endpoint: source.endpoint.clone().filter(|e| !e.is_empty()),
+        }
+    }
+}
+
 /// A prefix names a folder: `models` is `models/`, so `models-old/...` is not in it and
 /// keys under it are relative to it.
 pub fn folder(prefix: &str) -> String {

@@ -37,6 +37,7 @@ use super::preflight;
 use super::resources::{Applied, ApplyError, FleetResources};
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{ComfyUIDeployment, ModelSync};
+use crate::effective::{self, EffectiveFleet, Refusal};
 use crate::names::{
     FleetNames, MANAGED_BY, MANAGED_BY_KEY, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
 };
@@ -282,39 +283,37 @@ fn resources<'a>(ctx: &'a Context, fleet: &'a FleetNames) -> FleetResources<'a> 
     }
 }
 
-/// The fleet with its FleetClass's node settings, when the class allows what it asks;
-/// otherwise the status says why and nothing is applied (`Err` holds the action).
+/// The fleet within its class ([`effective::fleet`], as `sdfleet render` decides it), or,
+/// after a refusal is written to its status, what to do instead.
 async fn within_class(
     cud: &ComfyUIDeployment,
     ctx: &Context,
-) -> Result<Result<ComfyUIDeployment, Action>, Error> {
+    model_set: Option<&ModelSet>,
+) -> Result<Result<EffectiveFleet, Action>, Error> {
     let namespace = cud.metadata.namespace.clone().unwrap_or_default();
     let labelled = ctx.namespace(&namespace).await?;
-    let class = match ctx.cached_fleet_class(cud.spec.class_name.as_deref(), &labelled)? {
-        Ok(class) => class,
-        Err(e) => {
+    let classes = ctx.cached_fleet_classes()?;
+    let inputs = effective::Inputs {
+        classes: &classes,
+        namespace: Some(&labelled),
+        model_set,
+    };
+    match effective::fleet(cud, &inputs) {
+        Ok(effective) => Ok(Ok(effective)),
+        Err(Refusal::NoClass(e)) => {
             let message = e.to_string();
             write_status(ctx, cud, &stuck(Reason::FleetClassNotFound, &message), None).await?;
             publish(ctx, cud, EventType::Warning, "FleetClassNotFound", &message);
-            return Err(Error::Class(message));
+            Err(Error::Class(message))
         }
-    };
-    let class_name = class.metadata.name.clone().unwrap_or_default();
-    let refusal = match policy::check_fleet(&cud.spec, &class_name, &class.spec, &namespace) {
-        Err(v) => Some(v.to_string()),
-        Ok(()) => modelset_class_differs(cud, ctx, &class_name, &labelled)?,
-    };
-    if let Some(message) = refusal {
-        let message = withdraw(cud, ctx, &message).await?;
-        write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
-        publish(ctx, cud, EventType::Warning, "ClassForbids", &message);
-        // An edit of the fleet, or the admin widening the class, is needed.
-        return Ok(Err(ctx.steady_requeue()));
+        Err(Refusal::Forbids(refusal)) => {
+            let message = withdraw(cud, ctx, &refusal).await?;
+            write_status(ctx, cud, &stuck(Reason::ClassForbids, &message), None).await?;
+            publish(ctx, cud, EventType::Warning, "ClassForbids", &message);
+            // An edit of the fleet, or the admin widening the class, is needed.
+            Ok(Err(ctx.steady_requeue()))
+        }
     }
-    let mut effective = cud.clone();
-    let name = cud.metadata.name.clone().unwrap_or_default();
-    policy::apply_class(&mut effective.spec, &class.spec, &namespace, &name);
-    Ok(Ok(effective))
 }
 
 /// A fleet its class no longer allows (the admin narrowed it) keeps nothing the class
@@ -346,42 +345,24 @@ async fn withdraw(cud: &ComfyUIDeployment, ctx: &Context, refusal: &str) -> Resu
     ))
 }
 
-/// Why the fleet may not use its ModelSet: the two must share a class, or a fleet of a
-/// narrow class could mount models a wider class let the ModelSet read.
-fn modelset_class_differs(
-    cud: &ComfyUIDeployment,
-    ctx: &Context,
-    class_name: &str,
-    namespace: &policy::Namespace,
-) -> Result<Option<String>, Error> {
-    let Some(model_set) = &cud.spec.model_set else {
-        return Ok(None);
-    };
-    let Some(ms) = ctx
-        .caches()?
-        .model_sets
-        .get(&ObjectRef::new(model_set).within(&namespace.name))
-    else {
-        return Ok(None); // preflight reports a missing ModelSet
-    };
-    let theirs = match ctx.cached_fleet_class(ms.spec.class_name.as_deref(), namespace)? {
-        Ok(c) => c.metadata.name.clone().unwrap_or_default(),
-        Err(_) => return Ok(None), // the ModelSet's own status says why
-    };
-    Ok((theirs != class_name).then(|| {
-        format!(
-            "spec.modelSet {model_set:?} is not allowed by FleetClass {class_name}: a fleet and its ModelSet must use the same class, and ModelSet {model_set} uses {theirs}; set the same spec.className on both"
-        )
-    }))
-}
-
 /// Creates or updates every child, prunes the unwanted ones, and writes status.
 async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, Error> {
     let fleet = fleet_names(cud);
     let provider = ctx.settings.cloud.provider();
     let caches = ctx.caches()?;
     caches.ready().await?;
-    let mut effective = match within_class(cud, ctx).await? {
+    // Dereference: the ModelSet says how its models reach the nodes.
+    let model_set = cud.spec.model_set.as_deref().and_then(|name| {
+        caches
+            .model_sets
+            .get(&ObjectRef::new(name).within(&fleet.namespace))
+            .map(|ms| (*ms).clone())
+    });
+    let EffectiveFleet {
+        fleet: mut effective,
+        model_sync,
+        ..
+    } = match within_class(cud, ctx, model_set.as_ref()).await? {
         Ok(effective) => effective,
         Err(action) => return Ok(action),
     };
@@ -401,13 +382,6 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     }
 
     caches.children_ready().await?;
-    // Dereference: the ModelSet says how its models reach the nodes.
-    let model_set = cud.spec.model_set.as_deref().and_then(|name| {
-        caches
-            .model_sets
-            .get(&ObjectRef::new(name).within(&fleet.namespace))
-            .map(|ms| (*ms).clone())
-    });
     // Autoscaling decides the Deployment's replicas; the CR's spec stays as written.
     let scaling = match &cud.spec.autoscaling {
         Some(spec) => Some(scale(ctx, caches, cud, &fleet, spec).await?),
@@ -419,10 +393,7 @@ async fn apply_fleet(cud: &ComfyUIDeployment, ctx: &Context) -> Result<Action, E
     let rctx = RenderContext {
         cluster: &ctx.settings.cluster,
         node_class: provider,
-        model_sync: model_set
-            .as_ref()
-            .map(|ms| ms.spec.sync.method)
-            .unwrap_or_default(),
+        model_sync,
     };
     let children = match render::build(&effective, &rctx) {
         Ok(c) => c,

@@ -28,7 +28,8 @@ use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{FleetClass, ModelSync};
 use crate::names::{MODELSET_LABEL, label_value};
 use crate::policy::{self, ModelSetRefusal};
-use crate::sync::store::S3Store;
+use crate::sync::catalog::Filter;
+use crate::sync::store::{BucketLocation, S3Store};
 use crate::telemetry::ControllerName;
 use status::{KIND, write_raw_status, write_status};
 
@@ -208,7 +209,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     };
     let live = reports.as_deref();
     let default_region = ctx.settings.cluster.region.as_deref();
-    let location = ms.spec.source.s3.location(default_region);
+    let location = BucketLocation::of(&ms.spec.source.s3, default_region);
     if let Some(w) = &ctx.sqs {
         let url = ms
             .spec
@@ -225,7 +226,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
         );
     }
 
-    let filter = match ms.spec.filter() {
+    let filter = match Filter::new(&ms.spec.include, &ms.spec.exclude) {
         Ok(f) => f,
         Err(e) => {
             let invalid = [DesiredCondition::new(

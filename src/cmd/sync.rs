@@ -1,0 +1,133 @@
+//! `sdfleet sync`: one sync of an S3 prefix into a directory.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct SyncArgs {
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, default_value = "")]
+    prefix: String,
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// An S3-compatible endpoint (path-style addressing).
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    endpoint: Option<String>,
+    /// The directory to sync into; nothing is ever written outside it.
+    #[arg(long)]
+    dest: PathBuf,
+    /// Remove files this tool wrote whose objects are gone.
+    #[arg(long)]
+    delete: bool,
+    /// Globs over keys relative to the prefix; none = all.
+    #[arg(long)]
+    include: Vec<String>,
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Concurrent GET requests.
+    #[arg(long, default_value_t = crate::sync::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Objects larger than this are fetched in ranged GETs of this size (MiB).
+    #[arg(long, default_value_t = 64)]
+    part_size_mib: u64,
+    /// Write through the page cache instead of with direct I/O (O_DIRECT). Direct
+    /// writes are several times faster where the kernel's writeback is the limit; the
+    /// page cache keeps what was written in memory for a first load on a node with RAM
+    /// to spare.
+    #[arg(long)]
+    buffered_writes: bool,
+    /// Write where the time went (phases, and bytes, GETs, fsyncs and the kernel's
+    /// dirty pages every 100 ms) to this JSON file.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+}
+
+/// Syncs once and prints what it did.
+pub fn run(args: SyncArgs) -> ExitCode {
+    use crate::sync::{self, SyncOptions, catalog::Filter, store::BucketLocation, store::S3Store};
+    crate::telemetry::init_logging(false);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let started = std::time::Instant::now();
+        let filter = match Filter::new(&args.include, &args.exclude) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&args.dest) {
+            eprintln!("error: {}: {e}", args.dest.display());
+            return ExitCode::FAILURE;
+        }
+        let location = BucketLocation {
+            bucket: args.bucket,
+            prefix: args.prefix,
+            region: args.region.filter(|r| !r.is_empty()),
+            endpoint: args.endpoint.filter(|e| !e.is_empty()),
+        };
+        let timeline = args
+            .timeline
+            .as_ref()
+            .map(|_| std::sync::Arc::new(sync::timeline::Timeline::new()));
+        let sampler = timeline.as_ref().map(|t| t.sampler());
+        let listing = sync::timeline::span(timeline.as_deref(), sync::timeline::Phase::List);
+        let (store, catalog) = match S3Store::open_catalog(&location, &filter).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        drop(listing);
+        let mut opts = SyncOptions::new(&args.dest);
+        opts.delete = args.delete;
+        opts.concurrency = args.concurrency;
+        opts.part_size = args.part_size_mib.max(1) << 20;
+        opts.multipart_threshold = opts.part_size;
+        opts.direct_io = !args.buffered_writes;
+        opts.timeline = timeline.clone();
+        let result = sync::sync(&store, &catalog, &opts).await;
+        if let (Some(path), Some(t)) = (&args.timeline, &timeline) {
+            if let Some(s) = sampler {
+                s.abort();
+            }
+            if let Err(e) = std::fs::write(path, t.to_json().to_string()) {
+                eprintln!("error: {}: {e}", path.display());
+            }
+        }
+        match result {
+            Ok(report) => {
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "revision {}: {} fetched ({}, {:.1} MB/s; {} resumed), {} unchanged, {} deleted, {} refused, in {:.1} s",
+                    catalog.revision(),
+                    report.downloaded,
+                    sync::human(report.bytes),
+                    report.bytes as f64 / 1e6 / secs.max(1e-3),
+                    sync::human(report.resumed),
+                    report.unchanged,
+                    report.deleted,
+                    report.refused.len(),
+                    secs
+                );
+                for r in &report.refused {
+                    eprintln!("refused: {r}");
+                }
+                // Refused keys are a failure the caller must see (SSM records the status).
+                if report.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
