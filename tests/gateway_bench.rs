@@ -468,9 +468,18 @@ async fn gateway_benchmarks() {
         writeln!(report, "- {}: `{}`", build.name, build.bin.display()).unwrap();
     }
     report.push('\n');
-    latency(tb, &client, &ns.name, &work, &mut report).await;
-    placement(tb, &client, &ns.name, &work, &mut report).await;
-    memory(tb, &client, &ns.name, &work, &mut report).await;
+    // SDFLEET_BENCH_ONLY=latency (or placement, memory): one section, while working on it.
+    let only = std::env::var("SDFLEET_BENCH_ONLY").ok();
+    let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
+    if run("latency") {
+        latency(tb, &client, &ns.name, &work, &mut report).await;
+    }
+    if run("placement") {
+        placement(tb, &client, &ns.name, &work, &mut report).await;
+    }
+    if run("memory") {
+        memory(tb, &client, &ns.name, &work, &mut report).await;
+    }
     println!("{report}");
     if let Ok(out) = std::env::var("SDFLEET_BENCH_OUT") {
         std::fs::write(out, &report).unwrap();

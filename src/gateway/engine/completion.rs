@@ -24,13 +24,27 @@ pub(super) fn merge_outputs(
     }
 }
 
+/// Whether a finished job's outputs are all known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outputs {
+    /// Every `executed` event reached this gateway, or `/history` was just read.
+    Complete,
+    /// The socket dropped while the prompt ran: events may be missing, `/history` has them.
+    AskHistory,
+}
+
 impl Engine {
     /// Stores a finished prompt's outputs and ends the job `succeeded`. The outputs are
-    /// read from `/history`: the websocket may have missed some (ComfyUI drops events for
-    /// a client whose socket is down). Each upload is tried `OUTPUT_ATTEMPTS` times; a
-    /// pod that cannot be read any more gives the job back to the queue.
-    pub(super) async fn complete(&self, mut job: Job, client: &PodClient) {
-        match client.history(&job.id).await {
+    /// read from `/history` unless they are known to be complete: a websocket that was
+    /// down for part of the run missed some (ComfyUI drops events for a client whose
+    /// socket is down). Each upload is tried `OUTPUT_ATTEMPTS` times; a pod that cannot be
+    /// read any more gives the job back to the queue.
+    pub(super) async fn complete(&self, mut job: Job, client: &PodClient, outputs: Outputs) {
+        let history = match outputs {
+            Outputs::Complete => Ok(None),
+            Outputs::AskHistory => client.history(&job.id).await,
+        };
+        match history {
             Ok(Some(entry)) => merge_outputs(&mut job.outputs, entry.outputs),
             Ok(None) => {}
             Err(e) => {

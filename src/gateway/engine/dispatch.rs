@@ -1,7 +1,7 @@
 //! Handing out jobs: the pods discovery reports, the main loop (expiry, the run limit,
 //! lost pods, then placement of queued jobs on pods with a free slot) and the gauges.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,6 +77,8 @@ impl Engine {
                     overran: None,
                     checkpoint: None,
                     ran_any: false,
+                    socket: 0,
+                    prompted_on: HashMap::new(),
                     commands: tx,
                     task,
                 },

@@ -104,6 +104,11 @@ struct Pod {
     overran: Option<String>,
     checkpoint: Option<String>,
     ran_any: bool,
+    /// Which websocket connection is up (counts connects): the events of a prompt sent
+    /// while connection N was up all arrive on N, as long as N stays up.
+    socket: u64,
+    /// Jobs whose prompt went out while the socket (by its count) was up.
+    prompted_on: HashMap<String, u64>,
     commands: mpsc::UnboundedSender<PodCommand>,
     task: JoinHandle<()>,
 }
@@ -113,6 +118,15 @@ impl Pod {
     fn release(&mut self, id: &str) {
         self.assigned.retain(|j| j != id);
         self.handing_off.retain(|j| j != id);
+        self.prompted_on.remove(id);
+    }
+
+    /// Whether this socket carried every event of `id`'s prompt: it was up when the
+    /// prompt went out and has not dropped since. ComfyUI sends a client's events only
+    /// to its open socket (none are kept for later), and sends `executed` even for an
+    /// output node it served from its cache, so the socket's outputs are then complete.
+    fn heard_all_of(&self, id: &str) -> bool {
+        self.connected && self.prompted_on.get(id) == Some(&self.socket)
     }
 }
 

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::completion::merge_outputs;
+use super::completion::{Outputs, merge_outputs};
 use super::{Engine, Pod, PodCommand, State};
 use crate::gateway::comfy::{HistoryEntry, PodClient, PodError, PodEvent, QueueView};
 use crate::gateway::job::{InputFile, Job, JobError, JobState, Progress, now_millis};
@@ -189,6 +189,7 @@ pub(super) async fn send_job(
     if !engine.still_assigned(&job.id, &client.name) {
         return Ok(());
     }
+    engine.prompt_going_out(&client.name, &job.id);
     client
         .submit(&job.id, &prompt)
         .await
@@ -223,6 +224,16 @@ impl Engine {
         self.requeue_locked(&mut st, id, "hand-off failed");
     }
 
+    /// `id`'s prompt is about to be sent to `pod`: on which socket its events will come.
+    pub(super) fn prompt_going_out(&self, pod: &str, id: &str) {
+        if let Some(p) = self.lock().pods.get_mut(pod)
+            && p.connected
+        {
+            let socket = p.socket;
+            p.prompted_on.insert(id.to_string(), socket);
+        }
+    }
+
     /// Marks the start or end of a hand-off to `pod`.
     pub(super) fn handing_off(&self, pod: &str, id: &str, active: bool) {
         if let Some(p) = self.lock().pods.get_mut(pod) {
@@ -240,6 +251,7 @@ impl Engine {
         };
         p.connected = connected;
         if connected {
+            p.socket += 1;
             p.unreachable_since = None;
         } else {
             p.unreachable_since.get_or_insert_with(Instant::now);
@@ -329,6 +341,7 @@ impl Engine {
         }
         match event {
             PodEvent::Succeeded { .. } => {
+                let heard_all = st.pods.get(pod).is_some_and(|p| p.heard_all_of(&id));
                 if !self.release_slot(st, pod, &id) {
                     // A resync already saw it end and is storing its outputs.
                     return;
@@ -338,7 +351,12 @@ impl Engine {
                 };
                 let this = self.clone();
                 let client = client.clone();
-                tokio::spawn(async move { this.complete(job, &client).await });
+                let outputs = if heard_all {
+                    Outputs::Complete
+                } else {
+                    Outputs::AskHistory
+                };
+                tokio::spawn(async move { this.complete(job, &client, outputs).await });
                 return;
             }
             PodEvent::Failed { node, message, .. } => {
@@ -453,7 +471,8 @@ impl Engine {
             }
             let entry = client.history(id).await?;
             if let Some(job) = self.settle(&client.name, id, entry) {
-                self.complete(job, client).await;
+                // `settle` took its outputs from the `/history` entry just read.
+                self.complete(job, client, Outputs::Complete).await;
             }
         }
         // Prompts of this gateway's client that are no longer this pod's: stop them.
