@@ -384,9 +384,9 @@ async fn a_gateway_may_write_only_its_own_fleets_demand() {
     )
     .unwrap();
     let gw_cuds: Api<ComfyUIDeployment> = Api::namespaced(gw, &ns.name);
-    let params = PatchParams::apply(sdfleet::gateway::demand::FIELD_MANAGER).force();
+    let params = PatchParams::apply(sdfleet::gateway::fleet_status::FIELD_MANAGER).force();
     let demand = |name: &str| {
-        sdfleet::gateway::demand::demand_patch(
+        sdfleet::gateway::fleet_status::demand_patch(
             name,
             &sdfleet::gateway::demand::Demand {
                 queued: 3,

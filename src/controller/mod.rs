@@ -3,32 +3,24 @@
 //! `context` is what every reconcile shares, `resources` applies and prunes a fleet's
 //! children, `status` writes status, `error` is the error both return.
 
-pub mod cache;
-pub mod conditions;
-pub mod context;
-pub mod error;
-pub mod finalizer;
 pub mod fleet;
 pub mod modelset;
 pub mod preflight;
-pub mod resources;
-pub mod status;
+pub mod runtime;
 
 use std::sync::Arc;
 
-pub use context::{Context, Settings};
-pub use error::Error;
+pub use runtime::context::{Context, Settings};
+pub use runtime::error::Error;
 
 /// Runs both controllers until `shutdown` completes (SIGTERM, or leadership lost).
 pub async fn run(
     mut ctx: Context,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (watchers, triggers) = modelset::sqs::SqsWatchers::new();
-    ctx.sqs = Some(watchers);
     let mut watches = tokio::task::JoinSet::new();
     let settings = &ctx.settings;
-    let (caches, fleet_triggers) = cache::Caches::start(
+    let (caches, fleet_triggers) = runtime::cache::Caches::start(
         &ctx.client,
         (settings.namespace.as_deref(), &settings.cluster.agent),
         settings.cloud.provider(),
@@ -47,7 +39,7 @@ pub async fn run(
     };
     tokio::join!(
         fleet::run(ctx.clone(), fleet_triggers, stopped(stop_rx.clone())),
-        modelset::run(ctx.clone(), triggers, stopped(stop_rx)),
+        modelset::run(ctx.clone(), stopped(stop_rx)),
     );
     watches.abort_all();
     tracing::info!("controller stopped");

@@ -5,7 +5,7 @@
 use kube::core::ApiResource;
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use super::cache::Caches;
+use super::runtime::cache::Caches;
 use crate::crd::ComfyUIDeployment;
 use crate::render::storage::CSI_DRIVER;
 

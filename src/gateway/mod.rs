@@ -9,6 +9,7 @@ pub mod comfy;
 pub mod demand;
 pub mod discovery;
 pub mod engine;
+pub mod fleet_status;
 pub mod job;
 pub mod lifecycle;
 pub mod metrics;
@@ -268,7 +269,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     }
     if args.publish_demand {
         for fleet in &args.fleets {
-            tokio::spawn(demand::watch_fleet(
+            tokio::spawn(fleet_status::watch_fleet(
                 client.clone(),
                 args.namespace.clone(),
                 fleet.name.clone(),
@@ -276,7 +277,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             ));
         }
         let engine = engine.clone();
-        tokio::spawn(demand::publish(
+        tokio::spawn(fleet_status::publish(
             client.clone(),
             args.namespace.clone(),
             args.fleets.iter().map(|f| f.name.clone()).collect(),

@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::DynamicObject;
 
-use crate::controller::conditions::{CAPACITY_AVAILABLE, DesiredCondition, Reason};
+use crate::controller::runtime::conditions::{CAPACITY_AVAILABLE, DesiredCondition, Reason};
 use crate::crd::autoscaling::{
     AutoscalingSpec, AutoscalingStatus, ColdStart, DemandStatus, ScalingDecision,
 };

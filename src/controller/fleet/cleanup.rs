@@ -4,7 +4,7 @@
 use kube::ResourceExt;
 use kube::api::PropagationPolicy;
 
-use crate::controller::resources::{ApplyError, FleetResources};
+use crate::controller::runtime::resources::{ApplyError, FleetResources};
 use crate::render::ChildKind;
 
 /// The order of deletion: the workload first (its pods go before their volumes), then

@@ -26,15 +26,15 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{PredicateConfig, WatchStreamExt};
 
-use super::cache::{Caches, FleetTriggers, changes_only, watched_api};
-use super::conditions::Reason;
-use super::context::{
+use super::preflight;
+use super::runtime::cache::{Caches, FleetTriggers, changes_only, watched_api};
+use super::runtime::conditions::Reason;
+use super::runtime::context::{
     Context, error_policy, hash_metadata, matching, object_key, own_watch, ref_key,
 };
-use super::error::Error;
-use super::finalizer;
-use super::preflight;
-use super::resources::{Applied, ApplyError, FleetResources};
+use super::runtime::error::Error;
+use super::runtime::finalizer;
+use super::runtime::resources::{Applied, ApplyError, FleetResources};
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{ComfyUIDeployment, ModelSync};
 use crate::effective::{self, EffectiveFleet, Refusal};

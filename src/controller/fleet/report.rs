@@ -9,10 +9,12 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::status::FleetObservation;
-use crate::controller::conditions::{self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason};
-use crate::controller::context::Context;
-use crate::controller::error::Error;
-use crate::controller::status as status_writer;
+use crate::controller::runtime::conditions::{
+    self, DEGRADED, DesiredCondition, PROGRESSING, READY, Reason,
+};
+use crate::controller::runtime::context::Context;
+use crate::controller::runtime::error::Error;
+use crate::controller::runtime::status as status_writer;
 use crate::crd::ComfyUIDeployment;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::names::FleetNames;
@@ -86,12 +88,12 @@ pub async fn write_status(
         next.autoscaling = o.autoscaling.clone();
         if o.autoscaling.is_none() {
             next.conditions
-                .retain(|c| c.type_ != crate::controller::conditions::CAPACITY_AVAILABLE);
+                .retain(|c| c.type_ != crate::controller::runtime::conditions::CAPACITY_AVAILABLE);
         }
         if o.gateway.is_none() {
             // A removed gateway leaves no condition behind.
             next.conditions
-                .retain(|c| c.type_ != crate::controller::conditions::GATEWAY_READY);
+                .retain(|c| c.type_ != crate::controller::runtime::conditions::GATEWAY_READY);
         }
     }
     // Without autoscaling the gateway publishes no demand: a left-over copy goes.
@@ -197,8 +199,8 @@ pub fn publish(ctx: &Context, cud: &ComfyUIDeployment, type_: EventType, reason:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::conditions::MODELS_READY;
-    use crate::controller::context::StatusWrites;
+    use crate::controller::runtime::conditions::MODELS_READY;
+    use crate::controller::runtime::context::StatusWrites;
 
     fn status(ready: bool, message: &str) -> ComfyUIDeploymentStatus {
         let at = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);

@@ -5,7 +5,7 @@ use k8s_openapi::api::apps::v1::DeploymentStatus;
 use k8s_openapi::api::networking::v1::Ingress;
 use kube::api::DynamicObject;
 
-use crate::controller::conditions::{
+use crate::controller::runtime::conditions::{
     DEGRADED, DesiredCondition, GATEWAY_READY, MODELS_READY, NODEPOOL_READY, PROGRESSING, READY,
     Reason,
 };

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::cleanup::cleanup;
 use super::*;
-use crate::controller::context::Settings;
+use crate::controller::runtime::context::Settings;
 use crate::mock_apiserver::{self as mock, Seen};
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::{AgentSettings, ClusterSettings};

@@ -9,9 +9,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 
-use crate::controller::context::Context;
-use crate::controller::error::Error;
-use crate::controller::resources::{FIELD_MANAGER, delete_if_present};
+use crate::controller::runtime::context::Context;
+use crate::controller::runtime::error::Error;
+use crate::controller::runtime::resources::{FIELD_MANAGER, delete_if_present};
 use crate::crd::modelset::{CatalogRef, ModelSet};
 use crate::names::{CATALOG_OF_KEY, MANAGED_BY, MANAGED_BY_KEY};
 use crate::sync::catalog::Catalog;

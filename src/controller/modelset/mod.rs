@@ -17,13 +17,13 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use tokio::sync::mpsc;
+use sqs::SqsWatchers;
 
-use super::cache::watched_api;
-use super::conditions::{DesiredCondition, READY, Reason};
-use super::context::{Context, error_policy, hash_metadata, matching, own_watch, ref_key};
-use super::error::Error;
-use super::finalizer;
+use super::runtime::cache::watched_api;
+use super::runtime::conditions::{DesiredCondition, READY, Reason};
+use super::runtime::context::{Context, error_policy, hash_metadata, matching, own_watch, ref_key};
+use super::runtime::error::Error;
+use super::runtime::finalizer;
 use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{FleetClass, ModelSync};
 use crate::names::{MODELSET_LABEL, label_value};
@@ -39,12 +39,27 @@ const SSM_POLL: Duration = Duration::from_secs(5);
 pub const FINALIZER: &str = "sdfleet.io/stop-listener";
 type Guarded = DeserializeGuard<ModelSet>;
 
-/// Runs the ModelSet controller; `triggers` (from the SQS listeners) start reconciles.
+/// What a ModelSet reconcile shares: the controller's context, and the SQS listeners
+/// (only this reconciler has them).
+pub struct ModelSetContext {
+    pub base: Arc<Context>,
+    pub sqs: SqsWatchers,
+}
+
+impl std::ops::Deref for ModelSetContext {
+    type Target = Context;
+    fn deref(&self) -> &Context {
+        &self.base
+    }
+}
+
+/// Runs the ModelSet controller; its SQS listeners' messages start reconciles.
 pub async fn run(
-    ctx: Arc<Context>,
-    mut triggers: mpsc::UnboundedReceiver<ObjectRef<Guarded>>,
+    base: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let (sqs, mut triggers) = SqsWatchers::new();
+    let ctx = Arc::new(ModelSetContext { base, sqs });
     let api: Api<Guarded> = watched_api(&ctx.client, ctx.settings.namespace.as_deref());
     let metrics = ctx.metrics.clone();
     let triggers = futures::stream::poll_fn(move |cx| triggers.poll_recv(cx)).inspect(
@@ -133,7 +148,7 @@ fn spec_changes(ms: &Guarded) -> Option<u64> {
     Some(h.finish())
 }
 
-pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<ModelSetContext>) -> Result<Action, Error> {
     ctx.timed(MODELSET, &obj, async {
         match &obj.0 {
             Ok(ms) => reconcile_modelset(ms, &ctx).await,
@@ -154,7 +169,7 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     .await
 }
 
-async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Action, Error> {
     ctx.caches()?.ready().await?;
     let key = format!("{}/{}", ms.namespace().unwrap_or_default(), ms.name_any());
     let me = ObjectRef::<Guarded>::new(&ms.name_any()).within(&ms.namespace().unwrap_or_default());
@@ -162,9 +177,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     if ms.metadata.deletion_timestamp.is_some() {
         // Stop the SQS listener before the object goes; the finalizer guarantees this
         // runs even when the deletion happens while the controller is down.
-        if let Some(w) = &ctx.sqs {
-            w.ensure(&key, None, me, String::new(), None);
-        }
+        ctx.sqs.ensure(&key, None, me, String::new(), None);
         // Its nodes' reports go with it (their owner, the Node, may well stay).
         let reports: Api<ModelSync> =
             Api::namespaced(ctx.client.clone(), &ms.namespace().unwrap_or_default());
@@ -188,9 +201,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     // The class decides which bucket, endpoint and queue may be used: nothing is listed,
     // signed or listened to before it allows them.
     if let Err((reason, message)) = within_class(ms, ctx).await? {
-        if let Some(w) = &ctx.sqs {
-            w.ensure(&key, None, me, String::new(), None);
-        }
+        ctx.sqs.ensure(&key, None, me, String::new(), None);
         let refused = [DesiredCondition::new(READY, false, reason, &message)];
         write_status(ctx, ms, None, &refused, None).await?;
         return match reason {
@@ -210,14 +221,14 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
     let live = reports.as_deref();
     let default_region = ctx.settings.cluster.region.as_deref();
     let location = BucketLocation::of(&ms.spec.source.s3, default_region);
-    if let Some(w) = &ctx.sqs {
+    {
         let url = ms
             .spec
             .sync
             .sqs_queue_url
             .as_deref()
             .filter(|u| !u.is_empty());
-        w.ensure(
+        ctx.sqs.ensure(
             &key,
             url,
             me,
@@ -283,7 +294,8 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &Context) -> Result<Action, Erro
             ctx.settings.cluster.cluster_name.as_deref(),
             location.region.as_deref(),
         )
-        .await?;
+        .await
+        .map_err(|e| Error::Ssm(e.to_string()))?;
         if in_flight {
             return Ok(Action::requeue(SSM_POLL.min(poll)));
         }

@@ -7,10 +7,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::Value;
 
 use super::catalog_maps::MODELS_IN_STATUS;
-use crate::controller::conditions::{self, DesiredCondition, Reason};
-use crate::controller::context::Context;
-use crate::controller::error::Error;
-use crate::controller::status as status_writer;
+use crate::controller::runtime::conditions::{self, DesiredCondition, Reason};
+use crate::controller::runtime::context::Context;
+use crate::controller::runtime::error::Error;
+use crate::controller::runtime::status as status_writer;
 use crate::crd::modelset::{CatalogRef, ModelEntry, ModelSet, ModelSetStatus, NodeSync};
 use crate::sync::catalog::{Catalog, model_type};
 

@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn the_readme_lists_every_reason() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let missing: Vec<_> = Reason::ALL
             .iter()
             .map(|r| r.as_str())

@@ -1,7 +1,6 @@
-//! The one error type of both reconcilers. Each variant has a reason: the metric label
+//! The one error type of both reconcilers (it names none of them). Each variant has a reason: the metric label
 //! of `sdfleet_reconcile_errors_total` and, where it reaches status, the condition reason.
 
-use super::modelset::ssm::SsmError;
 use super::resources::ApplyError;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +18,7 @@ pub enum Error {
     #[error("writing the catalog: {0}")]
     Catalog(String),
     #[error("SSM sync: {0}")]
-    Ssm(#[from] SsmError),
+    Ssm(String),
     #[error("{0}")]
     CacheNotReady(#[from] super::cache::NotListed),
 }

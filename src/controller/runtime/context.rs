@@ -13,7 +13,6 @@ use kube::{Client, Resource};
 
 use super::cache::{Caches, NotListed};
 use super::error::Error;
-use super::modelset::sqs::SqsWatchers;
 use crate::crd::FleetClass;
 use crate::crd::comfyui::ComfyUIDeploymentStatus;
 use crate::policy::{self, ClassError};
@@ -90,8 +89,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Events waiting for the publisher task (see `publish`).
     events: Option<tokio::sync::mpsc::Sender<(ObjectReference, Event)>>,
-    /// SQS listeners of ModelSets (None in contexts that run no ModelSet controller).
-    pub sqs: Option<SqsWatchers>,
     /// The watch caches the reconciles read (None until the controllers start).
     pub caches: Option<Caches>,
     /// Consecutive failures per object, for exponential backoff.
@@ -194,7 +191,6 @@ impl Context {
             client,
             settings,
             metrics,
-            sqs: None,
             caches: None,
             failures: Mutex::new(HashMap::new()),
             polls: Mutex::new(HashMap::new()),
