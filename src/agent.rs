@@ -30,8 +30,8 @@ use crate::names::{
     label_value, models_dir,
 };
 use crate::policy;
-use crate::sync::catalog::Filter;
-use crate::sync::store::{BucketLocation, S3Store};
+use crate::storage;
+use crate::sync::catalog::{self, Filter};
 use crate::sync::{self, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -330,8 +330,8 @@ impl Agent {
         let spec = &ms.spec;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let location = BucketLocation::of(&spec.source.s3, self.region.as_deref());
-            let (store, catalog) = S3Store::open_catalog(&location, &filter)
+            let store = storage::open(&spec.source, self.region.as_deref()).await;
+            let catalog = catalog::list(&store, &filter)
                 .await
                 .map_err(|e| e.to_string())?;
             tokio::fs::create_dir_all(&dest)

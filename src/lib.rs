@@ -18,6 +18,7 @@ pub mod mock_apiserver;
 pub mod names;
 pub mod policy;
 pub mod render;
+pub mod storage;
 pub mod sync;
 pub mod telemetry;
 pub mod watch;

@@ -19,6 +19,8 @@ const LAYERS: &[&[&str]] = &[
     ],
     // The API types: the schema users apply, and nothing of how it is carried out.
     &["crd"],
+    // Where models come from: one trait, a backend per source.
+    &["storage"],
     &["sync"],
     &["render"],
     // What a FleetClass allows: the controller decides with it, and each node agent
@@ -285,6 +287,11 @@ const NARROW: &[(&str, &[&str], &str)] = &[(
 
 /// Modules kept apart inside a layer: (modules, what none of them may import, why).
 const APART: &[(&[&str], &[&str], &str)] = &[
+    (
+        &["sync"],
+        &["storage::s3"],
+        "the sync engine reads every backend through the ObjectStore trait",
+    ),
     (
         &["controller::runtime"],
         &[

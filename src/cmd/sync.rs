@@ -45,7 +45,8 @@ pub struct SyncArgs {
 
 /// Syncs once and prints what it did.
 pub fn run(args: SyncArgs) -> ExitCode {
-    use crate::sync::{self, SyncOptions, catalog::Filter, store::BucketLocation, store::S3Store};
+    use crate::storage::s3::{BucketLocation, S3Store};
+    use crate::sync::{self, SyncOptions, catalog::Filter};
     crate::telemetry::init_logging(false);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -79,8 +80,9 @@ pub fn run(args: SyncArgs) -> ExitCode {
             .map(|_| std::sync::Arc::new(sync::timeline::Timeline::new()));
         let sampler = timeline.as_ref().map(|t| t.sampler());
         let listing = sync::timeline::span(timeline.as_deref(), sync::timeline::Phase::List);
-        let (store, catalog) = match S3Store::open_catalog(&location, &filter).await {
-            Ok(opened) => opened,
+        let store = S3Store::connect(&location).await;
+        let catalog = match sync::catalog::list(&store, &filter).await {
+            Ok(catalog) => catalog,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::sync::store::BucketLocation;
+use crate::storage::s3::BucketLocation;
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayArgs {

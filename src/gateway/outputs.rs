@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_sdk_s3::presigning::PresigningConfig;
 use bytes::Bytes;
 
-use crate::sync::store::{BucketLocation, S3Store};
+use crate::storage::s3::{BucketLocation, S3Store};
 
 use super::job::Output;
 

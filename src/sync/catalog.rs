@@ -4,18 +4,21 @@
 use std::collections::BTreeMap;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// One object, with its key relative to the prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Object {
-    pub key: String,
-    pub size: u64,
-    pub etag: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_modified: Option<String>,
+pub use crate::storage::Object;
+use crate::storage::{ObjectStore, StoreError};
+
+/// Lists `store` into a catalog of what `filter` accepts: the one listing pipeline of
+/// the controller, the node agent and `sdfleet sync`.
+pub async fn list<S: ObjectStore>(store: &S, filter: &Filter) -> Result<Catalog, StoreError> {
+    let objects = store.list().await?;
+    Ok(Catalog::new(
+        objects
+            .into_iter()
+            .filter(|o| filter.accepts(&o.key))
+            .collect(),
+    ))
 }
 
 /// An object for unit tests.

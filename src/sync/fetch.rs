@@ -11,9 +11,9 @@ use tokio::sync::Semaphore;
 
 use super::catalog::Object;
 use super::direct::{StreamWriter, TempFile};
-use super::store::{self, BodyCheck, ObjectStore};
 use super::timeline::{Phase, span};
 use super::{SyncError, SyncOptions, io, paths, resume};
+use crate::storage::{self as store, BodyCheck, ObjectStore};
 
 /// The temporary file of `key`, unique per key and never at a final path.
 pub(super) fn temp_path(tmp: &Path, key: &str) -> PathBuf {
@@ -208,8 +208,8 @@ fn is_md5_etag(etag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{Body, StoreError};
     use crate::sync::catalog::obj;
-    use crate::sync::store::{Body, StoreError};
     use bytes::Bytes;
     use std::sync::Mutex;
 

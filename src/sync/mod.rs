@@ -16,7 +16,6 @@ pub mod models_dir;
 pub mod paths;
 pub mod plan;
 mod resume;
-pub mod store;
 pub mod timeline;
 mod writeback;
 
@@ -28,11 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::TryStreamExt;
 use tokio::sync::{Mutex, Semaphore};
 
+use crate::storage::{ObjectStore, StoreError};
 use catalog::{Catalog, Object};
 use fetch::{fetch, temp_path};
 use paths::{STATE_DIR, UnsafeKey};
 use plan::{Manifest, ManifestEntry, Plan};
-use store::{ObjectStore, StoreError};
 use timeline::{Phase, Timeline, span};
 
 /// True when `dest` holds the manifest of a finished sync (files removed by hand since

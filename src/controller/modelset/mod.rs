@@ -28,8 +28,8 @@ use crate::crd::modelset::{ModelSet, SyncMethod};
 use crate::crd::{FleetClass, ModelSync};
 use crate::names::{MODELSET_LABEL, label_value};
 use crate::policy::{self, ModelSetRefusal};
-use crate::sync::catalog::Filter;
-use crate::sync::store::{BucketLocation, S3Store};
+use crate::storage::{self, s3::BucketLocation};
+use crate::sync::catalog::{self, Filter};
 use crate::telemetry::ControllerName;
 use status::{KIND, write_raw_status, write_status};
 
@@ -250,8 +250,9 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
             return Ok(Action::await_change());
         }
     };
-    let catalog = match S3Store::open_catalog(&location, &filter).await {
-        Ok((_, catalog)) => catalog,
+    let store = storage::open(&ms.spec.source, default_region).await;
+    let catalog = match catalog::list(&store, &filter).await {
+        Ok(catalog) => catalog,
         Err(e) => {
             let message = e.to_string();
             let failed = [DesiredCondition::new(

@@ -1,51 +1,9 @@
-//! Object storage behind a small trait: list a prefix, read (a range of) an object.
-//! `S3Store` is the AWS SDK implementation; it also serves S3-compatible endpoints.
+//! Models in S3 (or an S3-compatible store): `S3Store` is the AWS SDK implementation of
+//! [`ObjectStore`]; the gateway's outputs use its client to write.
 
-use std::future::Future;
-
-use bytes::Bytes;
-use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
-use super::catalog::{Catalog, Filter, Object};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("listing s3://{bucket}/{prefix}: {message}")]
-    List {
-        bucket: String,
-        prefix: String,
-        message: String,
-    },
-    #[error("reading s3://{bucket}/{key}: {message}")]
-    Get {
-        bucket: String,
-        key: String,
-        message: String,
-    },
-}
-
-pub type ByteChunks = BoxStream<'static, Result<Bytes, StoreError>>;
-
-/// An object's bytes as they arrive, and how they are verified.
-pub struct Body {
-    pub chunks: ByteChunks,
-    pub check: BodyCheck,
-}
-
-/// What proves a whole object's bytes are S3's, besides its size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BodyCheck {
-    /// S3 sent a full-object checksum (CRC64NVME, CRC32C, CRC32, SHA-1 or SHA-256) and
-    /// the client checks the bytes against it as they stream: a mismatch is an error at
-    /// the end of the body. Cheaper than an MD5 (a third of a small-file sync's CPU).
-    Checksum,
-    /// The ETag is the MD5 of the bytes, when it looks like one (a multipart upload's
-    /// has a '-').
-    EtagMd5,
-    /// SSE-KMS and SSE-C objects: their ETag is 32 hex characters, not the MD5.
-    SizeOnly,
-}
+use super::{Body, BodyCheck, Object, ObjectStore, StoreError};
 
 /// An error and its chain of causes, as one line.
 fn with_causes(e: &dyn std::error::Error) -> String {
@@ -68,19 +26,6 @@ fn sdk_verifies(checksums_in_priority_order: &[Option<&str>]) -> bool {
         .flatten()
         .next()
         .is_some_and(|c| !c.contains('-'))
-}
-
-pub trait ObjectStore: Send + Sync {
-    /// Every object under the prefix, keys relative to it.
-    fn list(&self) -> impl Future<Output = Result<Vec<Object>, StoreError>> + Send;
-    /// The object's bytes, or bytes `start..=end` of it, only while its ETag is still
-    /// `etag` (empty: any version): a file is never stitched from two versions.
-    fn get(
-        &self,
-        key: &str,
-        range: Option<(u64, u64)>,
-        etag: &str,
-    ) -> impl Future<Output = Result<Body, StoreError>> + Send;
 }
 
 /// Where a bucket's objects are: what `S3Store::connect` needs.
@@ -142,30 +87,12 @@ impl S3Store {
             prefix: folder(&location.prefix),
         }
     }
-
-    /// Connects and lists the location into a catalog of what `filter` accepts: the one
-    /// listing pipeline of the controller, the node agent and `sdfleet sync`.
-    pub async fn open_catalog(
-        location: &BucketLocation,
-        filter: &Filter,
-    ) -> Result<(S3Store, Catalog), StoreError> {
-        let store = S3Store::connect(location).await;
-        let objects = store.list().await?;
-        let catalog = Catalog::new(
-            objects
-                .into_iter()
-                .filter(|o| filter.accepts(&o.key))
-                .collect(),
-        );
-        Ok((store, catalog))
-    }
 }
 
 impl ObjectStore for S3Store {
     async fn list(&self) -> Result<Vec<Object>, StoreError> {
         let err = |e: String| StoreError::List {
-            bucket: self.bucket.clone(),
-            prefix: self.prefix.clone(),
+            location: format!("s3://{}/{}", self.bucket, self.prefix),
             message: e,
         };
         let mut pages = self
@@ -211,14 +138,13 @@ impl ObjectStore for S3Store {
         if !etag.is_empty() {
             req = req.if_match(format!("\"{etag}\""));
         }
-        let (bucket, k) = (self.bucket.clone(), full.clone());
+        let object = format!("s3://{}/{full}", self.bucket);
         let out = req.send().await.map_err(|e| {
             let changed = e
                 .raw_response()
                 .is_some_and(|r| r.status().as_u16() == 412);
             StoreError::Get {
-                bucket: bucket.clone(),
-                key: k.clone(),
+                object: object.clone(),
                 message: if changed {
                     format!("the object changed during the sync (no longer ETag {etag}); it is fetched again next sync")
                 } else {
@@ -256,8 +182,7 @@ impl ObjectStore for S3Store {
             }
         })
         .map_err(move |message| StoreError::Get {
-            bucket: bucket.clone(),
-            key: k.clone(),
+            object: object.clone(),
             message,
         });
         Ok(Body {

@@ -1,0 +1,101 @@
+//! Where models come from, behind one small trait: list what is there, read (a range
+//! of) one object. The sync engine, the node agent, `sdfleet sync` and the ModelSet
+//! controller's catalog use only [`ObjectStore`]; [`open`] picks the backend a
+//! ModelSet's source names (`s3` today).
+
+pub mod s3;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::crd::modelset::ModelSource;
+
+/// One object, with its key relative to the store's root (a bucket's prefix).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Object {
+    pub key: String,
+    pub size: u64,
+    /// What pins one version: S3's ETag.
+    pub etag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+}
+
+/// A store that cannot be read, naming where (`s3://bucket/prefix`, a manifest's URL).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("listing {location}: {message}")]
+    List { location: String, message: String },
+    #[error("reading {object}: {message}")]
+    Get { object: String, message: String },
+}
+
+pub type ByteChunks = BoxStream<'static, Result<Bytes, StoreError>>;
+
+/// An object's bytes as they arrive, and how they are verified.
+pub struct Body {
+    pub chunks: ByteChunks,
+    pub check: BodyCheck,
+}
+
+/// What proves a whole object's bytes are S3's, besides its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyCheck {
+    /// S3 sent a full-object checksum (CRC64NVME, CRC32C, CRC32, SHA-1 or SHA-256) and
+    /// the client checks the bytes against it as they stream: a mismatch is an error at
+    /// the end of the body. Cheaper than an MD5 (a third of a small-file sync's CPU).
+    Checksum,
+    /// The ETag is the MD5 of the bytes, when it looks like one (a multipart upload's
+    /// has a '-').
+    EtagMd5,
+    /// SSE-KMS and SSE-C objects: their ETag is 32 hex characters, not the MD5.
+    SizeOnly,
+}
+
+pub trait ObjectStore: Send + Sync {
+    /// Every object under the prefix, keys relative to it.
+    fn list(&self) -> impl Future<Output = Result<Vec<Object>, StoreError>> + Send;
+    /// The object's bytes, or bytes `start..=end` of it, only while its ETag is still
+    /// `etag` (empty: any version): a file is never stitched from two versions.
+    fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        etag: &str,
+    ) -> impl Future<Output = Result<Body, StoreError>> + Send;
+}
+
+/// The store a ModelSet's source names, ready to list and read.
+pub enum Store {
+    S3(s3::S3Store),
+}
+
+/// Connects to the store `source` names; buckets are in `default_region` unless the
+/// source names one.
+pub async fn open(source: &ModelSource, default_region: Option<&str>) -> Store {
+    let location = s3::BucketLocation::of(&source.s3, default_region);
+    Store::S3(s3::S3Store::connect(&location).await)
+}
+
+impl ObjectStore for Store {
+    async fn list(&self) -> Result<Vec<Object>, StoreError> {
+        match self {
+            Store::S3(s) => s.list().await,
+        }
+    }
+
+    async fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+        etag: &str,
+    ) -> Result<Body, StoreError> {
+        match self {
+            Store::S3(s) => s.get(key, range, etag).await,
+        }
+    }
+}
