@@ -330,7 +330,9 @@ impl Agent {
         let spec = &ms.spec;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let store = storage::open(&spec.source, self.region.as_deref()).await;
+            let store = storage::open(&spec.source, self.region.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
             let catalog = catalog::list(&store, &filter)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -584,14 +584,23 @@ pub fn check_modelset(
         class: class_name,
         namespace,
     };
-    let s3 = &spec.source.s3;
-    check.location(&class.s3, "spec.source.s3", &s3.bucket, &s3.prefix)?;
-    if let Some(endpoint) = s3.endpoint.as_deref().filter(|e| !e.is_empty()) {
+    if let Some(s3) = &spec.source.s3 {
+        check.location(&class.s3, "spec.source.s3", &s3.bucket, &s3.prefix)?;
+        if let Some(endpoint) = s3.endpoint.as_deref().filter(|e| !e.is_empty()) {
+            check.url(
+                &class.s3.allowed_endpoints,
+                "spec.source.s3.endpoint",
+                endpoint,
+                "endpoints",
+            )?;
+        }
+    }
+    for (i, file) in spec.source.urls.iter().flatten().enumerate() {
         check.url(
-            &class.s3.allowed_endpoints,
-            "spec.source.s3.endpoint",
-            endpoint,
-            "endpoints",
+            &class.models.allowed_urls,
+            &format!("spec.source.urls[{i}].url"),
+            &file.url,
+            "model URLs",
         )?;
     }
     if let Some(queue) = spec.sync.sqs_queue_url.as_deref().filter(|q| !q.is_empty()) {
@@ -706,6 +715,40 @@ mod tests {
         assert_eq!(
             (v.field.as_str(), v.value.as_str()),
             ("spec.ingress.scheme", "internet-facing")
+        );
+    }
+
+    #[test]
+    fn files_by_url_need_the_class_to_allow_each_url() {
+        let mut c = class(json!({}), "gpu");
+        let ms = |urls: &[&str]| -> ModelSetSpec {
+            let files: Vec<serde_json::Value> = urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| json!({"path": format!("checkpoints/{i}"), "url": u, "sha256": "0".repeat(64), "size": 1}))
+                .collect();
+            serde_json::from_value(json!({"source": {"urls": files}})).unwrap()
+        };
+        let hub = "https://huggingface.co/stabilityai/sdxl/resolve/main/sd_xl_base_1.0.safetensors";
+        // A class that names no URL allows none.
+        let none = check_modelset(&ms(&[hub]), "gpu", &c.spec, "team-a").unwrap_err();
+        assert_eq!(none.field, "spec.source.urls[0].url");
+        c.spec.models.allowed_urls =
+            vec!["https://huggingface.co/stabilityai/*/resolve/main/*".into()];
+        check_modelset(&ms(&[hub]), "gpu", &c.spec, "team-a").unwrap();
+        let other = check_modelset(
+            &ms(&[hub, "https://attacker.example/sd_xl_base_1.0.safetensors"]),
+            "gpu",
+            &c.spec,
+            "team-a",
+        )
+        .unwrap_err();
+        assert_eq!(
+            (other.field.as_str(), other.value.as_str()),
+            (
+                "spec.source.urls[1].url",
+                "https://attacker.example/sd_xl_base_1.0.safetensors"
+            )
         );
     }
 

@@ -25,6 +25,21 @@ use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crd
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Serves `body` at `/name` on 127.0.0.1 (a web server as a model hub is one); its port.
+async fn serve_file(name: &'static str, body: Vec<u8>) -> u16 {
+    let app = axum::Router::new().route(
+        &format!("/{name}"),
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
 fn has_taint(node: &Node) -> bool {
     node.spec
         .as_ref()
@@ -345,6 +360,65 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
             .iter()
             .find(|c| c.type_ == "ModelsReady" && c.status == "False" && c.reason == "SyncFailed")
             .map(|_| ())
+    })
+    .await;
+
+    // The same ModelSet from files by URL (a web server on this machine), once the class
+    // allows their URLs: the controller lists the list, and the agent fetches each file
+    // through the same store trait, checks its SHA-256, and removes what the bucket gave.
+    let by_url = b"weights served over http".to_vec();
+    let port = serve_file("model", by_url.clone()).await;
+    classes
+        .patch(
+            &class,
+            &PatchParams::apply("test-user"),
+            &Patch::Merge(json!({"spec": {"models": {"allowedURLs": [format!("http://127.0.0.1:{port}/*")]}}})),
+        )
+        .await
+        .unwrap();
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&by_url));
+    sets.patch(
+        "sdxl-models",
+        &PatchParams::apply("test-user"),
+        &Patch::Merge(json!({"spec": {"source": {"s3": null, "urls": [{
+            "path": "checkpoints/by-url.safetensors", "url": format!("http://127.0.0.1:{port}/model"),
+            "sha256": sha256, "size": by_url.len()}]}}})),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the agent to report Synced at the list's revision",
+        WAIT,
+        || async {
+            let status = sets.get("sdxl-models").await.ok()?.status?;
+            let mine = reports.get(&report_name).await.ok()?.spec.report;
+            (status.object_count == 1
+                && mine.state == NodeSyncState::Synced
+                && mine.revision == status.revision)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(dir.join("checkpoints/by-url.safetensors")).unwrap(),
+        by_url
+    );
+    assert!(
+        !dir.join("checkpoints/sdxl.safetensors").exists(),
+        "the bucket's model stayed after the source changed"
+    );
+    // Back to the bucket for the rest.
+    sets.patch(
+        "sdxl-models",
+        &PatchParams::apply("test-user"),
+        &Patch::Merge(json!({"spec": {"source": {"urls": null, "s3": {"bucket": bucket, "region": "us-west-2"}}}})),
+    )
+    .await
+    .unwrap();
+    // Admitted and synced again (the clash with it) before the controller stops.
+    eventually("the bucket's models back on the node", WAIT, || async {
+        let mine = reports.get(&report_name).await.ok()?.spec.report;
+        (mine.state == NodeSyncState::Failed && mine.message.contains("loras/clash")).then_some(())
     })
     .await;
 

@@ -261,3 +261,91 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A ModelSet's source is one bucket or one list of files by URL, and each file names
+/// its SHA-256 and a path inside the models directory: anything else is refused at
+/// apply, naming what is wrong.
+#[tokio::test]
+async fn bad_modelset_sources_are_rejected_at_apply() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "ms-validation").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client,
+        &ns.name,
+        &kube::core::ApiResource::erase::<sdfleet::crd::ModelSet>(&()),
+    );
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("sdfleet-test").force()
+    };
+    let file = json!({"path": "checkpoints/a.safetensors", "url": "https://models.example.com/a",
+                      "sha256": "a".repeat(64), "size": 10});
+    let with_spec = |spec: Value| {
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet",
+               "metadata": {"name": "models"}, "spec": spec})
+    };
+    api.patch(
+        "models",
+        &dry,
+        &Patch::Apply(&with_spec(json!({"source": {"urls": [file]}}))),
+    )
+    .await
+    .expect("a list of files by URL is accepted");
+    let with_file = |key: &str, value: Value| {
+        let mut f = file.clone();
+        f[key] = value;
+        with_spec(json!({"source": {"urls": [f]}}))
+    };
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "a bucket and files",
+            with_spec(json!({"source": {"s3": {"bucket": "models"}, "urls": [file]}})),
+            "exactly one of source.s3 and source.urls",
+        ),
+        (
+            "no source",
+            with_spec(json!({"source": {}})),
+            "exactly one of source.s3 and source.urls",
+        ),
+        (
+            "SSM without a bucket",
+            with_spec(json!({"source": {"urls": [file]}, "sync": {"method": "SSM"}})),
+            "sync.method SSM needs source.s3",
+        ),
+        (
+            "a queue without a bucket",
+            with_spec(
+                json!({"source": {"urls": [file]}, "sync": {"sqsQueueUrl": "https://sqs.us-west-2.amazonaws.com/1/q"}}),
+            ),
+            "sync.sqsQueueUrl needs source.s3",
+        ),
+        (
+            "a SHA-256 that is not one",
+            with_file("sha256", json!("abc")),
+            "spec.source.urls[0].sha256",
+        ),
+        (
+            "a path that climbs out",
+            with_file("path", json!("../../etc/cron.d/x")),
+            "path must not start with '/' or contain '..'",
+        ),
+        (
+            "not a URL",
+            with_file("url", json!("file:///etc/passwd")),
+            "spec.source.urls[0].url",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, object, expect) in &cases {
+        match api.patch("models", &dry, &Patch::Apply(object)).await {
+            Ok(_) => failures.push(format!("{what}: accepted")),
+            Err(e) if !e.to_string().contains(expect) => {
+                failures.push(format!("{what}: message lacks {expect:?}: {e}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -1,12 +1,17 @@
-//! `sdfleet sync`: one sync of an S3 prefix into a directory.
+//! `sdfleet sync`: one sync of an S3 prefix, or of a list of files by URL, into a
+//! directory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct SyncArgs {
+    #[arg(long, required_unless_present = "urls", conflicts_with = "urls")]
+    bucket: Option<String>,
+    /// A YAML (or JSON) list of files by URL instead of a bucket: `path`, `url`,
+    /// `sha256` and `size` each, as a ModelSet's `source.urls`.
     #[arg(long)]
-    bucket: String,
+    urls: Option<PathBuf>,
     #[arg(long, default_value = "")]
     prefix: String,
     #[arg(long, env = "AWS_REGION")]
@@ -45,7 +50,8 @@ pub struct SyncArgs {
 
 /// Syncs once and prints what it did.
 pub fn run(args: SyncArgs) -> ExitCode {
-    use crate::storage::s3::{BucketLocation, S3Store};
+    use crate::crd::modelset::{ModelSource, S3Source, UrlFile};
+    use crate::storage;
     use crate::sync::{self, SyncOptions, catalog::Filter};
     crate::telemetry::init_logging(false);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -68,11 +74,33 @@ pub fn run(args: SyncArgs) -> ExitCode {
             eprintln!("error: {}: {e}", args.dest.display());
             return ExitCode::FAILURE;
         }
-        let location = BucketLocation {
-            bucket: args.bucket,
-            prefix: args.prefix,
-            region: args.region.filter(|r| !r.is_empty()),
-            endpoint: args.endpoint.filter(|e| !e.is_empty()),
+        let source = match (&args.urls, args.bucket) {
+            (Some(path), _) => {
+                let files = std::fs::read_to_string(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        serde_saphyr::from_str::<Vec<UrlFile>>(&text).map_err(|e| e.to_string())
+                    });
+                match files {
+                    Ok(files) => ModelSource {
+                        s3: None,
+                        urls: Some(files),
+                    },
+                    Err(e) => {
+                        eprintln!("error: {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            (None, bucket) => ModelSource {
+                s3: Some(S3Source {
+                    bucket: bucket.unwrap_or_default(),
+                    prefix: args.prefix,
+                    region: args.region.filter(|r| !r.is_empty()),
+                    endpoint: args.endpoint.filter(|e| !e.is_empty()),
+                }),
+                urls: None,
+            },
         };
         let timeline = args
             .timeline
@@ -80,9 +108,14 @@ pub fn run(args: SyncArgs) -> ExitCode {
             .map(|_| std::sync::Arc::new(sync::timeline::Timeline::new()));
         let sampler = timeline.as_ref().map(|t| t.sampler());
         let listing = sync::timeline::span(timeline.as_deref(), sync::timeline::Phase::List);
-        let store = S3Store::connect(&location).await;
-        let catalog = match sync::catalog::list(&store, &filter).await {
-            Ok(catalog) => catalog,
+        let listed = match storage::open(&source, None).await {
+            Ok(store) => sync::catalog::list(&store, &filter)
+                .await
+                .map(|catalog| (store, catalog)),
+            Err(e) => Err(e),
+        };
+        let (store, catalog) = match listed {
+            Ok(opened) => opened,
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::FAILURE;

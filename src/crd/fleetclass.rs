@@ -46,6 +46,9 @@ pub struct FleetClassSpec {
     /// The S3 buckets, endpoints and SQS queues fleets and ModelSets may use.
     #[serde(default)]
     pub s3: S3Policy,
+    /// Where ModelSets may read models by URL.
+    #[serde(default)]
+    pub models: ModelsPolicy,
     /// How a fleet may be exposed.
     #[serde(default)]
     pub ingress: IngressPolicy,
@@ -93,6 +96,18 @@ pub struct S3Policy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub allowed_queues: Vec<String>,
+}
+
+/// Where ModelSets may read models by URL (`source.urls`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelsPolicy {
+    /// URL globs a file of `source.urls` must match, as in `s3`'s lists
+    /// (`https://huggingface.co/stabilityai/*/resolve/main/*`); empty: none. Link-local
+    /// addresses (the instance metadata service) are refused whatever this says.
+    #[serde(default, rename = "allowedURLs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub allowed_urls: Vec<String>,
 }
 
 /// How fleets of this class may be exposed.

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.sync.method != 'SSM' || has(self.source.s3)").message("sync.method SSM needs source.s3 (the SSM command runs `sdfleet sync` against a bucket)"))]
+#[x_kube(validation = Rule::new("!has(self.sync.sqsQueueUrl) || self.sync.sqsQueueUrl == '' || has(self.source.s3)").message("sync.sqsQueueUrl needs source.s3 (S3 sends the events)"))]
 pub struct ModelSetSpec {
     /// Where the models are.
     pub source: ModelSource,
@@ -49,10 +51,38 @@ pub struct ModelSetSpec {
     pub class_name: Option<String>,
 }
 
-/// The source of the models.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The source of the models: a bucket, or files by URL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.s3) != has(self.urls)").message("exactly one of source.s3 and source.urls"))]
 pub struct ModelSource {
-    pub s3: S3Source,
+    /// A bucket (and prefix) in S3 or an S3-compatible store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Source>,
+    /// Files by HTTP(S) URL (a model hub, a web server), each with its SHA-256 and
+    /// size: what a node writes is checked against them. The FleetClass must allow the
+    /// URLs (`models.allowedURLs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1000))]
+    pub urls: Option<Vec<UrlFile>>,
+}
+
+/// One model file fetched by URL.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UrlFile {
+    /// Where it goes in the models directory, ComfyUI's layout:
+    /// `checkpoints/sd_xl_base_1.0.safetensors`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && !self.contains('..')").message("path must not start with '/' or contain '..'"))]
+    pub path: String,
+    /// Where it is read from.
+    #[schemars(regex(pattern = r"^https?://[^\s]+$"), length(max = 2048))]
+    pub url: String,
+    /// Its SHA-256, in lowercase hex.
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// A bucket (and prefix) in S3 or an S3-compatible store.

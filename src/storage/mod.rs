@@ -4,6 +4,7 @@
 //! ModelSet's source names (`s3` today).
 
 pub mod s3;
+pub mod urls;
 
 use std::future::Future;
 
@@ -67,24 +68,52 @@ pub trait ObjectStore: Send + Sync {
         range: Option<(u64, u64)>,
         etag: &str,
     ) -> impl Future<Output = Result<Body, StoreError>> + Send;
+    /// Whether an object's ETag is the SHA-256 of its bytes (a list of files by URL):
+    /// the sync engine then hashes what it wrote, however it was read, before the file
+    /// goes into place.
+    fn etag_is_sha256(&self) -> bool {
+        false
+    }
+}
+
+/// An error and its chain of causes, as one line.
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 /// The store a ModelSet's source names, ready to list and read.
 pub enum Store {
     S3(s3::S3Store),
+    Urls(urls::UrlStore),
 }
 
 /// Connects to the store `source` names; buckets are in `default_region` unless the
 /// source names one.
-pub async fn open(source: &ModelSource, default_region: Option<&str>) -> Store {
-    let location = s3::BucketLocation::of(&source.s3, default_region);
-    Store::S3(s3::S3Store::connect(&location).await)
+pub async fn open(source: &ModelSource, default_region: Option<&str>) -> Result<Store, StoreError> {
+    match (&source.s3, &source.urls) {
+        (Some(s3), _) => {
+            let location = s3::BucketLocation::of(s3, default_region);
+            Ok(Store::S3(s3::S3Store::connect(&location).await))
+        }
+        (None, Some(files)) => Ok(Store::Urls(urls::UrlStore::new(files)?)),
+        (None, None) => Err(StoreError::List {
+            location: "spec.source".into(),
+            message: "names neither s3 nor urls".into(),
+        }),
+    }
 }
 
 impl ObjectStore for Store {
     async fn list(&self) -> Result<Vec<Object>, StoreError> {
         match self {
             Store::S3(s) => s.list().await,
+            Store::Urls(u) => u.list().await,
         }
     }
 
@@ -96,6 +125,14 @@ impl ObjectStore for Store {
     ) -> Result<Body, StoreError> {
         match self {
             Store::S3(s) => s.get(key, range, etag).await,
+            Store::Urls(u) => u.get(key, range, etag).await,
+        }
+    }
+
+    fn etag_is_sha256(&self) -> bool {
+        match self {
+            Store::S3(s) => s.etag_is_sha256(),
+            Store::Urls(u) => u.etag_is_sha256(),
         }
     }
 }

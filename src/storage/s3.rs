@@ -3,18 +3,7 @@
 
 use futures::{StreamExt, TryStreamExt};
 
-use super::{Body, BodyCheck, Object, ObjectStore, StoreError};
-
-/// An error and its chain of causes, as one line.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
-}
+use super::{Body, BodyCheck, Object, ObjectStore, StoreError, with_causes};
 
 /// Whether the SDK verifies a GetObject body from the checksums in its response: it
 /// takes the first of CRC64NVME, CRC32C, CRC32, SHA-1, SHA-256 that is present, and

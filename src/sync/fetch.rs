@@ -70,7 +70,7 @@ pub(super) async fn fetch<S: ObjectStore>(
                         .get(&object.key, Some((start, end)), &object.etag)
                         .await?;
                     let writer = StreamWriter::new(file, start, end + 1 - start, timeline);
-                    let written = write_body(writer, &part, body.chunks, None).await?;
+                    let written = write_body(writer, &part, body.chunks, None, None).await?;
                     drop(get);
                     // The network slot goes to the next range while this one is made durable.
                     drop(permit);
@@ -100,8 +100,10 @@ pub(super) async fn fetch<S: ObjectStore>(
         // is what is verified. A full-object checksum, checked by the client, needs no MD5.
         let mut md5 =
             (body.check == BodyCheck::EtagMd5 && is_md5_etag(&object.etag)).then(Md5::new);
+        // A file listed by URL carries its SHA-256 as its ETag.
+        let mut sha256 = store.etag_is_sha256().then(Sha256::new);
         let writer = StreamWriter::new(file.clone(), 0, object.size, timeline);
-        let written = write_body(writer, &part, body.chunks, md5.as_mut()).await?;
+        let written = write_body(writer, &part, body.chunks, md5.as_mut(), sha256.as_mut()).await?;
         drop(get);
         if written != object.size {
             return Err(SyncError::SizeMismatch {
@@ -111,19 +113,34 @@ pub(super) async fn fetch<S: ObjectStore>(
             });
         }
         if let Some(md5) = md5 {
-            let got = hex::encode(md5.finalize());
-            if got != object.etag {
-                return Err(SyncError::ChecksumMismatch {
-                    key: object.key.clone(),
-                    got,
-                    want: object.etag.clone(),
-                });
-            }
+            matches(object, "MD5", hex::encode(md5.finalize()))?;
+        }
+        if let Some(sha256) = sha256 {
+            matches(object, "SHA-256", hex::encode(sha256.finalize()))?;
         }
         file
     };
 
     let file = file.buffered.clone();
+    // Read in ranges (some perhaps before a restart): the whole file is hashed now.
+    if journal.is_some() && store.etag_is_sha256() {
+        let path = part.clone();
+        let got = tokio::task::spawn_blocking(move || sha256_of(&path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(io(&part))?;
+        if let Err(mismatch) = matches(object, "SHA-256", got) {
+            // Every part is journalled as done: without this, the next pass would
+            // resume nothing and hash the same wrong bytes again.
+            drop(file);
+            let _ = std::fs::remove_file(&part);
+            if let Some(journal) = journal {
+                journal.remove();
+            }
+            return Err(mismatch);
+        }
+    }
     let len = file.metadata().map_err(io(&part))?.len();
     if len != object.size {
         return Err(SyncError::SizeMismatch {
@@ -180,12 +197,47 @@ async fn blocking(
         .map_err(io(path))
 }
 
-/// Streams `body` through `writer`, feeding `md5` if given; returns the bytes written.
+/// The object's bytes hashed (with `hash`) to `got`, or the mismatch.
+fn matches(object: &Object, hash: &'static str, got: String) -> Result<(), SyncError> {
+    if got == object.etag {
+        return Ok(());
+    }
+    let listed = match hash {
+        "MD5" => "ETag",
+        _ => "the listed SHA-256",
+    };
+    Err(SyncError::ChecksumMismatch {
+        key: object.key.clone(),
+        hash,
+        listed,
+        got,
+        want: object.etag.clone(),
+    })
+}
+
+/// The SHA-256 of a file's bytes, hex.
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut reader = std::fs::File::open(path)?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hash.finalize()));
+        }
+        hash.update(&buf[..n]);
+    }
+}
+
+/// Streams `body` through `writer`, feeding `md5` and `sha256` if given; returns the
+/// bytes written.
 async fn write_body(
     mut writer: StreamWriter<'_>,
     path: &Path,
     mut body: store::ByteChunks,
     mut md5: Option<&mut Md5>,
+    mut sha256: Option<&mut Sha256>,
 ) -> Result<u64, SyncError> {
     let mut received = 0;
     while let Some(chunk) = body.next().await {
@@ -193,6 +245,9 @@ async fn write_body(
         writer.received(chunk.len() as u64);
         if let Some(md5) = md5.as_deref_mut() {
             md5.update(&chunk);
+        }
+        if let Some(sha256) = sha256.as_deref_mut() {
+            sha256.update(&chunk);
         }
         writer.write(&chunk).await.map_err(io(path))?;
         received += chunk.len() as u64;

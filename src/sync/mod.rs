@@ -109,11 +109,14 @@ pub enum SyncError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{key}: size is {got} bytes, S3 says {want}")]
+    #[error("{key}: size is {got} bytes, the source says {want}")]
     SizeMismatch { key: String, got: u64, want: u64 },
-    #[error("{key}: MD5 {got} does not match ETag {want}")]
+    /// `hash` names the digest, `listed` what it was checked against.
+    #[error("{key}: {hash} {got} does not match {listed} {want}")]
     ChecksumMismatch {
         key: String,
+        hash: &'static str,
+        listed: &'static str,
         got: String,
         want: String,
     },

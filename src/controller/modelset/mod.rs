@@ -220,21 +220,18 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
     };
     let live = reports.as_deref();
     let default_region = ctx.settings.cluster.region.as_deref();
-    let location = BucketLocation::of(&ms.spec.source.s3, default_region);
+    let location = (ms.spec.source.s3.as_ref()).map(|s3| BucketLocation::of(s3, default_region));
     {
-        let url = ms
-            .spec
-            .sync
-            .sqs_queue_url
-            .as_deref()
+        // S3 sends the events: files by URL have no queue (the CRD refuses one).
+        let url = location
+            .as_ref()
+            .and(ms.spec.sync.sqs_queue_url.as_deref())
             .filter(|u| !u.is_empty());
-        ctx.sqs.ensure(
-            &key,
-            url,
-            me,
-            location.prefix.clone(),
-            location.region.clone(),
-        );
+        let (prefix, region) = location
+            .as_ref()
+            .map(|l| (l.prefix.clone(), l.region.clone()))
+            .unwrap_or_default();
+        ctx.sqs.ensure(&key, url, me, prefix, region);
     }
 
     let filter = match Filter::new(&ms.spec.include, &ms.spec.exclude) {
@@ -250,8 +247,11 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
             return Ok(Action::await_change());
         }
     };
-    let store = storage::open(&ms.spec.source, default_region).await;
-    let catalog = match catalog::list(&store, &filter).await {
+    let listed = match storage::open(&ms.spec.source, default_region).await {
+        Ok(store) => catalog::list(&store, &filter).await,
+        Err(e) => Err(e),
+    };
+    let catalog = match listed {
         Ok(catalog) => catalog,
         Err(e) => {
             let message = e.to_string();
@@ -293,7 +293,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
             ms,
             &catalog.revision(),
             ctx.settings.cluster.cluster_name.as_deref(),
-            location.region.as_deref(),
+            location.as_ref().and_then(|l| l.region.as_deref()),
         )
         .await
         .map_err(|e| Error::Ssm(e.to_string()))?;

@@ -31,6 +31,8 @@ pub enum SsmError {
         "the SSM method needs the controller's --cluster-name, to find only this cluster's instances"
     )]
     NoClusterName,
+    #[error("the SSM method needs source.s3: instances sync from a bucket")]
+    NoBucket,
     #[error("EC2 DescribeInstances: {0}")]
     Describe(String),
     #[error("SSM SendCommand: {0}")]
@@ -48,9 +50,10 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The command every instance runs.
-pub fn sync_command(ms: &ModelSet, region: Option<&str>) -> String {
-    let s3 = &ms.spec.source.s3;
+/// The command every instance runs, or `None` for a ModelSet with no bucket (the CRD
+/// refuses SSM without one).
+pub fn sync_command(ms: &ModelSet, region: Option<&str>) -> Option<String> {
+    let s3 = ms.spec.source.s3.as_ref()?;
     let ns = ms.namespace().unwrap_or_default();
     let dest = models_dir(std::path::Path::new(MODELS_HOST_ROOT), &ns, &ms.name_any());
     let dest = dest.to_string_lossy();
@@ -77,7 +80,7 @@ pub fn sync_command(ms: &ModelSet, region: Option<&str>) -> String {
     if ms.spec.sync.delete_removed {
         cmd.push_str(" --delete");
     }
-    cmd
+    Some(cmd)
 }
 
 /// Brings every running instance of the fleets using `ms` to `revision`: polls the
@@ -125,7 +128,7 @@ pub async fn sync_instances(
             _ => pending.push(id.clone()),
         }
     }
-    let command = sync_command(ms, region);
+    let command = sync_command(ms, region).ok_or(SsmError::NoBucket)?;
     for batch in pending.chunks(BATCH) {
         let sent = ssm
             .send_command()
@@ -260,7 +263,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            sync_command(&ms, Some("us-west-2")),
+            sync_command(&ms, Some("us-west-2")).unwrap(),
             "sdfleet sync --bucket 'b' --dest '/mnt/k8s-disks/0/sdfleet/models/studio/m' --prefix 'models/' --region 'us-west-2' --include 'loras/*' --delete"
         );
     }
