@@ -38,7 +38,7 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::join!(
-        fleet::run(ctx.clone(), fleet_triggers, stopped(stop_rx.clone())),
+        fleet::watches::run(ctx.clone(), fleet_triggers, stopped(stop_rx.clone())),
         modelset::run(ctx.clone(), stopped(stop_rx)),
     );
     watches.abort_all();

@@ -10,12 +10,19 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 use super::cleanup::cleanup;
-use super::*;
+use super::reconcile::reconcile;
+use super::watches::child_changes;
+use crate::controller::runtime::context::Context;
 use crate::controller::runtime::context::Settings;
+use crate::controller::runtime::resources::FleetResources;
+use crate::crd::ComfyUIDeployment;
 use crate::mock_apiserver::{self as mock, Seen};
+use crate::names::FleetNames;
+use crate::render::ChildKind;
 use crate::render::nodeclass::Cloud;
 use crate::render::settings::{AgentSettings, ClusterSettings};
 use crate::telemetry::Metrics;
+use kube::api::DynamicObject;
 
 fn context(client: kube::Client) -> Arc<Context> {
     let settings = Settings {
