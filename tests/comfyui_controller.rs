@@ -712,18 +712,9 @@ async fn render_equals_applied(
         .collect();
     std::fs::write(&input, text.join("\n---\n")).unwrap();
     let out = std::process::Command::new(support::sdfleet_bin())
-        .args([
-            "render",
-            "--cloud",
-            "kwok",
-            "--cluster-name",
-            "testbed",
-            "--region",
-            "us-west-2",
-            "--agent-namespace",
-            &ns.name,
-            "-f",
-        ])
+        .arg("render")
+        .args(support::CLUSTER_ARGS)
+        .args(["--agent-namespace", &ns.name, "-f"])
         .arg(&input)
         .output()
         .unwrap();

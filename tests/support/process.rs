@@ -20,6 +20,17 @@ pub struct ControllerProcess {
 
 /// The `sdfleet` binary under test: this build's, or `SDFLEET_TEST_BIN` (another build's,
 /// e.g. main's, to see a new test fail before its fix, or a benchmark's peer).
+/// The cluster flags every test controller runs with (`--cloud` first, so that a test's
+/// own `--cloud` can replace it); `sdfleet render` takes the same.
+pub const CLUSTER_ARGS: &[&str] = &[
+    "--cloud",
+    "kwok",
+    "--cluster-name",
+    "testbed",
+    "--region",
+    "us-west-2",
+];
+
 pub fn sdfleet_bin() -> PathBuf {
     std::env::var_os("SDFLEET_TEST_BIN")
         .map(PathBuf::from)
@@ -46,20 +57,12 @@ impl ControllerProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> ControllerProcess {
-        let mut args: Vec<String> = [
-            "controller",
-            "--cloud",
-            "kwok",
-            "--cluster-name",
-            "testbed",
-            "--region",
-            "us-west-2",
-            "--namespace",
-            namespace,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = ["controller"]
+            .iter()
+            .chain(CLUSTER_ARGS)
+            .chain(&["--namespace", namespace])
+            .map(|s| s.to_string())
+            .collect();
         // A `--cloud` of the caller's replaces the default.
         if extra.contains(&"--cloud") {
             args.drain(1..3);
