@@ -204,3 +204,88 @@ async fn ec2nodeclass_crd_is_the_real_one() {
         .expect_err("missing amiSelectorTerms rejected");
     assert!(err.to_string().contains("amiSelectorTerms"), "{err}");
 }
+
+/// The EC2NodeClasses sdfleet renders for a faster image pull (a Bottlerocket data volume
+/// restored from a snapshot with the image pulled, or SOCI's parallel pull) are accepted
+/// by Karpenter's real CRD; and sdfleet's own CRD refuses them where they cannot work.
+#[tokio::test]
+async fn image_pull_node_classes_pass_karpenters_crd_and_ours_refuses_what_cannot_work() {
+    let tb = Testbed::get();
+    support::install_crds(tb);
+    let client = tb.client().await;
+    let api: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource("karpenter.k8s.aws", "v1", "EC2NodeClass"),
+    );
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("sdfleet-test").force()
+    };
+    let fleet = |image_pull: serde_json::Value| -> sdfleet::crd::ComfyUIDeployment {
+        serde_json::from_value(json!({
+            "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+            "metadata": {"name": "sdxl", "namespace": "studio", "uid": "0"},
+            "spec": {"image": "comfyui:1", "gpu": {"instanceTypes": ["g5.2xlarge"]},
+                     "nodeClass": {"amiAlias": "bottlerocket@latest", "role": "KarpenterNodeRole-testbed",
+                                   "imagePull": image_pull}}
+        }))
+        .unwrap()
+    };
+    let cluster = sdfleet::render::settings::ClusterSettings {
+        agent: Default::default(),
+        gateway: Default::default(),
+        cluster_name: Some("testbed".into()),
+        region: Some("us-west-2".into()),
+    };
+    let provider = sdfleet::render::nodeclass::Cloud::Aws.provider();
+    let ctx = sdfleet::render::RenderContext {
+        cluster: &cluster,
+        node_class: provider,
+        model_sync: Default::default(),
+    };
+    for image_pull in [
+        json!({"snapshotID": "snap-0123456789abcdef0"}),
+        json!({"soci": {"maxConcurrentDownloadsPerImage": 20, "maxConcurrentUnpacksPerImage": 4}}),
+    ] {
+        let children = sdfleet::render::build(&fleet(image_pull.clone()), &ctx).unwrap();
+        let mut node_class = children[0].manifest.clone();
+        assert_eq!(node_class["kind"], "EC2NodeClass");
+        let name = format!("tb-pull-{}", unique_suffix());
+        node_class["metadata"] = json!({"name": name});
+        api.patch(&name, &dry, &Patch::Apply(&node_class))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("Karpenter's CRD refused the node class for {image_pull}: {e}")
+            });
+    }
+
+    // On the FleetClass, where node settings are decided.
+    let classes: Api<DynamicObject> =
+        Api::all_with(client, &resource("sdfleet.io", "v1alpha1", "FleetClass"));
+    let class = |node_class: serde_json::Value| {
+        json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+               "metadata": {"name": "pull"}, "spec": {"nodeClass": node_class}})
+    };
+    let cases = [
+        (
+            json!({"role": "r", "imagePull": {"snapshotID": "snap-0123456789abcdef0"}}),
+            "needs a Bottlerocket AMI",
+        ),
+        (
+            json!({"role": "r", "amiAlias": "bottlerocket@latest",
+                   "imagePull": {"snapshotID": "snap-0123456789abcdef0", "soci": {}}}),
+            "exactly one of imagePull.snapshotID and imagePull.soci",
+        ),
+        (
+            json!({"role": "r", "amiAlias": "bottlerocket@latest", "imagePull": {"snapshotID": "ami-123"}}),
+            "snapshotID",
+        ),
+    ];
+    for (node_class, expect) in cases {
+        let err = classes
+            .patch("pull", &dry, &Patch::Apply(&class(node_class.clone())))
+            .await
+            .expect_err("accepted");
+        assert!(err.to_string().contains(expect), "{node_class}: {err}");
+    }
+}

@@ -218,6 +218,7 @@ impl CapacityType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.role) && self.role != '') != (has(self.instanceProfile) && self.instanceProfile != '')").message("exactly one of nodeClass.role and nodeClass.instanceProfile must be set"))]
+#[x_kube(validation = Rule::new("!has(self.imagePull) || self.amiAlias.startsWith('bottlerocket@')").message("nodeClass.imagePull needs a Bottlerocket AMI (amiAlias bottlerocket@...): its data volume and its SOCI settings are Bottlerocket's"))]
 pub struct NodeClassSpec {
     /// The AMI alias, `family@version`: `al2023@latest` (default), `bottlerocket@latest`, ...
     /// The models directory is on the NVMe instance store only with AL2023.
@@ -246,6 +247,47 @@ pub struct NodeClassSpec {
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('20Gi'))").message("rootVolumeSize must be a quantity larger than 20Gi, such as 100Gi"))]
     pub root_volume_size: String,
+    /// How the ComfyUI image reaches a new node faster than a plain pull (Bottlerocket
+    /// only): its data volume restored from a snapshot with the image already pulled, or
+    /// SOCI's parallel pull and unpack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull: Option<ImagePull>,
+}
+
+/// One way to get the image onto a node without a plain pull.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.snapshotID) != has(self.soci)").message("exactly one of imagePull.snapshotID and imagePull.soci"))]
+pub struct ImagePull {
+    /// An EBS snapshot of a Bottlerocket data volume with the images already pulled (as
+    /// aws-samples/bottlerocket-images-cache builds one): each node's data volume
+    /// (`/dev/xvdb`) is restored from it, so the image is there at boot. The volume is
+    /// at least `rootVolumeSize`.
+    #[serde(
+        default,
+        rename = "snapshotID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(regex(pattern = r"^snap-[0-9a-f]{8,17}$"))]
+    pub snapshot_id: Option<String>,
+    /// Bottlerocket's SOCI snapshotter in parallel pull-and-unpack mode: layers download
+    /// in chunks and unpack at once (it needs a fast data volume: raise its throughput).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soci: Option<SociPull>,
+}
+
+/// Bottlerocket's `settings.container-runtime-plugins.soci-snapshotter.parallel-pull-unpack`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SociPull {
+    /// Layers of one image downloaded at once; unset: Bottlerocket's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_concurrent_downloads_per_image: Option<u32>,
+    /// Layers of one image unpacked at once; unset: Bottlerocket's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_concurrent_unpacks_per_image: Option<u32>,
 }
 
 impl NodeClassSpec {

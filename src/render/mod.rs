@@ -367,6 +367,51 @@ spec:
     }
 
     #[test]
+    fn a_bottlerocket_data_volume_comes_from_the_image_snapshot_or_soci_pulls_in_parallel() {
+        use crate::crd::comfyui::{ImagePull, SociPull};
+        let mut cud = example(SDXL);
+        let node_class = cud.spec.node_class.as_mut().unwrap();
+        node_class.ami_alias = "bottlerocket@latest".into();
+        node_class.image_pull = Some(ImagePull {
+            snapshot_id: Some("snap-0123456789abcdef0".into()),
+            soci: None,
+        });
+        let spec = render(&cud, Cloud::Aws)[0].manifest["spec"].clone();
+        let volume = &spec["blockDeviceMappings"][0];
+        assert_eq!(
+            volume["deviceName"], "/dev/xvdb",
+            "Bottlerocket's data volume"
+        );
+        assert_eq!(volume["ebs"]["snapshotID"], "snap-0123456789abcdef0");
+        assert_eq!(volume["ebs"]["volumeSize"], "100Gi");
+        assert!(spec.get("userData").is_none());
+
+        let node_class = cud.spec.node_class.as_mut().unwrap();
+        node_class.image_pull = Some(ImagePull {
+            snapshot_id: None,
+            soci: Some(SociPull {
+                max_concurrent_downloads_per_image: Some(20),
+                max_concurrent_unpacks_per_image: None,
+            }),
+        });
+        let spec = render(&cud, Cloud::Aws)[0].manifest["spec"].clone();
+        assert!(
+            spec["blockDeviceMappings"][0]["ebs"]
+                .get("snapshotID")
+                .is_none()
+        );
+        // Bottlerocket's own keys (settings.container-runtime.snapshotter, and the
+        // soci-snapshotter plugin's pull-mode and parallel-pull-unpack limits).
+        assert_eq!(
+            spec["userData"].as_str().unwrap(),
+            "[settings.container-runtime]\nsnapshotter = \"soci\"\n\n\
+             [settings.container-runtime-plugins.soci-snapshotter]\npull-mode = \"parallel-pull-unpack\"\n\n\
+             [settings.container-runtime-plugins.soci-snapshotter.parallel-pull-unpack]\n\
+             max-concurrent-downloads-per-image = 20\n"
+        );
+    }
+
+    #[test]
     fn missing_controller_defaults_name_the_field_to_set() {
         let cud = example(SDXL);
         let bare = ClusterSettings {

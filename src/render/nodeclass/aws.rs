@@ -6,7 +6,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use super::NodeClassProvider;
-use crate::crd::comfyui::NodeClassSpec;
+use crate::crd::comfyui::{NodeClassSpec, SociPull};
 use crate::names::FleetNames;
 use crate::render::error::RenderError;
 use crate::render::settings::ClusterSettings;
@@ -70,6 +70,15 @@ impl NodeClassProvider for Aws {
             "instanceStorePolicy": "RAID0",
             "tags": fleet.node_labels(),
         });
+        if let Some(pull) = &node_class.image_pull {
+            if let Some(snapshot) = &pull.snapshot_id {
+                // Bottlerocket's data volume (the CRD allows imagePull on Bottlerocket only).
+                spec["blockDeviceMappings"][0]["ebs"]["snapshotID"] = json!(snapshot);
+            }
+            if let Some(soci) = &pull.soci {
+                spec["userData"] = json!(soci_settings(soci));
+            }
+        }
         if let Some(role) = node_class.role() {
             spec["role"] = json!(role);
         } else if let Some(profile) = node_class.instance_profile() {
@@ -77,6 +86,35 @@ impl NodeClassProvider for Aws {
         }
         Ok(spec)
     }
+}
+
+/// Bottlerocket settings (TOML, merged by Karpenter with its own) that pull images with
+/// the SOCI snapshotter in parallel pull-and-unpack mode.
+fn soci_settings(soci: &SociPull) -> String {
+    let mut toml = String::from(
+        "[settings.container-runtime]\nsnapshotter = \"soci\"\n\n[settings.container-runtime-plugins.soci-snapshotter]\npull-mode = \"parallel-pull-unpack\"\n",
+    );
+    let limits = [
+        (
+            "max-concurrent-downloads-per-image",
+            soci.max_concurrent_downloads_per_image,
+        ),
+        (
+            "max-concurrent-unpacks-per-image",
+            soci.max_concurrent_unpacks_per_image,
+        ),
+    ];
+    if limits.iter().any(|(_, v)| v.is_some()) {
+        toml.push_str(
+            "\n[settings.container-runtime-plugins.soci-snapshotter.parallel-pull-unpack]\n",
+        );
+        for (key, value) in limits {
+            if let Some(v) = value {
+                toml.push_str(&format!("{key} = {v}\n"));
+            }
+        }
+    }
+    toml
 }
 
 /// The given tags, or the Karpenter discovery tag of the controller's `--cluster-name`.
