@@ -31,7 +31,7 @@ use crate::names::{
 };
 use crate::policy;
 use crate::storage;
-use crate::sync::catalog::{self, Filter};
+use crate::sync::catalog::{self, Catalog, Filter};
 use crate::sync::{self, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,51 @@ const MANAGER: &str = "sdfleet-agent";
 const LIST_WAIT: Duration = Duration::from_secs(30);
 /// How long a sync runs before the node reports it as Syncing.
 const SYNCING_REPORT_AFTER: Duration = Duration::from_secs(2);
+/// Concurrent GETs of the rest of a catalog once the hot models are on the node and
+/// pods run: an eighth of a full sync's, so the first job's model loads and uploads keep
+/// the disk and network.
+const BACKGROUND_CONCURRENCY: usize = sync::DEFAULT_CONCURRENCY / 8;
+
+/// What a sync pass left on the node.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// The whole catalog.
+    Holds,
+    /// The hot models; the rest is still to come.
+    HotReady,
+    /// Not what pods need: the sync failed or was refused.
+    Missing,
+}
+
+/// A sync that ran to its end.
+struct Synced {
+    /// The revision of the whole catalog listed.
+    revision: String,
+    /// What was synced: the hot models, or the whole catalog.
+    catalog: Catalog,
+    report: sync::SyncReport,
+    hot: bool,
+}
+
+/// The catalog's hot models (`spec.hot`); None when the globs match nothing, so that a
+/// misnamed hot set never lets pods start on a node without models.
+fn hot_models(catalog: &Catalog, hot: &[String]) -> Result<Option<Catalog>, String> {
+    let filter = Filter::new(hot, &[]).map_err(|e| format!("spec.hot: {e}"))?;
+    let objects: Vec<_> = catalog
+        .objects
+        .iter()
+        .filter(|o| filter.accepts(&o.key))
+        .cloned()
+        .collect();
+    if objects.is_empty() {
+        tracing::warn!(
+            ?hot,
+            "spec.hot matches no model of the catalog; syncing the whole catalog first"
+        );
+        return Ok(None);
+    }
+    Ok(Some(Catalog::new(objects)))
+}
 
 pub struct Agent {
     pub client: Client,
@@ -289,30 +334,34 @@ impl Agent {
                 m.state == NodeSyncState::Failed && m.message == NodeSync::bounded(&message)
             });
             if !already {
-                self.report(
-                    &reports,
-                    mine,
-                    NodeSyncState::Failed,
-                    &revision,
-                    0,
-                    &message,
-                )
-                .await?;
+                let entry = self.entry(NodeSyncState::Failed, &revision, 0, &message);
+                self.report(&reports, mine, entry).await?;
             }
             return Ok(());
         }
-        if self.sync_one(&reports, mine, &ns).await? && has_startup_taint(&node) {
+        let startup_taint = has_startup_taint(&node);
+        let outcome = self.sync_one(&reports, mine, &ns, startup_taint).await?;
+        if outcome != Outcome::Missing && startup_taint {
             self.lift_taint(&Api::all(self.client.clone())).await?;
+        }
+        if outcome == Outcome::HotReady {
+            // Pods may start now; the rest of the catalog follows in the background.
+            self.sync_one(&reports, mine, &ns, false).await?;
         }
         Ok(())
     }
-    /// Brings the node to the ModelSet's catalog; true when the node holds it.
+
+    /// Brings the node to the ModelSet's catalog. On a node that still has its startup
+    /// taint and a ModelSet with hot models, only those are synced (then read into the
+    /// page cache): the caller lifts the taint and calls again for the rest, which then
+    /// runs at `BACKGROUND_CONCURRENCY` so that it does not slow the first job.
     async fn sync_one(
         &self,
         reports: &Reports<'_>,
         mine: &mut Option<NodeSync>,
         ns: &str,
-    ) -> Result<bool, AgentError> {
+        startup_taint: bool,
+    ) -> Result<Outcome, AgentError> {
         let ms = reports.model_set;
         let name = ms.name_any();
         let status = ms.status.clone().unwrap_or_default();
@@ -324,10 +373,14 @@ impl Agent {
             .is_some_and(|m| m.is_synced_at(&status.revision))
             && sync::has_manifest(&dest)
         {
-            return Ok(true);
+            return Ok(Outcome::Holds);
         }
-        let last_state = last.map(|m| m.state);
+        let last_state = last.as_ref().map(|m| m.state);
+        let hot_done = last
+            .as_ref()
+            .is_some_and(|m| m.hot_ready && m.revision == status.revision);
         let spec = &ms.spec;
+        let hot_first = startup_taint && !spec.hot.is_empty() && !hot_done;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
             let store = storage::open(&spec.source, self.region.as_deref())
@@ -339,18 +392,41 @@ impl Agent {
             tokio::fs::create_dir_all(&dest)
                 .await
                 .map_err(|e| format!("{}: {e}", dest.display()))?;
+            let hot = if hot_first {
+                hot_models(&catalog, &spec.hot)?
+            } else {
+                None
+            };
+            if let Some(hot) = hot {
+                let report = sync::sync(&store, &hot, &SyncOptions::new(&dest))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Ok::<_, String>(Synced {
+                    revision: catalog.revision(),
+                    catalog: hot,
+                    report,
+                    hot: true,
+                });
+            }
             let mut opts = SyncOptions::new(&dest);
             opts.delete = spec.sync.delete_removed;
+            if hot_done {
+                opts.concurrency = BACKGROUND_CONCURRENCY;
+            }
             let report = sync::sync(&store, &catalog, &opts)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((catalog, report))
+            Ok(Synced {
+                revision: catalog.revision(),
+                catalog,
+                report,
+                hot: false,
+            })
         };
         let mut sync = std::pin::pin!(sync);
         let syncing = async |mine: &mut Option<NodeSync>| {
-            let revision = &status.revision;
-            self.report(reports, mine, NodeSyncState::Syncing, revision, 0, "")
-                .await
+            let entry = self.entry(NodeSyncState::Syncing, &status.revision, 0, "");
+            self.report(reports, mine, entry).await
         };
         // "Syncing" is written only for a sync that takes a while: a small change (one
         // LoRA more) then costs one write per node, not two, and 1,000 nodes' reports of
@@ -370,56 +446,89 @@ impl Agent {
                 }
             },
         };
+        let modelset = format!("{ns}/{name}");
         match result {
             // Refused keys mean the node does not hold the catalog: it reports Failed,
             // naming them, and its startup taint stays on.
-            Ok((catalog, report)) if !report.refused.is_empty() => {
+            Ok(done) if !done.report.refused.is_empty() => {
+                let refused = &done.report.refused;
                 let message = format!(
                     "refused {} key(s) of the catalog, e.g. {}",
-                    report.refused.len(),
-                    report.refused[0]
+                    refused.len(),
+                    refused[0]
                 );
-                tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync incomplete");
-                self.report(
-                    reports,
-                    mine,
+                tracing::warn!(node = %self.node, %modelset, %message, "sync incomplete");
+                let entry = self.entry(
                     NodeSyncState::Failed,
-                    &catalog.revision(),
-                    catalog.total_bytes(),
+                    &done.revision,
+                    done.catalog.total_bytes(),
                     &message,
-                )
-                .await?;
-                Ok(false)
+                );
+                self.report(reports, mine, entry).await?;
+                Ok(Outcome::Missing)
             }
-            Ok((catalog, report)) => {
+            Ok(done) if done.hot => {
+                let warmed = sync::warm::warm(&dest, &done.catalog, sync::warm::memory_budget())
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(node = %self.node, %modelset, error = %e, "page-cache warming failed; the hot models stay on disk only");
+                        sync::warm::Warmed::default()
+                    });
+                let files = done.catalog.objects.len();
+                let bytes = done.catalog.total_bytes();
                 tracing::info!(
-                    node = %self.node, modelset = %format!("{ns}/{name}"), revision = %catalog.revision(),
+                    node = %self.node, %modelset, files, bytes, fetched = done.report.downloaded,
+                    warmed_files = warmed.files, warmed_bytes = warmed.bytes, "hot models synced; lifting the startup taint"
+                );
+                let message = format!(
+                    "hot models on the node ({files} files, {bytes} bytes; {} bytes in the page cache); syncing the rest",
+                    warmed.bytes
+                );
+                let mut entry = self.entry(NodeSyncState::Syncing, &done.revision, bytes, &message);
+                entry.hot_ready = true;
+                self.report(reports, mine, entry).await?;
+                Ok(Outcome::HotReady)
+            }
+            Ok(done) => {
+                let report = &done.report;
+                tracing::info!(
+                    node = %self.node, %modelset, revision = %done.revision,
                     fetched = report.downloaded, bytes = report.bytes, resumed_bytes = report.resumed, deleted = report.deleted, "synced"
                 );
-                self.report(
-                    reports,
-                    mine,
+                let entry = self.entry(
                     NodeSyncState::Synced,
-                    &catalog.revision(),
-                    catalog.total_bytes(),
+                    &done.revision,
+                    done.catalog.total_bytes(),
                     "",
-                )
-                .await?;
-                Ok(true)
+                );
+                self.report(reports, mine, entry).await?;
+                Ok(Outcome::Holds)
             }
             Err(message) => {
-                tracing::warn!(node = %self.node, modelset = %format!("{ns}/{name}"), %message, "sync failed");
-                self.report(
-                    reports,
-                    mine,
-                    NodeSyncState::Failed,
-                    &status.revision,
-                    0,
-                    &message,
-                )
-                .await?;
-                Ok(false)
+                tracing::warn!(node = %self.node, %modelset, %message, "sync failed");
+                let entry = self.entry(NodeSyncState::Failed, &status.revision, 0, &message);
+                self.report(reports, mine, entry).await?;
+                Ok(Outcome::Missing)
             }
+        }
+    }
+
+    /// This node's report.
+    fn entry(
+        &self,
+        state: NodeSyncState,
+        revision: &str,
+        bytes_done: u64,
+        message: &str,
+    ) -> NodeSync {
+        NodeSync {
+            node: self.node.clone(),
+            revision: revision.into(),
+            state,
+            bytes_done,
+            message: NodeSync::bounded(message),
+            command_id: None,
+            hot_ready: false,
         }
     }
 
@@ -428,19 +537,8 @@ impl Agent {
         &self,
         reports: &Reports<'_>,
         mine: &mut Option<NodeSync>,
-        state: NodeSyncState,
-        revision: &str,
-        bytes_done: u64,
-        message: &str,
+        entry: NodeSync,
     ) -> Result<(), AgentError> {
-        let entry = NodeSync {
-            node: self.node.clone(),
-            revision: revision.into(),
-            state,
-            bytes_done,
-            message: NodeSync::bounded(message),
-            command_id: None,
-        };
         let owners: std::collections::BTreeMap<String, String> = reports
             .node
             .labels()

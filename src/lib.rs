@@ -11,6 +11,7 @@ pub mod crd;
 pub mod docs;
 pub mod effective;
 pub mod gateway;
+pub mod image_snapshot;
 pub mod latency;
 pub mod leader;
 #[cfg(test)]

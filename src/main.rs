@@ -31,6 +31,10 @@ enum Command {
     /// Print every child of the ComfyUIDeployments in FILE exactly as the controller
     /// with the same flags would apply them. Needs no cluster.
     Render(Box<cmd::render::RenderArgs>),
+    /// Build an EBS snapshot of a Bottlerocket data volume with images already pulled,
+    /// for a FleetClass's `nodeClass.imagePull.snapshotID`. Launches and terminates one
+    /// EC2 instance.
+    Snapshot(cmd::snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,5 +47,6 @@ fn main() -> ExitCode {
         Command::Docs => print_or_fail(sdfleet::docs::crd_reference().map_err(Into::into)),
         Command::Render(args) => print_or_fail(cmd::render::run(*args)),
         Command::PrepareModelsDir(args) => print_or_fail(cmd::prepare::run(args)),
+        Command::Snapshot(args) => print_or_fail(cmd::snapshot::run(args)),
     }
 }

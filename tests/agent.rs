@@ -122,6 +122,72 @@ fn world_readable_binary() -> PathBuf {
     bin
 }
 
+/// The node agent of `node_name`, started as the rendered DaemonSet runs it: its init
+/// container first (as root with only its capabilities), then the agent under the chart's
+/// agent identity (a node-bound token) and its rendered user; and its models root.
+fn start_agent(
+    tb: &Testbed,
+    ns: &str,
+    release_ns: &str,
+    node_name: &str,
+) -> (support::KillOnDrop, PathBuf) {
+    let as_agent = support::agent_kubeconfig(tb, release_ns, node_name);
+
+    // The models root as kubelet creates a DirectoryOrCreate hostPath: root:root 0755.
+    let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ds = rendered_daemonset(ns);
+    let bin = world_readable_binary();
+    // The init container, as rendered: root with only its capabilities.
+    let init = &ds["initContainers"][0];
+    let init_args: Vec<String> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .unwrap()
+                .replace("--root=/models", &format!("--root={}", root.display()))
+        })
+        .collect();
+    let out = as_rendered(&init["securityContext"], &bin)
+        .args(&init_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
+            .unwrap();
+    // Killed however the test ends; its stdout must not hold the test's output open.
+    let agent = support::KillOnDrop(
+        as_rendered(&ds["containers"][0]["securityContext"], &bin)
+            .args([
+                "agent",
+                "--node-name",
+                node_name,
+                // Far beyond the test: every change below must reach the agent by its watch.
+                "--resync-seconds",
+                "3600",
+                "--models-root",
+            ])
+            .arg(&root)
+            .env("KUBECONFIG", &as_agent)
+            // A home the agent's user may read (root's is not).
+            .env("HOME", std::env::temp_dir())
+            .envs(tb.aws_env())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    (agent, root)
+}
+
 #[tokio::test]
 async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let tb = Testbed::get();
@@ -217,60 +283,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC and its
     // admission policy are what let it watch its node and its ModelSet, report in its
     // own node's ModelSync and lift its own node's taint.
-    let as_agent = support::agent_kubeconfig(tb, &release_ns, &node_name);
-
-    // The models root as kubelet creates a DirectoryOrCreate hostPath: root:root 0755.
-    let root = std::env::temp_dir().join(format!("sdfleet-agent-{}", unique_suffix()));
-    std::fs::create_dir_all(&root).unwrap();
-    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let ds = rendered_daemonset(&ns.name);
-    let bin = world_readable_binary();
-    // The init container, as rendered: root with only its capabilities.
-    let init = &ds["initContainers"][0];
-    let init_args: Vec<String> = init["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            a.as_str()
-                .unwrap()
-                .replace("--root=/models", &format!("--root={}", root.display()))
-        })
-        .collect();
-    let out = as_rendered(&init["securityContext"], &bin)
-        .args(&init_args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log =
-        std::fs::File::create(std::env::temp_dir().join(format!("sdfleet-agent-{node_name}.log")))
-            .unwrap();
-    // Killed however the test ends; its stdout must not hold the test's output open.
-    let agent = support::KillOnDrop(
-        as_rendered(&ds["containers"][0]["securityContext"], &bin)
-            .args([
-                "agent",
-                "--node-name",
-                &node_name,
-                // Far beyond the test: every change below must reach the agent by its watch.
-                "--resync-seconds",
-                "3600",
-                "--models-root",
-            ])
-            .arg(&root)
-            .env("KUBECONFIG", &as_agent)
-            // A home the agent's user may read (root's is not).
-            .env("HOME", std::env::temp_dir())
-            .envs(tb.aws_env())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let (agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name);
     let dir = root.join(&ns.name).join("sdxl-models");
     // The agent reports in its own node's ModelSync.
     let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);
@@ -456,6 +469,166 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         &ns.name,
         &["--operator-namespace", &release_ns],
         &env,
+    );
+    cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
+    eventually("the fleet to be deleted", WAIT, || async {
+        cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let _ = classes.delete(&class, &DeleteParams::default()).await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Hot models first (`spec.hot`): a new node takes pods once the hot models are on it,
+/// complete and verified, and syncs the rest after. The rest is served by a web server
+/// that holds it until the test lets it go, so what the node looks like in between is
+/// seen, not raced.
+#[tokio::test]
+async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after() {
+    let tb = Testbed::get();
+    install_crds(tb);
+    let hot = b"the checkpoint a first job loads".to_vec();
+    let rest = b"a LoRA nobody asked for yet".to_vec();
+    let (open_gate, gate) = tokio::sync::watch::channel(false);
+    let app = axum::Router::new()
+        .route(
+            "/hot",
+            axum::routing::get({
+                let hot = hot.clone();
+                move || {
+                    let hot = hot.clone();
+                    async move { hot }
+                }
+            }),
+        )
+        .route(
+            "/rest",
+            axum::routing::get({
+                let rest = rest.clone();
+                move || {
+                    let (rest, mut gate) = (rest.clone(), gate.clone());
+                    async move {
+                        let _ = gate.wait_for(|open| *open).await;
+                        rest
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = tb.client().await;
+    let ns = TestNamespace::new(&client, "agent-hot").await;
+    let (release, release_ns) = support::install_release(tb, "agent-hot");
+    let as_controller =
+        support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
+    let mut env = tb.aws_env();
+    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
+    let _controller = ControllerProcess::start_with_env(
+        tb,
+        &ns.name,
+        &["--operator-namespace", &release_ns],
+        &env,
+    );
+    let ssa = PatchParams::apply("test-user").force();
+    let class = format!("agent-hot-{}", unique_suffix());
+    let classes: Api<FleetClass> = Api::all(client.clone());
+    classes
+        .patch(
+            &class,
+            &ssa,
+            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": class},
+                "spec": {"nodeClass": {"role": "r"},
+                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+                         "models": {"allowedURLs": [format!("http://127.0.0.1:{port}/*")]}}})),
+        )
+        .await
+        .unwrap();
+    let file = |path: &str, name: &str, body: &[u8]| {
+        json!({"path": path, "url": format!("http://127.0.0.1:{port}/{name}"),
+               "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)), "size": body.len()})
+    };
+    let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
+    let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "sdxl-models"},
+        "spec": {"className": class, "hot": ["checkpoints/*"],
+                 "source": {"urls": [file("checkpoints/sdxl.safetensors", "hot", &hot),
+                                     file("loras/later.safetensors", "rest", &rest)]}}});
+    sets.patch("sdxl-models", &ssa, &Patch::Apply(ms))
+        .await
+        .unwrap();
+    let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "sdxl"},
+        "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "className": class,
+                 "gpu": {"instanceTypes": ["g5.2xlarge"]}, "ingress": {"enabled": false},
+                 "disruption": {"consolidateAfter": "5s"}}});
+    cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let pool = format!("{}.sdxl", ns.name);
+    let node = eventually("a GPU node with the startup taint", WAIT, || async {
+        let list = nodes
+            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
+            .await
+            .ok()?;
+        list.items.into_iter().find(has_taint)
+    })
+    .await;
+    let node_name = node.name_any();
+    let (_agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name);
+    let dir = root.join(&ns.name).join("sdxl-models");
+    let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);
+    let report_name = ModelSync::name_for("sdxl-models", &node_name);
+
+    // With the rest still held by the server: the taint is off, the node says the hot
+    // models are there and the rest is syncing, and the ComfyUI pod is placed.
+    eventually(
+        "the startup taint lifted after the hot models",
+        WAIT,
+        || async { (!has_taint(&nodes.get(&node_name).await.ok()?)).then_some(()) },
+    )
+    .await;
+    let mine = reports.get(&report_name).await.unwrap().spec.report;
+    assert!(
+        mine.hot_ready && mine.state == NodeSyncState::Syncing,
+        "{mine:?}"
+    );
+    assert_eq!(mine.bytes_done, hot.len() as u64, "{mine:?}");
+    assert!(mine.message.contains("hot models on the node"), "{mine:?}");
+    assert_eq!(
+        std::fs::read(dir.join("checkpoints/sdxl.safetensors")).unwrap(),
+        hot
+    );
+    assert!(
+        !dir.join("loras/later.safetensors").exists(),
+        "the held file is at its final path"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let comfy = ListParams::default().labels("app.kubernetes.io/instance=sdxl");
+    eventually("the ComfyUI pod placed on the node", WAIT, || async {
+        pods.list(&comfy)
+            .await
+            .ok()?
+            .items
+            .iter()
+            .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&node_name))
+            .then_some(())
+    })
+    .await;
+
+    // The rest arrives: the node holds the whole catalog.
+    open_gate.send(true).unwrap();
+    eventually("the agent to report Synced", WAIT, || async {
+        let status = sets.get("sdxl-models").await.ok()?.status?;
+        let mine = reports.get(&report_name).await.ok()?.spec.report;
+        (mine.state == NodeSyncState::Synced && mine.revision == status.revision && !mine.hot_ready)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(dir.join("loras/later.safetensors")).unwrap(),
+        rest
     );
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {

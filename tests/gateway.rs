@@ -30,6 +30,8 @@ struct Setup {
     extra: Vec<String>,
     /// The store's directory is a tmpfs of this size (e.g. `4m`), to fill it.
     store_tmpfs: Option<&'static str>,
+    /// The ModelSet's hot models; every pod's node then reports only those synced.
+    hot: Vec<String>,
 }
 
 impl Default for Setup {
@@ -41,6 +43,7 @@ impl Default for Setup {
             model_set: false,
             extra: vec![],
             store_tmpfs: None,
+            hot: vec![],
         }
     }
 }
@@ -84,6 +87,42 @@ async fn model_set_with(client: &Client, ns: &str, name: &str, keys: &[&str]) {
         .unwrap();
 }
 
+/// The ModelSet `models` names `hot` models, and the nodes of pods `0..pods` report
+/// them synced and the rest still syncing, as their agents would.
+async fn hot_models_only(client: &Client, ns: &str, hot: &[String], pods: usize) {
+    let sets: Api<sdfleet::crd::ModelSet> = Api::namespaced(client.clone(), ns);
+    sets.patch(
+        "models",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"hot": hot}})),
+    )
+    .await
+    .unwrap();
+    for i in 0..pods {
+        report_node(client, ns, i, "Syncing", true).await;
+    }
+}
+
+/// Node `node-INDEX`'s report of ModelSet `models`.
+async fn report_node(client: &Client, ns: &str, index: usize, state: &str, hot_ready: bool) {
+    let reports: Api<sdfleet::crd::ModelSync> = Api::namespaced(client.clone(), ns);
+    let node = format!("node-{index}");
+    let name = sdfleet::crd::ModelSync::name_for("models", &node);
+    reports
+        .patch(
+            &name,
+            &PatchParams::apply("sdfleet-tests").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSync",
+                "metadata": {"name": name},
+                "spec": {"modelSet": "models", "node": node, "revision": "r1", "state": state,
+                         "bytesDone": 1, "hotReady": hot_ready}}),
+            ),
+        )
+        .await
+        .unwrap();
+}
+
 async fn setup(opts: Setup) -> Env {
     let tb = Testbed::get();
     install_crds(tb);
@@ -121,6 +160,9 @@ async fn setup(opts: Setup) -> Env {
             &models.iter().map(String::as_str).collect::<Vec<_>>(),
         )
         .await;
+        if !opts.hot.is_empty() {
+            hot_models_only(&client, &ns.name, &opts.hot, opts.pods).await;
+        }
         format!("{FLEET}:models")
     } else {
         FLEET.to_string()
@@ -1623,5 +1665,66 @@ async fn a_node_type_the_fleet_lacks_is_refused_at_submit_naming_the_node() {
     )
     .await;
     assert_eq!(job["state"], "succeeded", "{job}");
+    drop(env.ns);
+}
+
+/// A node that holds only the ModelSet's hot models (its agent lifted the taint after
+/// them and syncs the rest) runs jobs of those; a job that needs another model waits
+/// with a reason, is never sent to that pod (whose ComfyUI, like the real one on such a
+/// node, would refuse it), and runs once the node reports the rest.
+#[tokio::test]
+async fn a_job_needing_a_model_its_node_has_not_synced_yet_waits_with_a_reason() {
+    let mut env = setup(Setup {
+        model_set: true,
+        hot: vec![format!("checkpoints/{CKPT}")],
+        ..Setup::default()
+    })
+    .await;
+    env.fakes[0].set_models(vec![format!("checkpoints/{CKPT}")]);
+    let api = env.api();
+    let hot = run_job(
+        &api,
+        json!({"prompt": workflow(CKPT, 2)}),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(hot["state"], "succeeded", "{hot}");
+    let (status, job) = api
+        .submit(json!({"prompt": workflow("other.safetensors", 2)}))
+        .await;
+    assert_eq!(status, 201, "in the ModelSet, so admitted: {job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let waiting = eventually(
+        "the job to say why it waits",
+        Duration::from_secs(10),
+        || async {
+            let job = api.job(&id).await;
+            (job["waiting"]["reason"] == "ModelsSyncing").then_some(job)
+        },
+    )
+    .await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+    // Held, not sent: two seconds on, the pod has still not been asked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.job(&id).await["state"], "queued");
+    assert!(
+        !env.fakes[0].started().contains(&id),
+        "sent to a pod without its model"
+    );
+    assert!(
+        env.fakes[0].refused().is_empty(),
+        "{:?}",
+        env.fakes[0].refused()
+    );
+
+    // The rest lands on the node, and its agent says so.
+    env.fakes[0].set_models(vec![
+        format!("checkpoints/{CKPT}"),
+        "checkpoints/other.safetensors".into(),
+    ]);
+    let client = Testbed::get().client().await;
+    report_node(&client, &env.ns.name, 0, "Synced", false).await;
+    let done = api.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
     drop(env.ns);
 }

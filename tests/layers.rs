@@ -29,7 +29,7 @@ const LAYERS: &[&[&str]] = &[
     // The fleet as rendered (class, ModelSet, defaults): the controller and `sdfleet
     // render` decide it with one function.
     &["effective"],
-    &["controller", "agent", "gateway", "docs"],
+    &["controller", "agent", "gateway", "docs", "image_snapshot"],
     // The binary's subcommands, each with its arguments.
     &["cmd"],
 ];

@@ -30,6 +30,7 @@ async fn report(syncs: &Api<ModelSync>, ms: &ModelSet, node: &Node) -> usize {
         // As long as an agent may write: the worst case per report.
         message: NodeSync::bounded(&"x".repeat(5000)),
         command_id: None,
+        hot_ready: false,
     };
     let body = ModelSync::apply_body(ms, node, &BTreeMap::new(), &entry);
     let name = body["metadata"]["name"].as_str().unwrap().to_string();

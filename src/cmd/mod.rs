@@ -6,6 +6,7 @@ pub mod controller;
 pub mod gateway;
 pub mod prepare;
 pub mod render;
+pub mod snapshot;
 pub mod sync;
 
 use std::process::ExitCode;

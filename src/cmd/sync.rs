@@ -46,6 +46,10 @@ pub struct SyncArgs {
     /// dirty pages every 100 ms) to this JSON file.
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// After the sync, read what was synced into the page cache (whole files, up to half
+    /// the machine's memory), as the node agent does with a ModelSet's hot models.
+    #[arg(long)]
+    warm: bool,
 }
 
 /// Syncs once and prints what it did.
@@ -155,6 +159,23 @@ pub fn run(args: SyncArgs) -> ExitCode {
                 );
                 for r in &report.refused {
                     eprintln!("refused: {r}");
+                }
+                if args.warm {
+                    let warming = std::time::Instant::now();
+                    let budget = sync::warm::memory_budget();
+                    match sync::warm::warm(&args.dest, &catalog, budget).await {
+                        Ok(w) => println!(
+                            "warmed {} files ({}) into the page cache in {:.1} s; {} left cold",
+                            w.files,
+                            sync::human(w.bytes),
+                            warming.elapsed().as_secs_f64(),
+                            w.skipped
+                        ),
+                        Err(e) => {
+                            eprintln!("error: warming: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
                 }
                 // Refused keys are a failure the caller must see (SSM records the status).
                 if report.refused.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(3) }

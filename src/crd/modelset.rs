@@ -41,6 +41,12 @@ pub struct ModelSetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub exclude: Vec<String>,
+    /// Globs of the models a first job needs (`checkpoints/sdxl*`): a new node syncs
+    /// these first and takes pods once they are complete and verified; the rest follows
+    /// in the background at lower concurrency. Empty: the whole catalog before any pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub hot: Vec<String>,
     /// How changes are detected and how nodes are told.
     #[serde(default)]
     pub sync: SyncSpec,
@@ -198,6 +204,10 @@ pub struct NodeSync {
     /// SSM: the command whose invocation is syncing this instance (polled, not resent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
+    /// Agent, with `spec.hot`: the hot models are on the node (at `revision`) and its
+    /// startup taint is off, while the rest may still be syncing (`state: Syncing`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hot_ready: bool,
 }
 
 /// The longest `status.nodes[].message`: every node writes one, so the object's size

@@ -12,9 +12,11 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Client};
 
+use crate::crd::ModelSync;
 use crate::crd::modelset::ModelSet;
 
 use super::engine::{Endpoint, Engine};
+use super::pod_models::{HotSet, PodModels};
 use super::workflow::{ModelRef, missing_models};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -56,6 +58,8 @@ pub fn endpoints(slices: &[Arc<EndpointSlice>], port_name: &str) -> Vec<Endpoint
                 name,
                 url: format!("http://{host}:{port}"),
                 ready,
+                node: ep.node_name.clone(),
+                models: PodModels::All,
             });
         }
     }
@@ -99,22 +103,52 @@ impl EndpointMap {
     }
 }
 
-/// Keeps the engine's pods of `fleet` in step with its Service's EndpointSlices.
+/// The fleet a gateway serves, as discovery follows it.
+pub struct WatchedFleet {
+    pub name: String,
+    pub service: String,
+    /// Its ModelSet: the nodes' reports then say what each pod's node holds.
+    pub model_set: Option<String>,
+}
+
+/// Keeps the engine's pods of `fleet` in step with its Service's EndpointSlices, and,
+/// for a fleet with a ModelSet, with what their nodes hold (the agents' reports).
 pub async fn watch_pods(
     client: Client,
     namespace: String,
-    fleet: String,
-    service: String,
+    fleet: WatchedFleet,
     engine: Arc<Engine>,
     address_map: Arc<EndpointMap>,
+    catalogs: Arc<Catalogs>,
 ) {
-    let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
+    let WatchedFleet {
+        name: fleet,
+        service,
+        model_set,
+    } = fleet;
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &namespace);
     let config = crate::watch::config().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
     let (reader, writer) = reflector::store();
     let mut stream = reflector(writer, watcher::watcher(api, config))
         .default_backoff()
         .boxed();
+    let (reports, reports_writer) = reflector::store::<ModelSync>();
+    let mut report_stream = match &model_set {
+        Some(_) => reflector(
+            reports_writer,
+            watcher::watcher(
+                Api::<ModelSync>::namespaced(client, &namespace),
+                crate::watch::config(),
+            ),
+        )
+        .default_backoff()
+        .boxed(),
+        None => futures::stream::pending().boxed(),
+    };
     let mut listed = false;
+    // With a ModelSet, no pod is taken in before the reports are listed and the catalog
+    // (with the hot models) is read: a pod on a hot-only node must never look whole.
+    let mut reports_listed = model_set.is_none();
     let mut reread = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         let event = tokio::select! {
@@ -122,8 +156,16 @@ pub async fn watch_pods(
                 Some(event) => Some(event),
                 None => return,
             },
-            // A mapping file can change while the slices do not.
-            _ = reread.tick(), if address_map.file.is_some() && listed => None,
+            report = report_stream.next() => {
+                match report {
+                    Some(Err(e)) => tracing::warn!(%fleet, error = %e, "ModelSync watch"),
+                    Some(Ok(Event::InitDone)) => reports_listed = true,
+                    _ => {}
+                }
+                None
+            }
+            // A mapping file (and the ModelSet's hot models) can change while the slices do not.
+            _ = reread.tick(), if address_map.file.is_some() || model_set.is_some() => None,
         };
         match event {
             Some(Ok(Event::Init | Event::InitApply(_))) => continue,
@@ -131,11 +173,28 @@ pub async fn watch_pods(
                 tracing::warn!(%fleet, error = %e, "EndpointSlice watch");
                 continue;
             }
-            Some(Ok(_)) | None => {}
+            Some(Ok(_)) => listed = true,
+            None => {}
         }
-        listed = true;
+        if !listed || !reports_listed {
+            continue;
+        }
         let mut eps = endpoints(&reader.state(), "http");
         address_map.apply(&mut eps);
+        if let Some(model_set) = &model_set {
+            let Some(catalog) = catalogs.get(&fleet) else {
+                continue;
+            };
+            let reports = reports.state();
+            for ep in &mut eps {
+                ep.models = PodModels::of_node(
+                    ep.node.as_deref(),
+                    model_set,
+                    &reports,
+                    catalog.hot.as_ref(),
+                );
+            }
+        }
         engine.sync_pods(&fleet, eps)
     }
 }
@@ -147,6 +206,8 @@ pub struct FleetCatalog {
     pub ready: bool,
     pub revision: String,
     pub keys: BTreeSet<String>,
+    /// The ModelSet's hot models (`spec.hot`), if it names any.
+    pub hot: Option<HotSet>,
 }
 
 #[derive(Default)]
@@ -226,6 +287,9 @@ pub async fn watch_catalog(
                 ready,
                 revision: status.revision.clone(),
                 keys,
+                hot: (!ms.spec.hot.is_empty())
+                    .then(|| HotSet::new(&ms.spec.hot))
+                    .flatten(),
             },
         );
     }

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod outputs;
 pub mod placement;
+pub mod pod_models;
 pub mod store;
 pub mod webhook;
 pub mod workflow;
@@ -252,10 +253,14 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         tokio::spawn(discovery::watch_pods(
             client.clone(),
             args.namespace.clone(),
-            fleet.name.clone(),
-            fleet.service.clone(),
+            discovery::WatchedFleet {
+                name: fleet.name.clone(),
+                service: fleet.service.clone(),
+                model_set: fleet.model_set.clone(),
+            },
             engine.clone(),
             endpoint_map.clone(),
+            catalogs.clone(),
         ));
         if let Some(ms) = &fleet.model_set {
             tokio::spawn(discovery::watch_catalog(

@@ -40,6 +40,7 @@ pub struct GlobError {
 }
 
 /// Include and exclude globs over keys relative to the prefix. Empty include = all.
+#[derive(Debug)]
 pub struct Filter {
     include: Option<GlobSet>,
     exclude: GlobSet,

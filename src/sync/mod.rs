@@ -17,6 +17,7 @@ pub mod paths;
 pub mod plan;
 mod resume;
 pub mod timeline;
+pub mod warm;
 mod writeback;
 
 use std::collections::BTreeSet;

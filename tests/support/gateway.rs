@@ -232,6 +232,7 @@ pub async fn publish_pod(
         "endpoints": [{
             "addresses": [pod_ip(index)],
             "conditions": {"ready": true},
+            "nodeName": format!("node-{index}"),
             "targetRef": {"kind": "Pod", "namespace": namespace, "name": fake.name},
         }],
     });

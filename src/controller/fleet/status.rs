@@ -534,6 +534,7 @@ mod tests {
                 String::new()
             },
             command_id: None,
+            hot_ready: false,
         }
     }
 

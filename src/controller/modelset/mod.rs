@@ -234,15 +234,16 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
         ctx.sqs.ensure(&key, url, me, prefix, region);
     }
 
-    let filter = match Filter::new(&ms.spec.include, &ms.spec.exclude) {
+    // The hot globs are the agent's, but a bad one is the spec's error: said here, once.
+    let filter = Filter::new(&ms.spec.hot, &[])
+        .map_err(|e| format!("spec.hot: {e}"))
+        .and_then(|_| {
+            Filter::new(&ms.spec.include, &ms.spec.exclude).map_err(|e| format!("spec: {e}"))
+        });
+    let filter = match filter {
         Ok(f) => f,
         Err(e) => {
-            let invalid = [DesiredCondition::new(
-                READY,
-                false,
-                Reason::InvalidSpec,
-                e.to_string(),
-            )];
+            let invalid = [DesiredCondition::new(READY, false, Reason::InvalidSpec, e)];
             write_status(ctx, ms, None, &invalid, live).await?;
             return Ok(Action::await_change());
         }

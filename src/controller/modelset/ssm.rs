@@ -152,6 +152,7 @@ pub async fn sync_instances(
             bytes_done: 0,
             message: String::new(),
             command_id: Some(command_id.clone()),
+            hot_ready: false,
         }));
     }
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);

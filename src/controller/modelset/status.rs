@@ -183,6 +183,7 @@ mod tests {
             bytes_done: 0,
             message: String::new(),
             command_id: None,
+            hot_ready: false,
         };
         let status = ModelSetStatus {
             revision: "r2".into(),

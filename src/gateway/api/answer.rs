@@ -78,6 +78,9 @@ pub(super) async fn view(state: &ApiState, job: &Job) -> Value {
         let signal = state.engine.signals.get(&job.fleet);
         if let Some(message) = signal.no_capacity {
             v["waiting"] = json!({"reason": "NoCapacity", "message": message});
+        } else if state.engine.waits_for_models(&job.id) {
+            v["waiting"] = json!({"reason": "ModelsSyncing",
+                "message": "the fleet's ready pods are on nodes that hold only the ModelSet's hot models so far, and this job needs others; it runs when a node holds them"});
         } else if state.max_cold_start_wait.is_some() && state.engine.ready_pods(&job.fleet) == 0 {
             v["waiting"] = json!({"reason": "ColdStart",
                 "message": "the fleet has no ready pod: one is starting (node, models, image)"});

@@ -14,6 +14,7 @@ use crate::gateway::job::{Job, JobError, JobState, now_millis};
 use crate::gateway::lifecycle::{self, Transition};
 use crate::gateway::metrics::GatewayMetrics;
 use crate::gateway::placement::{self, PodLoad, Queued};
+use crate::gateway::pod_models::PodModels;
 
 impl Engine {
     /// Discovery's view of one fleet's pods: new pods get a worker, gone pods give their
@@ -41,6 +42,7 @@ impl Engine {
         for ep in endpoints {
             if let Some(pod) = st.pods.get_mut(&ep.name) {
                 pod.ready = ep.ready;
+                pod.models = ep.models.clone();
                 if pod.client.base != ep.url {
                     // Same name, new address: a new pod behind an old name.
                     pod.task.abort();
@@ -76,6 +78,7 @@ impl Engine {
                     handing_off: Vec::new(),
                     overran: None,
                     checkpoint: None,
+                    models: ep.models.clone(),
                     ran_any: false,
                     socket: 0,
                     prompted_on: HashMap::new(),
@@ -216,7 +219,9 @@ impl Engine {
         out
     }
 
-    /// The next hand-off of `fleet`'s queue, by the placement policy: (job, pod).
+    /// The next hand-off of `fleet`'s queue, by the placement policy: (job, pod). Pods
+    /// whose nodes hold the whole ModelSet are placed first; a pod on a node with only
+    /// the hot models then gets a job whose models are all hot, if one waits.
     pub(super) fn choose_locked(
         &self,
         st: &State,
@@ -224,16 +229,6 @@ impl Engine {
         now: u64,
     ) -> Option<(String, String)> {
         let queue = st.queues.get(fleet)?;
-        let queued: VecDeque<Queued> = queue
-            .iter()
-            .take(placement::WINDOW)
-            .filter_map(|id| st.jobs.get(id))
-            .map(|j| Queued {
-                id: &j.id,
-                checkpoint: j.checkpoint.as_deref(),
-                waited: Duration::from_millis(now.saturating_sub(j.created_at)),
-            })
-            .collect();
         let mut names: Vec<&String> = st
             .pods
             .iter()
@@ -247,7 +242,40 @@ impl Engine {
             .map(|(n, _)| n)
             .collect();
         names.sort();
-        let loads: Vec<PodLoad> = names
+        let (whole, hot): (Vec<&String>, Vec<&String>) = names
+            .into_iter()
+            .partition(|n| st.pods[*n].models == PodModels::All);
+        self.place(st, queue, &whole, None, now).or_else(|| {
+            let models = &st.pods[*hot.first()?].models;
+            self.place(st, queue, &hot, Some(models), now)
+        })
+    }
+
+    /// The placement policy over `pods`, among the queued jobs that `models` (when given)
+    /// runs.
+    fn place(
+        &self,
+        st: &State,
+        queue: &VecDeque<String>,
+        pods: &[&String],
+        models: Option<&PodModels>,
+        now: u64,
+    ) -> Option<(String, String)> {
+        if pods.is_empty() {
+            return None;
+        }
+        let queued: VecDeque<Queued> = queue
+            .iter()
+            .filter_map(|id| st.jobs.get(id))
+            .filter(|j| models.is_none_or(|m| m.runs(&j.prompt)))
+            .take(placement::WINDOW)
+            .map(|j| Queued {
+                id: &j.id,
+                checkpoint: j.checkpoint.as_deref(),
+                waited: Duration::from_millis(now.saturating_sub(j.created_at)),
+            })
+            .collect();
+        let loads: Vec<PodLoad> = pods
             .iter()
             .map(|n| {
                 let p = &st.pods[*n];
@@ -262,6 +290,21 @@ impl Engine {
         let max_skip = Duration::from_secs(30);
         placement::next(self.settings.placement, &queued, &loads, max_skip)
             .map(|(j, p)| (queued[j].id.to_string(), loads[p].name.to_string()))
+    }
+
+    /// True when job `id` waits only because every ready pod of its fleet is on a node
+    /// that holds just the hot models, and the job needs more.
+    pub fn waits_for_models(&self, id: &str) -> bool {
+        let st = self.lock();
+        let Some(job) = st.jobs.get(id) else {
+            return false;
+        };
+        let mut ready = st
+            .pods
+            .values()
+            .filter(|p| p.fleet == job.fleet && p.ready)
+            .peekable();
+        ready.peek().is_some() && ready.all(|p| !p.models.runs(&job.prompt))
     }
 
     /// Puts job `id` (out of its queue) on `pod_name`: assigned and in hand-off. The job

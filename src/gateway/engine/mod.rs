@@ -22,6 +22,7 @@ use super::lifecycle::{self, Transition};
 use super::metrics::GatewayMetrics;
 use super::outputs::OutputStore;
 use super::placement::Placement;
+use super::pod_models::PodModels;
 use super::store::Store;
 use super::webhook::Webhooks;
 
@@ -81,6 +82,10 @@ pub struct Endpoint {
     pub url: String,
     /// Ready and not terminating: may get new jobs.
     pub ready: bool,
+    /// The node it runs on (the EndpointSlice's `nodeName`).
+    pub node: Option<String>,
+    /// What its node holds of the fleet's ModelSet.
+    pub models: PodModels,
 }
 
 enum PodCommand {
@@ -103,6 +108,8 @@ struct Pod {
     /// until it has stopped it (a hung ComfyUI would queue them behind it).
     overran: Option<String>,
     checkpoint: Option<String>,
+    /// What its node holds: a pod on a node with only the hot models gets only jobs of those.
+    models: PodModels,
     ran_any: bool,
     /// Which websocket connection is up (counts connects): the events of a prompt sent
     /// while connection N was up all arrive on N, as long as N stays up.
