@@ -270,9 +270,11 @@ async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminat
         .send()
         .await
         .unwrap();
+    // moto lists every command whatever the filter: the build's are those its comment names.
     let pulls: Vec<String> = commands
         .commands()
         .iter()
+        .filter(|c| c.comment().is_some_and(|m| m.ends_with(&name)))
         .flat_map(|c| {
             c.parameters()
                 .and_then(|p| p.get("commands"))
