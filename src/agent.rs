@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
@@ -26,8 +27,8 @@ use tokio::task::JoinHandle;
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
 use crate::crd::{FleetClass, ModelSync};
 use crate::names::{
-    MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY, OWNER_NAMESPACE_KEY,
-    label_value, models_dir,
+    GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY,
+    OWNER_NAMESPACE_KEY, label_value, models_dir,
 };
 use crate::policy;
 use crate::storage;
@@ -182,6 +183,8 @@ struct State {
     classes: Store<FleetClass>,
     /// The last report per ModelSync name; absent until read once.
     reported: HashMap<String, Option<NodeSync>>,
+    /// When this agent first saw `nvidia.com/gpu` allocatable on its node.
+    gpu_seen: Option<Time>,
 }
 
 impl Agent {
@@ -208,6 +211,7 @@ impl Agent {
             model_set: None,
             classes,
             reported: HashMap::new(),
+            gpu_seen: None,
         };
         tokio::pin!(shutdown);
         loop {
@@ -240,6 +244,9 @@ impl Agent {
             tracing::debug!(node = %self.node, "node not found; waiting");
             return Ok(());
         };
+        if state.gpu_seen.is_none() && gpu_allocatable(&node) {
+            state.gpu_seen = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        }
         let Some((ns, name)) = wanted(&node) else {
             tracing::debug!(node = %self.node, "no fleet with a ModelSet on this node; nothing to sync");
             return Ok(());
@@ -317,6 +324,7 @@ impl Agent {
             let last = reports.api.get_opt(&key).await?.map(|r| r.spec.report);
             state.reported.insert(key.clone(), last);
         }
+        let gpu_seen = state.gpu_seen.clone();
         let mine = state.reported.get_mut(&key);
         let Some(mine) = mine else {
             return Ok(());
@@ -339,6 +347,9 @@ impl Agent {
             }
             return Ok(());
         }
+        // The GPU's time lands in the report before a sync that may take minutes, and
+        // after the first one when there was no report yet.
+        self.stamp_gpu(&reports, mine, gpu_seen.as_ref()).await?;
         let startup_taint = has_startup_taint(&node);
         let outcome = self.sync_one(&reports, mine, &ns, startup_taint).await?;
         if outcome != Outcome::Missing && startup_taint {
@@ -348,7 +359,25 @@ impl Agent {
             // Pods may start now; the rest of the catalog follows in the background.
             self.sync_one(&reports, mine, &ns, false).await?;
         }
-        Ok(())
+        self.stamp_gpu(&reports, mine, gpu_seen.as_ref()).await
+    }
+
+    /// Writes when the GPU became allocatable into the report, once.
+    async fn stamp_gpu(
+        &self,
+        reports: &Reports<'_>,
+        mine: &mut Option<NodeSync>,
+        seen: Option<&Time>,
+    ) -> Result<(), AgentError> {
+        let (Some(seen), Some(last)) = (seen, mine.as_ref()) else {
+            return Ok(());
+        };
+        if last.gpu_allocatable_at.is_some() {
+            return Ok(());
+        }
+        let mut entry = last.clone();
+        entry.gpu_allocatable_at = Some(seen.clone());
+        self.report(reports, mine, entry).await
     }
 
     /// Brings the node to the ModelSet's catalog. On a node that still has its startup
@@ -529,6 +558,7 @@ impl Agent {
             message: NodeSync::bounded(message),
             command_id: None,
             hot_ready: false,
+            gpu_allocatable_at: None,
         }
     }
 
@@ -537,8 +567,11 @@ impl Agent {
         &self,
         reports: &Reports<'_>,
         mine: &mut Option<NodeSync>,
-        entry: NodeSync,
+        mut entry: NodeSync,
     ) -> Result<(), AgentError> {
+        if entry.gpu_allocatable_at.is_none() {
+            entry.gpu_allocatable_at = mine.as_ref().and_then(|m| m.gpu_allocatable_at.clone());
+        }
         let owners: std::collections::BTreeMap<String, String> = reports
             .node
             .labels()
@@ -618,6 +651,15 @@ struct Reports<'a> {
     model_set: &'a ModelSet,
 }
 
+/// The node advertises GPUs: its device plugin registered with the kubelet.
+fn gpu_allocatable(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.allocatable.as_ref())
+        .and_then(|a| a.get(GPU_RESOURCE))
+        .is_some_and(|q| q.0 != "0")
+}
+
 fn has_startup_taint(node: &Node) -> bool {
     node.spec
         .as_ref()
@@ -630,6 +672,7 @@ fn has_startup_taint(node: &Node) -> bool {
 fn node_changes(node: &Node) -> Option<u64> {
     let mut h = DefaultHasher::new();
     node.metadata.labels.hash(&mut h);
+    gpu_allocatable(node).hash(&mut h);
     serde_json::to_string(&node.spec.as_ref().map(|s| &s.taints))
         .unwrap_or_default()
         .hash(&mut h);

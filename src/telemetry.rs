@@ -76,7 +76,7 @@ pub struct FleetLabels {
 }
 
 /// The phases of a cold start, in order (`status.autoscaling.coldStart`).
-pub const COLD_START_PHASES: [&str; 4] = ["node", "models", "image", "ready"];
+pub const COLD_START_PHASES: [&str; 6] = ["node", "node_ready", "gpu", "models", "image", "ready"];
 
 /// One phase of a cold start (`COLD_START_PHASES`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

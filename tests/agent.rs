@@ -122,6 +122,29 @@ fn world_readable_binary() -> PathBuf {
     bin
 }
 
+/// The controller of namespace `ns`, as the chart's ServiceAccount of `release`.
+fn start_controller(tb: &Testbed, ns: &str, release: &str, release_ns: &str) -> ControllerProcess {
+    let as_controller =
+        support::impersonating_kubeconfig(tb, release_ns, &format!("{release}-sdfleet"));
+    let mut env = tb.aws_env();
+    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
+    ControllerProcess::start_with_env(tb, ns, &["--operator-namespace", release_ns], &env)
+}
+
+/// The name of fleet `sdxl`'s GPU node in `ns`, once it is up with its startup taint.
+async fn tainted_gpu_node(nodes: &Api<Node>, ns: &str) -> String {
+    let pool = format!("{ns}.sdxl");
+    let node = eventually("a GPU node with the startup taint", WAIT, || async {
+        let list = nodes
+            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
+            .await
+            .ok()?;
+        list.items.into_iter().find(has_taint)
+    })
+    .await;
+    node.name_any()
+}
+
 /// The node agent of `node_name`, started as the rendered DaemonSet runs it: its init
 /// container first (as root with only its capabilities), then the agent under the chart's
 /// agent identity (a node-bound token) and its rendered user; and its models root.
@@ -217,16 +240,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent").await;
     let (release, release_ns) = support::install_release(tb, "agent");
-    let as_controller =
-        support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
-    let mut env = tb.aws_env();
-    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
-    let controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &["--operator-namespace", &release_ns],
-        &env,
-    );
+    let controller = start_controller(tb, &ns.name, &release, &release_ns);
     let ssa = PatchParams::apply("test-user").force();
     // The team's own class: its namespace, its bucket.
     let class = format!("agent-{}", unique_suffix());
@@ -259,16 +273,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
 
     // The GPU node comes up with the startup taint, and the ComfyUI pod waits.
     let nodes: Api<Node> = Api::all(client.clone());
-    let pool = format!("{}.sdxl", ns.name);
-    let node = eventually("a GPU node with the startup taint", WAIT, || async {
-        let list = nodes
-            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
-            .await
-            .ok()?;
-        list.items.into_iter().find(has_taint)
-    })
-    .await;
-    let node_name = node.name_any();
+    let node_name = tainted_gpu_node(&nodes, &ns.name).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let comfy = ListParams::default().labels("app.kubernetes.io/instance=sdxl");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -302,6 +307,23 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         },
     )
     .await;
+    // The node advertises its GPU (kwok's g5.2xlarge): the agent wrote down when it saw
+    // it, for the cold start's GPU phase.
+    let gpu_at = eventually("the GPU's time in the report", WAIT, || async {
+        reports
+            .get(&report_name)
+            .await
+            .ok()?
+            .spec
+            .report
+            .gpu_allocatable_at
+    })
+    .await;
+    let node = nodes.get(&node_name).await.unwrap();
+    assert!(
+        gpu_at.0 >= node.metadata.creation_timestamp.unwrap().0,
+        "{gpu_at:?}"
+    );
     assert_eq!(
         std::fs::read(dir.join("checkpoints/sdxl.safetensors")).unwrap(),
         b"checkpoint weights"
@@ -464,12 +486,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         "the status still admits it: the agent's own check refused it"
     );
     drop(agent);
-    let _controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &["--operator-namespace", &release_ns],
-        &env,
-    );
+    let _controller = start_controller(tb, &ns.name, &release, &release_ns);
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {
         cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
@@ -521,16 +538,7 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent-hot").await;
     let (release, release_ns) = support::install_release(tb, "agent-hot");
-    let as_controller =
-        support::impersonating_kubeconfig(tb, &release_ns, &format!("{release}-sdfleet"));
-    let mut env = tb.aws_env();
-    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
-    let _controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &["--operator-namespace", &release_ns],
-        &env,
-    );
+    let _controller = start_controller(tb, &ns.name, &release, &release_ns);
     let ssa = PatchParams::apply("test-user").force();
     let class = format!("agent-hot-{}", unique_suffix());
     let classes: Api<FleetClass> = Api::all(client.clone());
@@ -566,16 +574,7 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();
 
     let nodes: Api<Node> = Api::all(client.clone());
-    let pool = format!("{}.sdxl", ns.name);
-    let node = eventually("a GPU node with the startup taint", WAIT, || async {
-        let list = nodes
-            .list(&ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}")))
-            .await
-            .ok()?;
-        list.items.into_iter().find(has_taint)
-    })
-    .await;
-    let node_name = node.name_any();
+    let node_name = tainted_gpu_node(&nodes, &ns.name).await;
     let (_agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name);
     let dir = root.join(&ns.name).join("sdxl-models");
     let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);

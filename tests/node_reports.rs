@@ -31,6 +31,7 @@ async fn report(syncs: &Api<ModelSync>, ms: &ModelSet, node: &Node) -> usize {
         message: NodeSync::bounded(&"x".repeat(5000)),
         command_id: None,
         hot_ready: false,
+        gpu_allocatable_at: None,
     };
     let body = ModelSync::apply_body(ms, node, &BTreeMap::new(), &entry);
     let name = body["metadata"]["name"].as_str().unwrap().to_string();

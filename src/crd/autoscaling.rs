@@ -118,8 +118,16 @@ pub struct ColdStart {
     /// Seconds from the decision to the pod's node joining (0: a node was there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_seconds: Option<f64>,
-    /// Seconds from the node joining to the pod being scheduled on it: the models'
-    /// sync (the node's startup taint) and scheduling.
+    /// Seconds from the node joining to its `Ready` condition (kubelet, network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ready_seconds: Option<f64>,
+    /// Seconds from the node's `Ready` to `nvidia.com/gpu` allocatable (the device
+    /// plugin), as the node agent first saw it; unset for a fleet without a ModelSet
+    /// (no agent on its nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_seconds: Option<f64>,
+    /// Seconds from there to the pod being scheduled on the node: the models' sync (the
+    /// node's startup taint) and scheduling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models_seconds: Option<f64>,
     /// Seconds from scheduling to the container running: image pull and start.

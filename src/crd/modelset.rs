@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -208,6 +208,10 @@ pub struct NodeSync {
     /// startup taint is off, while the rest may still be syncing (`state: Syncing`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hot_ready: bool,
+    /// Agent: when it first saw `nvidia.com/gpu` allocatable on the node (the device
+    /// plugin registered), for the cold-start phases. The kubelet records no such time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_allocatable_at: Option<Time>,
 }
 
 /// The longest `status.nodes[].message`: every node writes one, so the object's size

@@ -87,6 +87,8 @@ mod tests {
             started_at: Time(Timestamp::from_millisecond(started).unwrap()),
             ready_at: ready.map(|r| Time(Timestamp::from_millisecond(r).unwrap())),
             node_seconds: Some(30.0),
+            node_ready_seconds: None,
+            gpu_seconds: None,
             models_seconds: Some(20.0),
             image_seconds: Some(5.0),
             ready_seconds: Some(10.0),

@@ -132,6 +132,8 @@ impl Plan {
                 started_at: Time(now),
                 ready_at: None,
                 node_seconds: None,
+                node_ready_seconds: None,
+                gpu_seconds: None,
                 models_seconds: None,
                 image_seconds: None,
                 ready_seconds: None,
@@ -265,7 +267,13 @@ pub fn capacity(
 }
 
 /// The open cold start, with its phases once a pod is ready (the first one).
-pub fn cold_start_phases(cold: &ColdStart, pods: &[Pod], nodes: &[Node]) -> ColdStart {
+/// `gpu_allocatable_at` is when a node's agent first saw its GPUs allocatable.
+pub fn cold_start_phases(
+    cold: &ColdStart,
+    pods: &[Pod],
+    nodes: &[Node],
+    gpu_allocatable_at: &dyn Fn(&str) -> Option<Timestamp>,
+) -> ColdStart {
     if cold.ready_at.is_some() {
         return cold.clone();
     }
@@ -284,18 +292,28 @@ pub fn cold_start_phases(cold: &ColdStart, pods: &[Pod], nodes: &[Node]) -> Cold
     let start = cold.started_at.0;
     let secs =
         |a: Timestamp, b: Timestamp| (b.duration_since(a).as_millis() as f64 / 1000.0).max(0.0);
-    let node_joined = pod
+    let node = pod
         .spec
         .as_ref()
         .and_then(|s| s.node_name.as_deref())
-        .and_then(|n| nodes.iter().find(|node| node.name_any() == n))
+        .and_then(|n| nodes.iter().find(|node| node.name_any() == n));
+    let node_joined = node
         .and_then(|n| n.metadata.creation_timestamp.as_ref().map(|t| t.0))
         .map(|t| t.max(start))
         .unwrap_or(start);
+    let node_ready = node
+        .and_then(|n| n.status.as_ref()?.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"))
+        .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
+        .map(|t| t.max(node_joined));
+    let gpu = node
+        .and_then(|n| gpu_allocatable_at(&n.name_any()))
+        .map(|t| t.max(node_ready.unwrap_or(node_joined)));
+    let models_from = gpu.or(node_ready).unwrap_or(node_joined);
     let scheduled = condition(pod, "PodScheduled")
         .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0))
-        .unwrap_or(node_joined)
-        .max(node_joined);
+        .unwrap_or(models_from)
+        .max(models_from);
     let running = pod
         .status
         .as_ref()
@@ -317,7 +335,9 @@ pub fn cold_start_phases(cold: &ColdStart, pods: &[Pod], nodes: &[Node]) -> Cold
         started_at: cold.started_at.clone(),
         ready_at: Some(Time(ready)),
         node_seconds: Some(secs(start, node_joined)),
-        models_seconds: Some(secs(node_joined, scheduled)),
+        node_ready_seconds: node_ready.map(|t| secs(node_joined, t)),
+        gpu_seconds: gpu.map(|t| secs(node_ready.unwrap_or(node_joined), t)),
+        models_seconds: Some(secs(models_from, scheduled)),
         image_seconds: Some(secs(scheduled, running)),
         ready_seconds: Some(secs(running, ready)),
     }
@@ -513,27 +533,52 @@ mod tests {
               "containerStatuses": [{"name": "c", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
                 "state": {"running": {"startedAt": t(70)}}}]}}))
         .unwrap();
-        let node: Node =
-            serde_json::from_value(json!({"metadata": {"name": "n", "creationTimestamp": t(40)}}))
-                .unwrap();
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n", "creationTimestamp": t(40)},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": t(43)}]}}))
+        .unwrap();
         let cold = ColdStart {
             started_at: Time(at(0)),
             ready_at: None,
             node_seconds: None,
+            node_ready_seconds: None,
+            gpu_seconds: None,
             models_seconds: None,
             image_seconds: None,
             ready_seconds: None,
         };
-        let done = cold_start_phases(&cold, &[pod], &[node]);
+        // The agent saw the GPUs at 45: node 40 s, Ready 3 s, GPU 2 s, models 5 s.
+        let gpu_at = |n: &str| (n == "n").then(|| at(45));
+        let done = cold_start_phases(
+            &cold,
+            std::slice::from_ref(&pod),
+            std::slice::from_ref(&node),
+            &gpu_at,
+        );
         assert_eq!(done.ready_at, Some(Time(at(90))));
         assert_eq!(
             (
                 done.node_seconds,
+                done.node_ready_seconds,
+                done.gpu_seconds,
                 done.models_seconds,
                 done.image_seconds,
                 done.ready_seconds
             ),
-            (Some(40.0), Some(10.0), Some(20.0), Some(20.0))
+            (
+                Some(40.0),
+                Some(3.0),
+                Some(2.0),
+                Some(5.0),
+                Some(20.0),
+                Some(20.0)
+            )
+        );
+        // No agent (a fleet without a ModelSet): no GPU phase, models from Ready.
+        let without = cold_start_phases(&cold, &[pod], &[node], &|_| None);
+        assert_eq!(
+            (without.gpu_seconds, without.models_seconds),
+            (None, Some(7.0))
         );
     }
 }

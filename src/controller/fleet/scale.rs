@@ -37,6 +37,8 @@ pub(super) fn record_cold_start(
     }
     let seconds = [
         cold.node_seconds,
+        cold.node_ready_seconds,
+        cold.gpu_seconds,
         cold.models_seconds,
         cold.image_seconds,
         cold.ready_seconds,
@@ -136,7 +138,20 @@ pub(super) async fn scale(
         .filter(|c| c.ready_at.is_none())
     {
         let nodes = caches.nodes_of_pool(&fleet.nodepool());
-        plan.status.cold_start = Some(autoscale::cold_start_phases(&cold, &pods, &nodes));
+        // The agents' reports say when each node's GPUs became allocatable.
+        let reports = cud
+            .spec
+            .model_set
+            .as_deref()
+            .map(|ms| caches.reports_of(&fleet.namespace, ms))
+            .unwrap_or_default();
+        let gpu_at = |node: &str| {
+            reports
+                .iter()
+                .find(|r| r.node == node)
+                .and_then(|r| r.gpu_allocatable_at.as_ref().map(|t| t.0))
+        };
+        plan.status.cold_start = Some(autoscale::cold_start_phases(&cold, &pods, &nodes, &gpu_at));
     }
     Ok(Scaling { plan, pods })
 }

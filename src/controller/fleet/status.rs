@@ -535,6 +535,7 @@ mod tests {
             },
             command_id: None,
             hot_ready: false,
+            gpu_allocatable_at: None,
         }
     }
 

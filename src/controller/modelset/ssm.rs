@@ -153,6 +153,7 @@ pub async fn sync_instances(
             message: String::new(),
             command_id: Some(command_id.clone()),
             hot_ready: false,
+            gpu_allocatable_at: None,
         }));
     }
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);

@@ -184,6 +184,7 @@ mod tests {
             message: String::new(),
             command_id: None,
             hot_ready: false,
+            gpu_allocatable_at: None,
         };
         let status = ModelSetStatus {
             revision: "r2".into(),
