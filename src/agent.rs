@@ -59,8 +59,9 @@ const BACKGROUND_CONCURRENCY: usize = sync::DEFAULT_CONCURRENCY / 8;
 enum Outcome {
     /// The whole catalog.
     Holds,
-    /// The hot models; the rest is still to come.
-    HotReady,
+    /// The hot models (this catalog, to be read into the page cache); the rest is still
+    /// to come.
+    HotReady(Catalog),
     /// Not what pods need: the sync failed or was refused.
     Missing,
 }
@@ -355,8 +356,11 @@ impl Agent {
         if outcome != Outcome::Missing && startup_taint {
             self.lift_taint(&Api::all(self.client.clone())).await?;
         }
-        if outcome == Outcome::HotReady {
-            // Pods may start now; the rest of the catalog follows in the background.
+        if let Outcome::HotReady(hot) = outcome {
+            // Pods may start now. The hot models are read into the page cache while the
+            // pod starts (image, imports, CUDA init: seconds before its first load), then
+            // the rest of the catalog follows in the background.
+            self.warm(&ns, &ms.name_any(), &hot).await;
             self.sync_one(&reports, mine, &ns, false).await?;
         }
         self.stamp_gpu(&reports, mine, gpu_seen.as_ref()).await
@@ -497,26 +501,19 @@ impl Agent {
                 Ok(Outcome::Missing)
             }
             Ok(done) if done.hot => {
-                let warmed = sync::warm::warm(&dest, &done.catalog, sync::warm::memory_budget())
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(node = %self.node, %modelset, error = %e, "page-cache warming failed; the hot models stay on disk only");
-                        sync::warm::Warmed::default()
-                    });
                 let files = done.catalog.objects.len();
                 let bytes = done.catalog.total_bytes();
                 tracing::info!(
                     node = %self.node, %modelset, files, bytes, fetched = done.report.downloaded,
-                    warmed_files = warmed.files, warmed_bytes = warmed.bytes, "hot models synced; lifting the startup taint"
+                    "hot models synced; lifting the startup taint"
                 );
                 let message = format!(
-                    "hot models on the node ({files} files, {bytes} bytes; {} bytes in the page cache); syncing the rest",
-                    warmed.bytes
+                    "hot models on the node ({files} files, {bytes} bytes); syncing the rest"
                 );
                 let mut entry = self.entry(NodeSyncState::Syncing, &done.revision, bytes, &message);
                 entry.hot_ready = true;
                 self.report(reports, mine, entry).await?;
-                Ok(Outcome::HotReady)
+                Ok(Outcome::HotReady(done.catalog))
             }
             Ok(done) => {
                 let report = &done.report;
@@ -591,6 +588,22 @@ impl Agent {
             .await?;
         *mine = Some(entry);
         Ok(())
+    }
+
+    /// Reads the hot models into the page cache, up to half the node's memory. A failure
+    /// leaves them on disk only: slower first loads, nothing wrong.
+    async fn warm(&self, ns: &str, name: &str, hot: &Catalog) {
+        let dest = models_dir(&self.root, ns, name);
+        match sync::warm::warm(&dest, hot, sync::warm::memory_budget()).await {
+            Ok(warmed) => tracing::info!(
+                node = %self.node, modelset = %format!("{ns}/{name}"), files = warmed.files,
+                bytes = warmed.bytes, skipped = warmed.skipped, "hot models read into the page cache"
+            ),
+            Err(e) => tracing::warn!(
+                node = %self.node, modelset = %format!("{ns}/{name}"), error = %e,
+                "page-cache warming failed; the hot models stay on disk only"
+            ),
+        }
     }
 
     /// Removes the startup taint from this node. The node is read afresh (a sync can take

@@ -87,8 +87,14 @@ impl Drop for Bridge {
 
 /// Gives each pod of fleet `sdxl`, once it has an address, a fake ComfyUI of its own (a
 /// new pod is a fresh ComfyUI), mapped in the gateway's `--endpoint-map-file`.
-/// Bounded: 30 minutes and 200 pods at most.
-pub fn bridge(client: Client, namespace: String, output_dir: PathBuf, file: PathBuf) -> Bridge {
+/// Bounded: 30 minutes and 200 pods at most. Each fake has `models`.
+pub fn bridge(
+    client: Client,
+    namespace: String,
+    output_dir: PathBuf,
+    file: PathBuf,
+    models: Vec<String>,
+) -> Bridge {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     tokio::spawn(async move {
@@ -108,7 +114,7 @@ pub fn bridge(client: Client, namespace: String, output_dir: PathBuf, file: Path
                         let config = FakeConfig {
                             step_time: Duration::from_millis(200),
                             switch_penalty: Duration::ZERO,
-                            models: vec![format!("checkpoints/{CKPT}")],
+                            models: models.clone(),
                             output_dir: output_dir.clone(),
                         };
                         fakes.insert(name.clone(), FakeComfy::start(&name, config).await);
@@ -151,6 +157,16 @@ pub async fn start_rendered_gateway(
     client: &Client,
     namespace: &str,
 ) -> (GatewayProcess, Bridge) {
+    start_rendered_gateway_serving(tb, client, namespace, vec![format!("checkpoints/{CKPT}")]).await
+}
+
+/// As `start_rendered_gateway`, with fakes that have `models`.
+pub async fn start_rendered_gateway_serving(
+    tb: &Testbed,
+    client: &Client,
+    namespace: &str,
+    models: Vec<String>,
+) -> (GatewayProcess, Bridge) {
     let rendered = rendered_gateway_args(client, namespace).await;
     let work = std::env::temp_dir().join(format!("fleet-{namespace}"));
     std::fs::create_dir_all(&work).unwrap();
@@ -161,6 +177,7 @@ pub async fn start_rendered_gateway(
         namespace.to_string(),
         work.join("output"),
         map_file.clone(),
+        models,
     );
     let mut args = local_args(&rendered, namespace, &work, tb);
     args.extend(["--endpoint-map-file".into(), map_file.display().to_string()]);
