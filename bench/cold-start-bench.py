@@ -72,7 +72,8 @@ def end_to_end(endpoint, b_first):
     out = subprocess.run(["cargo", "test", "--locked", "--test", "cold_start_bench", "--", "--ignored", "--nocapture"],
                          cwd=sb.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if out.returncode:
-        raise SystemExit(f"the end-to-end run failed:\n{out.stdout[-4000:]}")
+        at = out.stdout.find("panicked")
+        raise SystemExit(f"the end-to-end run failed:\n{out.stdout[max(at, 0):][:4000]}")
     return [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("COLDSTART ")]
 
 

@@ -317,6 +317,22 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .send()
         .await
         .unwrap();
+    // More models than the ModelSet's status holds: the rest of the catalog is in
+    // ConfigMaps beside it, which the gateway reads under its own role.
+    futures::future::join_all(
+        (0..sdfleet::controller::modelset::catalog_maps::MODELS_IN_STATUS).map(|i| {
+            s3.put_object()
+                .bucket(&models)
+                .key(format!("loras/lora_{i:03}.safetensors"))
+                .body(b"lora".to_vec().into())
+                .send()
+        }),
+    )
+    .await
+    .into_iter()
+    .for_each(|r| {
+        r.unwrap();
+    });
     let key = format!("key-{}", unique_suffix());
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sdxl-keys"},
