@@ -93,6 +93,9 @@ def e2e_table(runs):
     for label, key in rows:
         a, b = med("A", key), med("B", key)
         lines.append(f"| {label} | {a:.1f} | {b:.1f} | {100 * b / a:.0f}% |" if a else f"| {label} | {a:.1f} | {b:.1f} | |")
+    lines += ["", "The node phase is Karpenter's kwok provider (its batching window and the previous case's "
+              "node going away): it varies between runs and is not a property of either case; the models "
+              "phase is what the hot set changes."]
     return "\n".join(lines)
 
 

@@ -385,9 +385,10 @@ impl Agent {
     }
 
     /// Brings the node to the ModelSet's catalog. On a node that still has its startup
-    /// taint and a ModelSet with hot models, only those are synced (then read into the
-    /// page cache): the caller lifts the taint and calls again for the rest, which then
-    /// runs at `BACKGROUND_CONCURRENCY` so that it does not slow the first job.
+    /// taint, or holds nothing of the set yet, and a ModelSet with hot models, only those
+    /// are synced: the caller lifts the taint, reads them into the page cache and calls
+    /// again for the rest, which then runs at `BACKGROUND_CONCURRENCY` so that it does not
+    /// slow the first job.
     async fn sync_one(
         &self,
         reports: &Reports<'_>,
@@ -413,7 +414,10 @@ impl Agent {
             .as_ref()
             .is_some_and(|m| m.hot_ready && m.revision == status.revision);
         let spec = &ms.spec;
-        let hot_first = startup_taint && !spec.hot.is_empty() && !hot_done;
+        // Pods wait for the taint, or the node has nothing of the set yet (its taint may
+        // still be on its way): the hot models first.
+        let fresh = !sync::has_manifest(&dest);
+        let hot_first = (startup_taint || fresh) && !spec.hot.is_empty() && !hot_done;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
             let store = storage::open(&spec.source, self.region.as_deref())

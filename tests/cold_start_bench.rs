@@ -150,12 +150,16 @@ async fn one_case(tb: &Testbed, case: &str, hot: Option<&str>) -> Value {
     let by_pool = ListParams::default().labels(&format!("karpenter.sh/nodepool={pool}"));
     let mut agent = None;
     let (mut node_at, mut untainted_at, mut running_at) = (None, None, None);
+    let mut seen_taint = false;
     let deadline = Instant::now() + WAIT;
     while running_at.is_none() && Instant::now() < deadline {
         if let Ok(list) = nodes.list(&by_pool).await
             && let Some(node) = list.items.first()
         {
-            if agent.is_none() {
+            // The agent's DaemonSet pod starts on a registered node, which carries the
+            // startup taint (the kubelet registers with it; kwok's node gets it a moment
+            // after it appears).
+            if agent.is_none() && tainted(node) {
                 node_at = Some(submitted.elapsed());
                 let name = node.name_any();
                 let log = std::fs::File::create(
@@ -175,7 +179,9 @@ async fn one_case(tb: &Testbed, case: &str, hot: Option<&str>) -> Value {
                         .unwrap(),
                 ));
             }
-            if untainted_at.is_none() && !tainted(node) && agent.is_some() {
+            // Karpenter registers the node first and taints it a moment later.
+            seen_taint |= tainted(node);
+            if untainted_at.is_none() && seen_taint && !tainted(node) {
                 untainted_at = Some(submitted.elapsed());
             }
         }

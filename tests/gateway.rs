@@ -899,10 +899,14 @@ async fn webhooks_to_internal_addresses_are_refused_at_submit_or_never_sent() {
 /// Adds key `id` to the gateway's mounted keys directory (`admin`: with the admin role)
 /// and waits until the gateway, which re-reads it every 5 s, takes it.
 async fn add_api_key(env: &Env, id: &str, admin: bool) -> ApiClient {
+    add_api_key_with(env, id, if admin { "admin" } else { "" }).await
+}
+
+/// As `add_api_key`, with `words` after the hash (role, share settings).
+async fn add_api_key_with(env: &Env, id: &str, words: &str) -> ApiClient {
     let key = format!("{id}-{}", unique_suffix());
     let hash = sdfleet::gateway::auth::hash_key(&key);
-    let value = if admin { format!("{hash} admin") } else { hash };
-    std::fs::write(env.work.join("keys").join(id), value).unwrap();
+    std::fs::write(env.work.join("keys").join(id), format!("{hash} {words}")).unwrap();
     let api = ApiClient::new(&env.gateway.url(""), &key);
     eventually(
         &format!("the gateway to take key {id}"),
@@ -1727,4 +1731,96 @@ async fn a_job_needing_a_model_its_node_has_not_synced_yet_waits_with_a_reason()
     let done = api.wait_final(&id, Duration::from_secs(30)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     drop(env.ns);
+}
+
+/// Submits `n` one-step jobs as `api` (each 201); their ids.
+async fn submit_many(api: &ApiClient, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let (status, job) = api.submit(json!({"prompt": workflow(CKPT, 1)})).await;
+        assert_eq!(status, 201, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_late_small_batch_goes_in_turn_with_a_large_one_and_a_capped_key_waits() {
+    // One pod (two slots: one running, one prefetched), jobs of one 40 ms step.
+    let mut env = setup(Setup {
+        step_ms: 40,
+        ..Default::default()
+    })
+    .await;
+    let bulk = env.api();
+    let small = add_api_key(&env, "small", false).await;
+    let capped = add_api_key_with(&env, "capped", "max-running=1").await;
+
+    // 40 jobs of one key, then 3 of another while those wait: the 3 are next in line,
+    // in turn with the 40, not behind them.
+    let bulk_ids = submit_many(&bulk, 40).await;
+    let small_ids = submit_many(&small, 3).await;
+    let mut positions = Vec::new();
+    for id in &small_ids {
+        positions.push(small.job(id).await["queue_position"].as_u64());
+    }
+    let mut starts = Vec::new();
+    for id in bulk_ids.iter().chain(&small_ids) {
+        let done = bulk_or_small(&bulk, &small, &small_ids, id)
+            .wait_final(id, Duration::from_secs(60))
+            .await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let started = done["timings"]["started_at"].as_str().unwrap().to_string();
+        starts.push((started, small_ids.contains(id)));
+    }
+    starts.sort();
+    let small_ranks: Vec<usize> = starts
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, is_small))| *is_small)
+        .map(|(rank, _)| rank)
+        .collect();
+    // The bulk key's jobs already on the pod (two slots) go first, then turn by turn (a
+    // job storing its outputs still counts for its key): under FIFO, ranks 40 to 42.
+    assert!(
+        small_ranks.iter().all(|r| *r < 15),
+        "the small batch started at ranks {small_ranks:?} of 43"
+    );
+    // Those still queued when asked (the first may already be on the pod) are near the
+    // front, though 30-odd of the bulk key's jobs were queued before them.
+    assert!(
+        positions.iter().flatten().count() >= 2 && positions.iter().flatten().all(|p| *p < 10),
+        "queue positions {positions:?}"
+    );
+
+    // A key with max-running=1 never has two jobs on the pod, though the pod has two
+    // slots and nothing else waits: the pod (ComfyUI's queue) never held two of them.
+    env.fakes[0].take_most_held();
+    let capped_ids = submit_many(&capped, 4).await;
+    for id in &capped_ids {
+        let done = capped.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    assert_eq!(env.fakes[0].take_most_held(), 1, "held at once on the pod");
+    // Per share, in the metrics.
+    let started = env
+        .gateway
+        .metric(&format!(
+            "sdfleet_gateway_share_started_jobs_total{{fleet=\"{FLEET}\",share=\"small\"}}"
+        ))
+        .await;
+    assert_eq!(started, Some(3.0));
+}
+
+fn bulk_or_small<'a>(
+    bulk: &'a ApiClient,
+    small: &'a ApiClient,
+    small_ids: &[String],
+    id: &str,
+) -> &'a ApiClient {
+    if small_ids.iter().any(|s| s == id) {
+        small
+    } else {
+        bulk
+    }
 }

@@ -6,7 +6,8 @@
 //!    interleaved job by job;
 //! 2. placement: 1,000 jobs of 3 checkpoints on 10 pods, checkpoint affinity against
 //!    random placement: jobs that ran without a checkpoint switch, and the total time;
-//! 3. the gateway's memory (RSS) with 10,000 finished jobs in its store.
+//! 3. the gateway's memory (RSS) with 10,000 finished jobs in its store;
+//! 4. fair shares: a small batch behind a large one, weights 3:1, a capped key.
 //!
 //! With `SDFLEET_BENCH_PEER_BIN=<another build's sdfleet>` (e.g. main's, built by
 //! `bench/gateway-bench.sh --peer REV`), every figure is measured for both builds in the
@@ -446,6 +447,197 @@ async fn memory(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &m
     report.push('\n');
 }
 
+/// Adds API key `id` with `words` after its hash to the keys directory of `fleet`'s
+/// gateway and waits until the gateway (which re-reads it every 5 s) takes it.
+async fn add_key(gw: &Gateway, work: &Path, fleet: &str, id: &str, words: &str) -> ApiClient {
+    let key = format!("{id}-{}", unique_suffix());
+    let hash = sdfleet::gateway::auth::hash_key(&key);
+    std::fs::write(
+        work.join(format!("{fleet}-keys")).join(id),
+        format!("{hash} {words}"),
+    )
+    .unwrap();
+    let api = ApiClient::new(&gw.process.url(""), &key);
+    eventually(
+        &format!("key {id} taken"),
+        Duration::from_secs(30),
+        || async {
+            let resp = api.get("/api/v2/jobs?limit=1").send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    )
+    .await;
+    api
+}
+
+/// Submits `n` one-step jobs as `api`; their ids.
+async fn submit_n(api: &ApiClient, n: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (code, body) = api
+            .submit(json!({"prompt": sdxl_workflow(CHECKPOINTS[0], 1)}))
+            .await;
+        assert_eq!(code, 201, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+/// The jobs' final views, once each has ended (bounded by `timeout` each).
+async fn finals(api: &ApiClient, ids: &[String], timeout: Duration) -> Vec<Value> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(api.wait_final(id, timeout).await);
+    }
+    out
+}
+
+fn timing(job: &Value, field: &str) -> jiff::Timestamp {
+    job["timings"][field]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in {job}"))
+}
+
+/// p95 of the jobs' queue waits (submit to start), seconds.
+fn p95_wait(jobs: &[Value]) -> f64 {
+    let mut waits: Vec<f64> = jobs
+        .iter()
+        .map(|j| j["timings"]["queue_seconds"].as_f64().unwrap())
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    percentile(&waits, 0.95)
+}
+
+/// The most of `jobs` on pods at once (from hand-off to end).
+fn most_at_once(jobs: &[Value]) -> i32 {
+    let mut edges: Vec<(jiff::Timestamp, i32)> = jobs
+        .iter()
+        .flat_map(|j| {
+            [
+                (timing(j, "dispatched_at"), 1),
+                (timing(j, "finished_at"), -1),
+            ]
+        })
+        .collect();
+    // An end and a hand-off in the same millisecond: the end first.
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    most
+}
+
+struct FairnessRun {
+    idle_p95: f64,
+    behind_batch_p95: f64,
+    weighted_split: f64,
+    capped_most: i32,
+}
+
+/// Fair shares on 4 pods of jobs of one 100 ms step: a small batch on an idle fleet and
+/// behind a large one, two saturating keys of weights 3 and 1, and a key capped at 2.
+async fn fairness_run(
+    tb: &Testbed,
+    client: &Client,
+    ns: &str,
+    work: &Path,
+    first: usize,
+    bin: &Path,
+) -> FairnessRun {
+    const PODS: usize = 4;
+    let long = Duration::from_secs(600);
+    let fleet = format!("fair-{first}");
+    let config = fake_config(100, 0, work.join(format!("{fleet}-output")));
+    let fakes = pods(client, ns, &fleet, first, PODS, &config).await;
+    let gw = gateway(tb, ns, &fleet, work, &fakes, first, &[], bin).await;
+    let a = add_key(&gw, work, &fleet, "a", "").await;
+    let b = add_key(&gw, work, &fleet, "b", "").await;
+    let heavy = add_key(&gw, work, &fleet, "w3", "weight=3").await;
+    let light = add_key(&gw, work, &fleet, "w1", "weight=1").await;
+    let capped = add_key(&gw, work, &fleet, "capped", "max-running=2").await;
+
+    // B's 20 on an idle fleet, then behind A's 2,000.
+    let idle = finals(&b, &submit_n(&b, 20).await, long).await;
+    let batch = submit_n(&a, 2000).await;
+    let behind = finals(&b, &submit_n(&b, 20).await, long).await;
+    for id in &batch {
+        let _ = a.post(&format!("/api/v2/jobs/{id}/cancel")).send().await;
+    }
+    finals(&a, &batch, long).await;
+
+    // Weights 3:1, both keys backlogged: who got the first 200 starts.
+    let (mut heavy_ids, mut light_ids) = (Vec::new(), Vec::new());
+    for _ in 0..300 {
+        heavy_ids.extend(submit_n(&heavy, 1).await);
+        light_ids.extend(submit_n(&light, 1).await);
+    }
+    let mut starts: Vec<(jiff::Timestamp, bool)> = finals(&heavy, &heavy_ids, long)
+        .await
+        .iter()
+        .map(|j| (timing(j, "started_at"), true))
+        .chain(
+            finals(&light, &light_ids, long)
+                .await
+                .iter()
+                .map(|j| (timing(j, "started_at"), false)),
+        )
+        .collect();
+    starts.sort();
+    let heavy_first = starts[..200].iter().filter(|(_, h)| *h).count();
+    let weighted_split = heavy_first as f64 / (200 - heavy_first).max(1) as f64;
+
+    // A key capped at 2 beside another with work: never more than 2 on pods.
+    let capped_ids = submit_n(&capped, 40).await;
+    let other = submit_n(&a, 40).await;
+    let capped_jobs = finals(&capped, &capped_ids, long).await;
+    finals(&a, &other, long).await;
+    FairnessRun {
+        idle_p95: p95_wait(&idle),
+        behind_batch_p95: p95_wait(&behind),
+        weighted_split,
+        capped_most: most_at_once(&capped_jobs),
+    }
+}
+
+async fn fairness(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
+    let mut runs = Vec::new();
+    for (i, build) in builds().iter().enumerate() {
+        let run = fairness_run(tb, client, ns, work, 200 + 10 * i, &build.bin).await;
+        runs.push((build.name.clone(), run));
+    }
+    report.push_str("### Fair shares (4 pods, jobs of one 100 ms step, one checkpoint)\n\n");
+    let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+    writeln!(report, "| | {} |", names.join(" | ")).unwrap();
+    writeln!(report, "|---|{}", "---|".repeat(runs.len())).unwrap();
+    let row = |label: &str, f: &dyn Fn(&FairnessRun) -> String| {
+        let cells: Vec<String> = runs.iter().map(|(_, r)| f(r)).collect();
+        format!("| {label} | {} |\n", cells.join(" | "))
+    };
+    report.push_str(&row(
+        "key B's 20 jobs on an idle fleet: p95 wait, s",
+        &|r| format!("{:.2}", r.idle_p95),
+    ));
+    report.push_str(&row(
+        "key B's 20 jobs submitted behind key A's 2,000: p95 wait, s",
+        &|r| format!("{:.2}", r.behind_batch_p95),
+    ));
+    report.push_str(&row("behind A's batch against idle", &|r| {
+        format!("{:.1}×", r.behind_batch_p95 / r.idle_p95)
+    }));
+    report.push_str(&row(
+        "weights 3:1, both backlogged: starts among the first 200",
+        &|r| format!("{:.2} : 1", r.weighted_split),
+    ));
+    report.push_str(&row(
+        "key with max-running=2 beside another: most on pods at once",
+        &|r| r.capped_most.to_string(),
+    ));
+    report.push_str("\nA build without fair shares reads the share words as unknown (ignored) and serves one FIFO.\n\n");
+}
+
 #[tokio::test]
 #[ignore = "benchmark: bench/gateway-bench.sh"]
 async fn gateway_benchmarks() {
@@ -479,6 +671,9 @@ async fn gateway_benchmarks() {
     }
     if run("memory") {
         memory(tb, &client, &ns.name, &work, &mut report).await;
+    }
+    if run("fairness") {
+        fairness(tb, &client, &ns.name, &work, &mut report).await;
     }
     println!("{report}");
     if let Ok(out) = std::env::var("SDFLEET_BENCH_OUT") {

@@ -6,6 +6,11 @@
 //! (the word after the hash, separated by whitespace) marks an admin key, which sees and
 //! controls every job: a plain hash stays a plain key, so existing Secrets keep meaning
 //! what they meant.
+//!
+//! Fair shares (`fair_share`) take more words after the hash: `weight=3` (default 1),
+//! `max-running=10` (the key's jobs on pods at once; default none) and `group=studio`
+//! (keys of one group share one turn; the group's settings are those of its first key
+//! by name). For example `<sha256hex> weight=3 group=studio`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,17 +19,22 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use super::fair_share;
+
 pub struct ApiKeys {
     dir: Option<PathBuf>,
     /// id → the key's entry.
     keys: RwLock<BTreeMap<String, KeyEntry>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct KeyEntry {
     /// SHA-256 of the key.
     hash: [u8; 32],
     admin: bool,
+    group: Option<String>,
+    weight: u32,
+    max_running: Option<u32>,
 }
 
 /// Who made a request: the id of the key it carried (never the key) and its role.
@@ -103,16 +113,74 @@ fn parse_entry(key_id: &str, text: &str) -> Option<KeyEntry> {
     let hash = hex::decode(words.next()?)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())?;
-    let mut admin = false;
+    let mut entry = KeyEntry {
+        hash,
+        admin: false,
+        group: None,
+        weight: fair_share::DEFAULT_WEIGHT,
+        max_running: None,
+    };
     for word in words {
-        if word == ADMIN_ROLE {
-            admin = true;
-        } else {
+        let setting = word.split_once('=');
+        match setting {
+            None if word == ADMIN_ROLE => entry.admin = true,
+            Some(("weight", n)) => match n.parse::<u32>() {
+                Ok(w) if (1..=fair_share::MAX_WEIGHT).contains(&w) => entry.weight = w,
+                _ => {
+                    tracing::warn!(%key_id, %word, "weight is 1 to {}; the key keeps weight 1", fair_share::MAX_WEIGHT)
+                }
+            },
+            Some(("max-running", n)) => match n.parse::<u32>() {
+                Ok(cap) if cap >= 1 => entry.max_running = Some(cap),
+                _ => {
+                    tracing::warn!(%key_id, %word, "max-running is a whole number from 1; ignored")
+                }
+            },
+            Some(("group", g)) if valid_group(g) => entry.group = Some(g.to_string()),
             // A typo must not grant anything: the key stays a plain key.
-            tracing::warn!(%key_id, role = %word, "unknown role after the API key's hash; ignored");
+            _ => tracing::warn!(%key_id, %word, "unknown word after the API key's hash; ignored"),
         }
     }
-    Some(KeyEntry { hash, admin })
+    Some(entry)
+}
+
+/// A DNS label: it becomes a metric label value.
+fn valid_group(g: &str) -> bool {
+    (1..=63).contains(&g.len())
+        && g.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl fair_share::Shares for ApiKeys {
+    /// The key's group (settings of the group's first key by name), else the key itself.
+    fn share_of(&self, key_id: Option<&str>) -> fair_share::Share {
+        let Some(id) = key_id else {
+            return fair_share::EqualShares.share_of(None);
+        };
+        let Ok(keys) = self.keys.read() else {
+            return fair_share::EqualShares.share_of(key_id);
+        };
+        let Some(entry) = keys.get(id) else {
+            // A key deleted since it submitted: its jobs keep their own share.
+            return fair_share::EqualShares.share_of(key_id);
+        };
+        let Some(group) = &entry.group else {
+            return fair_share::Share {
+                name: id.to_string(),
+                weight: entry.weight,
+                max_running: entry.max_running,
+            };
+        };
+        let first = keys
+            .values()
+            .find(|e| e.group.as_ref() == Some(group))
+            .unwrap_or(entry);
+        fair_share::Share {
+            name: group.clone(),
+            weight: first.weight,
+            max_running: first.max_running,
+        }
+    }
 }
 
 fn read_keys(dir: &Path) -> BTreeMap<String, KeyEntry> {
@@ -143,6 +211,7 @@ fn read_keys(dir: &Path) -> BTreeMap<String, KeyEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::fair_share::Shares;
 
     #[test]
     fn keys_match_by_hash_and_name_their_id() {
@@ -175,6 +244,34 @@ mod tests {
         assert_eq!(caller("secret-ops"), Some(("ops".into(), true)));
         assert_eq!(caller("secret-ci"), Some(("ci".into(), false)));
         assert_eq!(caller("secret-t"), Some(("typo".into(), false)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn words_after_the_hash_set_the_keys_share() {
+        let dir = std::env::temp_dir().join(format!("sdfleet-keys-share-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, words: &str| {
+            std::fs::write(dir.join(name), format!("{} {words}", hash_key(name))).unwrap();
+        };
+        write("batch", "weight=3 max-running=4");
+        write("a1", "group=studio weight=2");
+        write("a2", "group=studio weight=9 admin");
+        write("odd", "weight=0 max-running=x group=Not_A_Label");
+        let keys = ApiKeys::new(Some(dir.clone()));
+        let share = |id: &str| {
+            let s = keys.share_of(Some(id));
+            (s.name, s.weight, s.max_running)
+        };
+        assert_eq!(share("batch"), ("batch".into(), 3, Some(4)));
+        // One group, one share: the settings of its first key by name.
+        assert_eq!(share("a1"), ("studio".into(), 2, None));
+        assert_eq!(share("a2"), ("studio".into(), 2, None));
+        assert_eq!(keys.verify("a2").map(|c| c.admin), Some(true));
+        // Bad settings are ignored, never half-applied.
+        assert_eq!(share("odd"), ("odd".into(), 1, None));
+        assert_eq!(share("gone"), ("gone".into(), 1, None));
+        assert_eq!(keys.share_of(None).name, fair_share::ANONYMOUS);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -173,6 +173,10 @@ pub struct Job {
     pub cold_start_phases: Option<Value>,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The client's hint within its own share: higher goes first (never ahead of
+    /// another share's turn).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -200,6 +204,7 @@ impl Job {
             "fleet": self.fleet,
             "state": self.state,
             "cancel_requested": self.cancel_requested,
+            "priority": self.priority,
             "progress": self.progress,
             "timings": {
                 "created_at": rfc3339(self.created_at),
@@ -245,9 +250,14 @@ impl Job {
             cold_start: false,
             cold_start_phases: None,
             cancel_requested: false,
+            priority: 0,
             progress: None,
             outputs: vec![],
             error: None,
         }
     }
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }

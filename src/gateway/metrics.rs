@@ -6,10 +6,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FleetLabels {
     pub fleet: String,
+}
+
+/// A fair share (an API key, or the group its entry names) of one fleet.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShareLabels {
+    pub fleet: String,
+    pub share: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +47,14 @@ pub struct GatewayMetrics {
     pub store_errors: Counter,
     /// Finished jobs deleted by retention.
     pub pruned: Counter,
+    /// Per fair share: jobs waiting, jobs on pods, and the seconds its started jobs
+    /// waited (a counter: its rate over the rate of started jobs is the mean wait).
+    pub share_queued: Family<ShareLabels, Gauge>,
+    pub share_in_flight: Family<ShareLabels, Gauge>,
+    pub share_waited_seconds: Family<ShareLabels, Counter<f64, AtomicU64>>,
+    pub share_started: Family<ShareLabels, Counter>,
+    /// Shares that had a gauge set, so that an emptied one reads 0, not its last value.
+    pub shares_seen: Mutex<HashSet<ShareLabels>>,
 }
 
 impl Default for GatewayMetrics {
@@ -55,6 +73,11 @@ impl Default for GatewayMetrics {
             store_capacity_bytes: Gauge::default(),
             store_errors: Counter::default(),
             pruned: Counter::default(),
+            share_queued: Family::default(),
+            share_in_flight: Family::default(),
+            share_waited_seconds: Family::default(),
+            share_started: Family::default(),
+            shares_seen: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register("queued_jobs", "Jobs waiting for a pod", m.queued.clone());
@@ -107,6 +130,26 @@ impl Default for GatewayMetrics {
             "store_pruned_jobs",
             "Finished jobs deleted by retention",
             m.pruned.clone(),
+        );
+        registry.register(
+            "share_queued_jobs",
+            "Jobs waiting for a pod, per fair share (API key or group)",
+            m.share_queued.clone(),
+        );
+        registry.register(
+            "share_in_flight_jobs",
+            "Jobs on a pod, per fair share",
+            m.share_in_flight.clone(),
+        );
+        registry.register(
+            "share_waited_seconds",
+            "Seconds from submit to start of the share's started jobs",
+            m.share_waited_seconds.clone(),
+        );
+        registry.register(
+            "share_started_jobs",
+            "Jobs of the share that started on a pod",
+            m.share_started.clone(),
         );
         GatewayMetrics { registry, ..m }
     }

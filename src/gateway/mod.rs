@@ -9,6 +9,7 @@ pub mod comfy;
 pub mod demand;
 pub mod discovery;
 pub mod engine;
+pub mod fair_share;
 pub mod fleet_status;
 pub mod job;
 pub mod lifecycle;
@@ -221,6 +222,9 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         None => None,
     };
     let metrics = Arc::new(metrics::GatewayMetrics::default());
+    let keys = Arc::new(auth::ApiKeys::new(
+        (!args.no_auth).then(|| args.api_keys_dir.clone()),
+    ));
     let settings = engine::Settings {
         client_id: args
             .client_id
@@ -240,6 +244,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         retention: Duration::from_secs(args.retention_hours.saturating_mul(3600)),
         retention_max_jobs: args.retention_max_jobs.max(1),
         retention_every: Duration::from_secs(args.retention_interval_seconds.max(1)),
+        shares: keys.clone(),
     };
     let engine = engine::Engine::new(settings, store, metrics.clone(), outputs, webhooks, http);
     let recovered = engine.recover().await?;
@@ -291,9 +296,6 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     }
     tokio::spawn(engine.clone().run());
     tokio::spawn(engine.clone().retain());
-    let keys = Arc::new(auth::ApiKeys::new(
-        (!args.no_auth).then(|| args.api_keys_dir.clone()),
-    ));
     let reload = keys.clone();
     tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
     let state = Arc::new(api::ApiState {

@@ -1927,6 +1927,9 @@ struct Inner {
     loaded: Option<String>,
     /// Checkpoint loads (the first load counts: a fresh pod has nothing loaded).
     switches: usize,
+    /// The most prompts held at once (running and pending) since the last reset: what
+    /// a test reads, not part of ComfyUI.
+    most_held: usize,
 }
 
 enum Out {
@@ -2114,6 +2117,12 @@ impl FakeComfy {
     /// Prompt ids refused with a 400 here, in order.
     pub fn refused(&self) -> Vec<String> {
         self.shared.inner.lock().unwrap().refused.clone()
+    }
+
+    /// The most prompts this pod held at once (running and pending) since the last call:
+    /// counted from then on.
+    pub fn take_most_held(&self) -> usize {
+        std::mem::take(&mut self.shared.inner.lock().unwrap().most_held)
     }
 
     /// How many times a prompt had to load a checkpoint other than the one loaded.
@@ -2483,6 +2492,8 @@ async fn post_prompt(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
                 outputs,
             },
         );
+        let held = inner.queue.len() + usize::from(inner.running.is_some());
+        inner.most_held = inner.most_held.max(held);
     }
     s.queue_updated();
     s.work.notify_one();

@@ -74,6 +74,9 @@ impl IntoResponse for ApiError {
 pub(super) async fn view(state: &ApiState, job: &Job) -> Value {
     let mut v = Job::public_view(job);
     if job.state == JobState::Queued && job.pod.is_none() {
+        if let Some(ahead) = state.engine.queue_position(&job.id) {
+            v["queue_position"] = json!(ahead);
+        }
         // Why it waits, when it is not just the queue.
         let signal = state.engine.signals.get(&job.fleet);
         if let Some(message) = signal.no_capacity {

@@ -65,12 +65,16 @@ pub fn openapi_document() -> Value {
                     "overrides": {"type": "object", "description": "{node id: {input: value}}"},
                     "inputs": {"type": "object", "additionalProperties": {"type": "object", "properties": {"base64": {"type": "string"}, "url": {"type": "string", "description": "s3://bucket/key"}}}},
                     "fleet": {"type": "string", "description": "Unset: route by model"},
-                    "webhook": {"type": "string", "description": "http(s) URL, delivered only to public addresses unless the FleetClass allows a range; no userinfo, no redirects followed"}
+                    "webhook": {"type": "string", "description": "http(s) URL, delivered only to public addresses unless the FleetClass allows a range; no userinfo, no redirects followed"},
+                    "priority": {"type": "integer", "minimum": -1000, "maximum": 1000, "default": 0, "description": "A hint within the caller's own fair share: higher first; never ahead of another share's turn"}
                 }},
                 "Job": {"type": "object", "properties": {
                     "id": {"type": "string"}, "url": {"type": "string"}, "fleet": {"type": "string"},
                     "state": {"type": "string", "enum": JobState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>()},
                     "cancel_requested": {"type": "boolean"},
+                    "priority": {"type": "integer"},
+                    "queue_position": {"type": "integer", "description": "While queued: jobs ahead of it in the fleet's fair-share order"},
+                    "waiting": {"type": "object", "properties": {"reason": {"type": "string"}, "message": {"type": "string"}}},
                     "progress": {"type": ["object", "null"], "properties": {"node": {"type": "string"}, "value": {"type": "integer"}, "max": {"type": "integer"}}},
                     "timings": {"type": "object"},
                     "expires_at": {"type": "string", "format": "date-time"},

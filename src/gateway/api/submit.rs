@@ -37,6 +37,9 @@ pub(super) struct SubmitRequest {
     /// A fleet by name; unset: the fleet whose catalog has every model, least loaded.
     fleet: Option<String>,
     webhook: Option<String>,
+    /// A hint within the caller's own share (`-1000..=1000`, higher first).
+    #[serde(default)]
+    priority: i32,
 }
 
 #[derive(Deserialize)]
@@ -246,6 +249,12 @@ pub(super) async fn submit(
         }
         Some(_) => {}
     }
+    if !(-1000..=1000).contains(&req.priority) {
+        return Err(bad(
+            "invalid_priority",
+            format!("priority {} is outside -1000..=1000", req.priority),
+        ));
+    }
     if let Some(url) = &req.webhook {
         if !state.engine.webhooks.enabled() {
             return Err(bad(
@@ -326,6 +335,7 @@ pub(super) async fn submit(
         cold_start: false,
         cold_start_phases: None,
         cancel_requested: false,
+        priority: req.priority,
         progress: None,
         outputs: vec![],
         error: None,

@@ -10,9 +10,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::pod_worker::run_pod;
 use super::{Endpoint, Engine, Pod, PodCommand, State};
 use crate::gateway::comfy::PodClient;
+use crate::gateway::fair_share::{self, Caps, Waiting};
 use crate::gateway::job::{Job, JobError, JobState, now_millis};
 use crate::gateway::lifecycle::{self, Transition};
-use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::metrics::{GatewayMetrics, ShareLabels};
 use crate::gateway::placement::{self, PodLoad, Queued};
 use crate::gateway::pod_models::PodModels;
 
@@ -245,9 +246,9 @@ impl Engine {
         let (whole, hot): (Vec<&String>, Vec<&String>) = names
             .into_iter()
             .partition(|n| st.pods[*n].models == PodModels::All);
-        self.place(st, queue, &whole, None, now).or_else(|| {
+        self.place(st, fleet, queue, &whole, None, now).or_else(|| {
             let models = &st.pods[*hot.first()?].models;
-            self.place(st, queue, &hot, Some(models), now)
+            self.place(st, fleet, queue, &hot, Some(models), now)
         })
     }
 
@@ -256,6 +257,7 @@ impl Engine {
     fn place(
         &self,
         st: &State,
+        fleet: &str,
         queue: &VecDeque<String>,
         pods: &[&String],
         models: Option<&PodModels>,
@@ -264,11 +266,25 @@ impl Engine {
         if pods.is_empty() {
             return None;
         }
-        let queued: VecDeque<Queued> = queue
+        // The window in fair-share order: a share at its cap is left out.
+        let waiting = queue
             .iter()
             .filter_map(|id| st.jobs.get(id))
             .filter(|j| models.is_none_or(|m| m.runs(&j.prompt)))
-            .take(placement::WINDOW)
+            .map(|j| Waiting {
+                item: j,
+                key_id: j.key_id.as_deref(),
+                priority: j.priority,
+            });
+        let window = fair_share::order(
+            waiting,
+            on_pods(st, fleet),
+            self.settings.shares.as_ref(),
+            Caps::Respect,
+            placement::WINDOW,
+        );
+        let queued: VecDeque<Queued> = window
+            .into_iter()
             .map(|j| Queued {
                 id: &j.id,
                 checkpoint: j.checkpoint.as_deref(),
@@ -387,6 +403,82 @@ impl Engine {
                 .get_or_create(&labels)
                 .set(in_flight as i64);
             self.metrics.pods.get_or_create(&labels).set(ready as i64);
+        }
+        self.refresh_share_gauges(&st);
+    }
+}
+
+/// The key id of each of `fleet`'s jobs on a pod: handed over, prefetched or running,
+/// until it ends (its outputs stored), as its client sees it `running`.
+fn on_pods<'a>(st: &'a State, fleet: &'a str) -> impl Iterator<Item = Option<&'a str>> {
+    st.jobs
+        .values()
+        .filter(move |j| j.fleet == fleet && j.pod.is_some())
+        .map(|j| j.key_id.as_deref())
+}
+
+impl Engine {
+    /// Jobs ahead of queued job `id` in its fleet's fair-share order (caps aside: a share
+    /// at its cap holds its place); `None` once it left the queue.
+    pub fn queue_position(&self, id: &str) -> Option<usize> {
+        let st = self.lock();
+        let job = st.jobs.get(id).filter(|j| j.pod.is_none())?;
+        let queue = st.queues.get(&job.fleet)?;
+        let waiting = queue
+            .iter()
+            .filter_map(|id| st.jobs.get(id))
+            .map(|j| Waiting {
+                item: j.id.as_str(),
+                key_id: j.key_id.as_deref(),
+                priority: j.priority,
+            });
+        fair_share::order(
+            waiting,
+            on_pods(&st, &job.fleet),
+            self.settings.shares.as_ref(),
+            Caps::Ignore,
+            queue.len(),
+        )
+        .iter()
+        .position(|j| *j == id)
+    }
+}
+
+impl Engine {
+    /// Queued and on-pod jobs per fair share; shares seen before and now empty read 0.
+    fn refresh_share_gauges(&self, st: &State) {
+        let mut counts: HashMap<ShareLabels, (i64, i64)> = HashMap::new();
+        let mut names: HashMap<Option<&str>, String> = HashMap::new();
+        for job in st.jobs.values().filter(|j| !j.state.is_final()) {
+            let share = names
+                .entry(job.key_id.as_deref())
+                .or_insert_with(|| self.settings.shares.share_of(job.key_id.as_deref()).name)
+                .clone();
+            let entry = counts
+                .entry(ShareLabels {
+                    fleet: job.fleet.clone(),
+                    share,
+                })
+                .or_default();
+            if job.pod.is_some() {
+                entry.1 += 1;
+            } else {
+                entry.0 += 1;
+            }
+        }
+        let mut seen = self
+            .metrics
+            .shares_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        seen.extend(counts.keys().cloned());
+        for labels in seen.iter() {
+            let (queued, on_pods) = counts.get(labels).copied().unwrap_or_default();
+            self.metrics.share_queued.get_or_create(labels).set(queued);
+            self.metrics
+                .share_in_flight
+                .get_or_create(labels)
+                .set(on_pods);
         }
     }
 }

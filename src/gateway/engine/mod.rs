@@ -64,6 +64,8 @@ pub struct Settings {
     pub retention_max_jobs: usize,
     /// How often retention runs and the store's fill level is read.
     pub retention_every: Duration,
+    /// Each API key's (or group's) weight and cap: dispatch shares the pods by them.
+    pub shares: Arc<dyn super::fair_share::Shares>,
 }
 
 /// One event of one job, for its SSE stream.

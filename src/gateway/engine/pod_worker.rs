@@ -14,7 +14,7 @@ use super::{Engine, Pod, PodCommand, State};
 use crate::gateway::comfy::{HistoryEntry, PodClient, PodError, PodEvent, QueueView};
 use crate::gateway::job::{InputFile, Job, JobError, JobState, Progress, now_millis};
 use crate::gateway::lifecycle::{self, Transition};
-use crate::gateway::metrics::GatewayMetrics;
+use crate::gateway::metrics::{GatewayMetrics, ShareLabels};
 use crate::gateway::outputs::parse_s3_url;
 use crate::gateway::workflow::rename_input;
 
@@ -393,6 +393,15 @@ impl Engine {
                     .queue_seconds
                     .get_or_create(&GatewayMetrics::fleet(&job.fleet))
                     .observe(waited);
+                let share = ShareLabels {
+                    fleet: job.fleet.clone(),
+                    share: self.settings.shares.share_of(job.key_id.as_deref()).name,
+                };
+                self.metrics
+                    .share_waited_seconds
+                    .get_or_create(&share)
+                    .inc_by(waited);
+                self.metrics.share_started.get_or_create(&share).inc();
                 let job = job.clone();
                 self.persist_later(&job);
                 let data = json!({"state": "running", "pod": pod, "cold_start": job.cold_start, "checkpoint_switch": job.checkpoint_switch});
