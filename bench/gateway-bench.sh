@@ -20,14 +20,20 @@ if [ -n "$peer" ]; then
   trap 'rm -rf "$work"' EXIT
   git clone -q "$ROOT" "$work/src"
   git -C "$work/src" checkout -q "$peer"
-  (cd "$work/src" && cargo build --locked --release --bin sdfleet)
+  # Cargo names a workspace's own crate by its path inside the checkout, so the clone and
+  # this tree share one fingerprint: without the cleans, one build of them is taken for
+  # the other's, and both rows measure the same binary.
+  (cd "$work/src" && cargo clean --release -p sdfleet && cargo build --locked --release --bin sdfleet)
   cp "$CARGO_TARGET_DIR/release/sdfleet" "$work/sdfleet-peer"
+  cargo clean --release -p sdfleet
   export SDFLEET_BENCH_PEER_BIN=$work/sdfleet-peer
   export SDFLEET_BENCH_PEER_NAME="$peer ($(git -C "$work/src" rev-parse --short HEAD))"
 fi
 # This build's binary (the peer's clone wrote the same path).
 cargo build --locked --release --bin sdfleet
 tests/testbed/testbed up >/dev/null
-export SDFLEET_BENCH_OUT="$ROOT/bench/gateway.md"
+# SDFLEET_BENCH_ONLY=SECTION (latency, placement, memory, fairness) runs one section and
+# writes bench/gateway-SECTION.md instead.
+export SDFLEET_BENCH_OUT="$ROOT/bench/gateway${SDFLEET_BENCH_ONLY:+-$SDFLEET_BENCH_ONLY}.md"
 cargo test --locked --release --test gateway_bench -- --ignored --nocapture --test-threads=1
-echo "written: bench/gateway.md"
+echo "written: $SDFLEET_BENCH_OUT"

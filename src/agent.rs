@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::crd::modelset::{ModelSet, NodeSync, NodeSyncState};
-use crate::crd::{FleetClass, ModelSync};
+use crate::crd::{ComfyUIDeployment, FleetClass, ModelSync};
 use crate::names::{
     GPU_RESOURCE, MODELS_NOT_READY_TAINT, MODELSET_LABEL, NODEPOOL_LABEL, OWNER_NAME_KEY,
     OWNER_NAMESPACE_KEY, label_value, models_dir,
@@ -74,27 +74,66 @@ struct Synced {
     catalog: Catalog,
     report: sync::SyncReport,
     hot: bool,
+    /// Of the hot models, those there because the fleets' recent jobs used them.
+    hot_recent: Vec<String>,
 }
 
-/// The catalog's hot models (`spec.hot`); None when the globs match nothing, so that a
-/// misnamed hot set never lets pods start on a node without models.
-fn hot_models(catalog: &Catalog, hot: &[String]) -> Result<Option<Catalog>, String> {
+/// The catalog's hot models: `spec.hot`'s globs, and the keys of the fleets' recent
+/// checkpoints (`recent`), with the recent keys found among them. None when nothing
+/// matches, so that a misnamed hot set never lets pods start on a node without models.
+fn hot_models(
+    catalog: &Catalog,
+    hot: &[String],
+    recent: &[String],
+) -> Result<Option<(Catalog, Vec<String>)>, String> {
     let filter = Filter::new(hot, &[]).map_err(|e| format!("spec.hot: {e}"))?;
     let objects: Vec<_> = catalog
         .objects
         .iter()
-        .filter(|o| filter.accepts(&o.key))
+        .filter(|o| (!hot.is_empty() && filter.accepts(&o.key)) || recent.contains(&o.key))
         .cloned()
         .collect();
     if objects.is_empty() {
         tracing::warn!(
             ?hot,
-            "spec.hot matches no model of the catalog; syncing the whole catalog first"
+            ?recent,
+            "the hot models match no model of the catalog; syncing the whole catalog first"
         );
         return Ok(None);
     }
-    Ok(Some(Catalog::new(objects)))
+    let found: Vec<String> = recent
+        .iter()
+        .filter(|k| objects.iter().any(|o| &o.key == *k))
+        .cloned()
+        .collect();
+    Ok(Some((Catalog::new(objects), found)))
 }
+
+/// The recent checkpoints (`status.demand.recentModels`) of the fleets in the ModelSet's
+/// namespace that use it, most used first, at most `MAX_RECENT`.
+fn recent_of(fleets: &Store<ComfyUIDeployment>, model_set: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for fleet in fleets.state() {
+        if fleet.spec.model_set.as_deref() != Some(model_set) {
+            continue;
+        }
+        let recent = fleet
+            .status
+            .as_ref()
+            .and_then(|s| s.demand.as_ref())
+            .map(|d| d.recent_models.clone())
+            .unwrap_or_default();
+        for key in recent {
+            if !out.contains(&key) && out.len() < MAX_RECENT {
+                out.push(key);
+            }
+        }
+    }
+    out
+}
+
+/// Recent checkpoints a node syncs first, over all its fleets (each gateway names 8).
+const MAX_RECENT: usize = 16;
 
 pub struct Agent {
     pub client: Client,
@@ -169,12 +208,16 @@ struct Watched {
     task: JoinHandle<()>,
     namespace: Store<Namespace>,
     namespace_task: JoinHandle<()>,
+    /// The namespace's fleets: their gateways' recent checkpoints.
+    fleets: Store<ComfyUIDeployment>,
+    fleets_task: JoinHandle<()>,
 }
 
 impl Watched {
     fn stop(self) {
         self.task.abort();
         self.namespace_task.abort();
+        self.fleets_task.abort();
     }
 }
 
@@ -273,12 +316,22 @@ impl Agent {
                     Some(h.finish())
                 },
             );
+            // Their specs only: a node reads the recent checkpoints when it syncs, and
+            // demand changes every few seconds.
+            let (fleets, fleets_task) = watch(
+                Api::<ComfyUIDeployment>::namespaced(self.client.clone(), &ns),
+                watcher::Config::default(),
+                changed.clone(),
+                |f: &ComfyUIDeployment| f.metadata.generation.map(|g| g as u64),
+            );
             state.model_set = Some(Watched {
                 key: (ns.clone(), name.clone()),
                 store,
                 task,
                 namespace,
                 namespace_task,
+                fleets,
+                fleets_task,
             });
         }
         let Some(watched) = &state.model_set else {
@@ -297,6 +350,7 @@ impl Agent {
         }
         listed(&state.classes, "the FleetClasses").await?;
         listed(&watched.namespace, "its namespace").await?;
+        listed(&watched.fleets, "its namespace's fleets").await?;
         let labels = watched
             .namespace
             .get(&ObjectRef::new(&ns))
@@ -319,6 +373,7 @@ impl Agent {
             api: Api::namespaced(self.client.clone(), &ns),
             node: &node,
             model_set: &ms,
+            recent: recent_of(&watched.fleets, &name),
         };
         let key = ModelSync::name_for(&name, &self.node);
         if !state.reported.contains_key(&key) {
@@ -417,7 +472,8 @@ impl Agent {
         // Pods wait for the taint, or the node has nothing of the set yet (its taint may
         // still be on its way): the hot models first.
         let fresh = !sync::has_manifest(&dest);
-        let hot_first = (startup_taint || fresh) && !spec.hot.is_empty() && !hot_done;
+        let has_hot = !spec.hot.is_empty() || !reports.recent.is_empty();
+        let hot_first = (startup_taint || fresh) && has_hot && !hot_done;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
             let store = storage::open(&spec.source, self.region.as_deref())
@@ -430,11 +486,11 @@ impl Agent {
                 .await
                 .map_err(|e| format!("{}: {e}", dest.display()))?;
             let hot = if hot_first {
-                hot_models(&catalog, &spec.hot)?
+                hot_models(&catalog, &spec.hot, &reports.recent)?
             } else {
                 None
             };
-            if let Some(hot) = hot {
+            if let Some((hot, hot_recent)) = hot {
                 let report = sync::sync(&store, &hot, &SyncOptions::new(&dest))
                     .await
                     .map_err(|e| e.to_string())?;
@@ -443,6 +499,7 @@ impl Agent {
                     catalog: hot,
                     report,
                     hot: true,
+                    hot_recent,
                 });
             }
             let mut opts = SyncOptions::new(&dest);
@@ -458,6 +515,7 @@ impl Agent {
                 catalog,
                 report,
                 hot: false,
+                hot_recent: Vec::new(),
             })
         };
         let mut sync = std::pin::pin!(sync);
@@ -516,6 +574,7 @@ impl Agent {
                 );
                 let mut entry = self.entry(NodeSyncState::Syncing, &done.revision, bytes, &message);
                 entry.hot_ready = true;
+                entry.hot_recent = done.hot_recent;
                 self.report(reports, mine, entry).await?;
                 Ok(Outcome::HotReady(done.catalog))
             }
@@ -560,6 +619,7 @@ impl Agent {
             command_id: None,
             hot_ready: false,
             gpu_allocatable_at: None,
+            hot_recent: Vec::new(),
         }
     }
 
@@ -572,6 +632,15 @@ impl Agent {
     ) -> Result<(), AgentError> {
         if entry.gpu_allocatable_at.is_none() {
             entry.gpu_allocatable_at = mine.as_ref().and_then(|m| m.gpu_allocatable_at.clone());
+        }
+        // The hot models stay on the node until the whole set is: a failed or restarted
+        // sync of the rest must not read as a node that holds everything.
+        if let Some(last) = mine.as_ref().filter(|m| {
+            m.hot_ready && m.revision == entry.revision && entry.state != NodeSyncState::Synced
+        }) && !entry.hot_ready
+        {
+            entry.hot_ready = true;
+            entry.hot_recent = last.hot_recent.clone();
         }
         let owners: std::collections::BTreeMap<String, String> = reports
             .node
@@ -666,6 +735,8 @@ struct Reports<'a> {
     api: Api<ModelSync>,
     node: &'a Node,
     model_set: &'a ModelSet,
+    /// The fleets' recent checkpoints, synced with the hot models on a new node.
+    recent: Vec<String>,
 }
 
 /// The node advertises GPUs: its device plugin registered with the kubelet.

@@ -145,6 +145,29 @@ async fn tainted_gpu_node(nodes: &Api<Node>, ns: &str) -> String {
     node.name_any()
 }
 
+/// A FleetClass for namespace `ns` only, with `grants` (its `s3` or `models` part); its
+/// name.
+async fn team_class(client: &kube::Client, ns: &str, grants: Value) -> String {
+    let class = format!("agent-{}", unique_suffix());
+    let mut spec = json!({"nodeClass": {"role": "r"},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
+    if let (Some(spec), Some(grants)) = (spec.as_object_mut(), grants.as_object()) {
+        spec.extend(grants.clone());
+    }
+    Api::<FleetClass>::all(client.clone())
+        .patch(
+            &class,
+            &PatchParams::apply("test-user").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": class}, "spec": spec}),
+            ),
+        )
+        .await
+        .unwrap();
+    class
+}
+
 /// The node agent of `node_name`, started as the rendered DaemonSet runs it: its init
 /// container first (as root with only its capabilities), then the agent under the chart's
 /// agent identity (a node-bound token) and its rendered user; and its models root.
@@ -243,20 +266,13 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let controller = start_controller(tb, &ns.name, &release, &release_ns);
     let ssa = PatchParams::apply("test-user").force();
     // The team's own class: its namespace, its bucket.
-    let class = format!("agent-{}", unique_suffix());
+    let class = team_class(
+        &client,
+        &ns.name,
+        json!({"s3": {"allowedBuckets": [bucket]}}),
+    )
+    .await;
     let classes: Api<FleetClass> = Api::all(client.clone());
-    classes
-        .patch(
-            &class,
-            &ssa,
-            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class},
-                "spec": {"nodeClass": {"role": "r"},
-                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                         "s3": {"allowedBuckets": [bucket]}}})),
-        )
-        .await
-        .unwrap();
     let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "sdxl-models"},
         "spec": {"className": class,
@@ -506,8 +522,19 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     install_crds(tb);
     let hot = b"the checkpoint a first job loads".to_vec();
     let rest = b"a LoRA nobody asked for yet".to_vec();
+    let recent = b"the checkpoint the fleet's recent jobs used".to_vec();
     let (open_gate, gate) = tokio::sync::watch::channel(false);
     let app = axum::Router::new()
+        .route(
+            "/recent",
+            axum::routing::get({
+                let recent = recent.clone();
+                move || {
+                    let recent = recent.clone();
+                    async move { recent }
+                }
+            }),
+        )
         .route(
             "/hot",
             axum::routing::get({
@@ -540,38 +567,48 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     let (release, release_ns) = support::install_release(tb, "agent-hot");
     let _controller = start_controller(tb, &ns.name, &release, &release_ns);
     let ssa = PatchParams::apply("test-user").force();
-    let class = format!("agent-hot-{}", unique_suffix());
+    let class = team_class(
+        &client,
+        &ns.name,
+        json!({"models": {"allowedURLs": [format!("http://127.0.0.1:{port}/*")]}}),
+    )
+    .await;
     let classes: Api<FleetClass> = Api::all(client.clone());
-    classes
-        .patch(
-            &class,
-            &ssa,
-            &Patch::Apply(json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class},
-                "spec": {"nodeClass": {"role": "r"},
-                         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
-                         "models": {"allowedURLs": [format!("http://127.0.0.1:{port}/*")]}}})),
-        )
-        .await
-        .unwrap();
     let file = |path: &str, name: &str, body: &[u8]| {
         json!({"path": path, "url": format!("http://127.0.0.1:{port}/{name}"),
                "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)), "size": body.len()})
     };
     let sets: Api<ModelSet> = Api::namespaced(client.clone(), &ns.name);
     let ms = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet", "metadata": {"name": "sdxl-models"},
-        "spec": {"className": class, "hot": ["checkpoints/*"],
+        "spec": {"className": class, "hot": ["checkpoints/sdxl*"],
                  "source": {"urls": [file("checkpoints/sdxl.safetensors", "hot", &hot),
+                                     file("checkpoints/juggernaut.safetensors", "recent", &recent),
                                      file("loras/later.safetensors", "rest", &rest)]}}});
     sets.patch("sdxl-models", &ssa, &Patch::Apply(ms))
         .await
         .unwrap();
     let cuds: Api<ComfyUIDeployment> = Api::namespaced(client.clone(), &ns.name);
+    // Autoscaled (one replica): its gateway publishes demand, recent checkpoints included.
     let cud = json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment", "metadata": {"name": "sdxl"},
         "spec": {"image": "comfyui:test", "modelSet": "sdxl-models", "className": class,
                  "gpu": {"instanceTypes": ["g5.2xlarge"]}, "ingress": {"enabled": false},
-                 "disruption": {"consolidateAfter": "5s"}}});
+                 "disruption": {"consolidateAfter": "5s"},
+                 "gateway": {"allowUnauthenticated": true},
+                 "autoscaling": {"minReplicas": 1, "maxReplicas": 1}}});
     cuds.patch("sdxl", &ssa, &Patch::Apply(cud)).await.unwrap();
+    // The fleet's gateway has seen jobs of a checkpoint outside spec.hot (its demand,
+    // written here as the gateway writes it).
+    cuds.patch_status(
+        "sdxl",
+        &PatchParams::apply("test-gateway").force(),
+        &Patch::Apply(
+            json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
+            "status": {"demand": {"queued": 0, "running": 0,
+                                  "recentModels": ["checkpoints/juggernaut.safetensors"]}}}),
+        ),
+    )
+    .await
+    .unwrap();
 
     let nodes: Api<Node> = Api::all(client.clone());
     let node_name = tainted_gpu_node(&nodes, &ns.name).await;
@@ -593,11 +630,25 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
         mine.hot_ready && mine.state == NodeSyncState::Syncing,
         "{mine:?}"
     );
-    assert_eq!(mine.bytes_done, hot.len() as u64, "{mine:?}");
+    // The hot models: spec.hot's, and the fleet's recent checkpoint, which the report
+    // names so that the gateway may send jobs of it to the node.
+    assert_eq!(
+        mine.bytes_done,
+        (hot.len() + recent.len()) as u64,
+        "{mine:?}"
+    );
+    assert_eq!(
+        mine.hot_recent,
+        vec!["checkpoints/juggernaut.safetensors".to_string()]
+    );
     assert!(mine.message.contains("hot models on the node"), "{mine:?}");
     assert_eq!(
         std::fs::read(dir.join("checkpoints/sdxl.safetensors")).unwrap(),
         hot
+    );
+    assert_eq!(
+        std::fs::read(dir.join("checkpoints/juggernaut.safetensors")).unwrap(),
+        recent
     );
     assert!(
         !dir.join("loras/later.safetensors").exists(),

@@ -392,6 +392,7 @@ async fn a_gateway_may_write_only_its_own_fleets_demand() {
                 queued: 3,
                 running: 1,
                 busy_pods: vec!["p".into()],
+                recent_models: Vec::new(),
             },
         )
     };

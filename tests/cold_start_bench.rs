@@ -67,22 +67,7 @@ async fn one_case(tb: &Testbed, case: &str, hot: Option<&str>) -> Value {
         .filter(|(k, _)| k == "AWS_ACCESS_KEY_ID" || k == "AWS_SECRET_ACCESS_KEY")
         .collect();
     let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let controller_sa = format!("{release}-sdfleet");
-    let as_controller = impersonating_kubeconfig(tb, &release_ns, &controller_sa);
-    let gateway_role = format!("{controller_sa}-gateway");
-    let mut env = keys.clone();
-    env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
-    let _controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &[
-            "--agent-namespace",
-            &release_ns,
-            "--gateway-cluster-role",
-            &gateway_role,
-        ],
-        &env,
-    );
+    let _controller = start_controller_with_env(tb, &ns.name, &release, &release_ns, &[], &keys);
     let s3 = s3_client(tb).await;
     let outputs = create_bucket(&s3, "coldstart").await;
     create_gateway_store(&client, &ns.name).await;

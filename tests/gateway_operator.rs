@@ -93,21 +93,8 @@ async fn a_fleets_gateway_is_applied_repaired_and_pruned_and_serves_as_rendered_
     install_crds(tb);
     let client = tb.client().await;
     let (release, release_ns) = install_release(tb, "gw");
-    let controller_sa = format!("{release}-sdfleet");
     let ns = TestNamespace::new(&client, "gw-op").await;
-    let kubeconfig = impersonating_kubeconfig(tb, &release_ns, &controller_sa);
-    let gateway_role = format!("{controller_sa}-gateway");
-    let mut controller = ControllerProcess::start_with_env(
-        tb,
-        &ns.name,
-        &[
-            "--agent-namespace",
-            &release_ns,
-            "--gateway-cluster-role",
-            &gateway_role,
-        ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    );
+    let mut controller = support::fleet::start_controller(tb, &ns.name, &release, &release_ns);
     let s3 = s3_client(tb).await;
     let bucket = create_bucket(&s3, "gw-op").await;
 

@@ -32,6 +32,7 @@ async fn report(syncs: &Api<ModelSync>, ms: &ModelSet, node: &Node) -> usize {
         command_id: None,
         hot_ready: false,
         gpu_allocatable_at: None,
+        hot_recent: Vec::new(),
     };
     let body = ModelSync::apply_body(ms, node, &BTreeMap::new(), &entry);
     let name = body["metadata"]["name"].as_str().unwrap().to_string();

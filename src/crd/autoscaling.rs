@@ -64,6 +64,11 @@ pub struct DemandStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub busy_pods: Vec<String>,
+    /// ModelSet keys of the checkpoints the fleet's recent jobs used, most used first: a
+    /// new node syncs them with the ModelSet's hot models.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub recent_models: Vec<String>,
     /// When the gateway computed this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_at: Option<Time>,

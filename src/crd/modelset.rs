@@ -212,6 +212,11 @@ pub struct NodeSync {
     /// plugin registered), for the cold-start phases. The kubelet records no such time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_allocatable_at: Option<Time>,
+    /// Agent: the fleets' recent checkpoints it synced with the hot models (beyond
+    /// `spec.hot`), so that the gateway sends the node only jobs of models it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub hot_recent: Vec<String>,
 }
 
 /// The longest `status.nodes[].message`: every node writes one, so the object's size

@@ -18,6 +18,40 @@ pub struct Demand {
     pub queued: usize,
     pub running: usize,
     pub busy_pods: Vec<String>,
+    /// Checkpoint keys of recent jobs, most used first (`RECENT_MODELS` at most).
+    pub recent_models: Vec<String>,
+}
+
+/// Recent jobs counted for `recent_models`, and how many keys it holds.
+pub const RECENT_JOBS: usize = 200;
+pub const RECENT_MODELS: usize = 8;
+
+/// The checkpoints of `recent` (names, oldest first) as ModelSet keys, most used first,
+/// the more recent first on a tie.
+pub fn recent_models<'a>(recent: impl DoubleEndedIterator<Item = &'a str>) -> Vec<String> {
+    let mut counts: Vec<(&str, usize, usize)> = Vec::new();
+    for (age, name) in recent.rev().enumerate() {
+        match counts.iter_mut().find(|(n, ..)| *n == name) {
+            Some(entry) => entry.1 += 1,
+            None => counts.push((name, 1, age)),
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
+    counts
+        .into_iter()
+        .flat_map(|(name, ..)| checkpoint_keys(name))
+        .take(RECENT_MODELS)
+        .collect()
+}
+
+/// The catalog keys a checkpoint name (`ckpt_name`) stands for.
+fn checkpoint_keys(name: &str) -> Vec<String> {
+    super::workflow::ModelRef {
+        node: String::new(),
+        input: "ckpt_name".into(),
+        name: name.into(),
+    }
+    .candidate_keys()
 }
 
 /// What the operator reports about a fleet, as the gateway last read it.
@@ -125,5 +159,27 @@ mod tests {
             Some("NodePool f holds 4 of its 4")
         );
         assert!(s.cold_start.is_some());
+    }
+
+    #[test]
+    fn recent_models_are_the_most_used_checkpoints_the_latest_first_on_a_tie() {
+        let names = [
+            "a.safetensors",
+            "b.safetensors",
+            "b.safetensors",
+            "c.safetensors",
+        ];
+        assert_eq!(
+            recent_models(names.iter().copied()),
+            vec![
+                "checkpoints/b.safetensors",
+                "checkpoints/c.safetensors",
+                "checkpoints/a.safetensors"
+            ]
+        );
+        let many: Vec<String> = (0..20).map(|i| format!("m{i}.safetensors")).collect();
+        let top = recent_models(many.iter().map(String::as_str));
+        assert_eq!(top.len(), RECENT_MODELS);
+        assert_eq!(top[0], "checkpoints/m19.safetensors");
     }
 }

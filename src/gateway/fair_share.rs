@@ -1,15 +1,43 @@
 //! Fair shares between the clients of one fleet. Each API key, or the group its Secret
 //! entry names, is a share with a weight and an optional cap on its jobs on pods.
-//! Dispatch takes the next job from the share with the fewest jobs on pods per unit of
-//! weight (counting those it already put ahead in this order), FIFO within a share with
-//! a higher `priority` first. So one client's batch of thousands never buries another's
-//! few jobs, and under saturation the pods' slots split by weight. A share at its cap
-//! waits; the others go on (nothing idles while any share may run).
+//! Dispatch takes the next job from the share with the least use per unit of weight, FIFO
+//! within a share with a higher `priority` first. A share's use is its jobs started
+//! recently (each counts 1, halving every `USAGE_HALF_LIFE`), plus those on pods now,
+//! plus those already put ahead in this order. So a client that has kept the pods busy
+//! for a while yields to one that just came (its few jobs go next, not behind the
+//! batch), and under saturation starts split by weight. A share at its cap waits; the
+//! others go on (nothing idles while any share may run).
 //!
-//! Slots, not GPU seconds: with jobs of unequal length, throughput splits by weight only
+//! Jobs, not GPU seconds: with jobs of unequal length, throughput splits by weight only
 //! as far as the jobs are alike.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+/// How fast a share's past use fades: half of it every this long.
+pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(30);
+
+/// One share's recent starts, decayed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    value: f64,
+    /// When `value` was last brought up to date (ms since the epoch).
+    at: u64,
+}
+
+impl Usage {
+    /// The use at `now`.
+    pub fn at(&self, now: u64) -> f64 {
+        let elapsed = now.saturating_sub(self.at) as f64 / 1000.0;
+        self.value * 0.5f64.powf(elapsed / USAGE_HALF_LIFE.as_secs_f64())
+    }
+
+    /// One more start at `now`.
+    pub fn add_start(&mut self, now: u64) {
+        self.value = self.at(now) + 1.0;
+        self.at = now.max(self.at);
+    }
+}
 
 /// Who a job's share is, and what it may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,17 +91,20 @@ pub enum Caps {
 
 struct Lane<T> {
     share: Share,
-    /// Jobs on pods, then those put ahead in this order.
-    load: u64,
+    /// Jobs on pods (what the cap counts).
+    on_pods: u64,
+    /// Recent use, plus jobs on pods, plus those put ahead in this order.
+    load: f64,
     /// (priority, arrival, item), the next at the end.
     items: Vec<(i32, usize, T)>,
 }
 
 /// The first `limit` of `queued` in fair-share order. `on_pods` holds the key id of
-/// every job of the fleet on a pod.
+/// every job of the fleet on a pod; `usage` each share's recent use (by share name).
 pub fn order<'a, T>(
     queued: impl IntoIterator<Item = Waiting<'a, T>>,
     on_pods: impl IntoIterator<Item = Option<&'a str>>,
+    usage: &HashMap<String, f64>,
     shares: &dyn Shares,
     caps: Caps,
     limit: usize,
@@ -91,8 +122,9 @@ pub fn order<'a, T>(
         lanes
             .entry(share.name.clone())
             .or_insert_with(|| Lane {
+                load: usage.get(&share.name).copied().unwrap_or(0.0),
                 share,
-                load: 0,
+                on_pods: 0,
                 items: Vec::new(),
             })
             .items
@@ -104,7 +136,8 @@ pub fn order<'a, T>(
     for key in on_pods {
         let name = share_of(key).name;
         if let Some(lane) = lanes.get_mut(&name) {
-            lane.load += 1;
+            lane.on_pods += 1;
+            lane.load += 1.0;
         }
     }
     let mut lanes: Vec<Lane<T>> = lanes
@@ -113,7 +146,7 @@ pub fn order<'a, T>(
             caps == Caps::Ignore
                 || l.share
                     .max_running
-                    .is_none_or(|cap| l.load < u64::from(cap))
+                    .is_none_or(|cap| l.on_pods < u64::from(cap))
         })
         .collect();
     for lane in &mut lanes {
@@ -128,16 +161,18 @@ pub fn order<'a, T>(
             .enumerate()
             .filter_map(|(i, l)| l.items.last().map(|next| (i, l, next.1)))
             .min_by(|(_, a, a_next), (_, b, b_next)| {
-                let wa = u64::from(a.share.weight.clamp(1, MAX_WEIGHT));
-                let wb = u64::from(b.share.weight.clamp(1, MAX_WEIGHT));
-                (a.load * wb, a_next).cmp(&(b.load * wa, b_next))
+                let wa = f64::from(a.share.weight.clamp(1, MAX_WEIGHT));
+                let wb = f64::from(b.share.weight.clamp(1, MAX_WEIGHT));
+                (a.load * wb)
+                    .total_cmp(&(b.load * wa))
+                    .then(a_next.cmp(b_next))
             })
             .map(|(i, _, _)| i);
         let Some(i) = best else { break };
         let lane = &mut lanes[i];
         if let Some((_, _, item)) = lane.items.pop() {
             out.push(item);
-            lane.load += 1;
+            lane.load += 1.0;
         }
     }
     out
@@ -164,6 +199,10 @@ mod tests {
         }
     }
 
+    fn none() -> HashMap<String, f64> {
+        HashMap::new()
+    }
+
     fn jobs(spec: &[(&'static str, i32)]) -> Vec<Waiting<'static, usize>> {
         spec.iter()
             .enumerate()
@@ -180,7 +219,7 @@ mod tests {
         // A queued 1000 first, then B 3: B's jobs come at once, in turn with A's.
         let mut spec = vec![("a", 0); 1000];
         spec.extend([("b", 0); 3]);
-        let got = order(jobs(&spec), [], &EqualShares, Caps::Respect, 8);
+        let got = order(jobs(&spec), [], &none(), &EqualShares, Caps::Respect, 8);
         assert_eq!(got, vec![0, 1000, 1, 1001, 2, 1002, 3, 4]);
     }
 
@@ -189,12 +228,12 @@ mod tests {
         let shares = Table(vec![("a", "a", 3, None), ("b", "b", 1, None)]);
         let mut spec = vec![("a", 0); 100];
         spec.extend([("b", 0); 100]);
-        let got = order(jobs(&spec), [], &shares, Caps::Respect, 40);
+        let got = order(jobs(&spec), [], &none(), &shares, Caps::Respect, 40);
         let from_a = got.iter().filter(|i| **i < 100).count();
         assert_eq!((from_a, got.len() - from_a), (30, 10));
         // Jobs already on pods count: A holds 6, B none, so B goes first twice.
         let on_pods = vec![Some("a"); 6];
-        let got = order(jobs(&spec), on_pods, &shares, Caps::Respect, 3);
+        let got = order(jobs(&spec), on_pods, &none(), &shares, Caps::Respect, 3);
         assert_eq!(got, vec![100, 101, 0]);
     }
 
@@ -206,6 +245,7 @@ mod tests {
             order(
                 jobs(&spec),
                 [Some("a"), Some("a")],
+                &none(),
                 &shares,
                 Caps::Respect,
                 10
@@ -217,6 +257,7 @@ mod tests {
             order(
                 jobs(&spec),
                 [Some("a"), Some("a")],
+                &none(),
                 &shares,
                 Caps::Ignore,
                 10
@@ -235,7 +276,7 @@ mod tests {
         let spec = [("a1", 0), ("a2", 0), ("a1", 5), ("b", 0), ("b", 0)];
         // studio: 2 (priority 5), 0, 1; b: 3, 4; interleaved, the earliest next first.
         assert_eq!(
-            order(jobs(&spec), [], &shares, Caps::Respect, 10),
+            order(jobs(&spec), [], &none(), &shares, Caps::Respect, 10),
             vec![2, 3, 0, 4, 1]
         );
     }
@@ -244,18 +285,41 @@ mod tests {
     fn one_share_alone_is_plain_fifo() {
         let spec = [("a", 0); 5];
         assert_eq!(
-            order(jobs(&spec), [], &EqualShares, Caps::Respect, 10),
+            order(jobs(&spec), [], &none(), &EqualShares, Caps::Respect, 10),
             vec![0, 1, 2, 3, 4]
         );
         assert!(
             order(
                 Vec::<Waiting<usize>>::new(),
                 [],
+                &none(),
                 &EqualShares,
                 Caps::Respect,
                 3
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn a_share_that_kept_the_pods_busy_yields_to_one_that_just_came() {
+        // A started 40 jobs lately, B none: B's 3 go first, then A's.
+        let mut spec = vec![("a", 0); 10];
+        spec.extend([("b", 0); 3]);
+        let usage = HashMap::from([("a".to_string(), 40.0)]);
+        let got = order(jobs(&spec), [], &usage, &EqualShares, Caps::Respect, 5);
+        assert_eq!(got, vec![10, 11, 12, 0, 1]);
+    }
+
+    #[test]
+    fn use_halves_every_half_life_and_counts_each_start() {
+        let mut u = Usage::default();
+        u.add_start(1_000);
+        u.add_start(1_000);
+        assert_eq!(u.at(1_000), 2.0);
+        let half = 1_000 + USAGE_HALF_LIFE.as_millis() as u64;
+        assert!((u.at(half) - 1.0).abs() < 1e-9);
+        // A clock that went back reads no more than now.
+        assert_eq!(u.at(0), 2.0);
     }
 }

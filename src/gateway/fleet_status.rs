@@ -53,6 +53,7 @@ pub fn demand_patch(fleet: &str, demand: &Demand) -> Value {
             "queued": demand.queued,
             "running": demand.running,
             "busyPods": demand.busy_pods,
+            "recentModels": demand.recent_models,
             "observedAt": k8s_openapi::jiff::Timestamp::now().to_string(),
         }},
     })

@@ -24,16 +24,19 @@ pub enum PodModels {
     Hot(HotSet),
 }
 
-/// The hot models' globs (the ModelSet's `spec.hot`).
+/// The hot models: the ModelSet's `spec.hot` globs, and the recent checkpoints a node
+/// reports it synced with them (exact keys).
 #[derive(Clone, Debug)]
 pub struct HotSet {
     pub globs: Vec<String>,
-    filter: Arc<Filter>,
+    pub keys: Vec<String>,
+    /// The globs compiled; none without globs (an empty filter would take every key).
+    filter: Option<Arc<Filter>>,
 }
 
 impl PartialEq for HotSet {
     fn eq(&self, other: &HotSet) -> bool {
-        self.globs == other.globs
+        self.globs == other.globs && self.keys == other.keys
     }
 }
 
@@ -41,20 +44,35 @@ impl HotSet {
     /// None for globs that do not compile (the ModelSet's status says so; its agents
     /// then never report hot-ready either).
     pub fn new(globs: &[String]) -> Option<HotSet> {
-        let filter = Filter::new(globs, &[]).ok()?;
+        let filter = if globs.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Filter::new(globs, &[]).ok()?))
+        };
         Some(HotSet {
             globs: globs.to_vec(),
-            filter: Arc::new(filter),
+            keys: Vec::new(),
+            filter,
         })
+    }
+
+    /// This set and the exact `keys` beside it.
+    fn with_keys(&self, keys: &[String]) -> HotSet {
+        HotSet {
+            keys: keys.to_vec(),
+            ..self.clone()
+        }
+    }
+
+    fn holds(&self, key: &str) -> bool {
+        self.filter.as_ref().is_some_and(|f| f.accepts(key)) || self.keys.iter().any(|k| k == key)
     }
 
     /// Every model the workflow names is among the hot ones.
     pub fn covers(&self, prompt: &Value) -> bool {
-        model_refs(prompt).iter().all(|r| {
-            r.candidate_keys()
-                .iter()
-                .any(|key| self.filter.accepts(key))
-        })
+        model_refs(prompt)
+            .iter()
+            .all(|r| r.candidate_keys().iter().any(|key| self.holds(key)))
     }
 }
 
@@ -68,26 +86,35 @@ impl PodModels {
     }
 
     /// What `node` holds of `model_set`, from its agent's report: only the hot models
-    /// while the report says hot-ready and not yet synced.
+    /// (`spec.hot`'s, `hot`, and the recent checkpoints the report names) while the
+    /// report says hot-ready and not yet synced.
     pub fn of_node(
         node: Option<&str>,
         model_set: &str,
         reports: &[Arc<ModelSync>],
         hot: Option<&HotSet>,
     ) -> PodModels {
-        let (Some(node), Some(hot)) = (node, hot) else {
+        let Some(node) = node else {
             return PodModels::All;
         };
-        let hot_only = reports.iter().any(|r| {
+        let hot_only = reports.iter().find(|r| {
             r.spec.model_set == model_set
                 && r.spec.report.node == node
                 && r.spec.report.hot_ready
                 && r.spec.report.state != NodeSyncState::Synced
         });
-        if hot_only {
-            PodModels::Hot(hot.clone())
-        } else {
-            PodModels::All
+        let Some(report) = hot_only else {
+            return PodModels::All;
+        };
+        let recent = &report.spec.report.hot_recent;
+        match hot {
+            Some(hot) => PodModels::Hot(hot.with_keys(recent)),
+            // Hot by recent checkpoints alone: no globs.
+            None => PodModels::Hot(HotSet {
+                globs: Vec::new(),
+                keys: recent.clone(),
+                filter: None,
+            }),
         }
     }
 }
@@ -115,16 +142,16 @@ mod tests {
         let on = |node| PodModels::of_node(Some(node), "sdxl", &reports, Some(&hot));
         assert_eq!(on("n1"), PodModels::Hot(hot.clone()));
         assert_eq!(on("n2"), PodModels::All);
-        // No report yet, another ModelSet, no hot set: nothing says the node lacks any.
+        // No report yet, another ModelSet: nothing says the node lacks any.
         assert_eq!(on("n3"), PodModels::All);
         assert_eq!(
             PodModels::of_node(Some("n1"), "other", &reports, Some(&hot)),
             PodModels::All
         );
-        assert_eq!(
-            PodModels::of_node(Some("n1"), "sdxl", &reports, None),
-            PodModels::All
-        );
+        // Hot-ready while the ModelSet names no hot models (removed since): the node
+        // holds only what the gateway cannot tell, so nothing with a model goes there.
+        let unknown = PodModels::of_node(Some("n1"), "sdxl", &reports, None);
+        assert_ne!(unknown, PodModels::All);
 
         let hot_only = on("n1");
         let sdxl = json!({"1": {"class_type": "CheckpointLoaderSimple",
@@ -136,5 +163,32 @@ mod tests {
         assert!(hot_only.runs(&sdxl));
         assert!(!hot_only.runs(&with_lora));
         assert!(PodModels::All.runs(&with_lora));
+    }
+
+    #[test]
+    fn recent_checkpoints_a_node_reports_count_as_hot_there_only() {
+        let with_recent = |node: &str, keys: &[&str]| {
+            let mut r = (*report(node, "Syncing", true)).clone();
+            r.spec.report.hot_recent = keys.iter().map(|k| k.to_string()).collect();
+            Arc::new(r)
+        };
+        let reports = [
+            with_recent("n1", &["checkpoints/juggernaut.safetensors"]),
+            with_recent("n2", &[]),
+        ];
+        let jugg = json!({"1": {"class_type": "CheckpointLoaderSimple",
+                                "inputs": {"ckpt_name": "juggernaut.safetensors"}}});
+        let sdxl = json!({"1": {"class_type": "CheckpointLoaderSimple",
+                                "inputs": {"ckpt_name": "sdxl_base.safetensors"}}});
+        let hot = HotSet::new(&["checkpoints/sdxl*".into()]).unwrap();
+        let n1 = PodModels::of_node(Some("n1"), "sdxl", &reports, Some(&hot));
+        let n2 = PodModels::of_node(Some("n2"), "sdxl", &reports, Some(&hot));
+        assert!(n1.runs(&jugg) && n1.runs(&sdxl));
+        assert!(!n2.runs(&jugg) && n2.runs(&sdxl));
+        // A ModelSet without spec.hot: the node's recent checkpoints alone, nothing else.
+        let n1 = PodModels::of_node(Some("n1"), "sdxl", &reports, None);
+        assert!(n1.runs(&jugg) && !n1.runs(&sdxl));
+        let n2 = PodModels::of_node(Some("n2"), "sdxl", &reports, None);
+        assert!(!n2.runs(&jugg) && !n2.runs(&sdxl));
     }
 }

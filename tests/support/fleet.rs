@@ -41,6 +41,18 @@ pub fn start_controller_with(
     release_ns: &str,
     extra: &[&str],
 ) -> ControllerProcess {
+    start_controller_with_env(tb, namespace, release, release_ns, extra, &[])
+}
+
+/// As `start_controller_with`, with more environment (e.g. another S3's credentials).
+pub fn start_controller_with_env(
+    tb: &Testbed,
+    namespace: &str,
+    release: &str,
+    release_ns: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> ControllerProcess {
     let controller_sa = format!("{release}-sdfleet");
     let kubeconfig = impersonating_kubeconfig(tb, release_ns, &controller_sa);
     let gateway_role = format!("{controller_sa}-gateway");
@@ -51,12 +63,9 @@ pub fn start_controller_with(
         &gateway_role,
     ];
     args.extend_from_slice(extra);
-    ControllerProcess::start_with_env(
-        tb,
-        namespace,
-        &args,
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    )
+    let mut env = env.to_vec();
+    env.push(("KUBECONFIG", kubeconfig.to_str().unwrap()));
+    ControllerProcess::start_with_env(tb, namespace, &args, &env)
 }
 
 /// The store volume of fleet `sdxl`'s gateway (the testbed has no provisioner).

@@ -359,6 +359,7 @@ mod tests {
             queued,
             running,
             busy_pods: busy.iter().map(|s| s.to_string()).collect(),
+            recent_models: Vec::new(),
             observed_at: None,
         }
     }

@@ -154,6 +154,7 @@ pub async fn sync_instances(
             command_id: Some(command_id.clone()),
             hot_ready: false,
             gpu_allocatable_at: None,
+            hot_recent: Vec::new(),
         }));
     }
     let api: Api<ModelSet> = Api::namespaced(client.clone(), &ns);

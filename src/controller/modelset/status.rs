@@ -185,6 +185,7 @@ mod tests {
             command_id: None,
             hot_ready: false,
             gpu_allocatable_at: None,
+            hot_recent: Vec::new(),
         };
         let status = ModelSetStatus {
             revision: "r2".into(),

@@ -279,6 +279,7 @@ impl Engine {
         let window = fair_share::order(
             waiting,
             on_pods(st, fleet),
+            &usage_at(st, fleet, now),
             self.settings.shares.as_ref(),
             Caps::Respect,
             placement::WINDOW,
@@ -356,7 +357,20 @@ impl Engine {
         // not take the job for lost (it would run twice, and the stop sent to the first
         // run would interrupt the second).
         pod.handing_off.push(id.to_string());
-        Some((job.clone(), pod.commands.clone()))
+        let handed = (job.clone(), pod.commands.clone());
+        // Its share's use: fair share orders the next jobs by it.
+        let share = self
+            .settings
+            .shares
+            .share_of(handed.0.key_id.as_deref())
+            .name;
+        st.usage
+            .entry(handed.0.fleet.clone())
+            .or_default()
+            .entry(share)
+            .or_default()
+            .add_start(now);
+        Some(handed)
     }
 
     /// At admission, a job of a fleet with nothing waiting goes to a pod at once, so its
@@ -408,6 +422,14 @@ impl Engine {
     }
 }
 
+/// Each share's recent use of `fleet`'s pods at `now`.
+fn usage_at(st: &State, fleet: &str, now: u64) -> HashMap<String, f64> {
+    st.usage
+        .get(fleet)
+        .map(|shares| shares.iter().map(|(s, u)| (s.clone(), u.at(now))).collect())
+        .unwrap_or_default()
+}
+
 /// The key id of each of `fleet`'s jobs on a pod: handed over, prefetched or running,
 /// until it ends (its outputs stored), as its client sees it `running`.
 fn on_pods<'a>(st: &'a State, fleet: &'a str) -> impl Iterator<Item = Option<&'a str>> {
@@ -435,6 +457,7 @@ impl Engine {
         fair_share::order(
             waiting,
             on_pods(&st, &job.fleet),
+            &usage_at(&st, &job.fleet, now_millis()),
             self.settings.shares.as_ref(),
             Caps::Ignore,
             queue.len(),

@@ -154,6 +154,10 @@ struct State {
     run_time: HashMap<String, f64>,
     /// Jobs whose submit is not yet committed: nothing else writes them before it is.
     admitting: std::collections::HashSet<String>,
+    /// Per fleet, the checkpoints of the last `demand::RECENT_JOBS` accepted jobs.
+    recent: HashMap<String, VecDeque<String>>,
+    /// Per fleet, each fair share's recent starts (decayed).
+    usage: HashMap<String, HashMap<String, super::fair_share::Usage>>,
 }
 
 pub enum Admission {
@@ -341,6 +345,13 @@ impl Engine {
             }
             return Err(super::store::StoreError::from_message(e));
         }
+        if let Some(ckpt) = &job.checkpoint {
+            let recent = st.recent.entry(job.fleet.clone()).or_default();
+            recent.push_back(ckpt.clone());
+            if recent.len() > super::demand::RECENT_JOBS {
+                recent.pop_front();
+            }
+        }
         let live = st.jobs.get(&job.id).cloned();
         match (placed, live) {
             // Still on the pod it was placed on: the hand-off goes out now.
@@ -428,6 +439,12 @@ impl Engine {
                 .map(|p| p.assigned.len())
                 .sum(),
             busy_pods,
+            recent_models: super::demand::recent_models(
+                st.recent
+                    .get(fleet)
+                    .into_iter()
+                    .flat_map(|r| r.iter().map(String::as_str)),
+            ),
         }
     }
 
