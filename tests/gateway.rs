@@ -904,20 +904,7 @@ async fn add_api_key(env: &Env, id: &str, admin: bool) -> ApiClient {
 
 /// As `add_api_key`, with `words` after the hash (role, share settings).
 async fn add_api_key_with(env: &Env, id: &str, words: &str) -> ApiClient {
-    let key = format!("{id}-{}", unique_suffix());
-    let hash = sdfleet::gateway::auth::hash_key(&key);
-    std::fs::write(env.work.join("keys").join(id), format!("{hash} {words}")).unwrap();
-    let api = ApiClient::new(&env.gateway.url(""), &key);
-    eventually(
-        &format!("the gateway to take key {id}"),
-        Duration::from_secs(30),
-        || async {
-            let resp = api.get("/api/v2/jobs").send().await.ok()?;
-            (resp.status() == 200).then_some(())
-        },
-    )
-    .await;
-    api
+    add_key(&env.work.join("keys"), &env.gateway.url(""), id, words).await
 }
 
 /// Every job id `api` lists, following `next` page by page (bounded).

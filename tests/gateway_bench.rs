@@ -447,27 +447,15 @@ async fn memory(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &m
     report.push('\n');
 }
 
-/// Adds API key `id` with `words` after its hash to the keys directory of `fleet`'s
-/// gateway and waits until the gateway (which re-reads it every 5 s) takes it.
-async fn add_key(gw: &Gateway, work: &Path, fleet: &str, id: &str, words: &str) -> ApiClient {
-    let key = format!("{id}-{}", unique_suffix());
-    let hash = sdfleet::gateway::auth::hash_key(&key);
-    std::fs::write(
-        work.join(format!("{fleet}-keys")).join(id),
-        format!("{hash} {words}"),
+/// Adds API key `id` with `words` after its hash to `fleet`'s gateway.
+async fn add_fleet_key(gw: &Gateway, work: &Path, fleet: &str, id: &str, words: &str) -> ApiClient {
+    add_key(
+        &work.join(format!("{fleet}-keys")),
+        &gw.process.url(""),
+        id,
+        words,
     )
-    .unwrap();
-    let api = ApiClient::new(&gw.process.url(""), &key);
-    eventually(
-        &format!("key {id} taken"),
-        Duration::from_secs(30),
-        || async {
-            let resp = api.get("/api/v2/jobs?limit=1").send().await.ok()?;
-            (resp.status() == 200).then_some(())
-        },
-    )
-    .await;
-    api
+    .await
 }
 
 /// Submits `n` one-step jobs as `api`; their ids.
@@ -553,11 +541,11 @@ async fn fairness_run(
     let config = fake_config(100, 0, work.join(format!("{fleet}-output")));
     let fakes = pods(client, ns, &fleet, first, PODS, &config).await;
     let gw = gateway(tb, ns, &fleet, work, &fakes, first, &[], bin).await;
-    let a = add_key(&gw, work, &fleet, "a", "").await;
-    let b = add_key(&gw, work, &fleet, "b", "").await;
-    let heavy = add_key(&gw, work, &fleet, "w3", "weight=3").await;
-    let light = add_key(&gw, work, &fleet, "w1", "weight=1").await;
-    let capped = add_key(&gw, work, &fleet, "capped", "max-running=2").await;
+    let a = add_fleet_key(&gw, work, &fleet, "a", "").await;
+    let b = add_fleet_key(&gw, work, &fleet, "b", "").await;
+    let heavy = add_fleet_key(&gw, work, &fleet, "w3", "weight=3").await;
+    let light = add_fleet_key(&gw, work, &fleet, "w1", "weight=1").await;
+    let capped = add_fleet_key(&gw, work, &fleet, "capped", "max-running=2").await;
 
     // B's 20 on an idle fleet, then behind A's 2,000.
     let idle = finals(&b, &submit_n(&b, 20).await, long).await;

