@@ -1549,8 +1549,18 @@ async fn chaos_every_accepted_job_ends_with_its_own_outputs_while_faults_hit() {
         .unwrap();
     assert_eq!(accepted.len(), JOBS, "every job was accepted once");
 
-    // Every accepted job ends, within bounds, none lost.
+    // Every accepted job ends, within bounds, none lost. (The last fault may have been a
+    // restart: the new process answers once it has opened its store.)
     let api = ApiClient::new(&base.lock().unwrap().clone(), &key);
+    eventually(
+        "the gateway answering after the last fault",
+        Duration::from_secs(60),
+        || async {
+            let resp = api.get("/api/v2/jobs?limit=1").send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    )
+    .await;
     let mut states: BTreeMap<String, usize> = BTreeMap::new();
     let mut finals = BTreeMap::new();
     for (id, bad) in &accepted {
