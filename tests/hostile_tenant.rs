@@ -181,6 +181,16 @@ async fn deployer(tb: &Testbed, admin: &Client, ns: &str) -> Client {
     let bindings = Api::<RoleBinding>::namespaced(admin.clone(), ns);
     bindings.create(&pp, &binding).await.unwrap();
     bindings.create(&pp, &status_binding).await.unwrap();
+    // `edit` gets sdfleet's kinds by aggregation, which the controller manager applies a
+    // moment after the chart's install: every refusal below must be the policy's, not
+    // RBAC's.
+    let user = format!("system:serviceaccount:{ns}:deployer");
+    for resource in ["comfyuideployments.sdfleet.io", "modelsets.sdfleet.io"] {
+        eventually(&format!("{user} may create {resource}"), WAIT, || async {
+            support::gateway::can_i(tb, &user, "create", resource, ns).then_some(())
+        })
+        .await;
+    }
     client_from(&impersonating_kubeconfig(tb, ns, "deployer")).await
 }
 
