@@ -1793,7 +1793,24 @@ async fn a_late_small_batch_goes_in_turn_with_a_large_one_and_a_capped_key_waits
     // A key with max-running=1 never has two jobs on the pod, though the pod has two
     // slots and nothing else waits: the pod (ComfyUI's queue) never held two of them.
     env.fakes[0].take_most_held();
-    let capped_ids = submit_many(&capped, 4).await;
+    let capped_ids = submit_many(&capped, 8).await;
+    // The last one waits (seven ahead of it, one at a time), and says why.
+    let waiting = eventually(
+        "the capped key's last job waiting on its cap",
+        Duration::from_secs(10),
+        || async {
+            let job = capped.job(&capped_ids[7]).await;
+            (job["waiting"]["reason"] == "MaxRunning").then_some(job)
+        },
+    )
+    .await;
+    assert!(
+        waiting["waiting"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max-running=1"),
+        "{waiting}"
+    );
     for id in &capped_ids {
         let done = capped.wait_final(id, Duration::from_secs(60)).await;
         assert_eq!(done["state"], "succeeded", "{done}");

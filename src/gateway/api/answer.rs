@@ -79,7 +79,10 @@ pub(super) async fn view(state: &ApiState, job: &Job) -> Value {
         }
         // Why it waits, when it is not just the queue.
         let signal = state.engine.signals.get(&job.fleet);
-        if let Some(message) = signal.no_capacity {
+        if let Some(cap) = state.engine.share_at_cap(&job.id) {
+            v["waiting"] = json!({"reason": "MaxRunning",
+                "message": format!("this key's share (max-running={cap}) already has {cap} jobs on pods; it runs when one of them ends")});
+        } else if let Some(message) = signal.no_capacity {
             v["waiting"] = json!({"reason": "NoCapacity", "message": message});
         } else if state.engine.waits_for_models(&job.id) {
             v["waiting"] = json!({"reason": "ModelsSyncing",

@@ -505,3 +505,18 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// The cap of queued job `id`'s share when the share holds that many jobs on pods
+    /// already (it waits for one of them to end, whatever the pods' room).
+    pub fn share_at_cap(&self, id: &str) -> Option<u32> {
+        let st = self.lock();
+        let job = st.jobs.get(id).filter(|j| j.pod.is_none())?;
+        let share = self.settings.shares.share_of(job.key_id.as_deref());
+        let cap = share.max_running?;
+        let held = on_pods(&st, &job.fleet)
+            .filter(|key| self.settings.shares.share_of(*key).name == share.name)
+            .count();
+        (held >= cap as usize).then_some(cap)
+    }
+}
