@@ -33,6 +33,7 @@ use crate::names::{
 use crate::policy;
 use crate::storage;
 use crate::sync::catalog::{self, Catalog, Filter};
+use crate::sync::hot::HotSet;
 use crate::sync::{self, SyncOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +74,9 @@ struct Synced {
     /// What was synced: the hot models, or the whole catalog.
     catalog: Catalog,
     report: sync::SyncReport,
-    hot: bool,
-    /// Of the hot models, those there because the fleets' recent jobs used them.
-    hot_recent: Vec<String>,
+    /// Only the hot models were synced: with those of them there because the fleets'
+    /// recent jobs used them.
+    hot: Option<Vec<String>>,
 }
 
 /// The catalog's hot models: `spec.hot`'s globs, and the keys of the fleets' recent
@@ -86,11 +87,11 @@ fn hot_models(
     hot: &[String],
     recent: &[String],
 ) -> Result<Option<(Catalog, Vec<String>)>, String> {
-    let filter = Filter::new(hot, &[]).map_err(|e| format!("spec.hot: {e}"))?;
+    let set = HotSet::new(hot, recent).map_err(|e| format!("spec.hot: {e}"))?;
     let objects: Vec<_> = catalog
         .objects
         .iter()
-        .filter(|o| (!hot.is_empty() && filter.accepts(&o.key)) || recent.contains(&o.key))
+        .filter(|o| set.holds(&o.key))
         .cloned()
         .collect();
     if objects.is_empty() {
@@ -498,8 +499,7 @@ impl Agent {
                     revision: catalog.revision(),
                     catalog: hot,
                     report,
-                    hot: true,
-                    hot_recent,
+                    hot: Some(hot_recent),
                 });
             }
             let mut opts = SyncOptions::new(&dest);
@@ -514,8 +514,7 @@ impl Agent {
                 revision: catalog.revision(),
                 catalog,
                 report,
-                hot: false,
-                hot_recent: Vec::new(),
+                hot: None,
             })
         };
         let mut sync = std::pin::pin!(sync);
@@ -562,21 +561,26 @@ impl Agent {
                 self.report(reports, mine, entry).await?;
                 Ok(Outcome::Missing)
             }
-            Ok(done) if done.hot => {
-                let files = done.catalog.objects.len();
-                let bytes = done.catalog.total_bytes();
+            Ok(Synced {
+                revision,
+                catalog,
+                report,
+                hot: Some(hot_recent),
+            }) => {
+                let files = catalog.objects.len();
+                let bytes = catalog.total_bytes();
                 tracing::info!(
-                    node = %self.node, %modelset, files, bytes, fetched = done.report.downloaded,
+                    node = %self.node, %modelset, files, bytes, fetched = report.downloaded,
                     "hot models synced; lifting the startup taint"
                 );
                 let message = format!(
                     "hot models on the node ({files} files, {bytes} bytes); syncing the rest"
                 );
-                let mut entry = self.entry(NodeSyncState::Syncing, &done.revision, bytes, &message);
+                let mut entry = self.entry(NodeSyncState::Syncing, &revision, bytes, &message);
                 entry.hot_ready = true;
-                entry.hot_recent = done.hot_recent;
+                entry.hot_recent = hot_recent;
                 self.report(reports, mine, entry).await?;
-                Ok(Outcome::HotReady(done.catalog))
+                Ok(Outcome::HotReady(catalog))
             }
             Ok(done) => {
                 let report = &done.report;

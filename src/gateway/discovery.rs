@@ -149,6 +149,7 @@ pub async fn watch_pods(
     // With a ModelSet, no pod is taken in before the reports are listed and the catalog
     // (with the hot models) is read: a pod on a hot-only node must never look whole.
     let mut reports_listed = model_set.is_none();
+    let mut catalog_changes = catalogs.subscribe();
     let mut reread = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         let event = tokio::select! {
@@ -164,8 +165,10 @@ pub async fn watch_pods(
                 }
                 None
             }
-            // A mapping file (and the ModelSet's hot models) can change while the slices do not.
-            _ = reread.tick(), if address_map.file.is_some() || model_set.is_some() => None,
+            // The ModelSet's catalog (its hot models) can change while the slices do not.
+            Ok(()) = catalog_changes.changed(), if model_set.is_some() => None,
+            // So can a mapping file.
+            _ = reread.tick(), if address_map.file.is_some() => None,
         };
         match event {
             Some(Ok(Event::Init | Event::InitApply(_))) => continue,
@@ -210,18 +213,36 @@ pub struct FleetCatalog {
     pub hot: Option<HotSet>,
 }
 
-#[derive(Default)]
-pub struct Catalogs(RwLock<HashMap<String, FleetCatalog>>);
+pub struct Catalogs {
+    map: RwLock<HashMap<String, FleetCatalog>>,
+    /// Counts `set`s: pod discovery applies a new catalog (its hot models) at once.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Catalogs {
+    fn default() -> Self {
+        Catalogs {
+            map: RwLock::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
 
 impl Catalogs {
     pub fn get(&self, fleet: &str) -> Option<FleetCatalog> {
-        self.0.read().ok()?.get(fleet).cloned()
+        self.map.read().ok()?.get(fleet).cloned()
     }
 
     pub fn set(&self, fleet: &str, catalog: FleetCatalog) {
-        if let Ok(mut map) = self.0.write() {
+        if let Ok(mut map) = self.map.write() {
             map.insert(fleet.to_string(), catalog);
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every `set` after this call.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The refs the fleet's catalog lacks; `None` while a fleet with a ModelSet has no
@@ -235,7 +256,7 @@ impl Catalogs {
         if !has_model_set {
             return Some(vec![]);
         }
-        let map = self.0.read().ok()?;
+        let map = self.map.read().ok()?;
         let catalog = map.get(fleet)?;
         Some(missing_models(refs, |k| catalog.keys.contains(k)))
     }
@@ -287,8 +308,10 @@ pub async fn watch_catalog(
                 ready,
                 revision: status.revision.clone(),
                 keys,
+                // Globs that do not compile: none (the ModelSet's status says so, and
+                // its agents never report hot-ready either).
                 hot: (!ms.spec.hot.is_empty())
-                    .then(|| HotSet::new(&ms.spec.hot))
+                    .then(|| HotSet::new(&ms.spec.hot, &[]).ok())
                     .flatten(),
             },
         );

@@ -49,6 +49,14 @@ pub struct Share {
     pub max_running: Option<u32>,
 }
 
+impl Share {
+    /// `on_pods` of its jobs on pods leave it no room under its cap.
+    pub fn at_cap(&self, on_pods: u64) -> bool {
+        self.max_running
+            .is_some_and(|cap| on_pods >= u64::from(cap))
+    }
+}
+
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Weights are bounded so that loads times weights stay far from overflow.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -142,12 +150,7 @@ pub fn order<'a, T>(
     }
     let mut lanes: Vec<Lane<T>> = lanes
         .into_values()
-        .filter(|l| {
-            caps == Caps::Ignore
-                || l.share
-                    .max_running
-                    .is_none_or(|cap| l.on_pods < u64::from(cap))
-        })
+        .filter(|l| caps == Caps::Ignore || !l.share.at_cap(l.on_pods))
         .collect();
     for lane in &mut lanes {
         // Higher priority first, then arrival; popped from the end.

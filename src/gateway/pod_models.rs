@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::crd::ModelSync;
 use crate::crd::modelset::NodeSyncState;
-use crate::sync::catalog::Filter;
+pub use crate::sync::hot::HotSet;
 
 use super::workflow::model_refs;
 
@@ -24,56 +24,11 @@ pub enum PodModels {
     Hot(HotSet),
 }
 
-/// The hot models: the ModelSet's `spec.hot` globs, and the recent checkpoints a node
-/// reports it synced with them (exact keys).
-#[derive(Clone, Debug)]
-pub struct HotSet {
-    pub globs: Vec<String>,
-    pub keys: Vec<String>,
-    /// The globs compiled; none without globs (an empty filter would take every key).
-    filter: Option<Arc<Filter>>,
-}
-
-impl PartialEq for HotSet {
-    fn eq(&self, other: &HotSet) -> bool {
-        self.globs == other.globs && self.keys == other.keys
-    }
-}
-
-impl HotSet {
-    /// None for globs that do not compile (the ModelSet's status says so; its agents
-    /// then never report hot-ready either).
-    pub fn new(globs: &[String]) -> Option<HotSet> {
-        let filter = if globs.is_empty() {
-            None
-        } else {
-            Some(Arc::new(Filter::new(globs, &[]).ok()?))
-        };
-        Some(HotSet {
-            globs: globs.to_vec(),
-            keys: Vec::new(),
-            filter,
-        })
-    }
-
-    /// This set and the exact `keys` beside it.
-    fn with_keys(&self, keys: &[String]) -> HotSet {
-        HotSet {
-            keys: keys.to_vec(),
-            ..self.clone()
-        }
-    }
-
-    fn holds(&self, key: &str) -> bool {
-        self.filter.as_ref().is_some_and(|f| f.accepts(key)) || self.keys.iter().any(|k| k == key)
-    }
-
-    /// Every model the workflow names is among the hot ones.
-    pub fn covers(&self, prompt: &Value) -> bool {
-        model_refs(prompt)
-            .iter()
-            .all(|r| r.candidate_keys().iter().any(|key| self.holds(key)))
-    }
+/// Every model the workflow names is among the hot ones.
+fn covers(hot: &HotSet, prompt: &Value) -> bool {
+    model_refs(prompt)
+        .iter()
+        .all(|r| r.candidate_keys().iter().any(|key| hot.holds(key)))
 }
 
 impl PodModels {
@@ -81,7 +36,7 @@ impl PodModels {
     pub fn runs(&self, prompt: &Value) -> bool {
         match self {
             PodModels::All => true,
-            PodModels::Hot(hot) => hot.covers(prompt),
+            PodModels::Hot(hot) => covers(hot, prompt),
         }
     }
 
@@ -110,11 +65,7 @@ impl PodModels {
         match hot {
             Some(hot) => PodModels::Hot(hot.with_keys(recent)),
             // Hot by recent checkpoints alone: no globs.
-            None => PodModels::Hot(HotSet {
-                globs: Vec::new(),
-                keys: recent.clone(),
-                filter: None,
-            }),
+            None => PodModels::Hot(HotSet::keys_only(recent)),
         }
     }
 }
@@ -137,7 +88,7 @@ mod tests {
 
     #[test]
     fn a_hot_ready_node_runs_only_workflows_of_hot_models() {
-        let hot = HotSet::new(&["checkpoints/sdxl*".into()]).unwrap();
+        let hot = HotSet::new(&["checkpoints/sdxl*".into()], &[]).unwrap();
         let reports = [report("n1", "Syncing", true), report("n2", "Synced", false)];
         let on = |node| PodModels::of_node(Some(node), "sdxl", &reports, Some(&hot));
         assert_eq!(on("n1"), PodModels::Hot(hot.clone()));
@@ -180,7 +131,7 @@ mod tests {
                                 "inputs": {"ckpt_name": "juggernaut.safetensors"}}});
         let sdxl = json!({"1": {"class_type": "CheckpointLoaderSimple",
                                 "inputs": {"ckpt_name": "sdxl_base.safetensors"}}});
-        let hot = HotSet::new(&["checkpoints/sdxl*".into()]).unwrap();
+        let hot = HotSet::new(&["checkpoints/sdxl*".into()], &[]).unwrap();
         let n1 = PodModels::of_node(Some("n1"), "sdxl", &reports, Some(&hot));
         let n2 = PodModels::of_node(Some("n2"), "sdxl", &reports, Some(&hot));
         assert!(n1.runs(&jugg) && n1.runs(&sdxl));

@@ -12,6 +12,7 @@ pub mod catalog;
 mod direct;
 pub mod events;
 mod fetch;
+pub mod hot;
 pub mod models_dir;
 pub mod paths;
 pub mod plan;

@@ -267,17 +267,8 @@ impl Engine {
             return None;
         }
         // The window in fair-share order: a share at its cap is left out.
-        let waiting = queue
-            .iter()
-            .filter_map(|id| st.jobs.get(id))
-            .filter(|j| models.is_none_or(|m| m.runs(&j.prompt)))
-            .map(|j| Waiting {
-                item: j,
-                key_id: j.key_id.as_deref(),
-                priority: j.priority,
-            });
         let window = fair_share::order(
-            waiting,
+            waiting(st, queue).filter(|w| models.is_none_or(|m| m.runs(&w.item.prompt))),
             on_pods(st, fleet),
             &usage_at(st, fleet, now),
             self.settings.shares.as_ref(),
@@ -422,6 +413,21 @@ impl Engine {
     }
 }
 
+/// The jobs of `queue`, in its order, as fair share sees them.
+fn waiting<'a>(
+    st: &'a State,
+    queue: &'a VecDeque<String>,
+) -> impl Iterator<Item = Waiting<'a, &'a Job>> {
+    queue
+        .iter()
+        .filter_map(|id| st.jobs.get(id))
+        .map(|j| Waiting {
+            item: j,
+            key_id: j.key_id.as_deref(),
+            priority: j.priority,
+        })
+}
+
 /// Each share's recent use of `fleet`'s pods at `now`.
 fn usage_at(st: &State, fleet: &str, now: u64) -> HashMap<String, f64> {
     st.usage
@@ -446,16 +452,8 @@ impl Engine {
         let st = self.lock();
         let job = st.jobs.get(id).filter(|j| j.pod.is_none())?;
         let queue = st.queues.get(&job.fleet)?;
-        let waiting = queue
-            .iter()
-            .filter_map(|id| st.jobs.get(id))
-            .map(|j| Waiting {
-                item: j.id.as_str(),
-                key_id: j.key_id.as_deref(),
-                priority: j.priority,
-            });
         fair_share::order(
-            waiting,
+            waiting(&st, queue),
             on_pods(&st, &job.fleet),
             &usage_at(&st, &job.fleet, now_millis()),
             self.settings.shares.as_ref(),
@@ -463,7 +461,7 @@ impl Engine {
             queue.len(),
         )
         .iter()
-        .position(|j| *j == id)
+        .position(|j| j.id == id)
     }
 }
 
@@ -472,7 +470,8 @@ impl Engine {
     fn refresh_share_gauges(&self, st: &State) {
         let mut counts: HashMap<ShareLabels, (i64, i64)> = HashMap::new();
         let mut names: HashMap<Option<&str>, String> = HashMap::new();
-        for job in st.jobs.values().filter(|j| !j.state.is_final()) {
+        // `jobs` holds unfinished jobs only.
+        for job in st.jobs.values() {
             let share = names
                 .entry(job.key_id.as_deref())
                 .or_insert_with(|| self.settings.shares.share_of(job.key_id.as_deref()).name)
@@ -513,10 +512,12 @@ impl Engine {
         let st = self.lock();
         let job = st.jobs.get(id).filter(|j| j.pod.is_none())?;
         let share = self.settings.shares.share_of(job.key_id.as_deref());
-        let cap = share.max_running?;
         let held = on_pods(&st, &job.fleet)
             .filter(|key| self.settings.shares.share_of(*key).name == share.name)
             .count();
-        (held >= cap as usize).then_some(cap)
+        share
+            .at_cap(held as u64)
+            .then_some(share.max_running)
+            .flatten()
     }
 }
