@@ -524,27 +524,17 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     let rest = b"a LoRA nobody asked for yet".to_vec();
     let recent = b"the checkpoint the fleet's recent jobs used".to_vec();
     let (open_gate, gate) = tokio::sync::watch::channel(false);
+    // A file the server answers at once.
+    let served = |body: &[u8]| {
+        let body = body.to_vec();
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body }
+        })
+    };
     let app = axum::Router::new()
-        .route(
-            "/recent",
-            axum::routing::get({
-                let recent = recent.clone();
-                move || {
-                    let recent = recent.clone();
-                    async move { recent }
-                }
-            }),
-        )
-        .route(
-            "/hot",
-            axum::routing::get({
-                let hot = hot.clone();
-                move || {
-                    let hot = hot.clone();
-                    async move { hot }
-                }
-            }),
-        )
+        .route("/recent", served(&recent))
+        .route("/hot", served(&hot))
         .route(
             "/rest",
             axum::routing::get({
