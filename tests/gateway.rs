@@ -506,6 +506,23 @@ async fn refusals_missing_model_full_queue_expiry_bad_key_and_idempotency() {
         401
     );
 
+    // A priority out of its range, or not a number: 400, nothing queued.
+    for (priority, kind) in [
+        (json!(1001), "invalid_priority"),
+        (json!(-5000), "invalid_priority"),
+        (json!(1u64 << 40), "invalid_request"),
+        (json!("high"), "invalid_request"),
+    ] {
+        let (status, body) = api
+            .submit(json!({"prompt": workflow(CKPT, 1), "priority": priority}))
+            .await;
+        assert_eq!(
+            (status, body["error"]["type"].as_str()),
+            (400, Some(kind)),
+            "{body}"
+        );
+    }
+
     // The same Idempotency-Key twice, with the same body: one job.
     let keyed = json!({"prompt": workflow(CKPT, 1)});
     let submit_keyed = || async {
