@@ -183,7 +183,30 @@ pub struct Job {
     pub outputs: Vec<Output>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
+    /// Every change of state a client can see, numbered from 1 (0 is the submit): an
+    /// event stream resumes after the last one its client got (`Last-Event-ID`), on any
+    /// replica, and a job that ran twice says why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<StateChange>,
 }
+
+/// One change of a job's state, as its history keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub seq: u32,
+    pub state: JobState,
+    pub at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+    /// Why it went back to the queue (a lost pod, a gateway that took over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A job keeps at most this many changes (the oldest go): a few per attempt.
+const HISTORY_CAP: usize = 64;
 
 fn rfc3339(ms: Millis) -> Value {
     jiff::Timestamp::from_millisecond(ms as i64)
@@ -192,6 +215,27 @@ fn rfc3339(ms: Millis) -> Value {
 }
 
 impl Job {
+    /// The number of its latest change (0: none since submit).
+    pub fn seq(&self) -> u32 {
+        self.history.last().map_or(0, |c| c.seq)
+    }
+
+    /// Records the state it is in now as its next change.
+    pub fn record_change(&mut self, at: Millis, reason: Option<String>) {
+        if self.history.len() >= HISTORY_CAP {
+            self.history.remove(0);
+        }
+        let change = StateChange {
+            seq: self.seq() + 1,
+            state: self.state,
+            at,
+            pod: self.pod.clone(),
+            cancel_requested: self.cancel_requested,
+            reason,
+        };
+        self.history.push(change);
+    }
+
     /// The job as clients see it (without presigned URLs: the API adds them).
     pub fn public_view(&self) -> Value {
         let secs = |a: Option<Millis>, b: Option<Millis>| match (a, b) {
@@ -222,6 +266,7 @@ impl Job {
             "attempts": self.attempts,
             "outputs": self.outputs,
             "error": self.error,
+            "history": self.history,
         })
     }
 
@@ -254,6 +299,7 @@ impl Job {
             progress: None,
             outputs: vec![],
             error: None,
+            history: vec![],
         }
     }
 }

@@ -29,9 +29,9 @@ pub enum Transition {
     /// The pod began to run it.
     Start { at: Millis },
     /// The pod lost it (died, restarted, forgot it): back to the fleet's queue.
-    HandBack,
+    HandBack { at: Millis, why: String },
     /// A client asked to cancel while it runs: it ends when the pod says so.
-    RequestCancel,
+    RequestCancel { at: Millis },
     /// It ended: `state` is final.
     End {
         state: JobState,
@@ -94,8 +94,9 @@ pub fn apply(job: &mut Job, transition: Transition) -> Result<(), Illegal> {
             }
             job.state = JobState::Running;
             job.started_at = Some(at);
+            job.record_change(at, None);
         }
-        Transition::HandBack => {
+        Transition::HandBack { at, why } => {
             if job.pod.is_none() {
                 return Err(Illegal::NotAssigned);
             }
@@ -105,12 +106,14 @@ pub fn apply(job: &mut Job, transition: Transition) -> Result<(), Illegal> {
             job.started_at = None;
             job.progress = None;
             job.outputs.clear();
+            job.record_change(at, Some(why));
         }
-        Transition::RequestCancel => {
+        Transition::RequestCancel { at } => {
             if job.state != JobState::Running {
                 return Err(Illegal::NotRunning);
             }
             job.cancel_requested = true;
+            job.record_change(at, None);
         }
         Transition::End { state, error, at } => {
             if !state.is_final() {
@@ -130,6 +133,7 @@ pub fn apply(job: &mut Job, transition: Transition) -> Result<(), Illegal> {
             job.pod = None;
             // Inputs were only needed to run it; keep the store small.
             job.inputs.clear();
+            job.record_change(at, None);
         }
     }
     Ok(())
@@ -185,6 +189,36 @@ mod tests {
         }
         apply(&mut job, end(state)).unwrap();
         job
+    }
+
+    #[test]
+    fn every_visible_change_is_numbered_in_the_history_and_a_hand_back_says_why() {
+        let mut job = running();
+        apply(&mut job, Transition::HandBack { at: 30, why: "pod p lost".into() }).unwrap();
+        apply(&mut job, assign("q")).unwrap();
+        apply(&mut job, Transition::Start { at: 40 }).unwrap();
+        apply(&mut job, Transition::RequestCancel { at: 45 }).unwrap();
+        apply(&mut job, end(JobState::Canceled)).unwrap();
+        let seen: Vec<(u32, JobState, Option<&str>, Option<&str>)> = job
+            .history
+            .iter()
+            .map(|c| (c.seq, c.state, c.pod.as_deref(), c.reason.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, JobState::Running, Some("p"), None),
+                (2, JobState::Queued, None, Some("pod p lost")),
+                (3, JobState::Running, Some("q"), None),
+                (4, JobState::Running, Some("q"), None),
+                (5, JobState::Canceled, None, None),
+            ]
+        );
+        assert!(job.history[3].cancel_requested);
+        assert_eq!(job.seq(), 5);
+        // A refused change records nothing.
+        assert!(apply(&mut job, Transition::Start { at: 50 }).is_err());
+        assert_eq!(job.seq(), 5);
     }
 
     #[test]
@@ -244,7 +278,7 @@ mod tests {
                 key: None,
                 size: None,
             });
-            apply(&mut job, Transition::HandBack).unwrap();
+            apply(&mut job, Transition::HandBack { at: 5, why: "pod lost".into() }).unwrap();
             assert_eq!(job.state, JobState::Queued);
             assert_eq!(job.pod, None);
             assert_eq!(job.started_at, None);
@@ -255,7 +289,7 @@ mod tests {
         }
         let mut job = queued();
         assert_eq!(
-            apply(&mut job, Transition::HandBack),
+            apply(&mut job, Transition::HandBack { at: 5, why: "pod lost".into() }),
             Err(Illegal::NotAssigned)
         );
     }
@@ -263,12 +297,12 @@ mod tests {
     #[test]
     fn cancel_is_requested_of_a_running_job_only() {
         let mut job = running();
-        apply(&mut job, Transition::RequestCancel).unwrap();
+        apply(&mut job, Transition::RequestCancel { at: 5 }).unwrap();
         assert!(job.cancel_requested);
         assert_eq!(job.state, JobState::Running, "it ends when the pod says so");
         for mut job in [queued(), assigned()] {
             assert_eq!(
-                apply(&mut job, Transition::RequestCancel),
+                apply(&mut job, Transition::RequestCancel { at: 5 }),
                 Err(Illegal::NotRunning)
             );
         }
@@ -337,8 +371,8 @@ mod tests {
             for transition in [
                 assign("q"),
                 Transition::Start { at: 1 },
-                Transition::HandBack,
-                Transition::RequestCancel,
+                Transition::HandBack { at: 5, why: "pod lost".into() },
+                Transition::RequestCancel { at: 5 },
                 end(JobState::Failed),
                 end(JobState::Canceled),
             ] {

@@ -47,6 +47,10 @@ pub struct GatewayMetrics {
     pub store_errors: Counter,
     /// Finished jobs deleted by retention.
     pub pruned: Counter,
+    /// With a shared store: 1 while this replica holds the dispatch lease.
+    pub lease_held: Gauge,
+    /// Times this replica took the lease (and with it the pods and the queue).
+    pub lease_takeovers: Counter,
     /// Per fair share: jobs waiting, jobs on pods, and the seconds its started jobs
     /// waited (a counter: its rate over the rate of started jobs is the mean wait).
     pub share_queued: Family<ShareLabels, Gauge>,
@@ -73,6 +77,8 @@ impl Default for GatewayMetrics {
             store_capacity_bytes: Gauge::default(),
             store_errors: Counter::default(),
             pruned: Counter::default(),
+            lease_held: Gauge::default(),
+            lease_takeovers: Counter::default(),
             share_queued: Family::default(),
             share_in_flight: Family::default(),
             share_waited_seconds: Family::default(),
@@ -120,6 +126,16 @@ impl Default for GatewayMetrics {
             "store_capacity_bytes",
             "Size of the job store's volume",
             m.store_capacity_bytes.clone(),
+        );
+        registry.register(
+            "lease_held",
+            "1 while this replica holds the dispatch lease (shared store)",
+            m.lease_held.clone(),
+        );
+        registry.register(
+            "lease_takeovers",
+            "Times this replica took the dispatch lease",
+            m.lease_takeovers.clone(),
         );
         registry.register(
             "store_errors",

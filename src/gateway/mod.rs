@@ -16,6 +16,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod outputs;
 pub mod placement;
+pub mod replicas;
 pub mod pod_models;
 pub mod store;
 pub mod webhook;
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use crate::storage::s3::BucketLocation;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct GatewayArgs {
     /// The namespace of the fleets.
     #[arg(long, env = "POD_NAMESPACE")]
@@ -41,9 +42,24 @@ pub struct GatewayArgs {
     pub listen: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
-    /// The job store (a redb file on the gateway's volume).
+    /// The job store (a redb file on the gateway's volume), for one replica.
     #[arg(long, default_value = "/var/lib/sdfleet-gateway/jobs.redb")]
     pub store: PathBuf,
+    /// A file holding a PostgreSQL URL: the jobs live there instead, shared by several
+    /// replicas, one of which holds the dispatch lease at a time.
+    #[arg(long)]
+    pub postgres_url_file: Option<PathBuf>,
+    /// PEM certificates to trust for PostgreSQL besides the system's (RDS's CA bundle).
+    #[arg(long)]
+    pub postgres_ca_file: Option<PathBuf>,
+    /// Where the other replicas reach this one's API (`http://<pod IP>:8080`): the lease
+    /// names it, and followers send their requests there.
+    #[arg(long, env = "SDFLEET_GATEWAY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Seconds the dispatch lease lasts without renewal: a dead replica's pods are taken
+    /// over after at most this (plus one renewal period).
+    #[arg(long, default_value_t = 5)]
+    pub lease_seconds: u64,
     /// Directory of API keys (the mounted Secret: key id → SHA-256 hex of the key, with
     /// ` admin` after it for a key that sees every job).
     #[arg(
@@ -179,13 +195,46 @@ pub enum GatewayError {
     Io(String, std::io::Error),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("the dispatch lease was lost: {0}")]
+    LeaseLost(String),
 }
 
 pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayError> {
+    let metrics = Arc::new(metrics::GatewayMetrics::default());
+    serve_metrics(args.metrics_listen, metrics.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| GatewayError::Io(args.listen.to_string(), e))?;
+    tracing::info!(addr = %args.listen, "gateway serving /api/v2");
+    if let Some(url_file) = &args.postgres_url_file {
+        let url = std::fs::read_to_string(url_file)
+            .map_err(|e| GatewayError::Io(url_file.display().to_string(), e))?;
+        return replicas::run(client, args.clone(), url.trim().to_string(), listener, metrics)
+            .await;
+    }
     if let Some(dir) = args.store.parent() {
         std::fs::create_dir_all(dir).map_err(|e| GatewayError::Io(dir.display().to_string(), e))?;
     }
     let store = store::Store(Arc::new(store::RedbStore::open(&args.store)?));
+    let leader = start(&client, &args, store, metrics).await?;
+    let served = serve_until_signal(listener, leader.router).await;
+    leader.engine.drain(FLUSH).await;
+    served
+}
+
+/// What a replica that dispatches runs: the engine with its jobs resumed from the store,
+/// pod discovery, demand publishing, retention, and the API's router.
+pub struct Leader {
+    pub engine: Arc<engine::Engine>,
+    pub router: axum::Router,
+}
+
+pub async fn start(
+    client: &kube::Client,
+    args: &GatewayArgs,
+    store: store::Store,
+    metrics: Arc<metrics::GatewayMetrics>,
+) -> Result<Leader, GatewayError> {
     // A pod that stops answering mid-body (a node gone without a reset) fails a read
     // after the silence limit, not at the end of a 300 s transfer deadline.
     let http = reqwest::Client::builder()
@@ -221,7 +270,6 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         ),
         None => None,
     };
-    let metrics = Arc::new(metrics::GatewayMetrics::default());
     let keys = Arc::new(auth::ApiKeys::new(
         (!args.no_auth).then(|| args.api_keys_dir.clone()),
     ));
@@ -246,7 +294,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         retention_every: Duration::from_secs(args.retention_interval_seconds.max(1)),
         shares: keys.clone(),
     };
-    let engine = engine::Engine::new(settings, store, metrics.clone(), outputs, webhooks, http);
+    let engine = engine::Engine::new(settings, store, metrics, outputs, webhooks, http);
     let recovered = engine.recover().await?;
     tracing::info!(recovered, "jobs resumed from the store");
     let catalogs = Arc::new(discovery::Catalogs::default());
@@ -309,6 +357,16 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             .publish_demand
             .then(|| Duration::from_secs(args.max_cold_start_wait_seconds)),
     });
+    Ok(Leader {
+        engine,
+        router: api::router(state),
+    })
+}
+
+async fn serve_metrics(
+    listen: SocketAddr,
+    metrics: Arc<metrics::GatewayMetrics>,
+) -> Result<(), GatewayError> {
     let metrics_app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -324,24 +382,28 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             }
         }),
     );
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+    let metrics_listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| GatewayError::Io(args.metrics_listen.to_string(), e))?;
+        .map_err(|e| GatewayError::Io(listen.to_string(), e))?;
     tokio::spawn(async move { axum::serve(metrics_listener, metrics_app).await });
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| GatewayError::Io(args.listen.to_string(), e))?;
-    tracing::info!(addr = %args.listen, "gateway serving /api/v2");
+    Ok(())
+}
+
+/// Serves `router` until SIGTERM, then lets requests in flight finish for DRAIN.
+async fn serve_until_signal(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+) -> Result<(), GatewayError> {
     // In its pod the gateway is PID 1, which the kernel sends no signal it has no handler
     // for: without one for SIGTERM, every rollout and node drain waited for SIGKILL.
     // Requests in flight get DRAIN to finish; an open event stream does not hold the exit.
     let signalled = Arc::new(tokio::sync::Notify::new());
     let notify = signalled.clone();
-    let serve = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+    let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
         crate::leader::shutdown_signal().await;
         notify.notify_one();
     });
-    let served = tokio::select! {
+    tokio::select! {
         served = serve.into_future() => served.map_err(|e| GatewayError::Io("serve".into(), e)),
         _ = async {
             signalled.notified().await;
@@ -350,9 +412,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             tracing::info!(drain = ?DRAIN, "connections still open after the drain");
             Ok(())
         }
-    };
-    engine.drain(FLUSH).await;
-    served
+    }
 }
 
 /// How long, after the requests, the store may take to write what changed before exit:

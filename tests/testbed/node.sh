@@ -389,6 +389,9 @@ check_clean() {
   what=$(iptables-save 2>/dev/null | grep -E '^:KUBE-|sdfleet-testbed' || true)
   [ -z "$what" ] || { echo "iptables left: $what"; bad=1; }
   [ -e "$STATE" ] && { echo "state left: $STATE"; bad=1; }
+  what=$(pgrep -a -f "postgres -D $(pg_dir)" || true)
+  [ -z "$what" ] || { echo "processes left: $what"; bad=1; }
+  [ -e "$(pg_dir)" ] && { echo "PostgreSQL cluster left: $(pg_dir)"; bad=1; }
   [ $bad = 0 ] && echo "clean: no process, mount, network namespace, bridge, cgroup or iptables chain of the testbed left"
   return $bad
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use futures::{Stream, StreamExt};
@@ -118,6 +118,7 @@ pub(super) async fn events(
     State(state): State<Arc<ApiState>>,
     axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (job, rx) = state
         .engine
@@ -126,15 +127,30 @@ pub(super) async fn events(
         .map_err(ApiError::store)?
         .filter(|(job, _)| may_see(&caller, job))
         .ok_or_else(|| not_found(&id))?;
-    let snapshot = Event::default()
-        .event("snapshot")
-        .data(view(&state, &job).await.to_string());
+    // A client back after a drop (this replica or another) gets every change it missed,
+    // from the job's history, instead of a snapshot that would skip the ones between.
+    let resumed_after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let first: Vec<Event> = match resumed_after {
+        Some(after) => missed_changes(&state, &job, after).await,
+        None => vec![
+            Event::default()
+                .event("snapshot")
+                .id(job.seq().to_string())
+                .data(view(&state, &job).await.to_string()),
+        ],
+    };
     let live = futures::stream::unfold(rx, |rx| async move {
         let mut rx = rx?;
         loop {
             match rx.recv().await {
                 Ok(e) => {
-                    let event = Event::default().event(e.kind).data(e.data.to_string());
+                    let mut event = Event::default().event(e.kind).data(e.data.to_string());
+                    if let Some(seq) = e.seq {
+                        event = event.id(seq.to_string());
+                    }
                     return Some((event, if e.last { None } else { Some(rx) }));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
@@ -142,10 +158,35 @@ pub(super) async fn events(
             }
         }
     });
-    let stream = futures::stream::once(async move { snapshot })
-        .chain(live)
-        .map(Ok);
+    let stream = futures::stream::iter(first).chain(live).map(Ok);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
+}
+
+/// The changes of state after `after`, as the events the stream sent for them: `state`
+/// for each, and `done` with the whole job for the final one.
+async fn missed_changes(state: &ApiState, job: &Job, after: u32) -> Vec<Event> {
+    let mut events = Vec::new();
+    for change in job.history.iter().filter(|c| c.seq > after) {
+        let event = if change.state.is_final() {
+            Event::default()
+                .event("done")
+                .data(view(state, job).await.to_string())
+        } else {
+            let mut data = json!({"job": job.id, "state": change.state, "at": change.at});
+            if let Some(pod) = &change.pod {
+                data["pod"] = json!(pod);
+            }
+            if change.cancel_requested {
+                data["cancel_requested"] = json!(true);
+            }
+            if let Some(reason) = &change.reason {
+                data["requeued"] = json!(reason);
+            }
+            Event::default().event("state").data(data.to_string())
+        };
+        events.push(event.id(change.seq.to_string()));
+    }
+    events
 }
 
 pub(super) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {

@@ -339,6 +339,7 @@ pub(super) async fn submit(
         progress: None,
         outputs: vec![],
         error: None,
+        history: vec![],
     };
     let (job, status) = match state.engine.submit(job).await.map_err(ApiError::store)? {
         Admission::Accepted(job) => (job, StatusCode::CREATED),

@@ -75,6 +75,8 @@ pub struct JobEvent {
     pub data: Value,
     /// The job ended: the stream closes after this one.
     pub last: bool,
+    /// A change of state: its number in the job's history, the stream's event id.
+    pub seq: Option<u32>,
 }
 
 /// A pod endpoint as discovery sees it.
@@ -261,7 +263,13 @@ impl Engine {
             map.insert("job".into(), Value::String(job.id.clone()));
         }
         if let Some(tx) = state.watchers.get(&job.id) {
-            let _ = tx.send(JobEvent { kind, data, last });
+            let seq = matches!(kind, "state" | "done").then(|| job.seq());
+            let _ = tx.send(JobEvent {
+                kind,
+                data,
+                last,
+                seq,
+            });
         }
         if last {
             state.watchers.remove(&job.id);
@@ -475,7 +483,7 @@ impl Engine {
         let st = &mut *guard;
         let job = st.jobs.get_mut(id)?;
         let pod = job.pod.clone();
-        let (job, command) = if lifecycle::apply(job, Transition::RequestCancel).is_ok() {
+        let (job, command) = if lifecycle::apply(job, Transition::RequestCancel { at: now_millis() }).is_ok() {
             let job = job.clone();
             self.persist_later(&job);
             Self::publish(
@@ -580,7 +588,11 @@ impl Engine {
             return;
         }
         tracing::info!(job = %id, pod = ?job.pod, %why, "job back in the queue");
-        if let Err(illegal) = lifecycle::apply(job, Transition::HandBack) {
+        let hand_back = Transition::HandBack {
+            at: now_millis(),
+            why: why.to_string(),
+        };
+        if let Err(illegal) = lifecycle::apply(job, hand_back) {
             tracing::debug!(job = %id, %illegal, "nothing to hand back");
         }
         let job = job.clone();

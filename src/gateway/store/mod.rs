@@ -1,5 +1,5 @@
-//! Where jobs live: `JobStore`, with an embedded redb file on the gateway's volume as
-//! the one implementation today. Every state change is committed (fsync) before it is
+//! Where jobs live: `JobStore`, with an embedded redb file on the gateway's volume for
+//! one replica, and PostgreSQL (`postgres`) for several. Every state change is committed (fsync) before it is
 //! acted on, so a gateway killed at any point restarts from what it last promised.
 //! Progress is not stored: it is live only.
 //!
@@ -19,6 +19,9 @@ use redb::{
 use serde::Deserialize;
 
 use super::job::{Job, JobState, Millis};
+
+mod postgres;
+pub use postgres::{LeaseView, PgStore};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// `<key id>/<Idempotency-Key>` → the job it was first used for. An entry lives as long
@@ -43,11 +46,29 @@ pub struct StoreError {
     message: String,
     /// The volume failed (full, read-only, gone): the database must be opened again.
     io: bool,
+    /// A shared store refused a write: another replica holds the gateway's lease now.
+    lease_lost: bool,
 }
 
 impl StoreError {
     pub fn from_message(message: String) -> StoreError {
-        StoreError { message, io: false }
+        StoreError {
+            message,
+            io: false,
+            lease_lost: false,
+        }
+    }
+
+    pub fn lease_lost(message: String) -> StoreError {
+        StoreError {
+            message,
+            io: false,
+            lease_lost: true,
+        }
+    }
+
+    pub fn is_lease_lost(&self) -> bool {
+        self.lease_lost
     }
 }
 
@@ -58,6 +79,7 @@ impl<E: Into<redb::Error>> From<E> for StoreError {
         StoreError {
             message: e.to_string(),
             io,
+            lease_lost: false,
         }
     }
 }
@@ -110,8 +132,8 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
-/// The jobs of one gateway. A shared store for several replicas (a later issue) would
-/// implement this over a database with conditional writes.
+/// The jobs of one gateway: an embedded file for one replica (`RedbStore`), or
+/// PostgreSQL shared by several (`PgStore`, whose writes are fenced by the lease).
 pub trait JobStore: Send + Sync + 'static {
     /// Writes the jobs in one commit, in order, with their index entries; a job with an
     /// idempotency key also records key → id (the first job of a key keeps it).
