@@ -130,7 +130,6 @@ fn the_postgres_store_answers_every_call_as_the_embedded_store_does() {
     assert!(pg.claim("http://127.0.0.1:1", Duration::from_secs(60)).unwrap().ours);
     let expected = transcript(&redb);
     let got = transcript(&pg);
-    eprintln!("{expected:#?}");
     for (e, g) in expected.iter().zip(&got) {
         assert_eq!(g, e);
     }
@@ -502,6 +501,7 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
             let mut accepted: Vec<String> = Vec::new();
             let mut failures: Vec<String> = Vec::new();
             let mut answered = 0usize;
+            let mut slowest = Duration::ZERO;
             for n in 0..10_000usize {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
@@ -511,12 +511,14 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
                     e[n % e.len()].clone()
                 };
                 let api = ApiClient::new(&base, &key);
+                let t = Instant::now();
                 let sent = api
                     .post("/api/v2/jobs")
                     .header("Idempotency-Key", format!("roll-{n}"))
                     .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
                     .send()
                     .await;
+                slowest = slowest.max(t.elapsed());
                 match sent {
                     Ok(r) if r.status() == 201 => {
                         answered += 1;
@@ -535,7 +537,7 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
                 }
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            (accepted, failures, answered)
+            (accepted, failures, answered, slowest)
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -558,9 +560,9 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (accepted, failures, answered) = client.await.unwrap();
+    let (accepted, failures, answered, slowest) = client.await.unwrap();
     eprintln!(
-        "rollout: {answered} requests answered, {} failed, {} jobs",
+        "rollout: {answered} requests answered, {} failed, {} jobs, slowest submit {slowest:?}",
         failures.len(),
         accepted.len()
     );
