@@ -645,6 +645,7 @@ async fn the_controller_applies_what_render_prints_for_every_example() {
         ("examples/sdxl.yaml", false),
         ("examples/sdxl.yaml", true),
         ("examples/gateway.yaml", false),
+        ("examples/gateway-replicated.yaml", false),
         ("examples/autoscaling.yaml", false),
     ];
     let checks = cases

@@ -51,7 +51,11 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
         .expect("the valid spec is accepted");
     // The example fleets with a gateway, and autoscaled, as a user applies them (in
     // this namespace).
-    for file in ["examples/gateway.yaml", "examples/autoscaling.yaml"] {
+    for file in [
+        "examples/gateway.yaml",
+        "examples/gateway-replicated.yaml",
+        "examples/autoscaling.yaml",
+    ] {
         let text = std::fs::read_to_string(support::repo_root().join(file)).unwrap();
         let mut example: Value = serde_saphyr::from_str(&text).unwrap();
         example["metadata"]["namespace"] = json!(ns.name);
@@ -198,6 +202,22 @@ async fn bad_specs_are_rejected_at_apply_naming_the_field() {
                 json!({"apiKeysSecret": "k", "allowUnauthenticated": true}),
             ),
             "set exactly one of gateway.apiKeysSecret and gateway.allowUnauthenticated",
+        ),
+        (
+            "three gateway replicas on the embedded store",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "replicas": 3}),
+            ),
+            "gateway.replicas above 1 needs a shared job store: set gateway.store.postgres",
+        ),
+        (
+            "a PostgreSQL store without its Secret",
+            with(
+                &["spec", "gateway"],
+                json!({"apiKeysSecret": "k", "replicas": 2, "store": {"postgres": {}}}),
+            ),
+            "spec.gateway.store.postgres.secretName",
         ),
         (
             "a gateway queue cap of 0",

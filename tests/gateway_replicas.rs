@@ -66,7 +66,12 @@ fn transcript(store: &dyn JobStore) -> Vec<String> {
     let mut batch = Vec::new();
     for i in 0..30u64 {
         let key = ["a", "b", "a\u{e9}"][i as usize % 3];
-        let mut j = job(&format!("j{i:02}"), states[i as usize % 5], 1_000 + i, Some(key));
+        let mut j = job(
+            &format!("j{i:02}"),
+            states[i as usize % 5],
+            1_000 + i,
+            Some(key),
+        );
         if i % 4 == 0 {
             j.idempotency_key = Some(format!("{key}/k{i}"));
         }
@@ -83,11 +88,26 @@ fn transcript(store: &dyn JobStore) -> Vec<String> {
     let mut thief = job("thief", JobState::Queued, 2_000, Some("a"));
     thief.idempotency_key = Some("a/k0".into());
     store.put(&thief).unwrap();
-    out.push(format!("k0 -> {:?}", store.by_idempotency_key("a/k0").unwrap()));
-    out.push(format!("k4 -> {:?}", store.by_idempotency_key("b/k4").unwrap()));
-    out.push(format!("none -> {:?}", store.by_idempotency_key("a/k1").unwrap()));
-    out.push(format!("j00 -> {:?}", store.get("j00").unwrap().map(|j| j.state)));
-    out.push(format!("missing -> {:?}", store.get("nope").unwrap().map(|j| j.id)));
+    out.push(format!(
+        "k0 -> {:?}",
+        store.by_idempotency_key("a/k0").unwrap()
+    ));
+    out.push(format!(
+        "k4 -> {:?}",
+        store.by_idempotency_key("b/k4").unwrap()
+    ));
+    out.push(format!(
+        "none -> {:?}",
+        store.by_idempotency_key("a/k1").unwrap()
+    ));
+    out.push(format!(
+        "j00 -> {:?}",
+        store.get("j00").unwrap().map(|j| j.state)
+    ));
+    out.push(format!(
+        "missing -> {:?}",
+        store.get("nope").unwrap().map(|j| j.id)
+    ));
     let base = ListQuery {
         limit: 7,
         ..Default::default()
@@ -109,13 +129,25 @@ fn transcript(store: &dyn JobStore) -> Vec<String> {
     let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
     out.push(format!("unfinished {:?}", ids(store.unfinished().unwrap())));
     // Retention: old finished jobs, then the oldest finished beyond the count.
-    out.push(format!("pruned {}", store.prune(1_005, 1_000, 100).unwrap()));
+    out.push(format!(
+        "pruned {}",
+        store.prune(1_005, 1_000, 100).unwrap()
+    ));
     out.push(format!("pruned {}", store.prune(0, 20, 3).unwrap()));
     out.push(format!("pruned {}", store.prune(0, 20, 100).unwrap()));
     out.push(format!("left {:?}", walk(store, base.clone())));
-    out.push(format!("k0 -> {:?}", store.by_idempotency_key("a/k0").unwrap()));
-    out.push(format!("k8 -> {:?}", store.by_idempotency_key("b/k8").unwrap()));
-    out.push(format!("k28 -> {:?}", store.by_idempotency_key("a/k28").unwrap()));
+    out.push(format!(
+        "k0 -> {:?}",
+        store.by_idempotency_key("a/k0").unwrap()
+    ));
+    out.push(format!(
+        "k8 -> {:?}",
+        store.by_idempotency_key("b/k8").unwrap()
+    ));
+    out.push(format!(
+        "k28 -> {:?}",
+        store.by_idempotency_key("a/k28").unwrap()
+    ));
     out
 }
 
@@ -127,7 +159,11 @@ fn the_postgres_store_answers_every_call_as_the_embedded_store_does() {
     let redb = RedbStore::open(&dir.join("jobs.redb")).unwrap();
     let scope = format!("conformance-{}", unique_suffix());
     let pg = PgStore::connect(&pg_url(tb), None, &scope, "replica-1").unwrap();
-    assert!(pg.claim("http://127.0.0.1:1", Duration::from_secs(60)).unwrap().ours);
+    assert!(
+        pg.claim("http://127.0.0.1:1", Duration::from_secs(60))
+            .unwrap()
+            .ours
+    );
     let expected = transcript(&redb);
     let got = transcript(&pg);
     for (e, g) in expected.iter().zip(&got) {
@@ -142,8 +178,7 @@ fn the_postgres_store_answers_every_call_as_the_embedded_store_does() {
 }
 
 #[test]
-fn a_replica_that_lost_the_lease_can_write_nothing_and_one_that_released_it_is_replaced_at_once()
-{
+fn a_replica_that_lost_the_lease_can_write_nothing_and_one_that_released_it_is_replaced_at_once() {
     let tb = Testbed::get();
     let scope = format!("fence-{}", unique_suffix());
     let a = PgStore::connect(&pg_url(tb), None, &scope, "a").unwrap();
@@ -153,7 +188,10 @@ fn a_replica_that_lost_the_lease_can_write_nothing_and_one_that_released_it_is_r
     assert!(first.ours);
     let seen = b.claim("http://b", lease).unwrap();
     assert!(!seen.ours && seen.live, "{seen:?}");
-    assert_eq!((seen.holder.as_str(), seen.address.as_str()), ("a", "http://a"));
+    assert_eq!(
+        (seen.holder.as_str(), seen.address.as_str()),
+        ("a", "http://a")
+    );
     a.put(&job("x", JobState::Queued, 1, None)).unwrap();
     let refused = b.put(&job("x", JobState::Failed, 1, None)).unwrap_err();
     assert!(refused.is_lease_lost(), "{refused}");
@@ -297,7 +335,11 @@ async fn follow(
             }
             if !data.is_empty() {
                 let done = kind == "done";
-                out.push((kind, seq, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                out.push((
+                    kind,
+                    seq,
+                    serde_json::from_str(&data).unwrap_or(Value::Null),
+                ));
                 if done {
                     return (out, true);
                 }
@@ -340,7 +382,10 @@ fn assert_no_change_missed(id: &str, events: &[Sse]) {
         .collect();
     let first = seqs.first().copied().unwrap_or(0);
     let expected: Vec<u32> = (first..first + seqs.len() as u32).collect();
-    assert_eq!(seqs, expected, "job {id}: numbered changes skipped or repeated: {events:?}");
+    assert_eq!(
+        seqs, expected,
+        "job {id}: numbered changes skipped or repeated: {events:?}"
+    );
     let last = events.last().unwrap();
     assert_eq!(last.0, "done", "{events:?}");
     assert_eq!(last.2["state"], "succeeded", "{last:?}");
@@ -416,7 +461,11 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
         } else {
             vec![bases[1].clone(), bases[2].clone()]
         };
-        followers.push(tokio::spawn(follow_to_the_end(order, f.key.clone(), id.clone())));
+        followers.push(tokio::spawn(follow_to_the_end(
+            order,
+            f.key.clone(),
+            id.clone(),
+        )));
     }
     eventually("jobs to run", Duration::from_secs(60), || async {
         (runs(&f.fakes).len() >= 20).then_some(())
@@ -428,7 +477,10 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
     let takeover = killed.elapsed();
     eprintln!("takeover after SIGKILL: {takeover:?}");
     // The README's bound: lease (5 s) + one renewal (1 s) + resuming the jobs.
-    assert!(takeover < Duration::from_secs(10), "takeover took {takeover:?}");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
     assert_eq!(
         others[next].metric("sdfleet_gateway_lease_takeovers").await,
         Some(1.0)
@@ -468,10 +520,17 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
     for handle in followers {
         let (events, reconnects) = handle.await.unwrap();
         broken += usize::from(reconnects > 0);
-        let id = events[0].2["job"].as_str().or(events[0].2["id"].as_str()).unwrap().to_string();
+        let id = events[0].2["job"]
+            .as_str()
+            .or(events[0].2["id"].as_str())
+            .unwrap()
+            .to_string();
         assert_no_change_missed(&id, &events);
     }
-    assert!(broken > 0, "no event stream was cut by the kill: the test proved nothing");
+    assert!(
+        broken > 0,
+        "no event stream was cut by the kill: the test proved nothing"
+    );
     drop(f.ns);
 }
 
@@ -566,7 +625,10 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
         failures.len(),
         accepted.len()
     );
-    assert!(failures.is_empty(), "requests failed during the rollout: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "requests failed during the rollout: {failures:#?}"
+    );
     assert!(accepted.len() > 50, "too few requests to show anything");
     let holder = leader(&[&new[0], &new[1], &new[2]], 2, Duration::from_secs(30)).await;
     let api = ApiClient::new(&new[holder].url(""), &f.key);

@@ -11,11 +11,19 @@ use serde::{Deserialize, Serialize};
 use super::common::{ContainerResources, IngressSpec};
 
 /// The job gateway of a fleet: one replica with an embedded job store on its own
-/// volume (a shared store for several replicas is on the roadmap).
+/// volume, or several replicas sharing a PostgreSQL store (`store.postgres`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.apiKeysSecret) != (has(self.allowUnauthenticated) && self.allowUnauthenticated)").message("set exactly one of gateway.apiKeysSecret and gateway.allowUnauthenticated: true"))]
+#[x_kube(validation = Rule::new("!has(self.replicas) || self.replicas == 1 || (has(self.store) && has(self.store.postgres))").message("gateway.replicas above 1 needs a shared job store: set gateway.store.postgres (the embedded store is one file on one volume, for one replica)"))]
 pub struct GatewaySpec {
+    /// Gateway replicas. Above 1 needs `store.postgres`: one replica at a time holds
+    /// the dispatch lease (sends the pods their jobs), the others forward API requests
+    /// to it and take over within seconds when it is gone. With the embedded store the
+    /// gateway is one replica, replaced with `Recreate`.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replicas: i32,
     /// A Secret in the fleet's namespace, created by the admin: each key is an API key
     /// id, each value the SHA-256 hex of that key (`printf %s "$KEY" | sha256sum`), so
     /// the cluster never holds a usable key. A key sees only the jobs it submitted; a
@@ -112,6 +120,10 @@ pub struct GatewaySpec {
     pub class_webhook_allowed_cidrs: Vec<String>,
 }
 
+fn default_replicas() -> i32 {
+    1
+}
+
 fn default_queue_cap() -> i32 {
     100
 }
@@ -143,11 +155,17 @@ impl GatewayPlacement {
     }
 }
 
-/// The job store's volume.
+/// Where the gateway keeps its jobs: an embedded file on a volume of its own (the
+/// default), or PostgreSQL shared by several replicas.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayStoreSpec {
-    /// The claim's size; 10,000 jobs take a few MiB.
+    /// Jobs in PostgreSQL instead of the embedded file: no volume, several replicas,
+    /// rolling updates. The gateway creates and migrates its tables; one database may
+    /// hold several gateways' jobs (each sees its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresStoreSpec>,
+    /// The claim's size (embedded store); 10,000 jobs take a few MiB.
     #[serde(default = "default_store_size")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("store.size must be a positive quantity, such as 1Gi"))]
@@ -170,12 +188,36 @@ pub struct GatewayStoreSpec {
 impl Default for GatewayStoreSpec {
     fn default() -> Self {
         GatewayStoreSpec {
+            postgres: None,
             size: default_store_size(),
             storage_class_name: None,
             retention_hours: default_retention_hours(),
             max_jobs: default_max_jobs(),
         }
     }
+}
+
+/// The PostgreSQL job store: a Secret in the fleet's namespace, created by the admin.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresStoreSpec {
+    /// The Secret holding the connection URL
+    /// (`postgres://user:password@host:5432/db?sslmode=require`).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The Secret's key holding the URL.
+    #[serde(default = "default_url_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub url_key: String,
+    /// A key of the same Secret holding PEM certificates to trust besides the system's
+    /// (the RDS CA bundle, whose CA no system trusts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_key: Option<String>,
+}
+
+fn default_url_key() -> String {
+    "url".into()
 }
 
 fn default_retention_hours() -> i32 {

@@ -194,7 +194,14 @@ mod tests {
     #[test]
     fn every_visible_change_is_numbered_in_the_history_and_a_hand_back_says_why() {
         let mut job = running();
-        apply(&mut job, Transition::HandBack { at: 30, why: "pod p lost".into() }).unwrap();
+        apply(
+            &mut job,
+            Transition::HandBack {
+                at: 30,
+                why: "pod p lost".into(),
+            },
+        )
+        .unwrap();
         apply(&mut job, assign("q")).unwrap();
         apply(&mut job, Transition::Start { at: 40 }).unwrap();
         apply(&mut job, Transition::RequestCancel { at: 45 }).unwrap();
@@ -278,7 +285,14 @@ mod tests {
                 key: None,
                 size: None,
             });
-            apply(&mut job, Transition::HandBack { at: 5, why: "pod lost".into() }).unwrap();
+            apply(
+                &mut job,
+                Transition::HandBack {
+                    at: 5,
+                    why: "pod lost".into(),
+                },
+            )
+            .unwrap();
             assert_eq!(job.state, JobState::Queued);
             assert_eq!(job.pod, None);
             assert_eq!(job.started_at, None);
@@ -289,7 +303,13 @@ mod tests {
         }
         let mut job = queued();
         assert_eq!(
-            apply(&mut job, Transition::HandBack { at: 5, why: "pod lost".into() }),
+            apply(
+                &mut job,
+                Transition::HandBack {
+                    at: 5,
+                    why: "pod lost".into()
+                }
+            ),
             Err(Illegal::NotAssigned)
         );
     }
@@ -371,7 +391,10 @@ mod tests {
             for transition in [
                 assign("q"),
                 Transition::Start { at: 1 },
-                Transition::HandBack { at: 5, why: "pod lost".into() },
+                Transition::HandBack {
+                    at: 5,
+                    why: "pod lost".into(),
+                },
                 Transition::RequestCancel { at: 5 },
                 end(JobState::Failed),
                 end(JobState::Canceled),

@@ -16,8 +16,8 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod outputs;
 pub mod placement;
-pub mod replicas;
 pub mod pod_models;
+pub mod replicas;
 pub mod store;
 pub mod webhook;
 pub mod workflow;
@@ -209,8 +209,14 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     if let Some(url_file) = &args.postgres_url_file {
         let url = std::fs::read_to_string(url_file)
             .map_err(|e| GatewayError::Io(url_file.display().to_string(), e))?;
-        return replicas::run(client, args.clone(), url.trim().to_string(), listener, metrics)
-            .await;
+        return replicas::run(
+            client,
+            args.clone(),
+            url.trim().to_string(),
+            listener,
+            metrics,
+        )
+        .await;
     }
     if let Some(dir) = args.store.parent() {
         std::fs::create_dir_all(dir).map_err(|e| GatewayError::Io(dir.display().to_string(), e))?;
@@ -500,6 +506,22 @@ mod tests {
         assert!(parsed.publish_demand);
         assert_eq!(parsed.max_cold_start_wait_seconds, 45);
         assert!(parsed.store.starts_with(crate::render::gateway::STORE_DIR));
+
+        // On PostgreSQL: the URL file instead of the store file.
+        let mut shared = fleet.spec.gateway.clone().unwrap();
+        shared.store.postgres = Some(crate::crd::gateway::PostgresStoreSpec {
+            secret_name: "db".into(),
+            url_key: "url".into(),
+            ca_key: None,
+        });
+        let mut args = crate::render::gateway::args(&names, &fleet.spec, &shared);
+        args.extend(["--namespace".into(), "studio".into()]);
+        let parsed = Command::try_parse_from(&args).unwrap().gateway;
+        assert_eq!(
+            parsed.postgres_url_file.as_deref(),
+            Some(std::path::Path::new("/etc/sdfleet-gateway/postgres/url"))
+        );
+        assert!(parsed.postgres_ca_file.is_none());
 
         // No keys Secret: the gateway serves without keys, and says so in its flags.
         let mut open = gateway;

@@ -182,7 +182,10 @@ async fn hold_lease(
                 if view.ours {
                     renewed = Some(Instant::now());
                     if switch.engine().is_none() {
-                        tracing::info!(epoch = view.epoch, "this replica holds the lease: taking the pods");
+                        tracing::info!(
+                            epoch = view.epoch,
+                            "this replica holds the lease: taking the pods"
+                        );
                         metrics.lease_takeovers.inc();
                         let store = Store(pg.clone() as Arc<dyn JobStore>);
                         let leader = start(client, args, store, metrics.clone()).await?;
@@ -206,9 +209,7 @@ async fn hold_lease(
             Err(_) => tracing::warn!(after = ?every * 2, "lease round timed out"),
         }
         // Stop dispatching before the deadline another replica goes by can pass.
-        if switch.engine().is_some()
-            && renewed.is_some_and(|at| at.elapsed() + every >= lease)
-        {
+        if switch.engine().is_some() && renewed.is_some_and(|at| at.elapsed() + every >= lease) {
             return Err(GatewayError::LeaseLost(format!(
                 "could not renew the lease for {:?}",
                 renewed.map(|at| at.elapsed()).unwrap_or_default()
@@ -226,7 +227,11 @@ async fn readyz(State(switch): State<Arc<Switch>>) -> Response {
     if reached.is_some_and(|at| at.elapsed() < switch.lease) {
         "ok".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "the job store is unreachable").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the job store is unreachable",
+        )
+            .into_response()
     }
 }
 
@@ -329,7 +334,13 @@ fn is_not_leader(resp: &reqwest::Response) -> bool {
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "transfer-encoding" | "te" | "upgrade" | "host" | "content-length"
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "upgrade"
+            | "host"
+            | "content-length"
     )
 }
 

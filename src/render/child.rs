@@ -29,6 +29,8 @@ pub enum ChildKind {
     NetworkPolicy,
     /// The node agent DaemonSet, in the operator's namespace (not the fleet's).
     AgentDaemonSet,
+    /// A gateway of several replicas loses at most one to a drain.
+    PodDisruptionBudget,
 }
 
 /// Where the children of one kind live.
@@ -43,7 +45,7 @@ pub enum Scope {
 }
 
 impl ChildKind {
-    pub const ALL: [ChildKind; 11] = [
+    pub const ALL: [ChildKind; 12] = [
         ChildKind::NodeClass,
         ChildKind::NodePool,
         ChildKind::PersistentVolume,
@@ -55,6 +57,7 @@ impl ChildKind {
         ChildKind::Ingress,
         ChildKind::NetworkPolicy,
         ChildKind::AgentDaemonSet,
+        ChildKind::PodDisruptionBudget,
     ];
 
     /// The API of this kind; the node class's depends on the cloud.
@@ -73,6 +76,9 @@ impl ChildKind {
             ChildKind::Ingress => ApiResource::erase::<net::Ingress>(&()),
             ChildKind::NetworkPolicy => ApiResource::erase::<net::NetworkPolicy>(&()),
             ChildKind::AgentDaemonSet => ApiResource::erase::<apps::DaemonSet>(&()),
+            ChildKind::PodDisruptionBudget => {
+                ApiResource::erase::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(&())
+            }
         }
     }
 
@@ -88,7 +94,8 @@ impl ChildKind {
             | ChildKind::Service
             | ChildKind::Deployment
             | ChildKind::Ingress
-            | ChildKind::NetworkPolicy => Scope::FleetNamespace,
+            | ChildKind::NetworkPolicy
+            | ChildKind::PodDisruptionBudget => Scope::FleetNamespace,
         }
     }
 

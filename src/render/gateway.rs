@@ -1,6 +1,8 @@
 //! The fleet's job gateway (`sdfleet gateway`, this same binary): its ServiceAccount, a
 //! RoleBinding to the chart's gateway ClusterRole (read the fleet's EndpointSlices and
-//! ModelSets), the store's claim, a one-replica Deployment, its Service and Ingress.
+//! ModelSets), the store's claim, the Deployment (one replica on the embedded store;
+//! several, rolled one at a time, with a PodDisruptionBudget, on PostgreSQL), its
+//! Service and Ingress.
 
 use serde_json::{Value, json};
 
@@ -17,6 +19,8 @@ pub const STORE_DIR: &str = "/var/lib/sdfleet-gateway";
 pub const API_KEYS_DIR: &str = "/etc/sdfleet-gateway/api-keys";
 pub const WEBHOOK_SECRET_DIR: &str = "/etc/sdfleet-gateway/webhook";
 pub const WORKFLOWS_DIR: &str = "/etc/sdfleet-gateway/workflows";
+/// The PostgreSQL Secret's URL (and CA bundle) as files.
+pub const POSTGRES_DIR: &str = "/etc/sdfleet-gateway/postgres";
 
 /// The ServiceAccount's only content: its annotations (an IRSA role, if any).
 pub fn service_account_annotations(gateway: &GatewaySpec) -> Value {
@@ -60,8 +64,6 @@ pub fn args(
         &format!("0.0.0.0:{API_PORT}"),
         "--metrics-listen",
         &format!("0.0.0.0:{METRICS_PORT}"),
-        "--store",
-        &format!("{STORE_DIR}/jobs.redb"),
         "--queue-cap",
         &gateway.queue_cap.to_string(),
         "--job-ttl-seconds",
@@ -74,6 +76,18 @@ pub fn args(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match &gateway.store.postgres {
+        Some(pg) => {
+            args.extend(["--postgres-url-file".into(), format!("{POSTGRES_DIR}/url")]);
+            if pg.ca_key.is_some() {
+                args.extend([
+                    "--postgres-ca-file".into(),
+                    format!("{POSTGRES_DIR}/ca.pem"),
+                ]);
+            }
+        }
+        None => args.extend(["--store".into(), format!("{STORE_DIR}/jobs.redb")]),
+    }
     if gateway.api_keys_secret.is_some() {
         args.extend(["--api-keys-dir".into(), API_KEYS_DIR.into()]);
     } else {
@@ -129,10 +143,14 @@ pub fn deployment_spec(
     gateway: &GatewaySpec,
     settings: &GatewaySettings,
 ) -> Value {
-    let mut mounts = vec![json!({"name": "store", "mountPath": STORE_DIR})];
-    let mut volumes = vec![
-        json!({"name": "store", "persistentVolumeClaim": {"claimName": fleet.gateway_store()}}),
-    ];
+    let mut mounts = Vec::new();
+    let mut volumes = Vec::new();
+    if gateway.store.postgres.is_none() {
+        mounts.push(json!({"name": "store", "mountPath": STORE_DIR}));
+        volumes.push(
+            json!({"name": "store", "persistentVolumeClaim": {"claimName": fleet.gateway_store()}}),
+        );
+    }
     let mut mount = |name: &str, path: &str, kind: &str, source: Value| {
         mounts.push(json!({"name": name, "mountPath": path, "readOnly": true}));
         let mut volume = serde_json::Map::new();
@@ -140,6 +158,18 @@ pub fn deployment_spec(
         volume.insert(kind.into(), source);
         volumes.push(Value::Object(volume));
     };
+    if let Some(pg) = &gateway.store.postgres {
+        let mut items = vec![json!({"key": pg.url_key, "path": "url"})];
+        if let Some(ca) = &pg.ca_key {
+            items.push(json!({"key": ca, "path": "ca.pem"}));
+        }
+        mount(
+            "postgres",
+            POSTGRES_DIR,
+            "secret",
+            json!({"secretName": pg.secret_name, "items": items}),
+        );
+    }
     if let Some(keys) = &gateway.api_keys_secret {
         mount(
             "api-keys",
@@ -169,10 +199,29 @@ pub fn deployment_spec(
         None => json!({"requests": {"cpu": "100m", "memory": "256Mi"}}),
     };
     let probe = |path: &str, period: i32| json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period});
-    let mut deployment = json!({
-        "replicas": 1,
+    let shared = gateway.store.postgres.is_some();
+    let (replicas, strategy) = if shared {
+        // A new replica is ready (it reaches the store) before an old one goes, and the
+        // lease holder hands over on SIGTERM: the API answers throughout a rollout.
+        (
+            gateway.replicas.max(1),
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}),
+        )
+    } else {
         // One writer of the store file: the old pod lets go of the claim first.
-        "strategy": {"type": "Recreate"},
+        (1, json!({"type": "Recreate"}))
+    };
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut env = vec![field("POD_NAMESPACE", "metadata.namespace")];
+    if shared {
+        // The lease names its holder and where the other replicas send requests.
+        env.push(field("POD_NAME", "metadata.name"));
+        env.push(field("POD_IP", "status.podIP"));
+        env.push(json!({"name": "SDFLEET_GATEWAY_ADVERTISE", "value": format!("http://$(POD_IP):{API_PORT}")}));
+    }
+    let mut deployment = json!({
+        "replicas": replicas,
+        "strategy": strategy,
         "selector": {"matchLabels": fleet.gateway_pod_selector()},
         "template": {
             "metadata": {"labels": fleet.gateway_pod_selector()},
@@ -191,7 +240,7 @@ pub fn deployment_spec(
                     "name": CONTAINER_NAME,
                     "image": settings.image,
                     "args": args(fleet, spec, gateway),
-                    "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                    "env": env,
                     "ports": [
                         {"name": "http", "containerPort": API_PORT, "protocol": "TCP"},
                         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -219,7 +268,28 @@ pub fn deployment_spec(
     if !gateway.tolerations.is_empty() {
         pod["tolerations"] = json!(gateway.tolerations);
     }
+    if replicas > 1 {
+        // Replicas on different nodes where there are several: one node's loss costs
+        // one replica, not the API.
+        pod["topologySpreadConstraints"] = json!([{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": fleet.gateway_pod_selector()},
+        }]);
+    }
     deployment
+}
+
+/// With several replicas: a voluntary disruption (a node drain, a consolidation) takes
+/// at most one at a time. None with one replica (a budget of one would block drains).
+pub fn disruption_budget_spec(fleet: &FleetNames, gateway: &GatewaySpec) -> Option<Value> {
+    (gateway.store.postgres.is_some() && gateway.replicas > 1).then(|| {
+        json!({
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": fleet.gateway_pod_selector()},
+        })
+    })
 }
 
 pub fn service_spec(fleet: &FleetNames) -> Value {
@@ -261,6 +331,77 @@ mod tests {
         assert!(
             args.contains(r#""--publish-demand","--max-cold-start-wait-seconds","20""#),
             "{args}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_on_postgres_runs_several_replicas_rolled_one_at_a_time_with_a_budget() {
+        let children = with_gateway(
+            ", replicas: 3, store: {postgres: {secretName: jobs-db, caKey: rds-ca.pem}}",
+        );
+        assert!(
+            !children
+                .iter()
+                .any(|c| c.kind == ChildKind::PersistentVolumeClaim && c.name.contains("gateway")),
+            "no store volume with a shared store"
+        );
+        let d = &gateway_child(&children, ChildKind::Deployment)["spec"];
+        assert_eq!(d["replicas"], 3);
+        assert_eq!(d["strategy"]["type"], "RollingUpdate");
+        assert_eq!(d["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        let pod = &d["template"]["spec"];
+        let container = &pod["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(!args.contains(&"--store"), "{args:?}");
+        let after = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        assert_eq!(
+            after("--postgres-url-file"),
+            "/etc/sdfleet-gateway/postgres/url"
+        );
+        assert_eq!(
+            after("--postgres-ca-file"),
+            "/etc/sdfleet-gateway/postgres/ca.pem"
+        );
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "postgres")
+            .unwrap();
+        assert_eq!(volume["secret"]["secretName"], "jobs-db");
+        assert_eq!(
+            volume["secret"]["items"],
+            json!([{"key": "url", "path": "url"}, {"key": "rds-ca.pem", "path": "ca.pem"}])
+        );
+        let env = container["env"].to_string();
+        assert!(env.contains("http://$(POD_IP):8080"), "{env}");
+        assert!(
+            env.contains("status.podIP") && env.contains("metadata.name"),
+            "{env}"
+        );
+        assert_eq!(
+            pod["topologySpreadConstraints"][0]["topologyKey"],
+            "kubernetes.io/hostname"
+        );
+        let budget = gateway_child(&children, ChildKind::PodDisruptionBudget);
+        assert_eq!(budget["spec"]["maxUnavailable"], 1);
+        assert_eq!(
+            budget["spec"]["selector"]["matchLabels"],
+            d["selector"]["matchLabels"]
+        );
+        // One replica on PostgreSQL: rolled the same way, but no budget (it would block
+        // every drain).
+        let one = with_gateway(", store: {postgres: {secretName: jobs-db}}");
+        assert!(!one.iter().any(|c| c.kind == ChildKind::PodDisruptionBudget));
+        let d = &gateway_child(&one, ChildKind::Deployment)["spec"];
+        assert_eq!(
+            (d["replicas"].as_i64(), d["strategy"]["type"].as_str()),
+            (Some(1), Some("RollingUpdate"))
         );
     }
 

@@ -172,11 +172,13 @@ fn push_gateway(
         fleet.gateway(),
         json!({"roleRef": role_ref, "subjects": subjects}),
     );
-    b.push(
-        ChildKind::PersistentVolumeClaim,
-        fleet.gateway_store(),
-        gateway::claim_spec(gw),
-    );
+    if gw.store.postgres.is_none() {
+        b.push(
+            ChildKind::PersistentVolumeClaim,
+            fleet.gateway_store(),
+            gateway::claim_spec(gw),
+        );
+    }
     b.push(
         ChildKind::Service,
         fleet.gateway(),
@@ -187,6 +189,9 @@ fn push_gateway(
         fleet.gateway(),
         gateway::deployment_spec(&fleet, spec, gw, settings),
     );
+    if let Some(budget) = gateway::disruption_budget_spec(&fleet, gw) {
+        b.push(ChildKind::PodDisruptionBudget, fleet.gateway(), budget);
+    }
     if gw.ingress.enabled {
         let backend = ingress::Backend {
             service: fleet.gateway(),

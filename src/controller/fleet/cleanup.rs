@@ -16,6 +16,7 @@ pub const STAGES: [&[ChildKind]; 5] = [
         ChildKind::Ingress,
         ChildKind::Deployment,
         ChildKind::Service,
+        ChildKind::PodDisruptionBudget,
     ],
     &[
         ChildKind::PersistentVolumeClaim,

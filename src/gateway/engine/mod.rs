@@ -483,22 +483,23 @@ impl Engine {
         let st = &mut *guard;
         let job = st.jobs.get_mut(id)?;
         let pod = job.pod.clone();
-        let (job, command) = if lifecycle::apply(job, Transition::RequestCancel { at: now_millis() }).is_ok() {
-            let job = job.clone();
-            self.persist_later(&job);
-            Self::publish(
-                st,
-                &job,
-                "state",
-                json!({"state": "running", "cancel_requested": true}),
-            );
-            (job, PodCommand::Interrupt(id.to_string()))
-        } else {
-            (
-                self.finish_locked(st, id, JobState::Canceled, None)?,
-                PodCommand::Delete(id.to_string()),
-            )
-        };
+        let (job, command) =
+            if lifecycle::apply(job, Transition::RequestCancel { at: now_millis() }).is_ok() {
+                let job = job.clone();
+                self.persist_later(&job);
+                Self::publish(
+                    st,
+                    &job,
+                    "state",
+                    json!({"state": "running", "cancel_requested": true}),
+                );
+                (job, PodCommand::Interrupt(id.to_string()))
+            } else {
+                (
+                    self.finish_locked(st, id, JobState::Canceled, None)?,
+                    PodCommand::Delete(id.to_string()),
+                )
+            };
         if let Some(p) = pod.as_ref().and_then(|p| st.pods.get(p)) {
             let _ = p.commands.send(command);
         }

@@ -70,9 +70,7 @@ impl PgStore {
         scope: &str,
         holder: &str,
     ) -> Result<PgStore, StoreError> {
-        let mut config: Config = url
-            .parse()
-            .map_err(|e| failed("the PostgreSQL URL", e))?;
+        let mut config: Config = url.parse().map_err(|e| failed("the PostgreSQL URL", e))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
