@@ -7,7 +7,9 @@
 //! 2. placement: 1,000 jobs of 3 checkpoints on 10 pods, checkpoint affinity against
 //!    random placement: jobs that ran without a checkpoint switch, and the total time;
 //! 3. the gateway's memory (RSS) with 10,000 finished jobs in its store;
-//! 4. fair shares: a small batch behind a large one, weights 3:1, a capped key.
+//! 4. fair shares: a small batch behind a large one, weights 3:1, a capped key;
+//! 5. job stores: the embedded store (one replica) against PostgreSQL with one and with
+//!    three replicas: latency per job and jobs per second through the dispatcher.
 //!
 //! With `SDFLEET_BENCH_PEER_BIN=<another build's sdfleet>` (e.g. main's, built by
 //! `bench/gateway-bench.sh --peer REV`), every figure is measured for both builds in the
@@ -623,6 +625,155 @@ async fn fairness(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: 
     report.push_str("\nA build without fair shares reads the share words as unknown (ignored) and serves one FIFO.\n\n");
 }
 
+/// One store set-up under test: its replicas (the first holds the lease) and a client
+/// per replica.
+struct StoreSetup {
+    name: &'static str,
+    replicas: Vec<GatewayProcess>,
+    apis: Vec<ApiClient>,
+}
+
+async fn store_setup(
+    tb: &Testbed,
+    ns: &str,
+    fleet: &str,
+    work: &Path,
+    fakes: &[FakeComfy],
+    first: usize,
+    store: &str,
+) -> StoreSetup {
+    let key = format!("key-{}", unique_suffix());
+    let dir = work.join(format!("{fleet}-keys"));
+    api_keys_dir(&dir, "bench", &key);
+    let url_file = work.join(format!("{fleet}-postgres-url"));
+    std::fs::write(&url_file, tb.var("SDFLEET_TESTBED_POSTGRES_URL")).unwrap();
+    let mut args: Vec<String> = vec![
+        "--namespace".into(),
+        ns.into(),
+        "--fleet".into(),
+        fleet.into(),
+        "--api-keys-dir".into(),
+        dir.display().to_string(),
+        "--queue-cap".into(),
+        "20000".into(),
+    ];
+    let (name, count) = match store {
+        "redb" => {
+            args.extend([
+                "--store".into(),
+                work.join(format!("{fleet}.redb")).display().to_string(),
+            ]);
+            ("embedded redb, 1 replica", 1)
+        }
+        "pg1" => {
+            args.extend(["--postgres-url-file".into(), url_file.display().to_string()]);
+            ("PostgreSQL, 1 replica", 1)
+        }
+        _ => {
+            args.extend(["--postgres-url-file".into(), url_file.display().to_string()]);
+            ("PostgreSQL, 3 replicas (requests spread over all three)", 3)
+        }
+    };
+    args.extend(map_args(fakes, first));
+    let mut replicas = vec![GatewayProcess::start(tb, args.clone())];
+    replicas[0].wait_ready(fleet, fakes.len()).await;
+    for _ in 1..count {
+        replicas.push(GatewayProcess::start(tb, args.clone()));
+    }
+    for r in &replicas[1..] {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        eventually("a follower ready", Duration::from_secs(30), || async {
+            let ok = http.get(r.url("/readyz")).send().await.ok()?.status() == 200;
+            ok.then_some(())
+        })
+        .await;
+    }
+    let apis = replicas
+        .iter()
+        .map(|r| ApiClient::new(&r.url(""), &key))
+        .collect();
+    StoreSetup {
+        name,
+        replicas,
+        apis,
+    }
+}
+
+async fn stores(tb: &Testbed, client: &Client, ns: &str, work: &Path, report: &mut String) {
+    const LATENCY_JOBS: usize = 200;
+    const THROUGHPUT_JOBS: usize = 2000;
+    const PODS: usize = 8;
+    let mut rows = Vec::new();
+    for (i, store) in ["redb", "pg1", "pg3"].into_iter().enumerate() {
+        let fleet = format!("st-{store}");
+        let first = 200 + i * (PODS + 1);
+        let config = fake_config(0, 0, work.join(format!("{fleet}-output")));
+        let fakes = pods(client, ns, &fleet, first, PODS, &config).await;
+        let setup = store_setup(tb, ns, &fleet, work, &fakes, first, store).await;
+        // Latency: one job at a time, sync mode, through each replica in turn.
+        gateway_job(&setup.apis[0], &sdxl_workflow(CHECKPOINTS[0], 1)).await;
+        let mut latency = Vec::new();
+        for n in 0..LATENCY_JOBS {
+            let api = &setup.apis[n % setup.apis.len()];
+            let took = gateway_job(api, &sdxl_workflow(CHECKPOINTS[0], 1)).await;
+            latency.push(took.as_secs_f64() * 1000.0);
+        }
+        latency.sort_by(f64::total_cmp);
+        // Saturation: 2,000 jobs submitted by 16 clients at once over the replicas,
+        // until the last one has succeeded.
+        let start = Instant::now();
+        let mut submitters = Vec::new();
+        for c in 0..16 {
+            let api = setup.apis[c % setup.apis.len()].clone();
+            submitters.push(tokio::spawn(async move {
+                for _ in 0..THROUGHPUT_JOBS / 16 {
+                    let (code, body) = api
+                        .submit(json!({"prompt": sdxl_workflow(CHECKPOINTS[0], 1)}))
+                        .await;
+                    assert_eq!(code, 201, "{body}");
+                }
+            }));
+        }
+        for s in submitters {
+            s.await.unwrap();
+        }
+        let submitted = start.elapsed().as_secs_f64();
+        let done =
+            format!("sdfleet_gateway_jobs_finished_total{{fleet=\"{fleet}\",state=\"succeeded\"}}");
+        let total = (THROUGHPUT_JOBS + LATENCY_JOBS + 1) as f64;
+        eventually(
+            &format!("{fleet}: every job to succeed"),
+            Duration::from_secs(600),
+            || async { (setup.replicas[0].metric(&done).await? >= total).then_some(()) },
+        )
+        .await;
+        let elapsed = start.elapsed().as_secs_f64();
+        rows.push((
+            setup.name,
+            percentile(&latency, 0.5),
+            percentile(&latency, 0.99),
+            THROUGHPUT_JOBS as f64 / submitted,
+            THROUGHPUT_JOBS as f64 / elapsed,
+        ));
+        drop(setup);
+        drop(fakes);
+    }
+    writeln!(
+        report,
+        "### Job stores ({LATENCY_JOBS} sync jobs one at a time; then {THROUGHPUT_JOBS} jobs from 16 clients at once on {PODS} pods whose jobs take no time)\n"
+    )
+    .unwrap();
+    report.push_str("| store | p50 ms | p99 ms | submits/s | jobs/s through the dispatcher |\n|---|---|---|---|---|\n");
+    for (name, p50, p99, submits, jobs) in rows {
+        writeln!(
+            report,
+            "| {name} | {p50:.1} | {p99:.1} | {submits:.0} | {jobs:.0} |"
+        )
+        .unwrap();
+    }
+    report.push_str("\nWith three replicas, two of every three requests reach a follower, which forwards it to the lease holder. PostgreSQL is the testbed's (the distribution's server, fsync on, on the same machine).\n\n");
+}
+
 #[tokio::test]
 #[ignore = "benchmark: bench/gateway-bench.sh"]
 async fn gateway_benchmarks() {
@@ -659,6 +810,9 @@ async fn gateway_benchmarks() {
     }
     if run("fairness") {
         fairness(tb, &client, &ns.name, &work, &mut report).await;
+    }
+    if run("stores") {
+        stores(tb, &client, &ns.name, &work, &mut report).await;
     }
     println!("{report}");
     if let Ok(out) = std::env::var("SDFLEET_BENCH_OUT") {
