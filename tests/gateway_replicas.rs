@@ -195,7 +195,7 @@ fn a_replica_that_lost_the_lease_can_write_nothing_and_one_that_released_it_is_r
     a.put(&job("x", JobState::Queued, 1, None)).unwrap();
     let refused = b.put(&job("x", JobState::Failed, 1, None)).unwrap_err();
     assert!(refused.is_lease_lost(), "{refused}");
-    assert_eq!(b.prune(u64::MAX, 0, 10).unwrap_err().is_lease_lost(), true);
+    assert!(b.prune(u64::MAX, 0, 10).unwrap_err().is_lease_lost());
     // `a` stops renewing (paused, cut off): `b` takes the lease once it lapses, and
     // `a`'s late write is refused, so it cannot undo what `b` wrote.
     std::thread::sleep(Duration::from_millis(1_300));
@@ -353,21 +353,19 @@ async fn follow(
 /// replicas in `bases` in turn, until `done`. Returns every event and the reconnects.
 async fn follow_to_the_end(bases: Vec<String>, key: String, id: String) -> (Vec<Sse>, usize) {
     let mut events: Vec<Sse> = Vec::new();
-    let mut reconnects = 0;
     let started = Instant::now();
-    for attempt in 0..200 {
+    for reconnects in 0..200 {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "job {id}: no done within 120 s: {events:?}"
         );
-        let api = ApiClient::new(&bases[attempt % bases.len()], &key);
+        let api = ApiClient::new(&bases[reconnects % bases.len()], &key);
         let last = events.iter().rev().find_map(|e| e.1);
         let (got, done) = follow(&api, &id, last, Duration::from_secs(90)).await;
         events.extend(got);
         if done {
             return (events, reconnects);
         }
-        reconnects += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("job {id}: too many reconnects");

@@ -566,6 +566,81 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     .await;
     assert_eq!(exit, 0, "the gateway exits cleanly on SIGTERM");
 
+    // Three gateway replicas on PostgreSQL (the testbed's, as pods reach it), as the
+    // controller renders them under the chart's identity and policy: every replica
+    // ready (they reach the store), a PodDisruptionBudget, and a job through the Service,
+    // whichever replica takes it.
+    let db: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sdxl-jobs-db"},
+        "stringData": {"url": tb.var("SDFLEET_TESTBED_POD_POSTGRES_URL")},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &team.name)
+        .create(&PostParams::default(), &db)
+        .await
+        .unwrap();
+    let mut replicated = fleet(1);
+    replicated["spec"]["gateway"]["replicas"] = json!(3);
+    replicated["spec"]["gateway"]["store"] = json!({"postgres": {"secretName": "sdxl-jobs-db"}});
+    cuds.patch(
+        "sdxl",
+        &PatchParams::apply("e2e-user").force(),
+        &Patch::Apply(replicated),
+    )
+    .await
+    .unwrap();
+    eventually("three gateway replicas ready", WAIT, || async {
+        let list = pods
+            .list(
+                &ListParams::default().labels(
+                    "app.kubernetes.io/name=sdfleet-gateway,app.kubernetes.io/instance=sdxl",
+                ),
+            )
+            .await
+            .ok()?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        (ready == 3).then_some(())
+    })
+    .await;
+    let budget = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
+        client.clone(),
+        &team.name,
+    )
+    .get("sdxl-gateway")
+    .await
+    .expect("the gateway's PodDisruptionBudget");
+    assert_eq!(
+        budget.spec.unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let (code, job) = eventually("a replica takes a job", WAIT, || async {
+        let resp = api
+            .post("/api/v2/jobs")
+            .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
+            .send()
+            .await
+            .ok()?;
+        let code = resp.status().as_u16();
+        let job: serde_json::Value = resp.json().await.ok()?;
+        (code == 201).then_some((code, job))
+    })
+    .await;
+    assert_eq!(code, 201, "{job}");
+    let done = api
+        .wait_final(job["id"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+
     // Deleting the fleet removes everything it made, on the node too.
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet and its children gone", WAIT, || async {

@@ -39,6 +39,9 @@ pub struct GatewayMetrics {
     pub queue_seconds: Family<FleetLabels, Histogram>,
     pub run_seconds: Family<FleetLabels, Histogram>,
     pub dispatch_errors: Family<FleetLabels, Counter>,
+    /// Jobs handed back to the queue after their pod lost them: they run again
+    /// (delivery is at least once), each with its reason in the job's history.
+    pub requeued: Family<FleetLabels, Counter>,
     pub finished: Family<FinishedLabels, Counter>,
     /// Bytes used and in all on the job store's volume (its claim).
     pub store_used_bytes: Gauge,
@@ -72,6 +75,7 @@ impl Default for GatewayMetrics {
             queue_seconds: Family::new_with_constructor(seconds),
             run_seconds: Family::new_with_constructor(seconds),
             dispatch_errors: Family::default(),
+            requeued: Family::default(),
             finished: Family::default(),
             store_used_bytes: Gauge::default(),
             store_capacity_bytes: Gauge::default(),
@@ -106,6 +110,11 @@ impl Default for GatewayMetrics {
             "run_seconds",
             "Time from start to a final state",
             m.run_seconds.clone(),
+        );
+        registry.register(
+            "jobs_requeued",
+            "Jobs handed back to the queue after their pod lost them (run again)",
+            m.requeued.clone(),
         );
         registry.register(
             "dispatch_errors",

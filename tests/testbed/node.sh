@@ -170,9 +170,9 @@ EOF
   # check although the image is there (seen once the node held more images).
   ctr_node images ls -q | grep -x "$PAUSE_IMAGE" >/dev/null || die "the pause image did not import as $PAUSE_IMAGE: $(ctr_node images ls -q | tr '\n' ' ')"
 
-  # Pods reach the apiserver (through the `kubernetes` Service) and moto here.
+  # Pods reach the apiserver (through the `kubernetes` Service), moto and PostgreSQL here.
   start hostproxy "$BIN/hostproxy-$(source_key "$HERE/go/kubernetes/hostproxy/main.go")" \
-    -listen "$NODE_BRIDGE_IP" -port "$APISERVER_PORT" -port "$MOTO_PORT"
+    -listen "$NODE_BRIDGE_IP" -port "$APISERVER_PORT" -port "$MOTO_PORT" -port "$POSTGRES_PORT"
   kctl apply --server-side --force-conflicts -f - >/dev/null <<EOF
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice

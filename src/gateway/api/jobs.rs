@@ -165,6 +165,15 @@ pub(super) async fn events(
 /// The changes of state after `after`, as the events the stream sent for them: `state`
 /// for each, and `done` with the whole job for the final one.
 async fn missed_changes(state: &ApiState, job: &Job, after: u32) -> Vec<Event> {
+    if job.history.first().is_some_and(|c| c.seq > after + 1) {
+        // Older than the history kept: the job as it is now, numbered as its latest.
+        return vec![
+            Event::default()
+                .event("snapshot")
+                .id(job.seq().to_string())
+                .data(view(state, job).await.to_string()),
+        ];
+    }
     let mut events = Vec::new();
     for change in job.history.iter().filter(|c| c.seq > after) {
         let event = if change.state.is_final() {

@@ -595,6 +595,9 @@ impl Engine {
         };
         if let Err(illegal) = lifecycle::apply(job, hand_back) {
             tracing::debug!(job = %id, %illegal, "nothing to hand back");
+        } else {
+            let fleet = GatewayMetrics::fleet(&job.fleet);
+            self.metrics.requeued.get_or_create(&fleet).inc();
         }
         let job = job.clone();
         if let Some(p) = st
