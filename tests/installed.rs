@@ -641,6 +641,82 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .await;
     assert_eq!(done["state"], "succeeded", "{done}");
 
+    // A rolling update of the gateway (a spec change: every replica replaced, one at a
+    // time, by the Deployment controller) under a steady stream of jobs through the
+    // Service: every request answered without a 5xx, every accepted job run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (api, stop) = (api.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut accepted, mut failures) = (Vec::new(), Vec::new());
+            for n in 0..5_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let sent = api
+                    .post("/api/v2/jobs")
+                    .header("Idempotency-Key", format!("rollout-{n}"))
+                    .json(&json!({"prompt": sdxl_workflow(CKPT, 1)}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 201 => {
+                        let job: serde_json::Value = r.json().await.unwrap();
+                        accepted.push(job["id"].as_str().unwrap().to_string());
+                    }
+                    Ok(r) => failures.push(format!("submit {n}: {}", r.status())),
+                    Err(e) => failures.push(format!("submit {n}: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (accepted, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut rolled = fleet(1);
+    rolled["spec"]["gateway"]["replicas"] = json!(3);
+    rolled["spec"]["gateway"]["store"] = json!({"postgres": {"secretName": "sdxl-jobs-db"}});
+    rolled["spec"]["gateway"]["queueCap"] = json!(150);
+    cuds.patch(
+        "sdxl",
+        &PatchParams::apply("e2e-user").force(),
+        &Patch::Apply(rolled),
+    )
+    .await
+    .unwrap();
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &team.name);
+    eventually("the gateway's rollout to finish", WAIT, || async {
+        let d = deployments.get("sdxl-gateway").await.ok()?;
+        let args =
+            serde_json::to_string(&d.spec.as_ref()?.template.spec.as_ref()?.containers[0].args)
+                .ok()?;
+        let s = d.status?;
+        let done = args.contains("\"150\"")
+            && s.observed_generation >= d.metadata.generation
+            && s.updated_replicas == Some(3)
+            && s.ready_replicas == Some(3)
+            && s.replicas == Some(3);
+        done.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (accepted, failures) = stream.await.unwrap();
+    println!(
+        "rollout: {} jobs accepted, {} requests failed",
+        accepted.len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "requests failed during the rollout: {failures:#?}"
+    );
+    assert!(accepted.len() >= 20, "too few requests to show anything");
+    for id in &accepted {
+        let job = api.wait_final(id, Duration::from_secs(120)).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+
     // Deleting the fleet removes everything it made, on the node too.
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet and its children gone", WAIT, || async {

@@ -56,6 +56,11 @@ pub struct GatewayArgs {
     /// names it, and followers send their requests there.
     #[arg(long, env = "SDFLEET_GATEWAY_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Seconds to keep serving after SIGTERM before closing the listener: a pod's
+    /// endpoints leave the Service's load balancing a moment after it is told to stop,
+    /// and a request sent to it meanwhile would be refused.
+    #[arg(long, default_value_t = 0)]
+    pub shutdown_delay_seconds: u64,
     /// Seconds the dispatch lease lasts without renewal: a dead replica's pods are taken
     /// over after at most this (plus one renewal period).
     #[arg(long, default_value_t = 5)]
@@ -223,7 +228,8 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
     }
     let store = store::Store(Arc::new(store::RedbStore::open(&args.store)?));
     let leader = start(&client, &args, store, metrics).await?;
-    let served = serve_until_signal(listener, leader.router).await;
+    let delay = Duration::from_secs(args.shutdown_delay_seconds);
+    let served = serve_until_signal(listener, leader.router, delay).await;
     leader.engine.drain(FLUSH).await;
     served
 }
@@ -395,10 +401,12 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Serves `router` until SIGTERM, then lets requests in flight finish for DRAIN.
+/// Serves `router` until SIGTERM and `delay` after it, then lets requests in flight
+/// finish for DRAIN.
 async fn serve_until_signal(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    delay: Duration,
 ) -> Result<(), GatewayError> {
     // In its pod the gateway is PID 1, which the kernel sends no signal it has no handler
     // for: without one for SIGTERM, every rollout and node drain waited for SIGKILL.
@@ -407,6 +415,13 @@ async fn serve_until_signal(
     let notify = signalled.clone();
     let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
         crate::leader::shutdown_signal().await;
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "stopping: serving on while the Service lets this pod go"
+            );
+            tokio::time::sleep(delay).await;
+        }
         notify.notify_one();
     });
     tokio::select! {

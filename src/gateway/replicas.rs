@@ -27,6 +27,7 @@ use super::engine::Engine;
 use super::metrics::GatewayMetrics;
 use super::store::{JobStore, PgStore, Store};
 use super::{DRAIN, FLUSH, GatewayArgs, GatewayError, serve_until_signal, start};
+use crate::render::gateway::SHUTDOWN_DELAY_SECONDS;
 
 /// Set on a request a follower forwards: the receiver answers it itself or refuses it
 /// (`not_leader`), never forwards it again.
@@ -136,7 +137,7 @@ pub async fn run(
     let held = hold_lease(&client, &args, pg.clone(), switch.clone(), metrics, address);
     let result = tokio::select! {
         held = held => held,
-        served = serve_until_signal(listener, router) => served,
+        served = serve_until_signal(listener, router, Duration::from_secs(args.shutdown_delay_seconds)) => served,
     };
     if let Some(engine) = switch.engine() {
         engine.drain(FLUSH).await;
@@ -377,4 +378,4 @@ fn relay(resp: reqwest::Response) -> Response {
 
 /// The drain and flush a holder does before it gives the lease up stay within a pod's
 /// grace period.
-const _: () = assert!(DRAIN.as_secs() + FLUSH.as_secs() < 30);
+const _: () = assert!(DRAIN.as_secs() + FLUSH.as_secs() + SHUTDOWN_DELAY_SECONDS < 30);

@@ -19,6 +19,8 @@ pub const STORE_DIR: &str = "/var/lib/sdfleet-gateway";
 pub const API_KEYS_DIR: &str = "/etc/sdfleet-gateway/api-keys";
 pub const WEBHOOK_SECRET_DIR: &str = "/etc/sdfleet-gateway/webhook";
 pub const WORKFLOWS_DIR: &str = "/etc/sdfleet-gateway/workflows";
+/// Seconds a stopping gateway pod keeps serving, while the Service drops its endpoint.
+pub const SHUTDOWN_DELAY_SECONDS: u64 = 3;
 /// The PostgreSQL Secret's URL (and CA bundle) as files.
 pub const POSTGRES_DIR: &str = "/etc/sdfleet-gateway/postgres";
 
@@ -72,6 +74,8 @@ pub fn args(
         &gateway.max_wait_seconds.to_string(),
         "--placement",
         gateway.placement.as_arg(),
+        "--shutdown-delay-seconds",
+        &SHUTDOWN_DELAY_SECONDS.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())

@@ -48,7 +48,7 @@ pub fn openapi_document() -> Value {
                 }
             },
             "/api/v2/jobs/{id}": {"get": {"summary": "Read a job", "parameters": job_id, "responses": {"200": job, "404": error}}},
-            "/api/v2/jobs/{id}/events": {"get": {"summary": "This job's events (SSE): a snapshot, then progress, state, output and done",
+            "/api/v2/jobs/{id}/events": {"get": {"summary": "This job's events (SSE): a snapshot, then progress, state, output and done. Each state change's `id` is its number in the job's history: reconnect with `Last-Event-ID` to get every change missed, on any replica",
                 "parameters": job_id, "responses": {"200": {"content": {"text/event-stream": {}}}, "404": error}}},
             "/api/v2/jobs/{id}/cancel": {"post": {"summary": "Cancel a job", "parameters": job_id, "responses": {"200": job, "202": job, "404": error, "409": error}}},
             "/api/v2/models": {"get": {"summary": "The fleets' ModelSet catalogs with readiness", "responses": {"200": {"content": {"application/json": {}}}}}}
@@ -81,7 +81,11 @@ pub fn openapi_document() -> Value {
                     "outputs": {"type": "array", "items": {"type": "object", "properties": {
                         "node": {"type": "string"}, "filename": {"type": "string"}, "subfolder": {"type": "string"},
                         "type": {"type": "string"}, "key": {"type": "string"}, "size": {"type": "integer"}, "url": {"type": "string"}}}},
-                    "error": {"type": ["object", "null"], "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "node": {"type": "string"}}}
+                    "error": {"type": ["object", "null"], "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "node": {"type": "string"}}},
+                    "attempts": {"type": "integer", "description": "Hand-offs to a pod: more than one after a pod (or the gateway replica that dispatched it) was lost"},
+                    "history": {"type": "array", "description": "Every change of state, numbered from 1 (the SSE event ids)", "items": {"type": "object", "properties": {
+                        "seq": {"type": "integer"}, "state": {"type": "string"}, "at": {"type": "integer", "description": "Unix milliseconds"},
+                        "pod": {"type": "string"}, "cancel_requested": {"type": "boolean"}, "reason": {"type": "string", "description": "Why it went back to the queue"}}}}
                 }},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
             }
