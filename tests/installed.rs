@@ -589,29 +589,28 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     )
     .await
     .unwrap();
-    eventually("three gateway replicas ready", WAIT, || async {
-        let list = pods
-            .list(
-                &ListParams::default().labels(
-                    "app.kubernetes.io/name=sdfleet-gateway,app.kubernetes.io/instance=sdxl",
-                ),
-            )
-            .await
-            .ok()?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    // The switch is a rollout: done when the Deployment has three new replicas ready and
+    // no old one (the embedded store's pod serves until then, from its own file).
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &team.name);
+    let rolled_out = |marker: &'static str| {
+        let deployments = deployments.clone();
+        async move {
+            eventually("the gateway's rollout to finish", WAIT, || async {
+                let d = deployments.get("sdxl-gateway").await.ok()?;
+                let spec = d.spec.as_ref()?.template.spec.as_ref()?;
+                let args = serde_json::to_string(&spec.containers[0].args).ok()?;
+                let s = d.status?;
+                let done = args.contains(marker)
+                    && s.observed_generation >= d.metadata.generation
+                    && s.updated_replicas == Some(3)
+                    && s.ready_replicas == Some(3)
+                    && s.replicas == Some(3);
+                done.then_some(())
             })
-            .count();
-        (ready == 3).then_some(())
-    })
-    .await;
+            .await
+        }
+    };
+    rolled_out("--postgres-url-file").await;
     let budget = Api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>::namespaced(
         client.clone(),
         &team.name,
@@ -684,21 +683,7 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     )
     .await
     .unwrap();
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &team.name);
-    eventually("the gateway's rollout to finish", WAIT, || async {
-        let d = deployments.get("sdxl-gateway").await.ok()?;
-        let args =
-            serde_json::to_string(&d.spec.as_ref()?.template.spec.as_ref()?.containers[0].args)
-                .ok()?;
-        let s = d.status?;
-        let done = args.contains("\"150\"")
-            && s.observed_generation >= d.metadata.generation
-            && s.updated_replicas == Some(3)
-            && s.ready_replicas == Some(3)
-            && s.replicas == Some(3);
-        done.then_some(())
-    })
-    .await;
+    rolled_out("\"150\"").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (accepted, failures) = stream.await.unwrap();
