@@ -397,7 +397,7 @@ fn kill_hard(gateway: &mut GatewayProcess) {
     gateway.child.wait().unwrap();
 }
 
-fn terminate(gateway: &mut GatewayProcess, grace: Duration) {
+async fn terminate(gateway: &mut GatewayProcess, grace: Duration) {
     // SAFETY: kill(2) on the child's own pid.
     unsafe { libc::kill(gateway.child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
@@ -407,7 +407,8 @@ fn terminate(gateway: &mut GatewayProcess, grace: Duration) {
             "replica did not exit within {grace:?} of SIGTERM ({})",
             gateway.log.display()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        // Not a thread sleep: the test's client runs on this runtime meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -535,7 +536,13 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
 #[tokio::test]
 async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_request() {
     let tb = Testbed::get();
-    let f = fleet(2, 5).await;
+    let mut f = fleet(2, 5).await;
+    // As the pods are rendered: a stopping replica serves on while the Service drops it
+    // (here: the client's endpoint list, updated just before SIGTERM).
+    f.args.extend([
+        "--shutdown-delay-seconds".into(),
+        sdfleet::render::gateway::SHUTDOWN_DELAY_SECONDS.to_string(),
+    ]);
     let mut old: Vec<GatewayProcess> = Vec::new();
     old.push(GatewayProcess::start(tb, f.args.clone()));
     leader(&[&old[0]], 2, Duration::from_secs(60)).await;
@@ -586,6 +593,12 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
                     Err(e) => failures.push(format!("submit {n} via {base}: {e}")),
                 }
                 if let Some(id) = accepted.get(n / 2) {
+                    // A new request goes wherever the endpoints say now.
+                    let base = {
+                        let e = endpoints.lock().unwrap();
+                        e[(n + 1) % e.len()].clone()
+                    };
+                    let api = ApiClient::new(&base, &key);
                     match api.get(&format!("/api/v2/jobs/{id}")).send().await {
                         Ok(r) if r.status() == 200 => answered += 1,
                         Ok(r) => failures.push(format!("read {id} via {base}: {}", r.status())),
@@ -611,7 +624,7 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
             e.retain(|u| *u != old_one.url(""));
             e.push(fresh.url(""));
         }
-        terminate(old_one, Duration::from_secs(15));
+        terminate(old_one, Duration::from_secs(15)).await;
         new.push(fresh);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

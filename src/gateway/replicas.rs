@@ -53,6 +53,8 @@ enum Mode {
 
 struct Switch {
     mode: RwLock<Mode>,
+    /// SIGTERM came: never claim the lease again, only follow.
+    leaving: std::sync::atomic::AtomicBool,
     /// When a lease round last reached the store: ready while it is recent.
     reached_store: Mutex<Option<Instant>>,
     lease: Duration,
@@ -119,6 +121,7 @@ pub async fn run(
     let lease = Duration::from_secs(args.lease_seconds.max(2));
     let switch = Arc::new(Switch {
         mode: RwLock::new(Mode::Starting),
+        leaving: std::sync::atomic::AtomicBool::new(false),
         reached_store: Mutex::new(None),
         lease,
         http: reqwest::Client::builder()
@@ -135,22 +138,47 @@ pub async fn run(
         .with_state(switch.clone());
     let pg = Arc::new(pg);
     let held = hold_lease(&client, &args, pg.clone(), switch.clone(), metrics, address);
+    let delay = Duration::from_secs(args.shutdown_delay_seconds);
     let result = tokio::select! {
         held = held => held,
-        served = serve_until_signal(listener, router, Duration::from_secs(args.shutdown_delay_seconds)) => served,
+        served = serve_until_signal(listener, router, delay) => served,
+        never = hand_over_on_signal(switch.clone(), pg.clone()) => match never {},
     };
-    if let Some(engine) = switch.engine() {
-        engine.drain(FLUSH).await;
-        // The next holder starts at its next try, not when the deadline passes.
-        let released = tokio::task::spawn_blocking(move || pg.release()).await;
-        match released {
-            Ok(Ok(())) => tracing::info!("lease released"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease"),
-            Err(e) => tracing::warn!(error = %e, "could not release the lease"),
-        }
-    }
+    // Still the holder (the serve failed, or the lease round ended it): hand over now.
+    hand_over(&switch, &pg).await;
     result
 }
+
+/// On SIGTERM the holder hands over at once instead of at exit: it stops dispatching,
+/// stores what is pending (briefly: the store refuses its writes once another replica
+/// holds the lease, and the next holder asks the pods about anything not stored),
+/// releases the lease, and forwards requests for the rest of its shutdown like any
+/// follower. The API then waits for about one lease round, not this pod's whole exit.
+async fn hand_over_on_signal(switch: Arc<Switch>, pg: Arc<PgStore>) -> std::convert::Infallible {
+    crate::leader::shutdown_signal().await;
+    hand_over(&switch, &pg).await;
+    std::future::pending().await
+}
+
+async fn hand_over(switch: &Switch, pg: &Arc<PgStore>) {
+    switch
+        .leaving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let Some(engine) = switch.engine() else {
+        return;
+    };
+    engine.drain(HAND_OVER_FLUSH).await;
+    switch.set(Mode::Follow(None));
+    let pg = pg.clone();
+    match tokio::task::spawn_blocking(move || pg.release()).await {
+        Ok(Ok(())) => tracing::info!("lease released: the next replica takes the pods"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not release the lease (it lapses)"),
+        Err(e) => tracing::warn!(error = %e, "could not release the lease (it lapses)"),
+    }
+}
+
+/// How long a holder on its way out waits for its pending writes before it releases.
+const HAND_OVER_FLUSH: Duration = Duration::from_secs(1);
 
 /// Claims or renews the lease every fifth of its length, and follows whoever holds it.
 /// Returns only with an error: this replica held the lease and lost it.
@@ -166,21 +194,30 @@ async fn hold_lease(
     let every = lease / 5;
     let mut renewed: Option<Instant> = None;
     loop {
+        let leaving = switch.leaving.load(std::sync::atomic::Ordering::Relaxed);
         let round = {
             let (pg, address) = (pg.clone(), address.clone());
             tokio::time::timeout(
                 every * 2,
-                tokio::task::spawn_blocking(move || pg.claim(&address, lease)),
+                tokio::task::spawn_blocking(move || {
+                    if leaving {
+                        // On its way out: follow whoever holds it, never take it.
+                        pg.observe()
+                    } else {
+                        pg.claim(&address, lease).map(Some)
+                    }
+                }),
             )
             .await
         };
         match round {
-            Ok(Ok(Ok(view))) => {
+            Ok(Ok(Ok(None))) => switch.set(Mode::Follow(None)),
+            Ok(Ok(Ok(Some(view)))) => {
                 *switch
                     .reached_store
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                if view.ours {
+                if view.ours && !leaving {
                     renewed = Some(Instant::now());
                     if switch.engine().is_none() {
                         tracing::info!(
@@ -196,6 +233,9 @@ async fn hold_lease(
                         });
                         metrics.lease_held.set(1);
                     }
+                } else if leaving {
+                    let holder = view.live && !view.ours;
+                    switch.set(Mode::Follow(holder.then_some(view.address)));
                 } else if switch.engine().is_some() {
                     return Err(GatewayError::LeaseLost(format!(
                         "replica {} holds the lease now",
@@ -378,4 +418,6 @@ fn relay(resp: reqwest::Response) -> Response {
 
 /// The drain and flush a holder does before it gives the lease up stay within a pod's
 /// grace period.
-const _: () = assert!(DRAIN.as_secs() + FLUSH.as_secs() + SHUTDOWN_DELAY_SECONDS < 30);
+const _: () = assert!(
+    HAND_OVER_FLUSH.as_secs() + DRAIN.as_secs() + FLUSH.as_secs() + SHUTDOWN_DELAY_SECONDS < 30
+);

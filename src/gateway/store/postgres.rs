@@ -195,6 +195,28 @@ impl PgStore {
         })
     }
 
+    /// Who holds the lease, without claiming it (a replica on its way out).
+    pub fn observe(&self) -> Result<Option<LeaseView>, StoreError> {
+        self.with_client(|client| {
+            let row = client
+                .query_opt(
+                    "SELECT holder, address, epoch, deadline > now() FROM gateway_leases WHERE scope = $1",
+                    &[&self.scope],
+                )
+                .map_err(db)?;
+            Ok(row.map(|row| {
+                let holder: String = row.get(0);
+                LeaseView {
+                    ours: holder == self.holder,
+                    holder,
+                    address: row.get(1),
+                    epoch: row.get(2),
+                    live: row.get(3),
+                }
+            }))
+        })
+    }
+
     /// Gives the lease up now (a clean exit): another replica takes it at its next try.
     pub fn release(&self) -> Result<(), StoreError> {
         self.with_client(|client| {
