@@ -367,9 +367,19 @@ impl Agent {
             name: ns.clone(),
             labels,
         };
-        let refusal = policy::admit_modelset(&ms.spec, &classes, &namespace)
-            .err()
-            .map(|r| r.to_string());
+        let admitted = policy::admit_modelset(&ms.spec, &classes, &namespace);
+        let tenant =
+            admitted
+                .as_ref()
+                .ok()
+                .cloned()
+                .flatten()
+                .map(|role_arn| storage::s3::Tenant {
+                    role_arn,
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                });
+        let refusal = admitted.err().map(|r| r.to_string());
         let reports = Reports {
             api: Api::namespaced(self.client.clone(), &ns),
             node: &node,
@@ -408,7 +418,9 @@ impl Agent {
         // after the first one when there was no report yet.
         self.stamp_gpu(&reports, mine, gpu_seen.as_ref()).await?;
         let startup_taint = has_startup_taint(&node);
-        let outcome = self.sync_one(&reports, mine, &ns, startup_taint).await?;
+        let outcome = self
+            .sync_one(&reports, mine, &ns, startup_taint, tenant.as_ref())
+            .await?;
         if outcome != Outcome::Missing && startup_taint {
             self.lift_taint(&Api::all(self.client.clone())).await?;
         }
@@ -417,7 +429,8 @@ impl Agent {
             // pod starts (image, imports, CUDA init: seconds before its first load), then
             // the rest of the catalog follows in the background.
             self.warm(&ns, &ms.name_any(), &hot).await;
-            self.sync_one(&reports, mine, &ns, false).await?;
+            self.sync_one(&reports, mine, &ns, false, tenant.as_ref())
+                .await?;
         }
         self.stamp_gpu(&reports, mine, gpu_seen.as_ref()).await
     }
@@ -451,6 +464,7 @@ impl Agent {
         mine: &mut Option<NodeSync>,
         ns: &str,
         startup_taint: bool,
+        tenant: Option<&storage::s3::Tenant>,
     ) -> Result<Outcome, AgentError> {
         let ms = reports.model_set;
         let name = ms.name_any();
@@ -477,7 +491,7 @@ impl Agent {
         let hot_first = (startup_taint || fresh) && has_hot && !hot_done;
         let sync = async {
             let filter = Filter::new(&spec.include, &spec.exclude).map_err(|e| e.to_string())?;
-            let store = storage::open(&spec.source, self.region.as_deref())
+            let store = storage::open_as(&spec.source, self.region.as_deref(), tenant)
                 .await
                 .map_err(|e| e.to_string())?;
             let catalog = catalog::list(&store, &filter)

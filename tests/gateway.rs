@@ -1796,8 +1796,11 @@ async fn a_late_small_batch_goes_in_turn_with_a_large_one_and_a_capped_key_waits
         .collect();
     // The bulk key's jobs already on the pod (two slots) go first, then turn by turn (a
     // job storing its outputs still counts for its key): under FIFO, ranks 40 to 42.
+    // Turn by turn is ranks 2 to 8 on a quiet machine; CI under load once saw 15 (a slow
+    // output upload keeps a small job on the pod, counted as its key's use), so the bound
+    // is the first half: FIFO still fails it by far.
     assert!(
-        small_ranks.iter().all(|r| *r < 15),
+        small_ranks.iter().all(|r| *r < 22),
         "the small batch started at ranks {small_ranks:?} of 43"
     );
     // Those still queued when asked (the first may already be on the pod) are near the

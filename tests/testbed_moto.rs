@@ -1,6 +1,7 @@
 //! The testbed's AWS APIs (moto on loopback), driven through the AWS SDK for Rust the
 //! same way sdfleet drives them: S3, S3 event notifications to SQS, EC2 lookup by tag,
-//! SSM SendCommand with its invocation result, and the image snapshot builder.
+//! SSM SendCommand with its invocation result, the image snapshot builder, and reads
+//! as a class's tenant role (STS AssumeRole with session tags).
 
 mod support;
 
@@ -317,4 +318,97 @@ async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminat
         Err(SnapshotError::BadImage(_))
     ));
     assert_eq!(builds().await, before);
+}
+
+/// `sdfleet sync --as-role`: the same code path the controller and the agents take for a
+/// class with `s3.tenantRoleArn`. Through a recorder in front of moto: one AssumeRole of
+/// the class's role with the team's session tags, and every S3 request signed with the
+/// credentials it returned, none with the process's own.
+#[tokio::test]
+async fn a_class_tenant_role_is_assumed_with_the_teams_session_tags_and_signs_every_read() {
+    let tb = Testbed::get();
+    let aws = tb.aws().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&aws)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = support::create_bucket(&s3, "tenant-models").await;
+    for key in [
+        "team-a/checkpoints/a.safetensors",
+        "team-b/checkpoints/b.safetensors",
+    ] {
+        s3.put_object()
+            .bucket(&bucket)
+            .key(key)
+            .body(ByteStream::from(key.as_bytes().to_vec()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let recorder = support::Recorder::start(tb.var("AWS_ENDPOINT_URL")).await;
+    let dest = std::env::temp_dir().join(format!("tenant-sync-{}", unique_suffix()));
+    let role = "arn:aws:iam::123456789012:role/sdfleet-tenant-models";
+    let mut sync = std::process::Command::new(support::sdfleet_bin());
+    sync.args(["sync", "--bucket", &bucket, "--prefix", "team-a/", "--dest"])
+        .arg(&dest)
+        .args([
+            "--as-role",
+            role,
+            "--as-namespace",
+            "team-a",
+            "--as-modelset",
+            "sdxl",
+        ])
+        .envs(tb.aws_env())
+        .env("AWS_ENDPOINT_URL", &recorder.url)
+        .env_remove("AWS_ENDPOINT_URL_S3");
+    let out = tokio::task::spawn_blocking(move || sync.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dest.join("checkpoints/a.safetensors").exists());
+    let seen = recorder.seen();
+    let assumed: Vec<_> = seen
+        .iter()
+        .filter(|r| r.body.contains("Action=AssumeRole"))
+        .collect();
+    assert_eq!(assumed.len(), 1, "{seen:#?}");
+    let call = &assumed[0].body;
+    for part in [
+        "RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fsdfleet-tenant-models",
+        "RoleSessionName=sdfleet-team-a-sdxl",
+        "Tags.member.1.Key=sdfleet-namespace",
+        "Tags.member.1.Value=team-a",
+        "Tags.member.2.Key=sdfleet-modelset",
+        "Tags.member.2.Value=sdxl",
+    ] {
+        assert!(call.contains(part), "{part} missing from {call}");
+    }
+    // The base identity signed the AssumeRole call only.
+    assert!(assumed[0].authorization.contains("Credential=testing/"));
+    let key_id = assumed[0]
+        .response
+        .split("<AccessKeyId>")
+        .nth(1)
+        .and_then(|r| r.split("</AccessKeyId>").next())
+        .expect("an AccessKeyId in the AssumeRole answer")
+        .to_string();
+    assert_ne!(key_id, "testing");
+    let reads: Vec<_> = seen
+        .iter()
+        .filter(|r| r.uri.starts_with(&format!("/{bucket}")))
+        .collect();
+    assert!(reads.len() >= 2, "a list and a get at least: {seen:#?}");
+    for r in &reads {
+        assert!(
+            r.authorization.contains(&format!("Credential={key_id}/")),
+            "an S3 request not signed by the tenant session: {r:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dest).unwrap();
 }

@@ -46,6 +46,17 @@ pub struct SyncArgs {
     /// dirty pages every 100 ms) to this JSON file.
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Read as a FleetClass's `s3.tenantRoleArn`, exactly as the controller and the node
+    /// agents do for a ModelSet (the role assumed with its session tags): an admin checks
+    /// the role's policy with it before a team relies on it.
+    #[arg(long, requires_all = ["as_namespace", "as_modelset"])]
+    as_role: Option<String>,
+    /// With `--as-role`: the namespace (the `sdfleet-namespace` session tag).
+    #[arg(long)]
+    as_namespace: Option<String>,
+    /// With `--as-role`: the ModelSet's name (the `sdfleet-modelset` session tag).
+    #[arg(long)]
+    as_modelset: Option<String>,
     /// After the sync, read what was synced into the page cache (whole files, up to half
     /// the machine's memory), as the node agent does with a ModelSet's hot models.
     #[arg(long)]
@@ -112,7 +123,12 @@ pub fn run(args: SyncArgs) -> ExitCode {
             .map(|_| std::sync::Arc::new(sync::timeline::Timeline::new()));
         let sampler = timeline.as_ref().map(|t| t.sampler());
         let listing = sync::timeline::span(timeline.as_deref(), sync::timeline::Phase::List);
-        let listed = match storage::open(&source, None).await {
+        let tenant = args.as_role.clone().map(|role_arn| storage::s3::Tenant {
+            role_arn,
+            namespace: args.as_namespace.clone().unwrap_or_default(),
+            name: args.as_modelset.clone().unwrap_or_default(),
+        });
+        let listed = match storage::open_as(&source, None, tenant.as_ref()).await {
             Ok(store) => sync::catalog::list(&store, &filter)
                 .await
                 .map(|catalog| (store, catalog)),

@@ -96,6 +96,18 @@ pub struct S3Policy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     pub allowed_queues: Vec<String>,
+    /// An IAM role that reads each ModelSet's models for its team: the controller (to
+    /// list) and the node agents (to sync) assume it per ModelSet with the session tags
+    /// `sdfleet-namespace=<namespace>` and `sdfleet-modelset=<name>`, so the role's
+    /// policy can allow each team only its own folders
+    /// (`arn:aws:s3:::models/${aws:PrincipalTag/sdfleet-namespace}/*`). Their own
+    /// identities need `sts:AssumeRole` and `sts:TagSession` on it, and nothing on the
+    /// buckets. Unset: they read with their own identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$"
+    ))]
+    pub tenant_role_arn: Option<String>,
 }
 
 /// Where ModelSets may read models by URL (`source.urls`).

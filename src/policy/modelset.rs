@@ -18,15 +18,16 @@ pub enum ModelSetRefusal {
 
 /// Whether the ModelSet `spec` in `namespace` may be read under its class, among
 /// `classes`: the controller lists it, and each node agent syncs it, only if so.
+/// Returns the role its class reads models as (`s3.tenantRoleArn`), if any.
 pub fn admit_modelset(
     spec: &ModelSetSpec,
     classes: &[FleetClass],
     namespace: &Namespace,
-) -> Result<(), ModelSetRefusal> {
+) -> Result<Option<String>, ModelSetRefusal> {
     let class = resolve(spec.class_name.as_deref(), classes, Some(namespace))?;
     let class_name = class.metadata.name.as_deref().unwrap_or_default();
     check_modelset(spec, class_name, &class.spec, &namespace.name)?;
-    Ok(())
+    Ok(class.spec.s3.tenant_role_arn.clone())
 }
 
 /// Whether a ModelSet in `namespace` stays within its class: its bucket and prefix,

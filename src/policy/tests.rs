@@ -435,3 +435,27 @@ fn the_named_class_or_the_one_default() {
         Err(ClassError::SeveralDefaults(_))
     ));
 }
+
+#[test]
+fn an_admitted_modelset_reads_as_its_class_tenant_role_when_there_is_one() {
+    let ms: ModelSetSpec = serde_json::from_value(json!({
+        "className": "gpu", "source": {"s3": {"bucket": "comfyui-models", "prefix": "team-a/"}}
+    }))
+    .unwrap();
+    let namespace = Namespace {
+        name: "team-a".into(),
+        labels: Default::default(),
+    };
+    let mut c = class(json!({}), "gpu");
+    assert_eq!(
+        admit_modelset(&ms, std::slice::from_ref(&c), &namespace).unwrap(),
+        None,
+        "no role in the class: the reader's own identity"
+    );
+    let role = "arn:aws:iam::123456789012:role/sdfleet-tenant-models";
+    c.spec.s3.tenant_role_arn = Some(role.into());
+    assert_eq!(
+        admit_modelset(&ms, &[c], &namespace).unwrap().as_deref(),
+        Some(role)
+    );
+}

@@ -96,10 +96,19 @@ pub enum Store {
 /// Connects to the store `source` names; buckets are in `default_region` unless the
 /// source names one.
 pub async fn open(source: &ModelSource, default_region: Option<&str>) -> Result<Store, StoreError> {
+    open_as(source, default_region, None).await
+}
+
+/// As `open`, reading an S3 source as `tenant` (the class's role, the team's session).
+pub async fn open_as(
+    source: &ModelSource,
+    default_region: Option<&str>,
+    tenant: Option<&s3::Tenant>,
+) -> Result<Store, StoreError> {
     match (&source.s3, &source.urls) {
         (Some(s3), _) => {
             let location = s3::BucketLocation::of(s3, default_region);
-            Ok(Store::S3(s3::S3Store::connect(&location).await))
+            Ok(Store::S3(s3::S3Store::connect_as(&location, tenant).await))
         }
         (None, Some(files)) => Ok(Store::Urls(urls::UrlStore::new(files)?)),
         (None, None) => Err(StoreError::List {

@@ -61,12 +61,54 @@ pub struct S3Store {
     pub prefix: String,
 }
 
+/// Whose models a read is for, when the class names a role to read them as: the role is
+/// assumed with the team's session tags, and every request of the store is signed with
+/// that session's credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    pub role_arn: String,
+    pub namespace: String,
+    /// The ModelSet.
+    pub name: String,
+}
+
+/// Session tag keys a role's policy reads as `aws:PrincipalTag/<key>`.
+pub const NAMESPACE_TAG: &str = "sdfleet-namespace";
+pub const MODELSET_TAG: &str = "sdfleet-modelset";
+
+impl Tenant {
+    /// The session's name, as CloudTrail shows it: `sdfleet-<namespace>-<name>`, cut to
+    /// STS's 64 characters (namespace and name are DNS labels, all allowed characters).
+    pub fn session_name(&self) -> String {
+        let mut name = format!("sdfleet-{}-{}", self.namespace, self.name);
+        name.truncate(64);
+        name
+    }
+}
+
 impl S3Store {
     /// A client for the location's region, at its endpoint if it names one.
     pub async fn connect(location: &BucketLocation) -> S3Store {
+        Self::connect_as(location, None).await
+    }
+
+    /// As `connect`, reading as `tenant` when one is given.
+    pub async fn connect_as(location: &BucketLocation, tenant: Option<&Tenant>) -> S3Store {
         let endpoint = location.endpoint.as_deref().filter(|e| !e.is_empty());
         let shared = crate::aws::sdk_config(location.region.as_deref(), endpoint).await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared);
+        if let Some(tenant) = tenant {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(&tenant.role_arn)
+                .session_name(tenant.session_name())
+                .tags([
+                    (NAMESPACE_TAG, tenant.namespace.as_str()),
+                    (MODELSET_TAG, tenant.name.as_str()),
+                ])
+                .configure(&shared)
+                .build()
+                .await;
+            config = config.credentials_provider(provider);
+        }
         if endpoint.is_some() || shared.endpoint_url().is_some() {
             config = config.force_path_style(true);
         }

@@ -69,3 +69,83 @@ pub async fn notify_to_new_queue(
         .unwrap();
     queue
 }
+
+/// One request that passed through a `Recorder`, with the answer it got.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub uri: String,
+    pub authorization: String,
+    pub body: String,
+    pub response: String,
+}
+
+/// A loopback HTTP recorder in front of moto: every request passes through unchanged,
+/// and is kept with its answer, to check exactly what a client sent (an STS call's
+/// parameters, which credentials signed each S3 request).
+pub struct Recorder {
+    pub url: String,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+impl Recorder {
+    pub async fn start(upstream: &str) -> Recorder {
+        use axum::body::Body;
+        use axum::extract::Request;
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let upstream = upstream.trim_end_matches('/').to_string();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let (http, upstream, log) = (http.clone(), upstream.clone(), log.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = axum::body::to_bytes(body, 64 << 20).await.unwrap();
+                let uri = parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let mut headers = parts.headers.clone();
+                headers.remove("host");
+                let resp = http
+                    .request(parts.method.clone(), format!("{upstream}{uri}"))
+                    .headers(headers)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let resp_headers = resp.headers().clone();
+                let answer = resp.bytes().await.unwrap();
+                log.lock().unwrap().push(Recorded {
+                    method: parts.method.to_string(),
+                    uri,
+                    authorization: parts
+                        .headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                    response: String::from_utf8_lossy(&answer).into_owned(),
+                });
+                let mut out = axum::response::Response::builder().status(status);
+                for (k, v) in &resp_headers {
+                    if k != "transfer-encoding" && k != "connection" {
+                        out = out.header(k, v);
+                    }
+                }
+                out.body(Body::from(answer)).unwrap()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Recorder { url, seen }
+    }
+
+    pub fn seen(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}

@@ -97,9 +97,12 @@ pub async fn run(
         .await;
 }
 
-/// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue; otherwise
-/// the reason and message for its status.
-async fn within_class(ms: &ModelSet, ctx: &Context) -> Result<Result<(), (Reason, String)>, Error> {
+/// Whether the ModelSet's FleetClass allows its bucket, endpoint and queue (and the role
+/// it reads them as); otherwise the reason and message for its status.
+async fn within_class(
+    ms: &ModelSet,
+    ctx: &Context,
+) -> Result<Result<Option<String>, (Reason, String)>, Error> {
     let namespace = ms.metadata.namespace.clone().unwrap_or_default();
     let classes = ctx.cached_fleet_classes()?;
     let namespace = ctx.namespace(&namespace).await?;
@@ -200,15 +203,23 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
     let poll = parse_duration(&ms.spec.sync.poll_interval).unwrap_or(Duration::from_secs(60));
     // The class decides which bucket, endpoint and queue may be used: nothing is listed,
     // signed or listened to before it allows them.
-    if let Err((reason, message)) = within_class(ms, ctx).await? {
-        ctx.sqs.ensure(&key, None, me, String::new(), None);
-        let refused = [DesiredCondition::new(READY, false, reason, &message)];
-        write_status(ctx, ms, None, &refused, None).await?;
-        return match reason {
-            Reason::FleetClassNotFound => Err(Error::Class(message)),
-            _ => Ok(Action::requeue(poll)),
-        };
-    }
+    let tenant_role = match within_class(ms, ctx).await? {
+        Ok(role) => role,
+        Err((reason, message)) => {
+            ctx.sqs.ensure(&key, None, me, String::new(), None);
+            let refused = [DesiredCondition::new(READY, false, reason, &message)];
+            write_status(ctx, ms, None, &refused, None).await?;
+            return match reason {
+                Reason::FleetClassNotFound => Err(Error::Class(message)),
+                _ => Ok(Action::requeue(poll)),
+            };
+        }
+    };
+    let tenant = tenant_role.map(|role_arn| storage::s3::Tenant {
+        role_arn,
+        namespace: ms.metadata.namespace.clone().unwrap_or_default(),
+        name: ms.name_any(),
+    });
     // The agents' reports, as the cache holds them (a departed node's report is gone
     // with its Node: the garbage collector removes it). SSM's are in the status.
     let reports = match ms.spec.sync.method {
@@ -248,7 +259,7 @@ async fn reconcile_modelset(ms: &ModelSet, ctx: &ModelSetContext) -> Result<Acti
             return Ok(Action::await_change());
         }
     };
-    let listed = match storage::open(&ms.spec.source, default_region).await {
+    let listed = match storage::open_as(&ms.spec.source, default_region, tenant.as_ref()).await {
         Ok(store) => catalog::list(&store, &filter).await,
         Err(e) => Err(e),
     };
