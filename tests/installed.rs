@@ -182,6 +182,25 @@ async fn labelled_namespace(client: &Client, prefix: &str) -> TestNamespace {
 }
 
 /// The pod of `selector` in `ns`, once Running and Ready on `node`.
+/// Submits a job through the Service until one is taken (until kube-proxy has the
+/// Service's endpoints, a connection is refused), and waits until it ends.
+async fn first_job(api: &ApiClient, what: &str) -> serde_json::Value {
+    let job = eventually(what, WAIT, || async {
+        let resp = api
+            .post("/api/v2/jobs")
+            .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
+            .send()
+            .await
+            .ok()?;
+        let code = resp.status().as_u16();
+        let job: serde_json::Value = resp.json().await.ok()?;
+        (code == 201).then_some(job)
+    })
+    .await;
+    api.wait_final(job["id"].as_str().unwrap(), Duration::from_secs(120))
+        .await
+}
+
 async fn running_pod(client: &Client, ns: &str, selector: &str, node: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     eventually(
@@ -512,22 +531,8 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .unwrap();
     let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
     let api = ApiClient::new(&format!("http://{cluster_ip}"), &key);
-    let (code, job) = eventually("the gateway takes a job", WAIT, || async {
-        // Until kube-proxy has the Service's endpoint, a connection is refused.
-        let resp = api
-            .post("/api/v2/jobs")
-            .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
-            .send()
-            .await
-            .ok()?;
-        let code = resp.status().as_u16();
-        let job: serde_json::Value = resp.json().await.ok()?;
-        (code == 201).then_some((code, job))
-    })
-    .await;
-    assert_eq!(code, 201, "{job}");
-    let id = job["id"].as_str().unwrap().to_string();
-    let done = api.wait_final(&id, Duration::from_secs(120)).await;
+    let done = first_job(&api, "the gateway takes a job").await;
+    let id = done["id"].as_str().unwrap().to_string();
     assert_eq!(done["state"], "succeeded", "{done}");
     let url = done["outputs"][0]["url"].as_str().unwrap();
     let fetched = reqwest::Client::builder()
@@ -622,22 +627,7 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         budget.spec.unwrap().max_unavailable,
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
     );
-    let (code, job) = eventually("a replica takes a job", WAIT, || async {
-        let resp = api
-            .post("/api/v2/jobs")
-            .json(&json!({"prompt": sdxl_workflow(CKPT, 2)}))
-            .send()
-            .await
-            .ok()?;
-        let code = resp.status().as_u16();
-        let job: serde_json::Value = resp.json().await.ok()?;
-        (code == 201).then_some((code, job))
-    })
-    .await;
-    assert_eq!(code, 201, "{job}");
-    let done = api
-        .wait_final(job["id"].as_str().unwrap(), Duration::from_secs(120))
-        .await;
+    let done = first_job(&api, "a replica takes a job").await;
     assert_eq!(done["state"], "succeeded", "{done}");
 
     // A rolling update of the gateway (a spec change: every replica replaced, one at a

@@ -327,12 +327,7 @@ async fn the_image_snapshot_builder_pulls_snapshots_the_data_volume_and_terminat
 #[tokio::test]
 async fn a_class_tenant_role_is_assumed_with_the_teams_session_tags_and_signs_every_read() {
     let tb = Testbed::get();
-    let aws = tb.aws().await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&aws)
-            .force_path_style(true)
-            .build(),
-    );
+    let s3 = support::s3_client(tb).await;
     let bucket = support::create_bucket(&s3, "tenant-models").await;
     for key in [
         "team-a/checkpoints/a.safetensors",

@@ -155,8 +155,8 @@ impl PgStore {
     /// the database's clock (replicas' clocks never compare). Returns who holds it.
     pub fn claim(&self, address: &str, ttl: Duration) -> Result<LeaseView, StoreError> {
         let ttl_seconds = ttl.as_secs_f64();
-        self.with_client(|client| {
-            let claimed = client
+        let claimed = self.with_client(|client| {
+            client
                 .query_opt(
                     "INSERT INTO gateway_leases AS l (scope, holder, address, deadline, epoch)
                      VALUES ($1, $2, $3, now() + $4::float8 * interval '1 second', 1)
@@ -169,30 +169,21 @@ impl PgStore {
                      RETURNING holder, address, epoch",
                     &[&self.scope, &self.holder, &address, &ttl_seconds],
                 )
-                .map_err(db)?;
-            if let Some(row) = claimed {
-                return Ok(LeaseView {
-                    holder: row.get(0),
-                    address: row.get(1),
-                    epoch: row.get(2),
-                    ours: true,
-                    live: true,
-                });
-            }
-            let row = client
-                .query_one(
-                    "SELECT holder, address, epoch, deadline > now() FROM gateway_leases WHERE scope = $1",
-                    &[&self.scope],
-                )
-                .map_err(db)?;
-            Ok(LeaseView {
+                .map_err(db)
+        })?;
+        match claimed {
+            Some(row) => Ok(LeaseView {
                 holder: row.get(0),
                 address: row.get(1),
                 epoch: row.get(2),
-                ours: false,
-                live: row.get(3),
-            })
-        })
+                ours: true,
+                live: true,
+            }),
+            // Held by another replica: the row exists (an insert would have claimed it).
+            None => self
+                .observe()?
+                .ok_or_else(|| StoreError::from_message("the lease row is gone".into())),
+        }
     }
 
     /// Who holds the lease, without claiming it (a replica on its way out).
