@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
 
 const WAIT: Duration = Duration::from_secs(120);
+/// The class's role for reading a team's models (moto issues sessions for any role).
+const TENANT_ROLE: &str = "arn:aws:iam::123456789012:role/sdfleet-tenant-models";
 
 /// Serves `body` at `/name` on 127.0.0.1 (a web server as a model hub is one); its port.
 async fn serve_file(name: &'static str, body: Vec<u8>) -> u16 {
@@ -122,12 +124,20 @@ fn world_readable_binary() -> PathBuf {
     bin
 }
 
-/// The controller of namespace `ns`, as the chart's ServiceAccount of `release`.
-fn start_controller(tb: &Testbed, ns: &str, release: &str, release_ns: &str) -> ControllerProcess {
+/// The controller of namespace `ns`, as the chart's ServiceAccount of `release`, with
+/// its AWS calls sent to `aws` (moto, or a recorder in front of it).
+fn start_controller(
+    tb: &Testbed,
+    ns: &str,
+    release: &str,
+    release_ns: &str,
+    aws: &str,
+) -> ControllerProcess {
     let as_controller =
         support::impersonating_kubeconfig(tb, release_ns, &format!("{release}-sdfleet"));
     let mut env = tb.aws_env();
     env.push(("KUBECONFIG", as_controller.to_str().unwrap()));
+    env.push(("AWS_ENDPOINT_URL", aws));
     ControllerProcess::start_with_env(tb, ns, &["--operator-namespace", release_ns], &env)
 }
 
@@ -176,6 +186,7 @@ fn start_agent(
     ns: &str,
     release_ns: &str,
     node_name: &str,
+    aws: &str,
 ) -> (support::KillOnDrop, PathBuf) {
     let as_agent = support::agent_kubeconfig(tb, release_ns, node_name);
 
@@ -226,6 +237,7 @@ fn start_agent(
             // A home the agent's user may read (root's is not).
             .env("HOME", std::env::temp_dir())
             .envs(tb.aws_env())
+            .env("AWS_ENDPOINT_URL", aws)
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -263,13 +275,16 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent").await;
     let (release, release_ns) = support::install_release(tb, "agent");
-    let controller = start_controller(tb, &ns.name, &release, &release_ns);
+    // The controller and the agent reach moto through a recorder: the class reads as a
+    // tenant role, and every S3 call must be signed by a session of that role.
+    let recorder = support::Recorder::start(tb.var("AWS_ENDPOINT_URL")).await;
+    let controller = start_controller(tb, &ns.name, &release, &release_ns, &recorder.url);
     let ssa = PatchParams::apply("test-user").force();
-    // The team's own class: its namespace, its bucket.
+    // The team's own class: its namespace, its bucket, read as the class's tenant role.
     let class = team_class(
         &client,
         &ns.name,
-        json!({"s3": {"allowedBuckets": [bucket]}}),
+        json!({"s3": {"allowedBuckets": [bucket], "tenantRoleArn": TENANT_ROLE}}),
     )
     .await;
     let classes: Api<FleetClass> = Api::all(client.clone());
@@ -304,7 +319,7 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
     // The agent runs as the chart's agent ServiceAccount, so the chart's RBAC and its
     // admission policy are what let it watch its node and its ModelSet, report in its
     // own node's ModelSync and lift its own node's taint.
-    let (agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name);
+    let (agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name, &recorder.url);
     let dir = root.join(&ns.name).join("sdxl-models");
     // The agent reports in its own node's ModelSync.
     let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);
@@ -323,6 +338,43 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         },
     )
     .await;
+    // The controller (listing) and the agent (syncing) read as the class's role, for this
+    // team's ModelSet: AssumeRole with the team's session tags, and every S3 call signed
+    // by a key such a call returned, none by their own identities.
+    let seen = recorder.seen();
+    let sessions: Vec<String> = seen
+        .iter()
+        .filter(|r| r.body.contains("Action=AssumeRole"))
+        .map(|r| {
+            let role = TENANT_ROLE.replace(':', "%3A").replace('/', "%2F");
+            for part in [
+                format!("RoleArn={role}"),
+                format!("Tags.member.1.Value={}", ns.name),
+                "Tags.member.2.Value=sdxl-models".to_string(),
+            ] {
+                assert!(r.body.contains(&part), "{part} missing from {}", r.body);
+            }
+            r.response
+                .split("<AccessKeyId>")
+                .nth(1)
+                .and_then(|x| x.split("</AccessKeyId>").next())
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let reads: Vec<_> = seen
+        .iter()
+        .filter(|r| r.uri.starts_with(&format!("/{bucket}")))
+        .collect();
+    assert!(!sessions.is_empty() && reads.len() >= 3, "{seen:#?}");
+    for r in &reads {
+        assert!(
+            sessions
+                .iter()
+                .any(|k| r.authorization.contains(&format!("Credential={k}/"))),
+            "an S3 call not signed by a tenant session: {r:?}"
+        );
+    }
     // The node advertises its GPU (kwok's g5.2xlarge): the agent wrote down when it saw
     // it, for the cold start's GPU phase.
     let gpu_at = eventually("the GPU's time in the report", WAIT, || async {
@@ -502,7 +554,13 @@ async fn agent_syncs_reports_and_lifts_the_startup_taint() {
         "the status still admits it: the agent's own check refused it"
     );
     drop(agent);
-    let _controller = start_controller(tb, &ns.name, &release, &release_ns);
+    let _controller = start_controller(
+        tb,
+        &ns.name,
+        &release,
+        &release_ns,
+        tb.var("AWS_ENDPOINT_URL"),
+    );
     cuds.delete("sdxl", &DeleteParams::default()).await.unwrap();
     eventually("the fleet to be deleted", WAIT, || async {
         cuds.get_opt("sdxl").await.ok()?.is_none().then_some(())
@@ -555,7 +613,13 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
     let client = tb.client().await;
     let ns = TestNamespace::new(&client, "agent-hot").await;
     let (release, release_ns) = support::install_release(tb, "agent-hot");
-    let _controller = start_controller(tb, &ns.name, &release, &release_ns);
+    let _controller = start_controller(
+        tb,
+        &ns.name,
+        &release,
+        &release_ns,
+        tb.var("AWS_ENDPOINT_URL"),
+    );
     let ssa = PatchParams::apply("test-user").force();
     let class = team_class(
         &client,
@@ -602,7 +666,13 @@ async fn a_node_takes_pods_once_its_hot_models_are_on_it_and_gets_the_rest_after
 
     let nodes: Api<Node> = Api::all(client.clone());
     let node_name = tainted_gpu_node(&nodes, &ns.name).await;
-    let (_agent, root) = start_agent(tb, &ns.name, &release_ns, &node_name);
+    let (_agent, root) = start_agent(
+        tb,
+        &ns.name,
+        &release_ns,
+        &node_name,
+        tb.var("AWS_ENDPOINT_URL"),
+    );
     let dir = root.join(&ns.name).join("sdxl-models");
     let reports: Api<ModelSync> = Api::namespaced(client.clone(), &ns.name);
     let report_name = ModelSync::name_for("sdxl-models", &node_name);
