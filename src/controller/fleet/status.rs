@@ -118,13 +118,19 @@ pub fn observe(cud: &ComfyUIDeployment, fleet: &FleetNames, facts: &Facts) -> Fl
     let gateway = cud.spec.gateway.as_ref().map(|gw| {
         let facts = facts.gateway.clone().unwrap_or_default();
         let ready = facts.deployment.and_then(|d| d.ready_replicas).unwrap_or(0);
+        let wanted = if gw.store.postgres.is_some() {
+            gw.replicas.max(1)
+        } else {
+            1
+        };
+        // One ready replica serves the API; fewer than asked is said, for redundancy.
         let condition = if ready >= 1 {
-            DesiredCondition::new(
-                GATEWAY_READY,
-                true,
-                Reason::GatewayReady,
-                "the job gateway is ready",
-            )
+            let message = if ready < wanted {
+                format!("the job gateway is ready, with {ready} of {wanted} replicas")
+            } else {
+                "the job gateway is ready".to_string()
+            };
+            DesiredCondition::new(GATEWAY_READY, true, Reason::GatewayReady, message)
         } else {
             DesiredCondition::new(
                 GATEWAY_READY,
@@ -516,6 +522,21 @@ mod tests {
         let o = observe(&with_gateway, &fleet(), &facts);
         assert_eq!(find(&o, READY).reason, Reason::AllReplicasReady);
         assert_eq!(find(&o, GATEWAY_READY).reason, Reason::GatewayReady);
+        assert_eq!(find(&o, GATEWAY_READY).message, "the job gateway is ready");
+        // Three replicas on PostgreSQL, one ready: it serves, and says what is missing.
+        let mut replicated = with_gateway.clone();
+        replicated.spec.gateway = Some(
+            serde_json::from_value(json!({"apiKeysSecret": "keys", "replicas": 3,
+                "store": {"postgres": {"secretName": "db"}}}))
+            .unwrap(),
+        );
+        let o = observe(&replicated, &fleet(), &facts);
+        let gateway = find(&o, GATEWAY_READY);
+        assert!(gateway.status);
+        assert_eq!(
+            gateway.message,
+            "the job gateway is ready, with 1 of 3 replicas"
+        );
         // Without spec.gateway there is no such condition, and no gateway status.
         let o = observe(&cud(2), &fleet(), &facts);
         assert!(o.conditions.iter().all(|c| c.type_ != GATEWAY_READY));
