@@ -472,6 +472,31 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
     .await;
     kill_hard(&mut first);
     let killed = Instant::now();
+    // While no replica holds the lease, a follower answers a read from the store (the
+    // lease lapses seconds after the kill; the follower waits 1.5 s for a holder).
+    let reader = ApiClient::new(&bases[1], &f.key);
+    let resp = reader
+        .get(&format!("/api/v2/jobs/{}", ids[0]))
+        .send()
+        .await
+        .unwrap();
+    let served_by = resp
+        .headers()
+        .get("sdfleet-served-by")
+        .map(|v| v.to_str().unwrap().to_string());
+    let status = resp.status();
+    let read: Value = resp.json().await.unwrap();
+    let anyone_holds = holds_lease(&others[0]).await || holds_lease(&others[1]).await;
+    assert_eq!(
+        (status.as_u16(), &read["id"]),
+        (200, &json!(ids[0])),
+        "{read}"
+    );
+    assert!(
+        anyone_holds || served_by.as_deref() == Some("store"),
+        "a read while no replica held the lease, not from the store: {served_by:?}"
+    );
+    eprintln!("read during the takeover served by: {served_by:?}");
     let next = leader(&[&others[0], &others[1]], 4, Duration::from_secs(30)).await;
     let takeover = killed.elapsed();
     eprintln!("takeover after SIGKILL: {takeover:?}");

@@ -241,12 +241,17 @@ pub struct Leader {
     pub router: axum::Router,
 }
 
-pub async fn start(
-    client: &kube::Client,
+/// The engine, not yet running, and what the API needs beside it.
+struct Built {
+    engine: Arc<engine::Engine>,
+    keys: Arc<auth::ApiKeys>,
+}
+
+async fn build(
     args: &GatewayArgs,
     store: store::Store,
     metrics: Arc<metrics::GatewayMetrics>,
-) -> Result<Leader, GatewayError> {
+) -> Result<Built, GatewayError> {
     // A pod that stops answering mid-body (a node gone without a reset) fails a read
     // after the silence limit, not at the end of a 300 s transfer deadline.
     let http = reqwest::Client::builder()
@@ -307,6 +312,37 @@ pub async fn start(
         shares: keys.clone(),
     };
     let engine = engine::Engine::new(settings, store, metrics, outputs, webhooks, http);
+    Ok(Built { engine, keys })
+}
+
+/// The API over the store alone, for a follower while no replica holds the lease: jobs
+/// as last stored (no queue position, no live progress), outputs with presigned URLs.
+/// Its engine never runs: it dispatches nothing and writes nothing.
+pub async fn store_reader(
+    args: &GatewayArgs,
+    store: store::Store,
+) -> Result<axum::Router, GatewayError> {
+    let built = build(args, store, Arc::default()).await?;
+    let reload = built.keys.clone();
+    tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
+    Ok(api::router(Arc::new(api::ApiState {
+        engine: built.engine,
+        keys: built.keys,
+        fleets: args.fleets.clone(),
+        catalogs: Arc::default(),
+        workflows_dir: args.workflows_dir.clone(),
+        max_wait: Duration::from_secs(args.max_wait_seconds),
+        max_cold_start_wait: None,
+    })))
+}
+
+pub async fn start(
+    client: &kube::Client,
+    args: &GatewayArgs,
+    store: store::Store,
+    metrics: Arc<metrics::GatewayMetrics>,
+) -> Result<Leader, GatewayError> {
+    let Built { engine, keys } = build(args, store, metrics).await?;
     let recovered = engine.recover().await?;
     tracing::info!(recovered, "jobs resumed from the store");
     let catalogs = Arc::new(discovery::Catalogs::default());

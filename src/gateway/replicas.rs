@@ -7,6 +7,10 @@
 //! store, asking each pod about its jobs before it resubmits anything (the same path as
 //! a restart of a single replica).
 //!
+//! While no replica holds the lease, a follower answers reads (a job, a list, an event
+//! stream's missed changes) from the store after a moment, marked `sdfleet-served-by:
+//! store`; writes wait for the next holder.
+//!
 //! A holder that cannot renew in time stops (the process exits and is restarted as a
 //! follower) before anyone else may take the lease, and the store refuses its writes
 //! once another holds it.
@@ -37,6 +41,10 @@ const REFUSED: &str = "sdfleet-refused";
 /// How long a follower holds a request while no replica holds the lease (a takeover,
 /// a rollout) before it answers 503.
 const FORWARD_WAIT: Duration = Duration::from_secs(20);
+/// How long a follower waits for a holder before it answers a read from the store.
+const READ_FALLBACK: Duration = Duration::from_millis(1500);
+/// Says a read was answered from the store (no replica held the lease).
+const SERVED_BY: &str = "sdfleet-served-by";
 /// The largest request body a follower forwards (the API's own limit).
 const MAX_BODY: usize = 32 * 1024 * 1024;
 
@@ -60,6 +68,8 @@ struct Switch {
     lease: Duration,
     http: reqwest::Client,
     holder: String,
+    /// The API over the store alone: reads while no replica holds the lease.
+    reader: Router,
 }
 
 impl Switch {
@@ -119,6 +129,8 @@ pub async fn run(
     };
     tracing::info!(%scope, %holder, %address, "job store on PostgreSQL; waiting for the lease");
     let lease = Duration::from_secs(args.lease_seconds.max(2));
+    let pg = Arc::new(pg);
+    let reader = super::store_reader(&args, Store(pg.clone() as Arc<dyn JobStore>)).await?;
     let switch = Arc::new(Switch {
         mode: RwLock::new(Mode::Starting),
         leaving: std::sync::atomic::AtomicBool::new(false),
@@ -130,13 +142,13 @@ pub async fn run(
             .read_timeout(Duration::from_secs(args.max_wait_seconds + 30))
             .build()?,
         holder: holder.clone(),
+        reader,
     });
     let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(forward)
         .with_state(switch.clone());
-    let pg = Arc::new(pg);
     let held = hold_lease(&client, &args, pg.clone(), switch.clone(), metrics, address);
     let delay = Duration::from_secs(args.shutdown_delay_seconds);
     let result = tokio::select! {
@@ -313,7 +325,8 @@ async fn forward(State(switch): State<Arc<Switch>>, req: Request) -> Response {
         );
     };
     let idempotent = matches!(parts.method.as_str(), "GET" | "HEAD");
-    let deadline = Instant::now() + FORWARD_WAIT;
+    let started = Instant::now();
+    let deadline = started + FORWARD_WAIT;
     loop {
         if let Some(router) = switch.local_router() {
             return serve_locally(router, Request::from_parts(parts, Body::from(body))).await;
@@ -343,6 +356,16 @@ async fn forward(State(switch): State<Arc<Switch>>, req: Request) -> Response {
                     );
                 }
             }
+        }
+        if idempotent && started.elapsed() >= READ_FALLBACK {
+            // No holder (a takeover under way): the job as last stored, said to be so.
+            let req = Request::from_parts(parts, Body::from(body));
+            let mut resp = serve_locally(switch.reader.clone(), req).await;
+            resp.headers_mut().insert(
+                HeaderName::from_static(SERVED_BY),
+                header::HeaderValue::from_static("store"),
+            );
+            return resp;
         }
         if Instant::now() >= deadline {
             return refusal(
