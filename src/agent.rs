@@ -367,19 +367,18 @@ impl Agent {
             name: ns.clone(),
             labels,
         };
-        let admitted = policy::admit_modelset(&ms.spec, &classes, &namespace);
-        let tenant =
-            admitted
-                .as_ref()
-                .ok()
-                .cloned()
-                .flatten()
-                .map(|role_arn| storage::s3::Tenant {
+        // Admitted: read as its class's tenant role, if it names one.
+        let (tenant, refusal) = match policy::admit_modelset(&ms.spec, &classes, &namespace) {
+            Ok(role) => (
+                role.map(|role_arn| storage::s3::Tenant {
                     role_arn,
                     namespace: ns.clone(),
                     name: name.clone(),
-                });
-        let refusal = admitted.err().map(|r| r.to_string());
+                }),
+                None,
+            ),
+            Err(refused) => (None, Some(refused.to_string())),
+        };
         let reports = Reports {
             api: Api::namespaced(self.client.clone(), &ns),
             node: &node,

@@ -681,12 +681,7 @@ async fn store_setup(
         replicas.push(GatewayProcess::start(tb, args.clone()));
     }
     for r in &replicas[1..] {
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        eventually("a follower ready", Duration::from_secs(30), || async {
-            let ok = http.get(r.url("/readyz")).send().await.ok()?.status() == 200;
-            ok.then_some(())
-        })
-        .await;
+        r.wait_serving().await;
     }
     let apis = replicas
         .iter()

@@ -271,14 +271,6 @@ async fn holds_lease(gateway: &GatewayProcess) -> bool {
     gateway.metric("sdfleet_gateway_lease_held").await == Some(1.0)
 }
 
-async fn ready(gateway: &GatewayProcess) -> bool {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    http.get(gateway.url("/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-}
-
 /// Waits until one of `replicas` holds the lease and dispatches to `pods` pods.
 async fn leader(replicas: &[&GatewayProcess], pods: usize, within: Duration) -> usize {
     let i = eventually("a replica to take the lease", within, || async {
@@ -321,28 +313,12 @@ async fn follow(
     let deadline = tokio::time::Instant::now() + within;
     while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
         buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let (mut kind, mut seq, mut data) = ("message".to_string(), None, String::new());
-            for line in block.lines() {
-                if let Some(e) = line.strip_prefix("event:") {
-                    kind = e.trim().to_string();
-                } else if let Some(i) = line.strip_prefix("id:") {
-                    seq = i.trim().parse().ok();
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    data.push_str(d.trim_start());
-                }
-            }
-            if !data.is_empty() {
-                let done = kind == "done";
-                out.push((
-                    kind,
-                    seq,
-                    serde_json::from_str(&data).unwrap_or(Value::Null),
-                ));
-                if done {
-                    return (out, true);
-                }
+        for e in drain_sse(&mut buf) {
+            let done = e.kind == "done";
+            let data = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+            out.push((e.kind, e.id, data));
+            if done {
+                return (out, true);
             }
         }
     }
@@ -434,10 +410,7 @@ async fn the_leader_killed_mid_stream_is_replaced_within_the_bound_and_no_job_or
         GatewayProcess::start(tb, f.args.clone()),
     ];
     for r in &others {
-        eventually("a follower ready", Duration::from_secs(30), || async {
-            ready(r).await.then_some(())
-        })
-        .await;
+        r.wait_serving().await;
         assert!(!holds_lease(r).await);
     }
     let bases: Vec<String> = [&first, &others[0], &others[1]]
@@ -575,10 +548,7 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
         old.push(GatewayProcess::start(tb, f.args.clone()));
     }
     for r in &old {
-        eventually("replica ready", Duration::from_secs(30), || async {
-            ready(r).await.then_some(())
-        })
-        .await;
+        r.wait_serving().await;
     }
     // The Service's endpoints: ready replicas, a terminating one taken out first.
     let endpoints: Arc<Mutex<Vec<String>>> =
@@ -640,10 +610,7 @@ async fn replacing_every_replica_one_by_one_under_a_steady_stream_answers_every_
     let mut new: Vec<GatewayProcess> = Vec::new();
     for old_one in old.iter_mut() {
         let fresh = GatewayProcess::start(tb, f.args.clone());
-        eventually("the new replica ready", Duration::from_secs(30), || async {
-            ready(&fresh).await.then_some(())
-        })
-        .await;
+        fresh.wait_serving().await;
         {
             let mut e = endpoints.lock().unwrap();
             e.retain(|u| *u != old_one.url(""));

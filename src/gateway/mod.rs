@@ -211,6 +211,12 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         .await
         .map_err(|e| GatewayError::Io(args.listen.to_string(), e))?;
     tracing::info!(addr = %args.listen, "gateway serving /api/v2");
+    // One reader of the keys Secret for the process, whichever router serves.
+    let keys = Arc::new(auth::ApiKeys::new(
+        (!args.no_auth).then(|| args.api_keys_dir.clone()),
+    ));
+    let reload = keys.clone();
+    tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
     if let Some(url_file) = &args.postgres_url_file {
         let url = std::fs::read_to_string(url_file)
             .map_err(|e| GatewayError::Io(url_file.display().to_string(), e))?;
@@ -220,6 +226,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
             url.trim().to_string(),
             listener,
             metrics,
+            keys,
         )
         .await;
     }
@@ -227,7 +234,7 @@ pub async fn run(client: kube::Client, args: GatewayArgs) -> Result<(), GatewayE
         std::fs::create_dir_all(dir).map_err(|e| GatewayError::Io(dir.display().to_string(), e))?;
     }
     let store = store::Store(Arc::new(store::RedbStore::open(&args.store)?));
-    let leader = start(&client, &args, store, metrics).await?;
+    let leader = start(&client, &args, store, metrics, keys).await?;
     let delay = Duration::from_secs(args.shutdown_delay_seconds);
     let served = serve_until_signal(listener, leader.router, delay).await;
     leader.engine.drain(FLUSH).await;
@@ -241,17 +248,13 @@ pub struct Leader {
     pub router: axum::Router,
 }
 
-/// The engine, not yet running, and what the API needs beside it.
-struct Built {
-    engine: Arc<engine::Engine>,
-    keys: Arc<auth::ApiKeys>,
-}
-
+/// The engine, not yet running.
 async fn build(
     args: &GatewayArgs,
     store: store::Store,
     metrics: Arc<metrics::GatewayMetrics>,
-) -> Result<Built, GatewayError> {
+    keys: Arc<auth::ApiKeys>,
+) -> Result<Arc<engine::Engine>, GatewayError> {
     // A pod that stops answering mid-body (a node gone without a reset) fails a read
     // after the silence limit, not at the end of a 300 s transfer deadline.
     let http = reqwest::Client::builder()
@@ -287,9 +290,6 @@ async fn build(
         ),
         None => None,
     };
-    let keys = Arc::new(auth::ApiKeys::new(
-        (!args.no_auth).then(|| args.api_keys_dir.clone()),
-    ));
     let settings = engine::Settings {
         client_id: args
             .client_id
@@ -311,8 +311,9 @@ async fn build(
         retention_every: Duration::from_secs(args.retention_interval_seconds.max(1)),
         shares: keys.clone(),
     };
-    let engine = engine::Engine::new(settings, store, metrics, outputs, webhooks, http);
-    Ok(Built { engine, keys })
+    Ok(engine::Engine::new(
+        settings, store, metrics, outputs, webhooks, http,
+    ))
 }
 
 /// The API over the store alone, for a follower while no replica holds the lease: jobs
@@ -321,13 +322,12 @@ async fn build(
 pub async fn store_reader(
     args: &GatewayArgs,
     store: store::Store,
+    keys: Arc<auth::ApiKeys>,
 ) -> Result<axum::Router, GatewayError> {
-    let built = build(args, store, Arc::default()).await?;
-    let reload = built.keys.clone();
-    tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
+    let engine = build(args, store, Arc::default(), keys.clone()).await?;
     Ok(api::router(Arc::new(api::ApiState {
-        engine: built.engine,
-        keys: built.keys,
+        engine,
+        keys,
         fleets: args.fleets.clone(),
         catalogs: Arc::default(),
         workflows_dir: args.workflows_dir.clone(),
@@ -341,8 +341,9 @@ pub async fn start(
     args: &GatewayArgs,
     store: store::Store,
     metrics: Arc<metrics::GatewayMetrics>,
+    keys: Arc<auth::ApiKeys>,
 ) -> Result<Leader, GatewayError> {
-    let Built { engine, keys } = build(args, store, metrics).await?;
+    let engine = build(args, store, metrics, keys.clone()).await?;
     let recovered = engine.recover().await?;
     tracing::info!(recovered, "jobs resumed from the store");
     let catalogs = Arc::new(discovery::Catalogs::default());
@@ -392,8 +393,6 @@ pub async fn start(
     }
     tokio::spawn(engine.clone().run());
     tokio::spawn(engine.clone().retain());
-    let reload = keys.clone();
-    tokio::spawn(async move { reload.watch(Duration::from_secs(5)).await });
     let state = Arc::new(api::ApiState {
         engine: engine.clone(),
         keys,

@@ -24,9 +24,10 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
 use tower::ServiceExt;
 
+use super::api::ApiError;
+use super::auth::ApiKeys;
 use super::engine::Engine;
 use super::metrics::GatewayMetrics;
 use super::store::{JobStore, PgStore, Store};
@@ -113,6 +114,7 @@ pub async fn run(
     url: String,
     listener: tokio::net::TcpListener,
     metrics: Arc<GatewayMetrics>,
+    keys: Arc<ApiKeys>,
 ) -> Result<(), GatewayError> {
     let scope = scope_of(&args);
     let name = std::env::var("POD_NAME").unwrap_or_else(|_| "gateway".into());
@@ -130,7 +132,8 @@ pub async fn run(
     tracing::info!(%scope, %holder, %address, "job store on PostgreSQL; waiting for the lease");
     let lease = Duration::from_secs(args.lease_seconds.max(2));
     let pg = Arc::new(pg);
-    let reader = super::store_reader(&args, Store(pg.clone() as Arc<dyn JobStore>)).await?;
+    let reader =
+        super::store_reader(&args, Store(pg.clone() as Arc<dyn JobStore>), keys.clone()).await?;
     let switch = Arc::new(Switch {
         mode: RwLock::new(Mode::Starting),
         leaving: std::sync::atomic::AtomicBool::new(false),
@@ -149,7 +152,7 @@ pub async fn run(
         .route("/readyz", get(readyz))
         .fallback(forward)
         .with_state(switch.clone());
-    let held = hold_lease(&client, &args, pg.clone(), switch.clone(), metrics, address);
+    let held = hold_lease(&client, &args, pg.clone(), &switch, metrics, keys, address);
     let delay = Duration::from_secs(args.shutdown_delay_seconds);
     let result = tokio::select! {
         held = held => held,
@@ -198,8 +201,9 @@ async fn hold_lease(
     client: &kube::Client,
     args: &GatewayArgs,
     pg: Arc<PgStore>,
-    switch: Arc<Switch>,
+    switch: &Switch,
     metrics: Arc<GatewayMetrics>,
+    keys: Arc<ApiKeys>,
     address: String,
 ) -> Result<(), GatewayError> {
     let lease = switch.lease;
@@ -238,7 +242,8 @@ async fn hold_lease(
                         );
                         metrics.lease_takeovers.inc();
                         let store = Store(pg.clone() as Arc<dyn JobStore>);
-                        let leader = start(client, args, store, metrics.clone()).await?;
+                        let leader =
+                            start(client, args, store, metrics.clone(), keys.clone()).await?;
                         switch.set(Mode::Lead {
                             engine: leader.engine,
                             router: leader.router,
@@ -288,17 +293,16 @@ async fn readyz(State(switch): State<Arc<Switch>>) -> Response {
     }
 }
 
-fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
-    let mut response = (
-        status,
-        axum::Json(json!({"error": {"type": code, "message": message}})),
-    )
+/// A replica's own refusal, in the API's error shape with `Retry-After: 1`, and named in
+/// a header so that a follower tells `not_leader` from the API's own 503s.
+fn refusal(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let mut response = ApiError::new(status, code, message)
+        .retry_after(1)
         .into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    if let Ok(v) = header::HeaderValue::from_str(code) {
-        headers.insert(HeaderName::from_static(REFUSED), v);
-    }
+    response.headers_mut().insert(
+        HeaderName::from_static(REFUSED),
+        header::HeaderValue::from_static(code),
+    );
     response
 }
 

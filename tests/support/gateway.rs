@@ -141,6 +141,21 @@ impl GatewayProcess {
             .ok()
     }
 
+    /// Waits until its `/readyz` answers 200 (a replica on PostgreSQL: it reaches the
+    /// store, holder or not).
+    pub async fn wait_serving(&self) {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        eventually(
+            &format!("gateway ready ({})", self.log.display()),
+            Duration::from_secs(30),
+            || async {
+                let resp = http.get(self.url("/readyz")).send().await.ok()?;
+                (resp.status() == 200).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Waits until it serves and dispatches to `pods` pods of `fleet`.
     pub async fn wait_ready(&self, fleet: &str, pods: usize) {
         let prefix = format!("sdfleet_gateway_ready_pods{{fleet=\"{fleet}\"}} {pods}");
@@ -357,27 +372,50 @@ impl ApiClient {
         let deadline = tokio::time::Instant::now() + timeout;
         while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
             buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
-                let mut event = String::from("message");
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(e) = line.strip_prefix("event:") {
-                        event = e.trim().to_string();
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push_str(d.trim_start());
-                    }
-                }
-                if !data.is_empty() {
-                    out.push((
-                        event,
-                        serde_json::from_str(&data).unwrap_or(Value::String(data)),
-                    ));
-                }
+            for e in drain_sse(&mut buf) {
+                out.push((
+                    e.kind,
+                    serde_json::from_str(&e.data).unwrap_or(Value::String(e.data)),
+                ));
             }
         }
         out
     }
+}
+
+/// One server-sent event with data: its type, its id (a number, if it has one) and its
+/// data.
+pub struct SseEvent {
+    pub kind: String,
+    pub id: Option<u32>,
+    pub data: String,
+}
+
+/// Takes the complete events (each ended by a blank line) out of `buf`; comments and
+/// keep-alives (no data) are dropped.
+pub fn drain_sse(buf: &mut String) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    while let Some(end) = buf.find("\n\n") {
+        let block: String = buf.drain(..end + 2).collect();
+        let mut event = SseEvent {
+            kind: "message".into(),
+            id: None,
+            data: String::new(),
+        };
+        for line in block.lines() {
+            if let Some(e) = line.strip_prefix("event:") {
+                event.kind = e.trim().to_string();
+            } else if let Some(i) = line.strip_prefix("id:") {
+                event.id = i.trim().parse().ok();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                event.data.push_str(d.trim_start());
+            }
+        }
+        if !event.data.is_empty() {
+            out.push(event);
+        }
+    }
+    out
 }
 
 /// A directory holding one API key as the admin's Secret would (id → SHA-256 hex), as

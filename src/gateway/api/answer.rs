@@ -9,7 +9,7 @@ use super::state::ApiState;
 use crate::gateway::auth::Caller;
 use crate::gateway::job::{Job, JobState};
 
-pub(super) struct ApiError {
+pub(crate) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) kind: &'static str,
     pub(super) message: String,
@@ -18,7 +18,7 @@ pub(super) struct ApiError {
 }
 
 impl ApiError {
-    pub(super) fn new(
+    pub(crate) fn new(
         status: StatusCode,
         kind: &'static str,
         message: impl Into<String>,
@@ -31,20 +31,25 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// With `Retry-After: secs`: nothing was done, and trying again soon may work.
+    pub(crate) fn retry_after(self, secs: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(secs),
+            ..self
+        }
+    }
     pub(super) fn internal(e: impl std::fmt::Display) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     }
     /// The job store failed (a full or broken volume): nothing was promised, try again.
     pub(super) fn store(e: crate::gateway::store::StoreError) -> ApiError {
         tracing::error!(error = %e, "job store error");
-        ApiError {
-            retry_after: Some(5),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                e.to_string(),
-            )
-        }
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+        .retry_after(5)
     }
 }
 

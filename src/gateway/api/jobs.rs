@@ -135,12 +135,7 @@ pub(super) async fn events(
         .and_then(|v| v.trim().parse::<u32>().ok());
     let first: Vec<Event> = match resumed_after {
         Some(after) => missed_changes(&state, &job, after).await,
-        None => vec![
-            Event::default()
-                .event("snapshot")
-                .id(job.seq().to_string())
-                .data(view(&state, &job).await.to_string()),
-        ],
+        None => vec![snapshot(&state, &job).await],
     };
     let live = futures::stream::unfold(rx, |rx| async move {
         let mut rx = rx?;
@@ -162,17 +157,20 @@ pub(super) async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))))
 }
 
+/// The job as it is now, numbered as its latest change.
+async fn snapshot(state: &ApiState, job: &Job) -> Event {
+    Event::default()
+        .event("snapshot")
+        .id(job.seq().to_string())
+        .data(view(state, job).await.to_string())
+}
+
 /// The changes of state after `after`, as the events the stream sent for them: `state`
 /// for each, and `done` with the whole job for the final one.
 async fn missed_changes(state: &ApiState, job: &Job, after: u32) -> Vec<Event> {
     if job.history.first().is_some_and(|c| c.seq > after + 1) {
-        // Older than the history kept: the job as it is now, numbered as its latest.
-        return vec![
-            Event::default()
-                .event("snapshot")
-                .id(job.seq().to_string())
-                .data(view(state, job).await.to_string()),
-        ];
+        // Older than the history kept: the job as it is now.
+        return vec![snapshot(state, job).await];
     }
     let mut events = Vec::new();
     for change in job.history.iter().filter(|c| c.seq > after) {

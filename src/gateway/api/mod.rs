@@ -18,7 +18,7 @@ use openapi::openapi;
 use submit::submit;
 
 mod answer;
-use answer::ApiError;
+pub(crate) use answer::ApiError;
 mod jobs;
 mod openapi;
 mod state;

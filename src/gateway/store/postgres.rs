@@ -106,10 +106,6 @@ impl PgStore {
         Ok(store)
     }
 
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
     /// Runs `f` on a pooled connection; one that failed is dropped, not pooled again.
     fn with_client<T>(
         &self,
@@ -373,21 +369,23 @@ impl JobStore for PgStore {
                 )
                 .map_err(db)?;
             let mut page = Page::default();
+            let mut last: Option<Cursor> = None;
             for (i, row) in rows.iter().enumerate() {
-                let id: String = row.get(0);
-                let created_at: i64 = row.get(1);
                 if i == limit {
-                    // A row beyond the page: the next page starts after the page's last.
-                    page.next = page.jobs.last().map(|j: &Job| Cursor {
-                        created_at: j.created_at,
-                        id: j.id.clone(),
-                    });
+                    // A row beyond the page: the next page starts after the page's last
+                    // row (read or not, so an unreadable one is never walked again).
+                    page.next = last;
                     break;
                 }
-                let _ = created_at;
+                let id: String = row.get(0);
+                let created_at: i64 = row.get(1);
                 if let Some(job) = Self::decode(&id, row.get(2)) {
                     page.jobs.push(job);
                 }
+                last = Some(Cursor {
+                    created_at: created_at as Millis,
+                    id,
+                });
             }
             Ok(page)
         })
