@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use md5::{Digest, Md5};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -59,33 +59,53 @@ pub(super) async fn fetch<S: ObjectStore>(
             .filter(|(index, _, _)| !done.contains(index))
             .collect();
         fetched = ranges.iter().map(|(_, start, end)| end + 1 - start).sum();
-        futures::stream::iter(ranges.into_iter().map(Ok::<_, SyncError>))
-            .try_for_each_concurrent(None, |(index, start, end)| {
+        // When one part fails, the parts already streaming finish and are journalled
+        // (the next pass resumes them) and no new one starts; then the first error
+        // fails the object. Stopping at the first error threw away every part in flight.
+        let failed = std::sync::Mutex::new(None::<SyncError>);
+        futures::stream::iter(ranges)
+            .for_each_concurrent(None, |(index, start, end)| {
                 let (file, part, commits) = (file.clone(), part.clone(), commits.clone());
                 let recorder = opts.timeline.clone();
+                let failed = &failed;
                 async move {
-                    let permit = permits.acquire().await.map_err(closed)?;
-                    let get = span(timeline, Phase::Get);
-                    let body = store
-                        .get(&object.key, Some((start, end)), &object.etag)
-                        .await?;
-                    let writer = StreamWriter::new(file, start, end + 1 - start, timeline);
-                    let written = write_body(writer, &part, body.chunks, None, None).await?;
-                    drop(get);
-                    // The network slot goes to the next range while this one is made durable.
-                    drop(permit);
-                    if written != end + 1 - start {
-                        return Err(SyncError::SizeMismatch {
-                            key: object.key.clone(),
-                            got: written,
-                            want: end + 1 - start,
-                        });
+                    let result = async {
+                        let permit = permits.acquire().await.map_err(closed)?;
+                        if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                            return Ok(());
+                        }
+                        let get = span(timeline, Phase::Get);
+                        let body = store
+                            .get(&object.key, Some((start, end)), &object.etag)
+                            .await?;
+                        let writer = StreamWriter::new(file, start, end + 1 - start, timeline);
+                        let written = write_body(writer, &part, body.chunks, None, None).await?;
+                        drop(get);
+                        // The network slot goes to the next range while this one is made durable.
+                        drop(permit);
+                        if written != end + 1 - start {
+                            return Err(SyncError::SizeMismatch {
+                                key: object.key.clone(),
+                                got: written,
+                                want: end + 1 - start,
+                            });
+                        }
+                        // Durable first, then journalled: a resumed part is always real bytes.
+                        commits.commit(index, recorder).await.map_err(io(&part))
                     }
-                    // Durable first, then journalled: a resumed part is always real bytes.
-                    commits.commit(index, recorder).await.map_err(io(&part))
+                    .await;
+                    if let Err(error) = result {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(error);
+                    }
                 }
             })
-            .await?;
+            .await;
+        if let Some(error) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(error);
+        }
         journal = Arc::into_inner(commits).and_then(resume::GroupCommit::into_journal);
         file
     } else {
