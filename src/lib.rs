@@ -8,6 +8,7 @@ pub mod aws;
 pub mod cmd;
 pub mod controller;
 pub mod crd;
+pub mod csi;
 pub mod docs;
 pub mod effective;
 pub mod gateway;

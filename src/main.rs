@@ -23,6 +23,9 @@ enum Command {
     Sync(cmd::sync::SyncArgs),
     /// Run the node agent: sync the node's ModelSets, report, lift the startup taint.
     Agent(cmd::agent::AgentArgs),
+    /// Serve the csi.sdfleet.io CSI node plugin: a pod's ModelSet directory as a
+    /// read-only inline volume (the chart's DaemonSet).
+    CsiNode(cmd::csi::CsiNodeArgs),
     /// Run the job gateway in front of a namespace's fleets (what `spec.gateway` renders).
     Gateway(Box<cmd::gateway::GatewayCommand>),
     /// Create a node's models directory of one ModelSet and give it to the agent's user
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Sync(args) => cmd::sync::run(args),
         Command::Agent(args) => cmd::agent::run(args),
         Command::Gateway(args) => cmd::gateway::run(args),
+        Command::CsiNode(args) => cmd::csi::run(args),
         Command::Crds => print_or_fail(sdfleet::crd::to_yaml().map_err(Into::into)),
         Command::Docs => print_or_fail(sdfleet::docs::crd_reference().map_err(Into::into)),
         Command::Render(args) => print_or_fail(cmd::render::run(*args)),

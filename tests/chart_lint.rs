@@ -170,3 +170,67 @@ fn the_dashboard_and_the_alerts_render_as_what_grafana_and_prometheus_read() {
     assert_eq!(pods["spec"]["namespaceSelector"]["any"], true);
     assert_eq!(pods["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
 }
+
+/// What the models volume's safety rests on: the kubelet tells the plugin the pod's
+/// namespace (podInfoOnMount) and no PersistentVolume can use the driver (Ephemeral
+/// only); the privileged plugin holds no API credentials; the renderer's pods name the
+/// driver the chart registers.
+#[test]
+fn the_csi_driver_is_inline_only_told_the_pods_namespace_and_its_plugin_has_no_token() {
+    let docs = support::render_chart(&["csi.kubeletDir=/var/lib/kubelet/"]);
+    let driver = support::one_of_kind(&docs, "CSIDriver");
+    assert_eq!(
+        driver["metadata"]["name"],
+        sdfleet::csi::publish::DRIVER_NAME
+    );
+    assert_eq!(driver["spec"]["podInfoOnMount"], true);
+    assert_eq!(
+        driver["spec"]["volumeLifecycleModes"],
+        serde_json::json!(["Ephemeral"])
+    );
+    assert_eq!(driver["spec"]["attachRequired"], false);
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "obs-sdfleet-csi-node")
+        .expect("the CSI node DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let containers = pod["containers"].as_array().unwrap();
+    let plugin = &containers[0];
+    assert_eq!(plugin["args"][0], "csi-node");
+    assert_eq!(plugin["securityContext"]["privileged"], true);
+    let kubelet_mount = plugin["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "kubelet-dir")
+        .unwrap();
+    // The path inside is the host's (the kubelet's target paths), propagated both ways.
+    assert_eq!(kubelet_mount["mountPath"], "/var/lib/kubelet");
+    assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
+    let models = plugin["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "models")
+        .unwrap();
+    assert_eq!(models["readOnly"], true);
+    // Only the plugin is privileged; the registrar drops every capability.
+    let registrar = &containers[1];
+    assert!(registrar["securityContext"].get("privileged").is_none());
+    assert_eq!(
+        registrar["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(
+        registrar["args"][1],
+        "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.sdfleet.io/csi.sock"
+    );
+    // One release per cluster may register the driver: off, nothing of it renders.
+    let off = support::render_chart(&["csi.enabled=false"]);
+    assert!(off.iter().all(|d| d["kind"] != "CSIDriver"));
+    assert!(
+        off.iter()
+            .all(|d| d["metadata"]["name"] != "obs-sdfleet-csi-node")
+    );
+}

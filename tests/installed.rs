@@ -181,6 +181,62 @@ async fn labelled_namespace(client: &Client, prefix: &str) -> TestNamespace {
     ns
 }
 
+/// A pod on `node` in `ns` whose csi.sdfleet.io volume names `model_set`, which the
+/// node has none of for `ns`: the kubelet reports the plugin's refusal, and the pod
+/// never runs. (Pod Security `restricted` shape, the testbed's pause image.)
+async fn refused_models_mount(client: &Client, ns: &str, model_set: &str, node: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "foreign-models"},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65535, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "c", "image": "localhost/pause:testbed", "imagePullPolicy": "Never",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": true}],
+            }],
+            "volumes": [{"name": "models", "csi": {"driver": "csi.sdfleet.io", "readOnly": true,
+                          "volumeAttributes": {"modelSet": model_set}}}],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    let message = eventually("the kubelet reports the refused mount", WAIT, || async {
+        let list = events
+            .list(
+                &ListParams::default()
+                    .fields("involvedObject.name=foreign-models,reason=FailedMount"),
+            )
+            .await
+            .ok()?;
+        list.items.into_iter().find_map(|e| e.message)
+    })
+    .await;
+    assert!(
+        message.contains("this node has no models")
+            && message.contains(&format!("{ns}/{model_set}")),
+        "{message}"
+    );
+    let phase = pods
+        .get("foreign-models")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .phase;
+    assert_eq!(
+        phase.as_deref(),
+        Some("Pending"),
+        "{ns}/{model_set}: {message}"
+    );
+    pods.delete("foreign-models", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
 /// The pod of `selector` in `ns`, once Running and Ready on `node`.
 /// Submits a job through the Service until one is taken (until kube-proxy has the
 /// Service's endpoints, a connection is refused), and waits until it ends.
@@ -271,6 +327,19 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .unwrap();
     let system = labelled_namespace(&client, "e2e-system").await;
     let team = labelled_namespace(&client, "e2e-team").await;
+    // The team's namespace enforces Pod Security `restricted`: its pods may have no
+    // hostPath, so ComfyUI's models come through the csi.sdfleet.io volume.
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            &team.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }}})),
+        )
+        .await
+        .unwrap();
 
     // The chart as users install it, with the images built here. The controller watches
     // the team's namespace only: the suite's other controllers own the rest. It runs on
@@ -292,6 +361,13 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
             ),
             "--set",
             "nodeSelector.sdfleet\\.io/testbed-role=real-gpu",
+            // The CSI driver, with the testbed kubelet's root and the registrar's stand-in.
+            "--set",
+            &format!(
+                "csi.enabled=true,csi.kubeletDir={},csi.registrar.image={},csi.registrar.pullPolicy=Never",
+                tb.var("SDFLEET_TESTBED_KUBELET_DIR"),
+                tb.var("SDFLEET_TESTBED_REGISTRAR_IMAGE")
+            ),
             "--set-json",
             &format!("tolerations={tolerations}"),
         ],
@@ -413,6 +489,8 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
             "spec": {
                 "image": "localhost/comfyui-double:dev",
                 "replicas": replicas,
+                // Pod Security `restricted` asks for a non-root user.
+                "runAsUser": 65532,
                 "modelSet": "sdxl-models",
                 "gpu": {"instanceTypes": ["g5.2xlarge"], "limit": 1},
                 "storage": {"outputs": {"bucket": outputs, "prefix": "out/"}},
@@ -484,6 +562,37 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         "written by the agent's unprivileged user"
     );
 
+    // The chart's CSI node plugin on the node (privileged, no API token), registered
+    // with the kubelet by the registrar sidecar.
+    let csi_pod = running_pod(
+        &client,
+        &system.name,
+        "app.kubernetes.io/name=sdfleet-csi-node",
+        &node_name,
+    )
+    .await;
+    assert_eq!(
+        csi_pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .automount_service_account_token,
+        Some(false)
+    );
+    eventually("the kubelet lists csi.sdfleet.io", WAIT, || async {
+        let csinode = Api::<k8s_openapi::api::storage::v1::CSINode>::all(client.clone())
+            .get(&node_name)
+            .await
+            .ok()?;
+        csinode
+            .spec
+            .drivers
+            .iter()
+            .any(|d| d.name == "csi.sdfleet.io")
+            .then_some(())
+    })
+    .await;
+
     // ComfyUI's pod on the real node; the endpoints controller lists its pod IP.
     apply_fleet(1).await;
     let comfy = running_pod(
@@ -494,6 +603,52 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     )
     .await;
     let pod_ip = comfy.status.as_ref().unwrap().pod_ip.clone().unwrap();
+    // Its models came through the CSI driver: the volume is csi.sdfleet.io's, and the
+    // kubelet's mount of it on the node is the ModelSet's directory, read-only. (The
+    // double sees the checkpoint through it: the jobs below validate against it.)
+    let models_volume = comfy
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "models")
+        .cloned()
+        .unwrap();
+    assert!(models_volume.host_path.is_none());
+    assert_eq!(models_volume.csi.unwrap().driver, "csi.sdfleet.io");
+    let uid = comfy.metadata.uid.clone().unwrap();
+    let mount_point = std::path::Path::new(tb.var("SDFLEET_TESTBED_KUBELET_DIR"))
+        .join("pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~csi/models/mount");
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mount_point.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("no mount at {}", mount_point.display()));
+    let options = line.split(' ').nth(5).unwrap();
+    assert!(
+        options.split(',').any(|o| o == "ro"),
+        "the models mount is read-only: {line}"
+    );
+    assert_eq!(
+        std::fs::read(mount_point.join("checkpoints").join(CKPT)).unwrap(),
+        checkpoint,
+        "the pod's volume is the ModelSet's directory"
+    );
+    // Another team's pod that names this team's ModelSet, on this very node: the kubelet
+    // says the pod's namespace, so the plugin looks under that namespace's directory,
+    // finds nothing, and the pod never starts. So does this team's pod naming a ModelSet
+    // the node has not got.
+    let other = TestNamespace::new(&client, "e2e-other").await;
+    for (ns, model_set) in [
+        (other.name.as_str(), "sdxl-models"),
+        (team.name.as_str(), "not-here"),
+    ] {
+        refused_models_mount(&client, ns, model_set, &node_name).await;
+    }
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &team.name);
     eventually("the fleet's EndpointSlice lists the pod", WAIT, || async {
         let list = slices

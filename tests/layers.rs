@@ -22,6 +22,9 @@ const LAYERS: &[&[&str]] = &[
     // Where models come from: one trait, a backend per source.
     &["storage"],
     &["sync"],
+    // The node's CSI plugin: a pod's own ModelSet directory as its volume (its driver
+    // name and attribute are what the renderer writes into pods).
+    &["csi"],
     &["render"],
     // What a FleetClass allows: the controller decides with it, and each node agent
     // checks again before it reads a bucket.

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod csi;
 pub mod gateway;
 pub mod prepare;
 pub mod render;

@@ -1,18 +1,14 @@
 //! The ComfyUI Deployment: GPU pods pinned to the fleet's NodePool, with the models
-//! directory from the node's instance store (read-only), S3 volumes, probes on
+//! directory from the node's instance store (read-only, through the csi.sdfleet.io
+//! driver), S3 volumes, probes on
 //! `/system_stats` and a restrictive security context.
-
-use std::path::Path;
 
 use serde_json::{Value, json};
 
 use super::error::RenderError;
 use super::storage::S3Volume;
 use crate::crd::comfyui::ComfyUIDeploymentSpec;
-use crate::names::{
-    FleetNames, GPU_RESOURCE, MODELS_HOST_ROOT, MODELSET_LABEL, NODEPOOL_LABEL, label_value,
-    models_dir,
-};
+use crate::names::{FleetNames, GPU_RESOURCE, MODELSET_LABEL, NODEPOOL_LABEL, label_value};
 
 pub const MODELS_MOUNT_PATH: &str = "/app/ComfyUI/models";
 pub const CONTAINER_NAME: &str = "comfyui";
@@ -54,9 +50,13 @@ pub fn deployment_spec(
     let mut pod_volumes = Vec::new();
     if let Some(model_set) = &spec.model_set {
         mounts.push(json!({"name": "models", "mountPath": MODELS_MOUNT_PATH, "readOnly": true}));
-        pod_volumes.push(json!({"name": "models", "hostPath": {
-            "path": models_dir(Path::new(MODELS_HOST_ROOT), &fleet.namespace, model_set),
-            "type": "DirectoryOrCreate",
+        // The node's `<root>/<namespace>/<model_set>` through the chart's CSI node
+        // plugin, read-only: no hostPath, so the namespace can enforce Pod Security
+        // `restricted`, and the plugin takes the namespace from the kubelet, not from here.
+        pod_volumes.push(json!({"name": "models", "csi": {
+            "driver": crate::csi::publish::DRIVER_NAME,
+            "readOnly": true,
+            "volumeAttributes": {crate::csi::publish::MODEL_SET_ATTRIBUTE: model_set},
         }}));
     }
     for v in volumes {
@@ -221,10 +221,14 @@ mod tests {
             mounts[1],
             json!({"name": "outputs", "mountPath": "/app/ComfyUI/output"})
         );
+        // No hostPath: the chart's CSI node plugin publishes the ModelSet of the pod's
+        // own namespace (the kubelet says which), read-only.
         assert_eq!(
-            pod["volumes"][0]["hostPath"]["path"],
-            "/mnt/k8s-disks/0/sdfleet/models/studio/sdxl-models"
+            pod["volumes"][0],
+            json!({"name": "models", "csi": {"driver": "csi.sdfleet.io", "readOnly": true,
+                   "volumeAttributes": {"modelSet": "sdxl-models"}}})
         );
+        assert!(!pod.to_string().contains("hostPath"));
         assert_eq!(
             pod["volumes"][1]["persistentVolumeClaim"]["claimName"],
             "sdxl-outputs"

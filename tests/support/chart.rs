@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use super::testbed::{Testbed, repo_root, unique_suffix};
 
 /// Installs the Helm chart into `namespace` as release `release` (for its RBAC and
-/// objects; the controller itself runs as a local process in the tests).
+/// objects; the controller itself runs as a local process in the tests). The CSI driver
+/// is cluster-scoped (one release per cluster): off unless `extra` turns it on
+/// (`csi.enabled=true`, as the installed test does).
 pub fn helm_install(
     tb: &Testbed,
     release: &str,
@@ -26,7 +28,7 @@ pub fn helm_install(
         .arg(tb.kubeconfig())
         .args([
             "--set",
-            "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok",
+            "controller.clusterName=testbed,controller.region=us-west-2,controller.cloud=kwok,csi.enabled=false",
         ])
         .args(extra)
         .output()

@@ -55,6 +55,8 @@ source_key() { # files... -> a short digest: the cache key of binaries built fro
 
 # The pause image: the sandbox every pod's containers join.
 PAUSE_IMAGE=localhost/pause:testbed
+# The node-driver-registrar's stand-in, for the chart's CSI DaemonSet.
+REGISTRAR_IMAGE=localhost/csi-node-driver-registrar:testbed
 
 node_build() {
   node_packages
@@ -65,21 +67,35 @@ node_build() {
   go_build fakegpu kubernetes sdfleet.test/testbed/kubernetes/fakegpu "$(source_key "$g/fakegpu/main.go" "$g/go.sum")"
   go_build fakes3csi kubernetes sdfleet.test/testbed/kubernetes/fakes3csi "$(source_key "$g/fakes3csi/main.go" "$g/go.sum")"
   go_build hostproxy kubernetes sdfleet.test/testbed/kubernetes/hostproxy "$(source_key "$g/hostproxy/main.go")"
-  local key; key=$(source_key "$HERE/pause.c")
+  local key w; key=$(source_key "$HERE/pause.c")
   PAUSE_TAR=$CACHE/images/pause-$key.oci.tar
-  [ -f "$PAUSE_TAR" ] && return 0
-  log "building the pause image"
+  if [ ! -f "$PAUSE_TAR" ]; then
+    log "building the pause image"
+    w=$(mktemp -d)
+    gcc -static -Os -o "$w/pause" "$HERE/pause.c" || die "building pause failed"
+    binary_image "$w/pause" 65535:65535 "$PAUSE_TAR"
+    rm -rf "$w"
+  fi
+  # The stand-in for the node-driver-registrar sidecar (go/kubernetes/csiregistrar), as
+  # an image: the chart's CSI DaemonSet runs it beside the csi.sdfleet.io plugin.
+  key=$(source_key "$g/csiregistrar/main.go" "$g/go.sum")
+  CGO_ENABLED=0 go_build csiregistrar kubernetes sdfleet.test/testbed/kubernetes/csiregistrar "$key"
+  REGISTRAR_TAR=$CACHE/images/csiregistrar-$key.oci.tar
+  [ -f "$REGISTRAR_TAR" ] || binary_image "$BIN/csiregistrar-$key" 0:0 "$REGISTRAR_TAR"
+}
+
+binary_image() { # static-binary user tar: an OCI layout (tag testbed) with only the binary, as its entrypoint
   local w; w=$(mktemp -d)
-  gcc -static -Os -o "$w/pause" "$HERE/pause.c" || die "building pause failed"
+  local name; name=$(basename "$1"); name=${name%%-*}
   umoci init --layout "$w/layout" >/dev/null
   umoci new --image "$w/layout:testbed"
   umoci unpack --image "$w/layout:testbed" "$w/bundle" >/dev/null
-  install -m 0755 "$w/pause" "$w/bundle/rootfs/pause"
+  install -m 0755 "$1" "$w/bundle/rootfs/$name"
   umoci repack --image "$w/layout:testbed" "$w/bundle" >/dev/null
-  umoci config --image "$w/layout:testbed" --config.entrypoint /pause --config.user 65535:65535
+  umoci config --image "$w/layout:testbed" --config.entrypoint "/$name" --config.user "$2"
   umoci gc --layout "$w/layout"
-  mkdir -p "$CACHE/images"
-  tar -C "$w/layout" -cf "$PAUSE_TAR.tmp.$$" . && mv -f "$PAUSE_TAR.tmp.$$" "$PAUSE_TAR"
+  mkdir -p "$(dirname "$3")"
+  tar -C "$w/layout" -cf "$3.tmp.$$" . && mv -f "$3.tmp.$$" "$3"
   rm -rf "$w"
 }
 
@@ -169,6 +185,7 @@ EOF
   # Not `grep -q`: it exits at the first match, ctr gets SIGPIPE and pipefail fails the
   # check although the image is there (seen once the node held more images).
   ctr_node images ls -q | grep -x "$PAUSE_IMAGE" >/dev/null || die "the pause image did not import as $PAUSE_IMAGE: $(ctr_node images ls -q | tr '\n' ' ')"
+  ctr_node images import --base-name "${REGISTRAR_IMAGE%:*}" "$REGISTRAR_TAR" >/dev/null
 
   # Pods reach the apiserver (through the `kubernetes` Service), moto and PostgreSQL here.
   start hostproxy "$BIN/hostproxy-$(source_key "$HERE/go/kubernetes/hostproxy/main.go")" \
