@@ -164,6 +164,11 @@ impl FleetNames {
     pub fn gateway(&self) -> String {
         format!("{}-gateway", self.name)
     }
+    /// The ComfyUI pods' own ServiceAccount, when the class mounts their S3 volumes
+    /// with its role (never a gateway's: the suffixes differ).
+    pub fn comfyui_service_account(&self) -> String {
+        format!("{}-comfyui", self.name)
+    }
 
     /// The gateway's job store claim.
     pub fn gateway_store(&self) -> String {

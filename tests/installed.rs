@@ -181,6 +181,26 @@ async fn labelled_namespace(client: &Client, prefix: &str) -> TestNamespace {
     ns
 }
 
+/// Deletes the test's FleetClass (cluster-scoped) however the test ends.
+struct ClassGuard {
+    api: Api<DynamicObject>,
+    name: String,
+}
+
+impl Drop for ClassGuard {
+    fn drop(&mut self) {
+        let (api, name) = (self.api.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async { api.delete(&name, &DeleteParams::default()).await })
+        })
+        .join();
+    }
+}
+
 /// A pod on `node` in `ns` whose csi.sdfleet.io volume names `model_set`, which the
 /// node has none of for `ns`: the kubelet reports the plugin's refusal, and the pod
 /// never runs. (Pod Security `restricted` shape, the testbed's pause image.)
@@ -456,10 +476,45 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .await
         .unwrap();
 
+    // The team's class: the testbed's default, for the team's namespace only, and its
+    // pods' S3 volumes mounted with their own account's role (one per team), not the
+    // S3 CSI driver's.
+    let class_name = format!("e2e-{}", unique_suffix());
+    let classes: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "sdfleet.io",
+            "v1alpha1",
+            "FleetClass",
+        )),
+    );
+    let class_spec = json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team.name}},
+        "nodeClass": {"role": "KarpenterNodeRole-testbed"},
+        "s3": {"allowedBuckets": ["*"],
+               "volumeServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/comfy-volumes-{namespace}"}},
+        "ingress": {"allowedSchemes": ["internal"]},
+    });
+    classes
+        .patch(
+            &class_name,
+            &PatchParams::apply("e2e-admin").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                                 "metadata": {"name": class_name}, "spec": class_spec}),
+            ),
+        )
+        .await
+        .unwrap();
+    let _class = ClassGuard {
+        api: classes.clone(),
+        name: class_name.clone(),
+    };
     let model_set = json!({
         "apiVersion": "sdfleet.io/v1alpha1", "kind": "ModelSet",
         "metadata": {"name": "sdxl-models"},
-        "spec": {"source": {"s3": {"bucket": models, "region": "us-west-2"}},
+        "spec": {"className": class_name,
+                 "source": {"s3": {"bucket": models, "region": "us-west-2"}},
                  "sync": {"method": "Agent", "pollInterval": "10s"}},
     });
     let modelsets: Api<DynamicObject> = Api::namespaced_with(
@@ -487,6 +542,7 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
             "apiVersion": "sdfleet.io/v1alpha1", "kind": "ComfyUIDeployment",
             "metadata": {"name": "sdxl"},
             "spec": {
+                "className": class_name,
                 "image": "localhost/comfyui-double:dev",
                 "replicas": replicas,
                 // Pod Security `restricted` asks for a non-root user.
@@ -617,6 +673,36 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .cloned()
         .unwrap();
     assert!(models_volume.host_path.is_none());
+    // Its outputs volume was mounted as its own account, the class's role for this team:
+    // the kubelet gave the S3 driver that account's token (the testbed's driver records
+    // whom it would assume the role as).
+    assert_eq!(
+        comfy.spec.as_ref().unwrap().service_account_name.as_deref(),
+        Some("sdxl-comfyui")
+    );
+    let account =
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &team.name)
+            .get("sdxl-comfyui")
+            .await
+            .unwrap();
+    assert_eq!(
+        account.annotations()["eks.amazonaws.com/role-arn"],
+        format!("arn:aws:iam::123456789012:role/comfy-volumes-{}", team.name)
+    );
+    let handle = format!(
+        "sdfleet-{}",
+        sdfleet::names::FleetNames::new(&team.name, "sdxl").volume("outputs")
+    );
+    let identity = std::fs::read_to_string(
+        std::path::Path::new(tb.var("SDFLEET_TESTBED_S3_VOLUMES"))
+            .join(".identities")
+            .join(&handle),
+    )
+    .unwrap();
+    assert_eq!(
+        identity.trim(),
+        format!("system:serviceaccount:{}:sdxl-comfyui", team.name)
+    );
     assert_eq!(models_volume.csi.unwrap().driver, "csi.sdfleet.io");
     let uid = comfy.metadata.uid.clone().unwrap();
     let mount_point = std::path::Path::new(tb.var("SDFLEET_TESTBED_KUBELET_DIR"))

@@ -349,6 +349,13 @@ pub struct StorageSpec {
     /// Optional input images, mounted at `/app/ComfyUI/input`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inputs: Option<S3Location>,
+    /// The annotations of the pods' own ServiceAccount, whose role mounts the volumes:
+    /// the class's `s3.volumeServiceAccountAnnotations`, put here by the controller
+    /// before it renders (`policy::apply_class`). Not in the CRD, never read from a
+    /// resource (a fleet cannot pick the role its volumes are mounted with).
+    #[serde(skip_deserializing, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(skip)]
+    pub class_volume_identity: BTreeMap<String, String>,
 }
 
 /// A bucket and a prefix in it. The operator never deletes S3 data.

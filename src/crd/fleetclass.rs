@@ -108,6 +108,15 @@ pub struct S3Policy {
         pattern = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$"
     ))]
     pub tenant_role_arn: Option<String>,
+    /// Annotations of each fleet's ComfyUI ServiceAccount (`<fleet>-comfyui`), e.g. the
+    /// IRSA role `eks.amazonaws.com/role-arn: arn:aws:iam::123456789012:role/comfy-volumes-{namespace}`
+    /// (`{namespace}` and `{fleet}` are replaced). When set, the fleets' S3 volumes
+    /// (outputs, inputs) are mounted with that ServiceAccount's role (the S3 CSI
+    /// driver's `authenticationSource: pod`), not the driver's own identity shared by
+    /// every team, so the role's policy can allow each team only its own folder.
+    /// Unset: the driver's identity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_service_account_annotations: BTreeMap<String, String>,
 }
 
 /// Where ModelSets may read models by URL (`source.urls`).

@@ -9,8 +9,8 @@ use crate::crd::fleetclass::{FleetClassSpec, IngressPolicy};
 use crate::render::ingress::{self, Backend};
 
 /// The fleet as it renders under its class: the class's node settings, the ranges its
-/// gateway's webhooks may reach, and its gateway's ServiceAccount annotations, none of
-/// which the fleet decides.
+/// gateway's webhooks may reach, and its gateway's and its pods' ServiceAccount
+/// annotations, none of which the fleet decides.
 pub fn apply_class(
     spec: &mut ComfyUIDeploymentSpec,
     class: &FleetClassSpec,
@@ -19,12 +19,8 @@ pub fn apply_class(
 ) {
     spec.node_class = Some(class.node_class.clone());
     spec.ingress.class_source_cidrs = class.ingress.source_cidrs.clone();
-    if let Some(gateway) = spec.gateway.as_mut() {
-        gateway.class_webhook_allowed_cidrs = class.gateway.webhook_allowed_cidrs.clone();
-        gateway.service_account_annotations = class
-            .gateway
-            .service_account_annotations
-            .iter()
+    let annotations = |of: &std::collections::BTreeMap<String, String>| {
+        of.iter()
             .map(|(k, v)| {
                 (
                     k.clone(),
@@ -32,7 +28,13 @@ pub fn apply_class(
                         .replace("{fleet}", fleet),
                 )
             })
-            .collect();
+            .collect()
+    };
+    spec.storage.class_volume_identity = annotations(&class.s3.volume_service_account_annotations);
+    if let Some(gateway) = spec.gateway.as_mut() {
+        gateway.class_webhook_allowed_cidrs = class.gateway.webhook_allowed_cidrs.clone();
+        gateway.service_account_annotations =
+            annotations(&class.gateway.service_account_annotations);
     }
 }
 

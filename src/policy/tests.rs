@@ -365,10 +365,19 @@ fn the_class_decides_the_gateways_service_account() {
     assert_eq!(v.field, "spec.gateway.serviceAccountAnnotations");
     let mut plain = fleet(json!({"gateway": {"allowUnauthenticated": true}}));
     check_fleet(&plain, "gpu", &c.spec, "team-a").unwrap();
+    c.spec.s3.volume_service_account_annotations = BTreeMap::from([(
+        "eks.amazonaws.com/role-arn".to_string(),
+        "arn:aws:iam::123456789012:role/volumes-{namespace}".to_string(),
+    )]);
     apply_class(&mut plain, &c.spec, "team-a", "sdxl");
     assert_eq!(
         plain.gateway.unwrap().service_account_annotations["eks.amazonaws.com/role-arn"],
         "arn:aws:iam::123456789012:role/comfy-team-a-sdxl"
+    );
+    // So does the account its pods' S3 volumes are mounted with.
+    assert_eq!(
+        plain.storage.class_volume_identity["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/volumes-team-a"
     );
     for (t, ok) in [
         (json!({"key": "dedicated", "operator": "Exists"}), true),

@@ -112,8 +112,14 @@ pub fn deployment_spec(
         node_selector.insert(MODELSET_LABEL.to_string(), label_value(model_set));
     }
     let mut pod_labels = fleet.pod_selector();
+    // The pods' own account only names the role their S3 volumes are mounted with: the
+    // S3 CSI driver gets its token from the kubelet, none is mounted into ComfyUI.
+    let service_account = volumes
+        .iter()
+        .any(|v| v.as_pod)
+        .then(|| fleet.comfyui_service_account());
     pod_labels.extend(fleet.owner_labels());
-    Ok(json!({
+    let mut deployment = json!({
         "replicas": spec.replicas,
         "selector": {"matchLabels": fleet.pod_selector()},
         // Keep serving capacity during a rollout; the NodePool limit bounds the surge.
@@ -134,7 +140,11 @@ pub fn deployment_spec(
                 "volumes": pod_volumes,
             },
         },
-    }))
+    });
+    if let Some(account) = service_account {
+        deployment["template"]["spec"]["serviceAccountName"] = json!(account);
+    }
+    Ok(deployment)
 }
 
 #[cfg(test)]

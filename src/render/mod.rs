@@ -106,6 +106,14 @@ pub fn build(cud: &ComfyUIDeployment, ctx: &RenderContext) -> Result<Vec<Child>,
         nodepool::nodepool_spec(&fleet, spec, &class_api, agent_syncs),
     );
     let volumes = storage::volumes(spec, ctx.cluster)?;
+    if volumes.iter().any(|v| v.as_pod) {
+        let sa = b.push_fields(
+            ChildKind::ServiceAccount,
+            fleet.comfyui_service_account(),
+            json!({"automountServiceAccountToken": false}),
+        );
+        sa["metadata"]["annotations"] = json!(spec.storage.class_volume_identity);
+    }
     for volume in &volumes {
         b.push(
             ChildKind::PersistentVolume,

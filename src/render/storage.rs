@@ -21,6 +21,9 @@ pub struct S3Volume {
     pub bucket: String,
     pub prefix: String,
     pub region: String,
+    /// Mounted with the pods' own ServiceAccount's role (the class's
+    /// `s3.volumeServiceAccountAnnotations`), not the S3 CSI driver's.
+    pub as_pod: bool,
 }
 
 pub fn volumes(
@@ -53,6 +56,7 @@ pub fn volumes(
                 bucket: l.bucket.clone(),
                 prefix: l.prefix.clone(),
                 region,
+                as_pod: !spec.storage.class_volume_identity.is_empty(),
             });
         }
         Ok(())
@@ -83,9 +87,21 @@ pub fn volume_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
             "driver": CSI_DRIVER,
             // Unique per PV across the cluster.
             "volumeHandle": format!("sdfleet-{}", fleet.volume(volume.purpose)),
-            "volumeAttributes": {"bucketName": volume.bucket},
+            "volumeAttributes": volume_attributes(volume),
         },
     })
+}
+
+fn volume_attributes(volume: &S3Volume) -> Value {
+    let mut attributes = json!({"bucketName": volume.bucket});
+    if volume.as_pod {
+        // The driver takes the pod's ServiceAccount token from the kubelet and assumes
+        // that account's role; STS in the bucket's region (IMDS detection fails at the
+        // nodes' hop limit of 1).
+        attributes["authenticationSource"] = json!("pod");
+        attributes["stsRegion"] = json!(volume.region);
+    }
+    attributes
 }
 
 pub fn claim_spec(fleet: &FleetNames, volume: &S3Volume) -> Value {
@@ -135,6 +151,51 @@ mod tests {
             .manifest["spec"];
         assert_eq!(pvc["volumeName"], "studio.sdxl-outputs");
         assert_eq!(pvc["storageClassName"], "");
+    }
+
+    #[test]
+    fn with_the_class_identity_volumes_are_mounted_as_the_pods_own_account() {
+        let mut cud = example(SDXL);
+        assert!(
+            !render(&cud, Cloud::Aws)
+                .iter()
+                .any(|c| c.kind == ChildKind::ServiceAccount),
+            "without it, the driver's identity and no account of the pods"
+        );
+        // What apply_class puts there from the FleetClass.
+        cud.spec.storage.class_volume_identity = [(
+            "eks.amazonaws.com/role-arn".to_string(),
+            "arn:aws:iam::123456789012:role/comfy-volumes-studio".to_string(),
+        )]
+        .into();
+        let children = render(&cud, Cloud::Aws);
+        let sa = children
+            .iter()
+            .find(|c| c.kind == ChildKind::ServiceAccount)
+            .unwrap();
+        assert_eq!(sa.name, "sdxl-comfyui");
+        assert_eq!(
+            sa.manifest["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+            "arn:aws:iam::123456789012:role/comfy-volumes-studio"
+        );
+        assert_eq!(sa.manifest["automountServiceAccountToken"], false);
+        let pv = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::PersistentVolume)
+            .unwrap()
+            .manifest["spec"]["csi"]["volumeAttributes"];
+        assert_eq!(
+            *pv,
+            json!({"bucketName": "comfyui-outputs-demo", "authenticationSource": "pod", "stsRegion": "us-west-2"})
+        );
+        let pod = &children
+            .iter()
+            .find(|c| c.kind == ChildKind::Deployment)
+            .unwrap()
+            .manifest["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "sdxl-comfyui");
+        // The driver gets the token from the kubelet: none in ComfyUI.
+        assert_eq!(pod["automountServiceAccountToken"], false);
     }
 
     #[test]

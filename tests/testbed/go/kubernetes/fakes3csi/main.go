@@ -6,6 +6,12 @@
 // <kubelet-root-dir>/plugins_registry), so the node's CSINode lists the driver, and it
 // serves the CSI Identity and Node services on its own socket.
 //
+// With `authenticationSource: pod` in the PV's attributes it does what the real driver
+// does first: it takes the kubelet's token for the pod's own ServiceAccount and fails the
+// mount without one; it records that account (where the real driver would assume its
+// IAM role) in <data-dir>/.identities/<volume handle>. It does not read the account's
+// role annotation nor call STS.
+//
 // Where it differs from mountpoint-s3: NodePublishVolume bind-mounts a local directory,
 // <data-dir>/<volume handle>, onto the pod's target path instead of mounting a bucket
 // through FUSE. The files stay in that directory and nothing ever reaches S3: the bucket
@@ -20,7 +26,10 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"flag"
 	"log"
 	"net"
@@ -108,6 +117,24 @@ func (n *node) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRe
 	case req.GetVolumeCapability().GetMount() == nil:
 		return nil, status.Error(codes.InvalidArgument, "only filesystem (mount) volumes are supported")
 	}
+	// Pod-level credentials, as the real driver takes them: the kubelet's token for the
+	// pod's own ServiceAccount (the CSIDriver's tokenRequests, audience
+	// sts.amazonaws.com); without one the mount fails. The identity it would assume
+	// with is written down for the tests (outside the volume).
+	if req.GetVolumeContext()["authenticationSource"] == "pod" {
+		subject, err := podIdentity(req.GetVolumeContext())
+		if err != nil {
+			return nil, status.Errorf(codes.Unauthenticated, "authenticationSource pod: %v", err)
+		}
+		dir := filepath.Join(n.dataDir, ".identities")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return nil, status.Errorf(codes.Internal, "create %s: %v", dir, err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, id), []byte(subject+"\n"), 0o644); err != nil {
+			return nil, status.Errorf(codes.Internal, "record the identity: %v", err)
+		}
+		log.Printf("volume %s mounted as %s", id, subject)
+	}
 	src := filepath.Join(n.dataDir, id)
 	if err := os.MkdirAll(src, 0o777); err != nil {
 		return nil, status.Errorf(codes.Internal, "create %s: %v", src, err)
@@ -152,6 +179,42 @@ func (n *node) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolu
 	}
 	log.Printf("unpublished %s", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
+}
+
+// podIdentity is the subject of the pod's ServiceAccount token for STS, from the
+// kubelet's csi.storage.k8s.io/serviceAccount.tokens. The signature is not checked (STS
+// would); the subject must be the pod's own ServiceAccount.
+func podIdentity(volumeContext map[string]string) (string, error) {
+	raw, ok := volumeContext["csi.storage.k8s.io/serviceAccount.tokens"]
+	if !ok {
+		return "", errors.New("the kubelet sent no ServiceAccount token (the CSIDriver needs tokenRequests for sts.amazonaws.com)")
+	}
+	var tokens map[string]struct {
+		Token string `json:"token"`
+	}
+	if err := json.Unmarshal([]byte(raw), &tokens); err != nil {
+		return "", fmt.Errorf("the tokens are not JSON: %v", err)
+	}
+	token := tokens["sts.amazonaws.com"].Token
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return "", errors.New("no token for the audience sts.amazonaws.com")
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return "", fmt.Errorf("the token's payload: %v", err)
+	}
+	var claims struct {
+		Subject string `json:"sub"`
+	}
+	if err := json.Unmarshal(payload, &claims); err != nil {
+		return "", fmt.Errorf("the token's claims: %v", err)
+	}
+	want := "system:serviceaccount:" + volumeContext["csi.storage.k8s.io/pod.namespace"] + ":" + volumeContext["csi.storage.k8s.io/serviceAccount.name"]
+	if claims.Subject != want {
+		return "", fmt.Errorf("the token is for %q, not the pod's %q", claims.Subject, want)
+	}
+	return claims.Subject, nil
 }
 
 // isMountPoint says whether path is a mount point in /proc/self/mountinfo. A bind mount of
