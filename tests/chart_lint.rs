@@ -199,22 +199,20 @@ fn the_csi_driver_is_inline_only_told_the_pods_namespace_and_its_plugin_has_no_t
     let plugin = &containers[0];
     assert_eq!(plugin["args"][0], "csi-node");
     assert_eq!(plugin["securityContext"]["privileged"], true);
-    let kubelet_mount = plugin["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "kubelet-dir")
-        .unwrap();
+    let mount = |name: &str| {
+        plugin["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let kubelet_mount = mount("kubelet-dir");
     // The path inside is the host's (the kubelet's target paths), propagated both ways.
     assert_eq!(kubelet_mount["mountPath"], "/var/lib/kubelet");
     assert_eq!(kubelet_mount["mountPropagation"], "Bidirectional");
-    let models = plugin["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "models")
-        .unwrap();
-    assert_eq!(models["readOnly"], true);
+    assert_eq!(mount("models")["readOnly"], true);
     // Only the plugin is privileged; the registrar drops every capability.
     let registrar = &containers[1];
     assert!(registrar["securityContext"].get("privileged").is_none());

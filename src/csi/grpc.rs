@@ -61,21 +61,27 @@ where
     }
 }
 
-fn unimplemented(path: &str) -> http::Response<Body> {
-    Status::unimplemented(format!("{path} is not implemented by {DRIVER_NAME}")).into_http()
+fn unimplemented(method: &str) -> http::Response<Body> {
+    Status::unimplemented(format!("{method} is not implemented by {DRIVER_NAME}")).into_http()
 }
 
 type Answer = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
 
-/// `csi.v1.Identity`: the driver's name and that it is ready.
-#[derive(Clone)]
-pub struct Identity;
-
-impl NamedService for Identity {
-    const NAME: &'static str = IDENTITY_SERVICE;
+/// The methods of one CSI service, answered by name.
+pub trait Methods: NamedService + Clone + Send + Sync + 'static {
+    fn answer(self, method: String, request: http::Request<Body>) -> Answer;
 }
 
-impl tower::Service<http::Request<Body>> for Identity {
+/// A CSI service as tonic's router takes it: the call's method, from its path
+/// (`/csi.v1.Node/NodePublishVolume`), to `Methods::answer`.
+#[derive(Clone)]
+pub struct Service<M>(pub M);
+
+impl<M: Methods> NamedService for Service<M> {
+    const NAME: &'static str = M::NAME;
+}
+
+impl<M: Methods> tower::Service<http::Request<Body>> for Service<M> {
     type Response = http::Response<Body>;
     type Error = Infallible;
     type Future = Answer;
@@ -85,10 +91,30 @@ impl tower::Service<http::Request<Body>> for Identity {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Answer {
+        let path = request.uri().path();
+        let method = path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(M::NAME))
+            .and_then(|p| p.strip_prefix('/'))
+            .unwrap_or(path)
+            .to_string();
+        self.0.clone().answer(method, request)
+    }
+}
+
+/// `csi.v1.Identity`: the driver's name and that it is ready.
+#[derive(Clone)]
+pub struct Identity;
+
+impl NamedService for Identity {
+    const NAME: &'static str = IDENTITY_SERVICE;
+}
+
+impl Methods for Identity {
+    fn answer(self, method: String, request: http::Request<Body>) -> Answer {
         Box::pin(async move {
-            let path = request.uri().path().to_string();
-            Ok(match path.strip_prefix("/csi.v1.Identity/") {
-                Some("GetPluginInfo") => {
+            Ok(match method.as_str() {
+                "GetPluginInfo" => {
                     unary(request, |_: GetPluginInfoRequest| async {
                         Ok(GetPluginInfoResponse {
                             name: DRIVER_NAME.into(),
@@ -98,19 +124,19 @@ impl tower::Service<http::Request<Body>> for Identity {
                     })
                     .await
                 }
-                Some("GetPluginCapabilities") => {
+                "GetPluginCapabilities" => {
                     unary(request, |_: GetPluginCapabilitiesRequest| async {
                         Ok(GetPluginCapabilitiesResponse {})
                     })
                     .await
                 }
-                Some("Probe") => {
+                "Probe" => {
                     unary(request, |_: ProbeRequest| async {
                         Ok(ProbeResponse { ready: Some(true) })
                     })
                     .await
                 }
-                _ => unimplemented(&path),
+                _ => unimplemented(&method),
             })
         })
     }
@@ -142,21 +168,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(status)
 }
 
-impl tower::Service<http::Request<Body>> for NodePlugin {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Answer {
-        let plugin = self.clone();
+impl Methods for NodePlugin {
+    fn answer(self, method: String, request: http::Request<Body>) -> Answer {
+        let plugin = self;
         Box::pin(async move {
-            let path = request.uri().path().to_string();
-            Ok(match path.strip_prefix("/csi.v1.Node/") {
-                Some("NodeGetInfo") => {
+            Ok(match method.as_str() {
+                "NodeGetInfo" => {
                     unary(request, move |_: NodeGetInfoRequest| async move {
                         Ok(NodeGetInfoResponse {
                             node_id: plugin.node_id,
@@ -165,13 +182,13 @@ impl tower::Service<http::Request<Body>> for NodePlugin {
                     })
                     .await
                 }
-                Some("NodeGetCapabilities") => {
+                "NodeGetCapabilities" => {
                     unary(request, |_: NodeGetCapabilitiesRequest| async {
                         Ok(NodeGetCapabilitiesResponse {})
                     })
                     .await
                 }
-                Some("NodePublishVolume") => {
+                "NodePublishVolume" => {
                     unary(request, move |r: NodePublishVolumeRequest| async move {
                         let root = plugin.models_root.clone();
                         let plan = publish::plan(&root, &r).map_err(|e| {
@@ -193,7 +210,7 @@ impl tower::Service<http::Request<Body>> for NodePlugin {
                     })
                     .await
                 }
-                Some("NodeUnpublishVolume") => {
+                "NodeUnpublishVolume" => {
                     unary(request, |r: NodeUnpublishVolumeRequest| async move {
                         let target = publish::check_unpublish(&r).map_err(status)?;
                         blocking(move || publish::unpublish(&target)).await?;
@@ -202,7 +219,7 @@ impl tower::Service<http::Request<Body>> for NodePlugin {
                     })
                     .await
                 }
-                _ => unimplemented(&path),
+                _ => unimplemented(&method),
             })
         })
     }

@@ -72,8 +72,8 @@ pub async fn serve(
     });
     tracing::info!(socket = %socket.display(), node = %plugin.node_id, "CSI node plugin serving");
     tonic::transport::Server::builder()
-        .add_service(grpc::Identity)
-        .add_service(plugin)
+        .add_service(grpc::Service(grpc::Identity))
+        .add_service(grpc::Service(plugin))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let _ = std::fs::remove_file(socket);
