@@ -958,5 +958,14 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .then_some(())
     })
     .await;
+    // The kubelet had the plugin unpublish ComfyUI's models: no mount left, no directory.
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !table
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(mount_point.to_str().unwrap())),
+        "the models mount outlived its pod"
+    );
+    assert!(!mount_point.exists());
     drop(node);
 }
