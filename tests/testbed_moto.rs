@@ -407,3 +407,68 @@ async fn a_class_tenant_role_is_assumed_with_the_teams_session_tags_and_signs_ev
     }
     std::fs::remove_dir_all(&dest).unwrap();
 }
+
+/// The controller and each agent make a store per list or sync pass: a tenant's session
+/// is assumed once and its credentials reused by the next passes (until they near
+/// expiry), not one AssumeRole per pass; another ModelSet gets a session of its own.
+#[tokio::test]
+async fn a_tenants_session_is_assumed_once_and_reused_by_later_passes() {
+    use sdfleet::storage::ObjectStore;
+    use sdfleet::storage::s3::{BucketLocation, S3Store, Tenant};
+    let tb = Testbed::get();
+    let s3 = support::s3_client(tb).await;
+    let bucket = support::create_bucket(&s3, "tenant-session").await;
+    s3.put_object()
+        .bucket(&bucket)
+        .key("team-a/checkpoints/a.safetensors")
+        .body(ByteStream::from(b"weights".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let recorder = support::Recorder::start(tb.var("AWS_ENDPOINT_URL")).await;
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&recorder.url)
+        .region(aws_config::Region::new("us-west-2"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    let location = BucketLocation {
+        bucket: bucket.clone(),
+        prefix: "team-a/".into(),
+        region: Some("us-west-2".into()),
+        endpoint: None,
+    };
+    // A role of this run's own: the process-wide sessions of other tests never match.
+    let role = format!(
+        "arn:aws:iam::123456789012:role/sdfleet-session-{}",
+        unique_suffix()
+    );
+    let tenant = |model_set: &str| Tenant {
+        role_arn: role.clone(),
+        namespace: "team-a".into(),
+        name: model_set.into(),
+    };
+    for _ in 0..3 {
+        let store = S3Store::with_config(&shared, &location, Some(&tenant("sdxl"))).await;
+        assert_eq!(store.list().await.unwrap().len(), 1);
+    }
+    let other = S3Store::with_config(&shared, &location, Some(&tenant("flux"))).await;
+    assert_eq!(other.list().await.unwrap().len(), 1);
+
+    let seen = recorder.seen();
+    let assumed: Vec<_> = seen
+        .iter()
+        .filter(|r| r.body.contains("Action=AssumeRole"))
+        .map(|r| r.body.as_str())
+        .collect();
+    assert_eq!(assumed.len(), 2, "one session per ModelSet: {assumed:#?}");
+    assert!(assumed[0].contains("RoleSessionName=sdfleet-team-a-sdxl"));
+    assert!(assumed[1].contains("RoleSessionName=sdfleet-team-a-flux"));
+    let lists = seen
+        .iter()
+        .filter(|r| r.uri.starts_with(&format!("/{bucket}")))
+        .count();
+    assert_eq!(lists, 4, "every pass listed: {seen:#?}");
+}

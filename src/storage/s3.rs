@@ -64,7 +64,7 @@ pub struct S3Store {
 /// Whose models a read is for, when the class names a role to read them as: the role is
 /// assumed with the team's session tags, and every request of the store is signed with
 /// that session's credentials.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Tenant {
     pub role_arn: String,
     pub namespace: String,
@@ -96,28 +96,93 @@ impl S3Store {
     pub async fn connect_as(location: &BucketLocation, tenant: Option<&Tenant>) -> S3Store {
         let endpoint = location.endpoint.as_deref().filter(|e| !e.is_empty());
         let shared = crate::aws::sdk_config(location.region.as_deref(), endpoint).await;
-        let mut config = aws_sdk_s3::config::Builder::from(&shared);
-        if let Some(tenant) = tenant {
-            let provider = aws_config::sts::AssumeRoleProvider::builder(&tenant.role_arn)
-                .session_name(tenant.session_name())
-                .tags([
-                    (NAMESPACE_TAG, tenant.namespace.as_str()),
-                    (MODELSET_TAG, tenant.name.as_str()),
-                ])
-                .configure(&shared)
-                .build()
-                .await;
-            config = config.credentials_provider(provider);
-        }
-        if endpoint.is_some() || shared.endpoint_url().is_some() {
-            config = config.force_path_style(true);
-        }
+        Self::with_config(&shared, location, tenant).await
+    }
+
+    /// As `connect_as`, on `shared` (the process's AWS configuration).
+    pub async fn with_config(
+        shared: &aws_config::SdkConfig,
+        location: &BucketLocation,
+        tenant: Option<&Tenant>,
+    ) -> S3Store {
+        let client = match tenant {
+            Some(tenant) => tenant_client(shared, location, tenant).await,
+            None => client(shared, location, None),
+        };
         S3Store {
-            client: aws_sdk_s3::Client::from_conf(config.build()),
+            client,
             bucket: location.bucket.clone(),
             prefix: folder(&location.prefix),
         }
     }
+}
+
+fn client(
+    shared: &aws_config::SdkConfig,
+    location: &BucketLocation,
+    credentials: Option<aws_config::sts::AssumeRoleProvider>,
+) -> aws_sdk_s3::Client {
+    let mut config = aws_sdk_s3::config::Builder::from(shared);
+    if let Some(provider) = credentials {
+        config = config.credentials_provider(provider);
+    }
+    let endpoint = location.endpoint.as_deref().filter(|e| !e.is_empty());
+    if endpoint.is_some() || shared.endpoint_url().is_some() {
+        config = config.force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(config.build())
+}
+
+/// Where a tenant's client reads: its role and tags, the region and the endpoint.
+type TenantKey = (Tenant, Option<String>, Option<String>);
+
+/// One client per tenant session for the process's life. Its identity cache keeps the
+/// assumed role's credentials until shortly before they expire (an hour), so a
+/// ModelSet's lists and syncs assume the role about once an hour, not once per call.
+static TENANT_CLIENTS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<TenantKey, aws_sdk_s3::Client>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// More tenant sessions than a cluster has ModelSets: past it, start over (those in use
+/// assume their role once more).
+const MAX_TENANT_CLIENTS: usize = 4096;
+
+async fn tenant_client(
+    shared: &aws_config::SdkConfig,
+    location: &BucketLocation,
+    tenant: &Tenant,
+) -> aws_sdk_s3::Client {
+    let key = (
+        tenant.clone(),
+        location.region.clone().filter(|r| !r.is_empty()),
+        location.endpoint.clone().filter(|e| !e.is_empty()),
+    );
+    let cached = |key: &TenantKey| {
+        TENANT_CLIENTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    };
+    if let Some(client) = cached(&key) {
+        return client;
+    }
+    let provider = aws_config::sts::AssumeRoleProvider::builder(&tenant.role_arn)
+        .session_name(tenant.session_name())
+        .tags([
+            (NAMESPACE_TAG, tenant.namespace.as_str()),
+            (MODELSET_TAG, tenant.name.as_str()),
+        ])
+        .configure(shared)
+        .build()
+        .await;
+    let built = client(shared, location, Some(provider));
+    let mut clients = TENANT_CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
+    if clients.len() >= MAX_TENANT_CLIENTS {
+        clients.clear();
+    }
+    // Two callers that raced here: the first one's client stays, so both share it.
+    clients.entry(key).or_insert(built).clone()
 }
 
 impl ObjectStore for S3Store {
