@@ -232,3 +232,42 @@ fn the_csi_driver_is_inline_only_told_the_pods_namespace_and_its_plugin_has_no_t
             .all(|d| d["metadata"]["name"] != "obs-sdfleet-csi-node")
     );
 }
+
+/// The Argo CD Application of the chart (examples/argocd/sdfleet-app.yaml): its
+/// `valuesObject` passes the chart's schema and renders, as Argo CD would template it.
+#[test]
+fn the_argocd_applications_values_render_the_chart() {
+    let text =
+        std::fs::read_to_string(support::repo_root().join("examples/argocd/sdfleet-app.yaml"))
+            .unwrap();
+    let app: Value = serde_saphyr::from_str(&text).expect("the Application is YAML");
+    assert_eq!(app["kind"], "Application");
+    let values = &app["spec"]["source"]["helm"]["valuesObject"];
+    assert!(values.is_object(), "no valuesObject in {app}");
+    let file =
+        std::env::temp_dir().join(format!("sdfleet-argocd-values-{}.json", std::process::id()));
+    std::fs::write(&file, values.to_string()).unwrap();
+    let out = std::process::Command::new(support::tool("helm"))
+        .args(["template", "sdfleet"])
+        .arg(support::repo_root().join("charts/sdfleet"))
+        .args([
+            "--kube-version",
+            "v1.35.4",
+            "--namespace",
+            "sdfleet-system",
+            "-f",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "helm template with the Application's values: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    // What the Application asks for is there: the default FleetClass, and the CSI driver.
+    assert!(rendered.contains("kind: FleetClass"), "{rendered}");
+    assert!(rendered.contains("kind: CSIDriver"));
+}
