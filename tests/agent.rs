@@ -21,7 +21,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use sdfleet::crd::modelset::NodeSyncState;
 use sdfleet::crd::{ComfyUIDeployment, FleetClass, ModelSet, ModelSync};
 use serde_json::{Value, json};
-use support::{ControllerProcess, TestNamespace, Testbed, eventually, install_crds, unique_suffix};
+use support::{
+    ControllerProcess, TestNamespace, Testbed, eventually, install_crds, team_class, unique_suffix,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 /// The class's role for reading a team's models (moto issues sessions for any role).
@@ -153,29 +155,6 @@ async fn tainted_gpu_node(nodes: &Api<Node>, ns: &str) -> String {
     })
     .await;
     node.name_any()
-}
-
-/// A FleetClass for namespace `ns` only, with `grants` (its `s3` or `models` part); its
-/// name.
-async fn team_class(client: &kube::Client, ns: &str, grants: Value) -> String {
-    let class = format!("agent-{}", unique_suffix());
-    let mut spec = json!({"nodeClass": {"role": "r"},
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
-    if let (Some(spec), Some(grants)) = (spec.as_object_mut(), grants.as_object()) {
-        spec.extend(grants.clone());
-    }
-    Api::<FleetClass>::all(client.clone())
-        .patch(
-            &class,
-            &PatchParams::apply("test-user").force(),
-            &Patch::Apply(
-                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                "metadata": {"name": class}, "spec": spec}),
-            ),
-        )
-        .await
-        .unwrap();
-    class
 }
 
 /// The node agent of `node_name`, started as the rendered DaemonSet runs it: its init

@@ -130,12 +130,9 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for line in table.lines() {
-            if let Some(point) = line.split(' ').nth(4)
-                && Path::new(point).starts_with(&self.0)
-            {
-                let _ = rustix::mount::unmount(point, rustix::mount::UnmountFlags::DETACH);
+        for (point, _) in support::mounts() {
+            if point.starts_with(&self.0) {
+                let _ = rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH);
             }
         }
         let _ = std::fs::remove_dir_all(&self.0);
@@ -177,10 +174,9 @@ fn a_pod_gets_its_own_namespaces_models_read_only_and_nothing_else() {
     );
     // The kubelet retries a publish it did not see answered: the same answer, one mount.
     publish(&root, &request("team-a", "sdxl", &target)).unwrap();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap()))
+    let mounts = support::mounts()
+        .iter()
+        .filter(|(point, _)| *point == target)
         .count();
     assert_eq!(mounts, 1);
 

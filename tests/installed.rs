@@ -183,7 +183,7 @@ async fn labelled_namespace(client: &Client, prefix: &str) -> TestNamespace {
 
 /// Deletes the test's FleetClass (cluster-scoped) however the test ends.
 struct ClassGuard {
-    api: Api<DynamicObject>,
+    api: Api<sdfleet::crd::FleetClass>,
     name: String,
 }
 
@@ -479,35 +479,19 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     // The team's class: the testbed's default, for the team's namespace only, and its
     // pods' S3 volumes mounted with their own account's role (one per team), not the
     // S3 CSI driver's.
-    let class_name = format!("e2e-{}", unique_suffix());
-    let classes: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "sdfleet.io",
-            "v1alpha1",
-            "FleetClass",
-        )),
-    );
-    let class_spec = json!({
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team.name}},
-        "nodeClass": {"role": "KarpenterNodeRole-testbed"},
-        "s3": {"allowedBuckets": ["*"],
-               "volumeServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/comfy-volumes-{namespace}"}},
-        "ingress": {"allowedSchemes": ["internal"]},
-    });
-    classes
-        .patch(
-            &class_name,
-            &PatchParams::apply("e2e-admin").force(),
-            &Patch::Apply(
-                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
-                                 "metadata": {"name": class_name}, "spec": class_spec}),
-            ),
-        )
-        .await
-        .unwrap();
+    let class_name = team_class(
+        &client,
+        &team.name,
+        json!({
+            "nodeClass": {"role": "KarpenterNodeRole-testbed"},
+            "s3": {"allowedBuckets": ["*"],
+                   "volumeServiceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/comfy-volumes-{namespace}"}},
+            "ingress": {"allowedSchemes": ["internal"]},
+        }),
+    )
+    .await;
     let _class = ClassGuard {
-        api: classes.clone(),
+        api: Api::all(client.clone()),
         name: class_name.clone(),
     };
     let model_set = json!({
@@ -709,15 +693,13 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
         .join("pods")
         .join(&uid)
         .join("volumes/kubernetes.io~csi/models/mount");
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(mount_point.to_str().unwrap()))
+    let (_, options) = mounts()
+        .into_iter()
+        .find(|(point, _)| *point == mount_point)
         .unwrap_or_else(|| panic!("no mount at {}", mount_point.display()));
-    let options = line.split(' ').nth(5).unwrap();
     assert!(
-        options.split(',').any(|o| o == "ro"),
-        "the models mount is read-only: {line}"
+        options.iter().any(|o| o == "ro"),
+        "the models mount is read-only: {options:?}"
     );
     assert_eq!(
         std::fs::read(mount_point.join("checkpoints").join(CKPT)).unwrap(),
@@ -959,11 +941,8 @@ async fn the_installed_chart_serves_a_job_from_pods_on_the_real_node() {
     })
     .await;
     // The kubelet had the plugin unpublish ComfyUI's models: no mount left, no directory.
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
-        !table
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some(mount_point.to_str().unwrap())),
+        !mounts().iter().any(|(point, _)| *point == mount_point),
         "the models mount outlived its pod"
     );
     assert!(!mount_point.exists());

@@ -31,11 +31,7 @@ pub enum CsiError {
 
 /// The socket path of a CSI endpoint (`unix:///csi/csi.sock` or `/csi/csi.sock`).
 pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .unwrap_or(endpoint)
-        .to_string();
-    let path = PathBuf::from(path);
+    let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
     if !path.is_absolute() {
         return Err(CsiError::Endpoint(endpoint.to_string()));
     }

@@ -8,9 +8,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use serde_json::{Value, json};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -128,6 +129,44 @@ impl Drop for TestNamespace {
             });
         }
     }
+}
+
+/// A FleetClass for namespace `ns` only, with `grants` (its `s3` or `models` part, or
+/// any other, over a placeholder `nodeClass`); its name.
+pub async fn team_class(client: &Client, ns: &str, grants: Value) -> String {
+    let class = format!("team-{}", unique_suffix());
+    let mut spec = json!({"nodeClass": {"role": "r"},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}});
+    if let (Some(spec), Some(grants)) = (spec.as_object_mut(), grants.as_object()) {
+        spec.extend(grants.clone());
+    }
+    Api::<sdfleet::crd::FleetClass>::all(client.clone())
+        .patch(
+            &class,
+            &PatchParams::apply("test-user").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "sdfleet.io/v1alpha1", "kind": "FleetClass",
+                "metadata": {"name": class}, "spec": spec}),
+            ),
+        )
+        .await
+        .unwrap();
+    class
+}
+
+/// This process's mounts: each mount point with its options, from /proc/self/mountinfo
+/// (the tests' paths have none of the characters the kernel escapes there).
+pub fn mounts() -> Vec<(PathBuf, Vec<String>)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ').skip(4);
+            let point = PathBuf::from(fields.next()?);
+            let options = fields.next()?.split(',').map(str::to_string).collect();
+            Some((point, options))
+        })
+        .collect()
 }
 
 pub fn unique_suffix() -> String {
