@@ -30,26 +30,17 @@ pub fn run(args: CsiNodeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
     let plugin = crate::csi::grpc::NodePlugin {
         node_id: args.node_name,
         models_root: Arc::new(args.models_root),
     };
-    match runtime.block_on(crate::csi::serve(
-        &socket,
-        plugin,
-        crate::leader::shutdown_signal(),
-    )) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "csi-node stopped");
-            ExitCode::FAILURE
+    super::on_runtime(async move {
+        match crate::csi::serve(&socket, plugin, crate::leader::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "csi-node stopped");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -89,6 +89,18 @@ pub fn print_or_fail(text: Result<String, Box<dyn std::error::Error>>) -> ExitCo
     }
 }
 
+/// Runs `body` on a Tokio runtime; a runtime that cannot start is logged and becomes a
+/// failing exit code.
+pub fn on_runtime(body: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(body),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `body` with a Kubernetes client on a Tokio runtime; start-up failures are logged
 /// and become a failing exit code.
 pub fn with_kube_client<F, Fut>(body: F) -> ExitCode
@@ -96,14 +108,7 @@ where
     F: FnOnce(kube::Client) -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    on_runtime(async move {
         match kube::Client::try_default().await {
             Ok(client) => body(client).await,
             Err(e) => {
