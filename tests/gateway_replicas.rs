@@ -56,6 +56,7 @@ fn walk(store: &dyn JobStore, query: ListQuery) -> Vec<String> {
 /// The same calls on a store, and what it answered, as text to compare.
 fn transcript(store: &dyn JobStore) -> Vec<String> {
     let mut out = Vec::new();
+    let by_key = |key: &str| format!("{key} -> {:?}", store.by_idempotency_key(key).unwrap());
     let states = [
         JobState::Queued,
         JobState::Running,
@@ -88,18 +89,9 @@ fn transcript(store: &dyn JobStore) -> Vec<String> {
     let mut thief = job("thief", JobState::Queued, 2_000, Some("a"));
     thief.idempotency_key = Some("a/k0".into());
     store.put(&thief).unwrap();
-    out.push(format!(
-        "k0 -> {:?}",
-        store.by_idempotency_key("a/k0").unwrap()
-    ));
-    out.push(format!(
-        "k4 -> {:?}",
-        store.by_idempotency_key("b/k4").unwrap()
-    ));
-    out.push(format!(
-        "none -> {:?}",
-        store.by_idempotency_key("a/k1").unwrap()
-    ));
+    out.push(by_key("a/k0"));
+    out.push(by_key("b/k4"));
+    out.push(by_key("a/k1"));
     out.push(format!(
         "j00 -> {:?}",
         store.get("j00").unwrap().map(|j| j.state)
@@ -136,18 +128,9 @@ fn transcript(store: &dyn JobStore) -> Vec<String> {
     out.push(format!("pruned {}", store.prune(0, 20, 3).unwrap()));
     out.push(format!("pruned {}", store.prune(0, 20, 100).unwrap()));
     out.push(format!("left {:?}", walk(store, base.clone())));
-    out.push(format!(
-        "k0 -> {:?}",
-        store.by_idempotency_key("a/k0").unwrap()
-    ));
-    out.push(format!(
-        "k8 -> {:?}",
-        store.by_idempotency_key("b/k8").unwrap()
-    ));
-    out.push(format!(
-        "k28 -> {:?}",
-        store.by_idempotency_key("a/k28").unwrap()
-    ));
+    out.push(by_key("a/k0"));
+    out.push(by_key("b/k8"));
+    out.push(by_key("a/k28"));
     out
 }
 
